@@ -1,0 +1,137 @@
+"""The inventory database: engines, migrations and write transactions.
+
+SQLite (the embedded default) runs in WAL mode with a busy timeout and takes its write lock when a
+write transaction begins (BEGIN IMMEDIATE), so concurrent writers queue instead of failing. PostgreSQL
+write transactions take one advisory lock first. Both serialise writers, which keeps the audit hash
+chain linear; readers are never blocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlmodel import Session
+
+from certpilot.errors import TransientError
+from certpilot.settings import Settings, load_settings
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+_WRITE_LOCK_ID = 0x63657274  # "cert": the one advisory lock every PostgreSQL writer takes
+_engines: dict[str, sa.Engine] = {}
+
+
+def create_engine(url: str) -> sa.Engine:
+    """A new engine for ``url``, with certpilot's per-backend settings."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 60})
+        _configure_sqlite(engine)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+
+
+def _configure_sqlite(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # noqa: ANN001, ANN202
+        dbapi_connection.isolation_level = None  # let the "begin" hook below issue BEGIN itself
+        cursor = dbapi_connection.cursor()
+        for pragma in ("journal_mode=WAL", "busy_timeout=60000", "foreign_keys=ON",
+                       "secure_delete=ON", "synchronous=NORMAL"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001, ANN202
+        immediate = conn.get_execution_options().get("certpilot_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def get_engine(settings: Settings | None = None) -> sa.Engine:
+    """The engine for the configured inventory, migrated to the latest schema. One per URL per process."""
+    settings = settings or load_settings()
+    url = settings.database_url
+    if url not in _engines:
+        engine = create_engine(url)
+        upgrade(engine)
+        if url.startswith("sqlite") and settings.is_embedded_database:
+            db_path = sa.engine.make_url(url).database
+            if db_path and os.path.exists(db_path):
+                os.chmod(db_path, 0o600)
+        _engines[url] = engine
+    return _engines[url]
+
+
+def dispose_engines() -> None:
+    for engine in _engines.values():
+        engine.dispose()
+    _engines.clear()
+
+
+def _alembic_config(engine: sa.Engine) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    config.attributes["engine"] = engine
+    return config
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory(str(_MIGRATIONS)).get_current_head()
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: sa.Engine) -> None:
+    """Migrate to the latest schema, if needed. Concurrent processes upgrade one at a time."""
+    head = head_revision()
+    if current_revision(engine) == head:
+        return
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_lock({_WRITE_LOCK_ID + 1})")
+        try:
+            if current_revision(engine) != head:
+                command.upgrade(_alembic_config(engine), "head")
+        finally:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_WRITE_LOCK_ID + 1})")
+                conn.commit()
+
+
+@contextlib.contextmanager
+def read_session(engine: sa.Engine) -> Iterator[Session]:
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+
+
+@contextlib.contextmanager
+def write_session(engine: sa.Engine) -> Iterator[Session]:
+    """One serialised write transaction: committed on success, rolled back on any error."""
+    bound = engine.execution_options(certpilot_write=True)
+    try:
+        with Session(bound, expire_on_commit=False) as session:
+            if engine.dialect.name == "postgresql":
+                session.exec(sa.text(f"SELECT pg_advisory_xact_lock({_WRITE_LOCK_ID})"))  # type: ignore[call-overload]
+            else:
+                session.connection()  # BEGIN IMMEDIATE now, not at the first write
+            yield session
+            session.commit()
+    except sa.exc.OperationalError as exc:
+        if "locked" in str(exc).lower() or "could not serialize" in str(exc).lower():
+            raise TransientError(f"inventory database busy: {exc.orig}") from exc
+        raise

@@ -1,0 +1,359 @@
+"""The inventory's operations: upsert observations, query, show.
+
+An observation is a certificate seen somewhere. Upserting one adds the certificate if its
+fingerprint is new and adds or refreshes its Location; it never creates a second row for the same
+certificate. Every change appends an audit event in the same transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import idna
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from certpilot import audit
+from certpilot.errors import AmbiguousError, NotFoundError
+from certpilot.models import AuditEvent, Certificate, Location, ManagedCertificate, PrivateKey, SubjectAltName
+from certpilot.x509info import CertificateRecord
+
+_CHUNK = 500  # bound on parameters per IN (...) list
+_BULK = {"synchronize_session": False}  # the session holds no Certificate objects to keep in step
+STATUSES = ("active", "superseded", "revoked", "expired")
+
+
+@dataclass(frozen=True)
+class Observation:
+    record: CertificateRecord
+    locator: str | None
+    source: str
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    new: frozenset[str]
+    seen: frozenset[str]
+    new_locations: int
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def upsert(session: Session, observations: Sequence[Observation], actor: audit.Actor, *,
+           owner: str | None = None, tags: dict[str, str] | None = None, now: dt.datetime | None = None) -> UpsertResult:
+    """Add new certificates, add or refresh their locations, label them; all in the caller's transaction."""
+    now = now or utcnow()
+    records = {o.record.fingerprint_sha256: o.record for o in observations}
+    fps = list(records)
+    existing: dict[str, tuple[str | None, dict[str, str]]] = {}
+    for chunk in _chunks(fps):
+        for fp, cur_owner, cur_tags in session.execute(
+                sa.select(Certificate.fingerprint_sha256, Certificate.owner, Certificate.tags)
+                .where(Certificate.fingerprint_sha256.in_(chunk))):  # type: ignore[attr-defined]
+            existing[fp] = (cur_owner, cur_tags or {})
+    new_fps = [fp for fp in fps if fp not in existing]
+    first_locator = {o.record.fingerprint_sha256: o.locator for o in reversed(observations)}
+    changes: list[audit.Change] = []
+    if new_fps:
+        session.execute(sa.insert(Certificate), [_certificate_row(records[fp], owner, tags or {}, now) for fp in new_fps])
+        sans = [{"certificate_fingerprint": fp, "kind": kind, "value": value}
+                for fp in new_fps for kind, value in dict.fromkeys(records[fp].sans)]
+        if sans:
+            session.execute(sa.insert(SubjectAltName), sans)
+        changes += [audit.Change("certificate.added", f"certificate:{fp}", {
+            "subject": records[fp].subject, "issuer": records[fp].issuer, "serial": records[fp].serial_hex,
+            "not_after": records[fp].not_after.isoformat(), "locator": first_locator.get(fp),
+            "owner": owner, "tags": tags or {}}) for fp in new_fps]
+        _link_issuers(session, [records[fp] for fp in new_fps])
+    changes += _relabel(session, existing, owner, tags)
+    location_changes, new_locations = _upsert_locations(session, observations, set(new_fps), actor, now)
+    changes += location_changes
+    audit.append(session, actor, changes, now)
+    return UpsertResult(frozenset(new_fps), frozenset(fps), new_locations)
+
+
+def _certificate_row(r: CertificateRecord, owner: str | None, tags: dict[str, str], now: dt.datetime) -> dict[str, Any]:
+    return {
+        "fingerprint_sha256": r.fingerprint_sha256, "subject": r.subject, "issuer": r.issuer,
+        "serial_hex": r.serial_hex, "not_before": r.not_before, "not_after": r.not_after,
+        "key_type": r.key_type, "key_size": r.key_size, "key_curve": r.key_curve, "spki_sha256": r.spki_sha256,
+        "signature_algorithm": r.signature_algorithm, "is_ca": r.is_ca, "path_length": r.path_length,
+        "key_usage": list(r.key_usage), "extended_key_usage": list(r.extended_key_usage),
+        "subject_key_id": r.subject_key_id, "authority_key_id": r.authority_key_id,
+        "crl_urls": list(r.crl_urls), "ocsp_urls": list(r.ocsp_urls), "ca_issuer_urls": list(r.ca_issuer_urls),
+        "self_signed": r.self_signed, "issuer_fingerprint": r.fingerprint_sha256 if r.self_signed else None,
+        "status": "active", "owner": owner, "tags": dict(tags), "notes": list(r.notes), "der": r.der,
+        "created_at": now,
+    }
+
+
+def _relabel(session: Session, existing: dict[str, tuple[str | None, dict[str, str]]], owner: str | None,
+             tags: dict[str, str] | None) -> list[audit.Change]:
+    """Apply --owner/--tag to certificates already in the inventory, where they change something."""
+    if owner is None and not tags:
+        return []
+    changes = []
+    for fp, (cur_owner, cur_tags) in existing.items():
+        new_owner = owner if owner is not None else cur_owner
+        new_tags = {**cur_tags, **(tags or {})}
+        if new_owner == cur_owner and new_tags == cur_tags:
+            continue
+        session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256 == fp)
+                        .values(owner=new_owner, tags=new_tags), execution_options=_BULK)
+        changes.append(audit.Change("certificate.labelled", f"certificate:{fp}",
+                                    {"owner": [cur_owner, new_owner], "tags": [cur_tags, new_tags]}))
+    return changes
+
+
+def _upsert_locations(session: Session, observations: Sequence[Observation], new_fps: set[str],
+                      actor: audit.Actor, now: dt.datetime) -> tuple[list[audit.Change], int]:
+    wanted = {(o.record.fingerprint_sha256, o.locator): o.source for o in observations if o.locator}
+    if not wanted:
+        return [], 0
+    fps = sorted({fp for fp, _ in wanted})
+    known: dict[tuple[str, str], int] = {}
+    for chunk in _chunks(fps):
+        for loc_id, fp, locator in session.execute(
+                sa.select(Location.id, Location.certificate_fingerprint, Location.locator)
+                .where(Location.certificate_fingerprint.in_(chunk))):  # type: ignore[attr-defined]
+            known[(fp, locator)] = loc_id
+    fresh = [key for key in wanted if key not in known]
+    if fresh:
+        session.execute(sa.insert(Location), [
+            {"certificate_fingerprint": fp, "locator": locator, "source": wanted[(fp, locator)], "first_seen": now,
+             "last_seen": now, "seen_by_run": actor.flow_run_id, "ghost": False} for fp, locator in fresh])
+    seen_again = [known[key] for key in wanted if key in known]
+    for chunk in _chunks(seen_again):
+        session.execute(sa.update(Location).where(Location.id.in_(chunk))  # type: ignore[union-attr]
+                        .values(last_seen=now, ghost=False, seen_by_run=actor.flow_run_id), execution_options=_BULK)
+    changes = [audit.Change("location.added", f"certificate:{fp}", {"locator": locator, "source": wanted[(fp, locator)]})
+               for fp, locator in fresh if fp not in new_fps]
+    return changes, len(fresh)
+
+
+def _link_issuers(session: Session, records: Sequence[CertificateRecord]) -> None:
+    """Point each new certificate at its issuer, and new CA certificates at the children already stored.
+
+    A link needs the issuer's subject to equal the child's issuer name and, where both carry key
+    identifiers, the issuer's SKI to equal the child's AKI.
+    """
+    wanted_names = sorted({r.issuer for r in records if not r.self_signed})
+    candidates: dict[str, list[tuple[str, str | None]]] = {}
+    for chunk in _chunks(wanted_names):
+        for fp, subject, ski in session.execute(
+                sa.select(Certificate.fingerprint_sha256, Certificate.subject, Certificate.subject_key_id)
+                .where(Certificate.subject.in_(chunk), Certificate.is_ca.is_(True))):  # type: ignore[attr-defined]
+            candidates.setdefault(subject, []).append((fp, ski))
+    updates = []
+    for r in records:
+        if r.self_signed:
+            continue
+        match = [fp for fp, ski in candidates.get(r.issuer, [])
+                 if fp != r.fingerprint_sha256 and (ski is None or r.authority_key_id is None or ski == r.authority_key_id)]
+        if len(match) >= 1:
+            updates.append({"fp": r.fingerprint_sha256, "issuer_fp": match[0]})
+    if updates:
+        table = Certificate.__table__  # executemany needs the Core table
+        session.execute(sa.update(table).where(table.c.fingerprint_sha256 == sa.bindparam("fp"))
+                        .values(issuer_fingerprint=sa.bindparam("issuer_fp")), updates)
+    for r in records:
+        if not r.is_ca:
+            continue
+        condition = sa.and_(Certificate.issuer_fingerprint.is_(None), Certificate.issuer == r.subject,  # type: ignore[union-attr]
+                            Certificate.fingerprint_sha256 != r.fingerprint_sha256)
+        if r.subject_key_id:
+            condition = sa.and_(condition, sa.or_(Certificate.authority_key_id.is_(None),  # type: ignore[union-attr]
+                                                  Certificate.authority_key_id == r.subject_key_id))
+        session.execute(sa.update(Certificate).where(condition).values(issuer_fingerprint=r.fingerprint_sha256),
+                        execution_options=_BULK)
+
+
+# ---------------------------------------------------------------------------------------------- queries
+
+@dataclass(frozen=True)
+class CertificateQuery:
+    expiring_within: dt.timedelta | None = None
+    expired: bool = False
+    issuer: str | None = None  # case-insensitive substring of the issuer DN
+    san: str | None = None  # a SAN value; "*.example.com" matches the wildcard itself, ".example.com" any name below
+    owner: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    status: str | None = None  # active, superseded, revoked, expired
+    unmanaged: bool = False
+    is_ca: bool | None = None  # None: both
+    in_service: bool = False  # neither revoked nor superseded (expired ones included)
+    limit: int | None = None
+
+
+def _where(q: CertificateQuery, now: dt.datetime) -> list[Any]:
+    c = Certificate
+    clauses: list[Any] = []
+    if q.expiring_within is not None:
+        clauses += [c.not_after >= now, c.not_after <= now + q.expiring_within, c.status == "active"]
+    if q.expired or q.status == "expired":
+        clauses += [c.not_after < now, c.status == "active"]
+    elif q.status == "active":
+        clauses += [c.not_after >= now, c.status == "active"]
+    elif q.status:
+        if q.status not in STATUSES:
+            raise ValueError(f"unknown status {q.status!r}; choose one of {', '.join(STATUSES)}")
+        clauses.append(c.status == q.status)
+    if q.issuer:
+        clauses.append(sa.func.lower(c.issuer).contains(q.issuer.lower(), autoescape=True))
+    if q.owner:
+        clauses.append(c.owner == q.owner)
+    for key, value in q.tags.items():
+        clauses.append(c.tags[key].as_string() == value)
+    if q.unmanaged:
+        clauses.append(c.managed_certificate_id.is_(None))  # type: ignore[union-attr]
+    if q.is_ca is not None:
+        clauses.append(c.is_ca.is_(q.is_ca))  # type: ignore[attr-defined]
+    if q.in_service:
+        clauses.append(c.status == "active")
+    if q.san:
+        value = _normalise_name(q.san)
+        san = SubjectAltName
+        match = san.value.endswith(value, autoescape=True) if value.startswith(".") else san.value == value
+        clauses.append(c.fingerprint_sha256.in_(select(san.certificate_fingerprint).where(match)))  # type: ignore[attr-defined]
+    return clauses
+
+
+def _normalise_name(name: str) -> str:
+    """IDN U-labels are stored as A-labels (xn--...): accept either."""
+    try:
+        name.encode("ascii")
+        return name.lower()
+    except UnicodeEncodeError:
+        prefix = "*." if name.startswith("*.") else ("." if name.startswith(".") else "")
+        return prefix + idna.encode(name[len(prefix):], uts46=True).decode("ascii")
+
+
+def effective_status(status: str, not_after: dt.datetime, now: dt.datetime) -> str:
+    return "expired" if status == "active" and not_after < now else status
+
+
+def list_certificates(session: Session, q: CertificateQuery, now: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Certificates matching ``q``, soonest expiry first, as plain dicts (the --json shape)."""
+    now = now or utcnow()
+    c = Certificate
+    columns = [c.fingerprint_sha256, c.subject, c.issuer, c.serial_hex, c.not_before, c.not_after, c.key_type,
+               c.key_size, c.key_curve, c.signature_algorithm, c.is_ca, c.owner, c.tags, c.status,
+               c.managed_certificate_id]
+    query = sa.select(*columns).where(*_where(q, now)).order_by(c.not_after, c.fingerprint_sha256)
+    if q.limit:
+        query = query.limit(q.limit)
+    rows = session.execute(query).all()
+    fps = [row.fingerprint_sha256 for row in rows]
+    sans = _sans_for(session, fps)
+    locations = _locations_for(session, fps)
+    return [{
+        "fingerprint_sha256": row.fingerprint_sha256, "subject": row.subject, "issuer": row.issuer,
+        "serial": row.serial_hex, "not_before": iso(row.not_before), "not_after": iso(row.not_after),
+        "days_left": round((row.not_after - now).total_seconds() / 86400, 1),
+        "sans": sans.get(row.fingerprint_sha256, []), "key_type": row.key_type, "key_size": row.key_size,
+        "key_curve": row.key_curve, "signature_algorithm": row.signature_algorithm, "is_ca": row.is_ca,
+        "owner": row.owner, "tags": row.tags or {}, "status": effective_status(row.status, row.not_after, now),
+        "managed": row.managed_certificate_id is not None, "locations": locations.get(row.fingerprint_sha256, []),
+    } for row in rows]
+
+
+def count_certificates(session: Session, q: CertificateQuery, now: dt.datetime | None = None) -> int:
+    return session.execute(sa.select(sa.func.count()).select_from(Certificate).where(*_where(q, now or utcnow()))).scalar_one()
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _sans_for(session: Session, fps: Sequence[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for chunk in _chunks(fps):
+        for fp, kind, value in session.execute(
+                sa.select(SubjectAltName.certificate_fingerprint, SubjectAltName.kind, SubjectAltName.value)
+                .where(SubjectAltName.certificate_fingerprint.in_(chunk))):  # type: ignore[attr-defined]
+            out.setdefault(fp, []).append(f"{kind}:{value}")
+    return out
+
+
+def _locations_for(session: Session, fps: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for chunk in _chunks(fps):
+        for loc in session.execute(
+                sa.select(Location.certificate_fingerprint, Location.locator, Location.source, Location.first_seen,
+                          Location.last_seen, Location.ghost)
+                .where(Location.certificate_fingerprint.in_(chunk)).order_by(Location.id)):  # type: ignore[attr-defined]
+            out.setdefault(loc.certificate_fingerprint, []).append({
+                "locator": loc.locator, "source": loc.source, "first_seen": iso(loc.first_seen),
+                "last_seen": iso(loc.last_seen), "ghost": loc.ghost})
+    return out
+
+
+def resolve(session: Session, ident: str) -> Certificate:
+    """A certificate by its SHA-256 fingerprint or a unique prefix of it (colons and case ignored)."""
+    prefix = ident.replace(":", "").strip().lower()
+    if len(prefix) < 4 or any(ch not in "0123456789abcdef" for ch in prefix):
+        raise NotFoundError(f"{ident!r} is not a SHA-256 fingerprint or a prefix of at least 4 hex digits")
+    matches = session.exec(select(Certificate).where(Certificate.fingerprint_sha256.startswith(prefix))  # type: ignore[attr-defined]
+                           .limit(6)).all()
+    if not matches:
+        raise NotFoundError(f"no certificate with fingerprint {ident!r} in the inventory")
+    if len(matches) > 1:
+        raise AmbiguousError(ident, [m.fingerprint_sha256 for m in matches])
+    return matches[0]
+
+
+def chain_of(session: Session, cert: Certificate, limit: int = 10) -> list[Certificate]:
+    """The certificate and its issuers as linked in the inventory, leaf first."""
+    chain = [cert]
+    while len(chain) < limit and chain[-1].issuer_fingerprint and chain[-1].issuer_fingerprint != chain[-1].fingerprint_sha256:
+        parent = session.get(Certificate, chain[-1].issuer_fingerprint)
+        if parent is None or parent in chain:
+            break
+        chain.append(parent)
+    return chain
+
+
+def show(session: Session, ident: str, now: dt.datetime | None = None) -> dict[str, Any]:
+    """Every field of one certificate, with its chain, locations, key reference and history."""
+    now = now or utcnow()
+    cert = resolve(session, ident)
+    fp = cert.fingerprint_sha256
+    chain = chain_of(session, cert)
+    top = chain[-1]
+    key = session.exec(select(PrivateKey).where(PrivateKey.spki_sha256 == cert.spki_sha256)).first() if cert.spki_sha256 else None
+    managed = session.get(ManagedCertificate, cert.managed_certificate_id) if cert.managed_certificate_id else None
+    history = session.exec(select(AuditEvent).where(AuditEvent.object == f"certificate:{fp}").order_by(AuditEvent.seq)).all()
+    return {
+        "fingerprint_sha256": fp, "subject": cert.subject, "issuer": cert.issuer, "serial": cert.serial_hex,
+        "not_before": iso(cert.not_before), "not_after": iso(cert.not_after),
+        "days_left": round((cert.not_after - now).total_seconds() / 86400, 1),
+        "status": effective_status(cert.status, cert.not_after, now), "revocation_reason": cert.revocation_reason,
+        "revoked_at": iso(cert.revoked_at), "sans": _sans_for(session, [fp]).get(fp, []),
+        "key_type": cert.key_type, "key_size": cert.key_size, "key_curve": cert.key_curve,
+        "spki_sha256": cert.spki_sha256, "signature_algorithm": cert.signature_algorithm, "is_ca": cert.is_ca,
+        "path_length": cert.path_length, "key_usage": cert.key_usage, "extended_key_usage": cert.extended_key_usage,
+        "subject_key_id": cert.subject_key_id, "authority_key_id": cert.authority_key_id,
+        "crl_urls": cert.crl_urls, "ocsp_urls": cert.ocsp_urls, "ca_issuer_urls": cert.ca_issuer_urls,
+        "self_signed": cert.self_signed, "owner": cert.owner, "tags": cert.tags, "notes": cert.notes,
+        "managed_certificate": managed.name if managed else None,
+        "replaces": cert.replaces_fingerprint,
+        "private_key": None if key is None else {"ref": f"key:{key.id}", "algorithm": key.algorithm,
+                                                  "destroyed_at": iso(key.destroyed_at)},
+        "chain": [{"fingerprint_sha256": c.fingerprint_sha256, "subject": c.subject, "not_after": iso(c.not_after)}
+                  for c in chain],
+        "chain_complete": top.self_signed,
+        "locations": _locations_for(session, [fp]).get(fp, []),
+        "history": [{"seq": e.seq, "at": iso(e.at), "actor": e.actor, "action": e.action,
+                     "flow_run_id": e.flow_run_id} for e in history],
+        "created_at": iso(cert.created_at),
+    }

@@ -1,0 +1,167 @@
+"""The system of record: the inventory's tables.
+
+A Certificate is identified by the SHA-256 of its DER; every place it was seen is a Location. A
+ManagedCertificate is what should exist, its Targets are where it should be served. A PrivateKey is
+stored only encrypted. AuditEvents form a hash chain. Times are aware UTC everywhere.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes on every backend (SQLite keeps no time zone, so UTC is implied)."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the inventory: use aware UTC datetimes")
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+        return None if value is None else value.replace(tzinfo=dt.timezone.utc)
+
+
+def _time(*, index: bool = False, nullable: bool = False) -> Any:
+    return Field(default=None, sa_column=sa.Column(UTCDateTime(), index=index, nullable=nullable))
+
+
+def _json(default: Any) -> Any:
+    return Field(default_factory=lambda: type(default)(), sa_column=sa.Column(sa.JSON, nullable=False))
+
+
+class Certificate(SQLModel, table=True):
+    __tablename__ = "certificate"
+
+    fingerprint_sha256: str = Field(primary_key=True, max_length=64)
+    subject: str
+    issuer: str = Field(index=True)
+    serial_hex: str = Field(index=True, max_length=130)
+    not_before: dt.datetime = _time()
+    not_after: dt.datetime = _time(index=True)
+    key_type: str = Field(max_length=32)
+    key_size: int | None = None
+    key_curve: str | None = Field(default=None, max_length=32)
+    spki_sha256: str | None = Field(default=None, index=True, max_length=64)
+    signature_algorithm: str = Field(max_length=64)
+    is_ca: bool = False
+    path_length: int | None = None
+    key_usage: list[str] = _json([])
+    extended_key_usage: list[str] = _json([])
+    subject_key_id: str | None = Field(default=None, max_length=128)
+    authority_key_id: str | None = Field(default=None, index=True, max_length=128)
+    crl_urls: list[str] = _json([])
+    ocsp_urls: list[str] = _json([])
+    ca_issuer_urls: list[str] = _json([])
+    self_signed: bool = False
+    issuer_fingerprint: str | None = Field(default=None, foreign_key="certificate.fingerprint_sha256", index=True)
+    status: str = Field(default="active", index=True, max_length=16)  # active, superseded, revoked
+    revocation_reason: str | None = Field(default=None, max_length=32)
+    revoked_at: dt.datetime | None = _time(nullable=True)
+    owner: str | None = Field(default=None, index=True)
+    tags: dict[str, str] = _json({})
+    managed_certificate_id: int | None = Field(default=None, foreign_key="managed_certificate.id", index=True)
+    replaces_fingerprint: str | None = Field(default=None, foreign_key="certificate.fingerprint_sha256")
+    notes: list[str] = _json([])
+    der: bytes = Field(sa_column=sa.Column(sa.LargeBinary, nullable=False))
+    created_at: dt.datetime = _time()
+
+
+class SubjectAltName(SQLModel, table=True):
+    __tablename__ = "subject_alt_name"
+
+    certificate_fingerprint: str = Field(foreign_key="certificate.fingerprint_sha256", primary_key=True)
+    kind: str = Field(primary_key=True, max_length=16)  # DNS, IP, URI, email, dirName, ...
+    value: str = Field(primary_key=True, index=True)
+
+
+class Location(SQLModel, table=True):
+    __tablename__ = "location"
+    __table_args__ = (sa.UniqueConstraint("certificate_fingerprint", "locator", name="uq_location_certificate_locator"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    certificate_fingerprint: str = Field(foreign_key="certificate.fingerprint_sha256", index=True)
+    locator: str = Field(index=True)  # tls://host:port?sni=name, ssh://host/path, file:///path, ...
+    source: str = Field(max_length=64)  # import, tls-scan, ssh, aws-acm, ...
+    first_seen: dt.datetime = _time()
+    last_seen: dt.datetime = _time()
+    seen_by_run: str | None = Field(default=None, max_length=64)  # Prefect flow run id
+    ghost: bool = False
+
+
+class ManagedCertificate(SQLModel, table=True):
+    __tablename__ = "managed_certificate"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    dns_names: list[str] = _json([])
+    ip_addresses: list[str] = _json([])
+    profile: str = Field(default="tls-server", max_length=64)
+    key_algorithm: str = Field(default="ec-p256", max_length=16)
+    validity_days: int | None = None
+    issuer: str = Field(max_length=128)  # the name of an issuer block
+    owner: str | None = Field(default=None, index=True)
+    tags: dict[str, str] = _json({})
+    renew_before_days: int | None = None  # None: two thirds of the lifetime
+    use_ari: bool = True
+    status: str = Field(default="active", max_length=16)  # active, retired
+    created_at: dt.datetime = _time()
+
+
+class Target(SQLModel, table=True):
+    __tablename__ = "target"
+    __table_args__ = (sa.UniqueConstraint("managed_certificate_id", "name", name="uq_target_managed_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    managed_certificate_id: int = Field(foreign_key="managed_certificate.id", index=True)
+    name: str
+    kind: str = Field(max_length=32)  # ssh-nginx, ssh-haproxy, aws-acm, aws-elbv2, azure-kv, ...
+    block: str | None = None  # the Prefect block document that configures the connector
+    settings: dict[str, Any] = _json({})  # paths, reload command, listener ARN, vault name...
+    desired_fingerprint: str | None = Field(default=None, max_length=64)
+    verified_fingerprint: str | None = Field(default=None, max_length=64)
+    verified_at: dt.datetime | None = _time(nullable=True)
+    updated_at: dt.datetime = _time()
+
+
+class PrivateKey(SQLModel, table=True):
+    """An encrypted private key. ``ciphertext`` is the PKCS#8 DER under a per-key data key; the data
+    key is wrapped by the master key. Destroying a key erases both (crypto-shredding)."""
+
+    __tablename__ = "private_key"
+
+    id: str = Field(primary_key=True, max_length=32)
+    algorithm: str = Field(max_length=32)
+    spki_sha256: str = Field(index=True, max_length=64)
+    origin: str = Field(max_length=16)  # generated, imported
+    master_key_id: str | None = Field(default=None, max_length=32)
+    wrapped_data_key: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary, nullable=True))
+    ciphertext: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary, nullable=True))
+    created_at: dt.datetime = _time()
+    destroyed_at: dt.datetime | None = _time(nullable=True)
+
+
+class AuditEvent(SQLModel, table=True):
+    """Append-only and hash-chained: ``hash`` covers every other field and ``prev_hash``."""
+
+    __tablename__ = "audit_event"
+
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    at: dt.datetime = _time(index=True)
+    actor: str
+    action: str = Field(index=True, max_length=64)
+    object: str = Field(index=True)
+    flow_run_id: str | None = Field(default=None, max_length=64)
+    details: str = Field(sa_column=sa.Column(sa.Text, nullable=False))  # canonical JSON, hashed as stored
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64, unique=True)

@@ -1,0 +1,207 @@
+"""Every field of a certificate that the inventory keeps, as one immutable record.
+
+``describe_certificate`` never raises for a certificate that cryptography could load: fields it
+cannot read are left empty and explained in ``notes``; unusual but legal encodings (a negative
+serial, unknown non-critical extensions, IDN and IP SANs) are described, not rejected.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtensionOID
+
+_KEY_USAGES = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+               "key_agreement", "key_cert_sign", "crl_sign")
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    fingerprint_sha256: str
+    subject: str
+    issuer: str
+    serial_hex: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    sans: tuple[tuple[str, str], ...]  # (kind, value): DNS, IP, URI, email, dirName, other
+    key_type: str
+    key_size: int | None
+    key_curve: str | None
+    spki_sha256: str | None
+    signature_algorithm: str
+    is_ca: bool
+    path_length: int | None
+    key_usage: tuple[str, ...]
+    extended_key_usage: tuple[str, ...]
+    subject_key_id: str | None
+    authority_key_id: str | None
+    crl_urls: tuple[str, ...]
+    ocsp_urls: tuple[str, ...]
+    ca_issuer_urls: tuple[str, ...]
+    self_signed: bool
+    der: bytes = field(repr=False)
+    notes: tuple[str, ...] = ()
+
+
+def fingerprint_sha256(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def serial_hex(serial: int) -> str:
+    """Lower-case hex, even length, '-' before a (non-conforming) negative serial."""
+    digits = format(abs(serial), "x")
+    digits = digits if len(digits) % 2 == 0 else "0" + digits
+    return ("-" if serial < 0 else "") + digits
+
+
+def spki_sha256(public_key: object) -> str:
+    der = public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def describe_certificate(cert: x509.Certificate) -> CertificateRecord:
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        serial = cert.serial_number
+    if serial <= 0:
+        notes.append("serial number is not positive (RFC 5280 requires a positive serial)")
+    key_type, key_size, key_curve, spki = _describe_key(cert, notes)
+    try:
+        extensions = cert.extensions
+    except ValueError as exc:  # duplicate or malformed extension: keep the rest of the record
+        notes.append(f"extensions could not be parsed: {exc}")
+        extensions = x509.Extensions([])
+    for ext in extensions:
+        if isinstance(ext.value, x509.UnrecognizedExtension):
+            notes.append(f"unrecognised {'critical' if ext.critical else 'non-critical'} extension {ext.oid.dotted_string}")
+    basic = _ext(extensions, ExtensionOID.BASIC_CONSTRAINTS)
+    aki = _ext(extensions, ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
+    ski = _ext(extensions, ExtensionOID.SUBJECT_KEY_IDENTIFIER)
+    aia = _ext(extensions, ExtensionOID.AUTHORITY_INFORMATION_ACCESS)
+    crl = _ext(extensions, ExtensionOID.CRL_DISTRIBUTION_POINTS)
+    eku = _ext(extensions, ExtensionOID.EXTENDED_KEY_USAGE)
+    return CertificateRecord(
+        fingerprint_sha256=fingerprint_sha256(cert),
+        subject=_name(cert.subject),
+        issuer=_name(cert.issuer),
+        serial_hex=serial_hex(serial),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        sans=_sans(_ext(extensions, ExtensionOID.SUBJECT_ALTERNATIVE_NAME)),
+        key_type=key_type,
+        key_size=key_size,
+        key_curve=key_curve,
+        spki_sha256=spki,
+        signature_algorithm=_oid_name(cert.signature_algorithm_oid),
+        is_ca=bool(basic and basic.ca),
+        path_length=basic.path_length if basic else None,
+        key_usage=_key_usage(_ext(extensions, ExtensionOID.KEY_USAGE)),
+        extended_key_usage=tuple(_oid_name(o) for o in eku) if eku else (),
+        subject_key_id=ski.digest.hex() if ski else None,
+        authority_key_id=aki.key_identifier.hex() if aki and aki.key_identifier else None,
+        crl_urls=tuple(n.value for dp in (crl or []) for n in (dp.full_name or [])
+                       if isinstance(n, x509.UniformResourceIdentifier)),
+        ocsp_urls=_access(aia, x509.AuthorityInformationAccessOID.OCSP),
+        ca_issuer_urls=_access(aia, x509.AuthorityInformationAccessOID.CA_ISSUERS),
+        self_signed=is_issued_by(cert, cert),
+        der=cert.public_bytes(serialization.Encoding.DER),
+        notes=tuple(notes),
+    )
+
+
+def is_issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """True when ``parent``'s subject is ``child``'s issuer and ``parent``'s key signed ``child``."""
+    if child.issuer != parent.subject:
+        return False
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _describe_key(cert: x509.Certificate, notes: list[str]) -> tuple[str, int | None, str | None, str | None]:
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        notes.append(f"public key not readable: {exc}")
+        return "unknown", None, None, None
+    if isinstance(key, rsa.RSAPublicKey):
+        described: tuple[str, int | None, str | None] = ("RSA", key.key_size, None)
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        described = ("EC", key.key_size, key.curve.name)
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        described = ("Ed25519", 256, None)
+    elif isinstance(key, ed448.Ed448PublicKey):
+        described = ("Ed448", 456, None)
+    elif isinstance(key, dsa.DSAPublicKey):
+        described = ("DSA", key.key_size, None)
+    else:
+        described = (type(key).__name__, None, None)
+    return (*described, spki_sha256(key))
+
+
+def _ext(extensions: x509.Extensions, oid: x509.ObjectIdentifier):  # noqa: ANN202 - value type varies
+    try:
+        return extensions.get_extension_for_oid(oid).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _name(name: x509.Name) -> str:
+    try:
+        return name.rfc4514_string()
+    except ValueError:
+        return repr(name)
+
+
+def _oid_name(oid: x509.ObjectIdentifier) -> str:
+    name = getattr(oid, "_name", "Unknown OID")
+    return oid.dotted_string if name == "Unknown OID" else name
+
+
+def _sans(ext: x509.SubjectAlternativeName | None) -> tuple[tuple[str, str], ...]:
+    if ext is None:
+        return ()
+    out: list[tuple[str, str]] = []
+    for general in ext:
+        if isinstance(general, x509.DNSName):
+            out.append(("DNS", general.value))
+        elif isinstance(general, x509.IPAddress):
+            out.append(("IP", str(general.value)))
+        elif isinstance(general, x509.UniformResourceIdentifier):
+            out.append(("URI", general.value))
+        elif isinstance(general, x509.RFC822Name):
+            out.append(("email", general.value))
+        elif isinstance(general, x509.DirectoryName):
+            out.append(("dirName", _name(general.value)))
+        elif isinstance(general, x509.RegisteredID):
+            out.append(("registeredID", general.value.dotted_string))
+        elif isinstance(general, x509.OtherName):
+            out.append(("otherName", general.type_id.dotted_string))
+    return tuple(out)
+
+
+def _key_usage(ku: x509.KeyUsage | None) -> tuple[str, ...]:
+    if ku is None:
+        return ()
+    usages = [name for name in _KEY_USAGES if getattr(ku, name)]
+    if ku.key_agreement:
+        usages += [name for name in ("encipher_only", "decipher_only") if getattr(ku, name)]
+    return tuple(usages)
+
+
+def _access(aia: x509.AuthorityInformationAccess | None, method: x509.ObjectIdentifier) -> tuple[str, ...]:
+    if aia is None:
+        return ()
+    return tuple(d.access_location.value for d in aia
+                 if d.access_method == method and isinstance(d.access_location, x509.UniformResourceIdentifier))
