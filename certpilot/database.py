@@ -101,6 +101,16 @@ def upgrade(engine: sa.Engine) -> None:
     head = head_revision()
     if current_revision(engine) == head:
         return
+    if engine.dialect.name == "sqlite":
+        # BEGIN IMMEDIATE first, then re-check and migrate on that connection: concurrent first uses
+        # of a new file queue for the write lock instead of failing with "database is locked".
+        with engine.execution_options(certpilot_write=True).connect() as conn:
+            if MigrationContext.configure(conn).get_current_revision() != head:
+                config = _alembic_config(engine)
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+            conn.commit()
+        return
     with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_lock({_WRITE_LOCK_ID + 1})")

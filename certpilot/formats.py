@@ -8,10 +8,14 @@ where, and never quotes key material.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import warnings
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
@@ -24,6 +28,11 @@ _PKCS7_LABELS = {"PKCS7", "CMS", "PKCS #7 SIGNED DATA"}
 _KEY_LABELS = {"PRIVATE KEY", "ENCRYPTED PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY", "DSA PRIVATE KEY"}
 _IGNORED_LABELS = {"CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST", "X509 CRL", "PUBLIC KEY",
                    "RSA PUBLIC KEY", "EC PARAMETERS", "DH PARAMETERS", "X9.42 DH PARAMETERS"}
+
+# The common case, only CERTIFICATE blocks and nothing else, is read by _fast_pem_certificates; any
+# other input (or any failure there) goes through read_pem_blocks, which gives the precise errors.
+_FAST_PEM = re.compile(rb"(?:-----BEGIN CERTIFICATE-----\r?\n(?:[A-Za-z0-9+/=]+\r?\n)+-----END CERTIFICATE-----(?:\r?\n)*)+")
+_FAST_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n((?:[A-Za-z0-9+/=]+\r?\n)+)-----END CERTIFICATE-----")
 
 # DER prefixes: PFX is SEQUENCE { INTEGER 3, ContentInfo { OID pkcs7-data ...
 _OID_PKCS7_DATA = bytes.fromhex("06092a864886f70d010701")
@@ -62,6 +71,9 @@ def load_certificate(data: bytes, source: str | None = None) -> x509.Certificate
 
 
 def _load_pem(data: bytes, source: str | None, password: bytes | None) -> Bundle:
+    fast = _fast_pem_certificates(data)
+    if fast is not None:
+        return Bundle(tuple(fast), (), (), "pem")
     certs: list[x509.Certificate] = []
     keys: list[PrivateKeyTypes] = []
     notes: list[str] = []
@@ -78,6 +90,23 @@ def _load_pem(data: bytes, source: str | None, password: bytes | None) -> Bundle
         else:
             notes.append(f"ignored unknown {where}")
     return Bundle(tuple(certs), tuple(keys), tuple(notes), "pem")
+
+
+def _fast_pem_certificates(data: bytes) -> list[x509.Certificate] | None:
+    """The certificates of input made only of well-formed CERTIFICATE blocks (what _load_pem would
+    return for it), or None for anything else, including any block that does not decode or load."""
+    if _FAST_PEM.fullmatch(data) is None:
+        return None
+    certs = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # negative serials: described, not fatal
+            for match in _FAST_BLOCK.finditer(data):
+                der = base64.b64decode(match.group(1).replace(b"\r", b"").replace(b"\n", b""), validate=True)
+                certs.append(x509.load_der_x509_certificate(_first_tlv(der)))
+    except (binascii.Error, ValueError):
+        return None
+    return certs
 
 
 def _load_binary(data: bytes, source: str | None, password: bytes | None) -> Bundle:
@@ -101,8 +130,10 @@ def _load_binary(data: bytes, source: str | None, password: bytes | None) -> Bun
         key = serialization.load_der_private_key(data, password=password)
         return Bundle((), (key,), format="der-key")
     except TypeError:
-        raise PasswordError("DER private key is encrypted: a password is needed", source) from None
-    except (ValueError, serialization.UnsupportedAlgorithm) as exc:
+        if password is None:
+            raise PasswordError("DER private key is encrypted: a password is needed", source) from None
+        return _load_binary(data, source, None)  # not encrypted: the password is for the inputs that are
+    except (ValueError, UnsupportedAlgorithm) as exc:
         errors.append(f"as a private key: {_safe(exc)}")
     raise ParseError("DER data is not a certificate, PKCS#7, PKCS#12 or private key ("
                      + "; ".join(errors) + ")", source)
@@ -132,17 +163,17 @@ def _pem_key(pem: bytes, source: str | None, where: str, password: bytes | None)
     except TypeError:
         if password is None:
             raise PasswordError(f"{where} is encrypted: a password is needed", source) from None
-        raise ParseError(f"{where} is not encrypted, but a password was given", source) from None
+        return _pem_key(pem, source, where, None)  # not encrypted: the password is for the inputs that are
     except ValueError as exc:
         if password is not None and ("ENCRYPTED" in where or b"Proc-Type" in pem):
             raise PasswordError(f"{where}: wrong password, or the key is damaged", source) from None
         raise ParseError(f"{where} is not a valid private key ({_safe(exc)})", source) from None
-    except serialization.UnsupportedAlgorithm as exc:
+    except UnsupportedAlgorithm as exc:
         raise ParseError(f"{where} uses an unsupported algorithm ({_safe(exc)})", source) from None
 
 
 def _pkcs12(data: bytes, source: str | None, password: bytes | None) -> Bundle:
-    attempts = [password] if password is not None else [None, b""]
+    attempts = [password, None, b""] if password is not None else [None, b""]  # a plain file needs none
     for attempt in attempts:
         try:
             with warnings.catch_warnings():

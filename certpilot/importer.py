@@ -16,6 +16,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from sqlmodel import Session
 
 from certpilot import audit, keystore
 from certpilot.database import write_session
@@ -123,11 +124,15 @@ def read_input(source: str, max_bytes: int, stdin: Callable[[int], bytes] | None
         data = stdin(max_bytes + 1)
     else:
         try:
-            size = os.stat(source).st_size
-            if size > max_bytes:
-                raise ParseError(f"file is {size:,} bytes, more than the {max_bytes:,}-byte limit", source)
             with open(source, "rb") as handle:
-                data = handle.read(max_bytes + 1)
+                size = os.fstat(handle.fileno()).st_size
+                if size > max_bytes:
+                    raise ParseError(f"file is {size:,} bytes, more than the {max_bytes:,}-byte limit", source)
+                # Ask for what stat reported (asking for max_bytes allocates that much), then for the
+                # rest in case the file grew since.
+                data = handle.read(size + 1)
+                if len(data) > size:
+                    data += handle.read(max_bytes + 1 - len(data))
         except OSError as exc:
             raise ParseError(f"cannot read: {exc.strerror}", source) from None
     if len(data) > max_bytes:
@@ -135,7 +140,8 @@ def read_input(source: str, max_bytes: int, stdin: Callable[[int], bytes] | None
     return data
 
 
-def parse_file(data: bytes, source: str, options: ImportOptions) -> _ParsedFile:
+def parse_file(data: bytes, source: str, options: ImportOptions, *,
+               resolved_dirs: dict[str, str] | None = None) -> _ParsedFile:
     """Parse one file whole. Raises ParseError or KeyMismatchError; never returns half a file."""
     bundle = load_bundle(data, source=source, password=options.password)
     records = [describe_certificate(c) for c in bundle.certificates]
@@ -147,8 +153,21 @@ def parse_file(data: bytes, source: str, options: ImportOptions) -> _ParsedFile:
             raise KeyMismatchError(spki, [r.fingerprint_sha256 for r in records])
     if bundle.is_empty:
         notes.append("no certificate or private key in this file")
-    locator = None if source == STDIN else Path(source).resolve().as_uri()
+    locator = None if source == STDIN else _file_uri(source, resolved_dirs)
     return _ParsedFile(source, locator, records, list(bundle.private_keys), notes)
+
+
+def _file_uri(source: str, resolved_dirs: dict[str, str] | None = None) -> str:
+    """``Path(source).resolve().as_uri()``; with ``resolved_dirs`` (one import's cache), each directory
+    is resolved once rather than once per file (only the file itself is checked for a symlink)."""
+    directory, name = os.path.split(source)
+    if resolved_dirs is None or not name or name in (".", "..") or os.path.islink(source):
+        return Path(source).resolve().as_uri()
+    directory = directory or "."
+    real = resolved_dirs.get(directory)
+    if real is None:
+        real = resolved_dirs[directory] = os.path.realpath(directory)
+    return Path(os.path.join(real, name)).as_uri()
 
 
 def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions, actor: audit.Actor, *,
@@ -163,6 +182,7 @@ def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions
     key_only: list[_ParsedFile] = []
     pending_certs = 0
     ring_cache: list[keystore.KeyRing] = []
+    resolved_dirs: dict[str, str] = {}  # directory -> its real path, for this import only
 
     def ring() -> keystore.KeyRing:
         if not ring_cache:
@@ -189,7 +209,7 @@ def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions
             finish(FileResult(source, "failed", error=error))
             continue
         try:
-            parsed = parse_file(read_input(source, options.max_bytes, stdin), source, options)
+            parsed = parse_file(read_input(source, options.max_bytes, stdin), source, options, resolved_dirs=resolved_dirs)
         except (ParseError, KeyMismatchError) as exc:
             detail = exc.detail if isinstance(exc, ParseError) else str(exc)
             finish(FileResult(source, "failed", error=detail))
@@ -219,9 +239,7 @@ def _write_batch(engine: sa.Engine, batch: list[_ParsedFile], options: ImportOpt
             stored: dict[str, int] = {}
             if options.import_keys:
                 for parsed in batch:
-                    for key in parsed.keys:
-                        keystore.store_private_key(session, key, ring(), actor, "imported", now)
-                        stored[parsed.source] = stored.get(parsed.source, 0) + 1
+                    stored[parsed.source] = _store_keys(session, parsed.keys, ring, actor, now)
     except (CertpilotError, sa.exc.SQLAlchemyError) as exc:
         message = f"not written: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}"
         return [FileResult(p.source, "failed", error=message) for p in batch]
@@ -239,6 +257,17 @@ def _write_batch(engine: sa.Engine, batch: list[_ParsedFile], options: ImportOpt
     return results
 
 
+def _store_keys(session: Session, keys: list[PrivateKeyTypes], ring: Callable[[], keystore.KeyRing],
+                actor: audit.Actor, now: dt.datetime | None) -> int:
+    """Store each key not stored yet; returns how many were new (the same key often sits in several files)."""
+    new = 0
+    for key in keys:
+        if keystore.find_key(session, public_key_sha256(key)) is None:
+            keystore.store_private_key(session, key, ring(), actor, "imported", now)
+            new += 1
+    return new
+
+
 def _store_key_only(engine: sa.Engine, parsed: _ParsedFile, options: ImportOptions, actor: audit.Actor,
                     ring: Callable[[], keystore.KeyRing], now: dt.datetime | None) -> FileResult:
     """A file holding only keys: stored when asked to and when each belongs to a known certificate."""
@@ -248,16 +277,15 @@ def _store_key_only(engine: sa.Engine, parsed: _ParsedFile, options: ImportOptio
             f"{len(parsed.keys)} private key(s) found and not stored (import with --import-keys to store them encrypted)",))
     try:
         with write_session(engine) as session:
-            stored, orphans = 0, []
+            orphans = []
             for key in parsed.keys:
                 spki = public_key_sha256(key)
                 known = session.execute(sa.select(Certificate.fingerprint_sha256)
                                         .where(Certificate.spki_sha256 == spki).limit(1)).first()
                 if known is None:
                     orphans.append(spki)
-                    continue
-                keystore.store_private_key(session, key, ring(), actor, "imported", now)
-                stored += 1
+            paired = [k for k in parsed.keys if public_key_sha256(k) not in orphans]
+            stored = _store_keys(session, paired, ring, actor, now)
     except (CertpilotError, sa.exc.SQLAlchemyError) as exc:
         return replace(result, status="failed", error=f"not written: {str(exc).splitlines()[0][:300]}")
     if orphans:

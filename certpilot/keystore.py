@@ -88,11 +88,17 @@ def parse_master_key(text: str, where: str) -> MasterKey:
 
 
 def write_master_key_file(path: Path, key: MasterKey) -> None:
-    """Create ``path`` with mode 0600; never overwrite an existing key file."""
+    """Create ``path`` with mode 0600, complete or not at all; never overwrite an existing key file
+    (FileExistsError). Written beside it first and linked into place, so no reader sees it half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(key.encoded() + "\n")
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key.encoded() + "\n")
+        os.link(staging, path)  # atomic, and fails if path exists
+    finally:
+        os.unlink(staging)
 
 
 def read_master_key_file(path: Path) -> MasterKey:
@@ -114,11 +120,15 @@ def load_key_ring(settings: Settings, announce: Callable[[str], None] | None = N
         primary = read_master_key_file(settings.master_key_file)
     elif settings.master_key_file_is_default:
         primary = generate_master_key()
-        write_master_key_file(settings.master_key_file, primary)
-        if announce:
-            announce(f"created master key file {settings.master_key_file} (mode 0600). Back it up: stored "
-                     "private keys cannot be decrypted without it. Set CERTPILOT_MASTER_KEY or "
-                     "CERTPILOT_MASTER_KEY_FILE to provide your own.")
+        try:
+            write_master_key_file(settings.master_key_file, primary)
+        except FileExistsError:  # another process created it first: use that one
+            primary = read_master_key_file(settings.master_key_file)
+        else:
+            if announce:
+                announce(f"created master key file {settings.master_key_file} (mode 0600). Back it up: stored "
+                         "private keys cannot be decrypted without it. Set CERTPILOT_MASTER_KEY or "
+                         "CERTPILOT_MASTER_KEY_FILE to provide your own.")
     else:
         raise MasterKeyError(f"CERTPILOT_MASTER_KEY_FILE names {settings.master_key_file}, which does not exist")
     pending = pending_key_file(settings)

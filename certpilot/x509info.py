@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -80,23 +81,29 @@ def describe_certificate(cert: x509.Certificate) -> CertificateRecord:
     except ValueError as exc:  # duplicate or malformed extension: keep the rest of the record
         notes.append(f"extensions could not be parsed: {exc}")
         extensions = x509.Extensions([])
+    # One pass over the extensions (duplicates are refused when parsing, so each OID appears once).
+    by_oid: dict[x509.ObjectIdentifier, Any] = {}
     for ext in extensions:
-        if isinstance(ext.value, x509.UnrecognizedExtension):
+        value = ext.value
+        if isinstance(value, x509.UnrecognizedExtension):
             notes.append(f"unrecognised {'critical' if ext.critical else 'non-critical'} extension {ext.oid.dotted_string}")
-    basic = _ext(extensions, ExtensionOID.BASIC_CONSTRAINTS)
-    aki = _ext(extensions, ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
-    ski = _ext(extensions, ExtensionOID.SUBJECT_KEY_IDENTIFIER)
-    aia = _ext(extensions, ExtensionOID.AUTHORITY_INFORMATION_ACCESS)
-    crl = _ext(extensions, ExtensionOID.CRL_DISTRIBUTION_POINTS)
-    eku = _ext(extensions, ExtensionOID.EXTENDED_KEY_USAGE)
+        by_oid.setdefault(ext.oid, value)
+    basic = by_oid.get(ExtensionOID.BASIC_CONSTRAINTS)
+    aki = by_oid.get(ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
+    ski = by_oid.get(ExtensionOID.SUBJECT_KEY_IDENTIFIER)
+    aia = by_oid.get(ExtensionOID.AUTHORITY_INFORMATION_ACCESS)
+    crl = by_oid.get(ExtensionOID.CRL_DISTRIBUTION_POINTS)
+    eku = by_oid.get(ExtensionOID.EXTENDED_KEY_USAGE)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    subject, issuer = cert.subject, cert.issuer  # each access builds the Name anew: fetch once
     return CertificateRecord(
-        fingerprint_sha256=fingerprint_sha256(cert),
-        subject=_name(cert.subject),
-        issuer=_name(cert.issuer),
+        fingerprint_sha256=hashlib.sha256(der).hexdigest(),  # the same as cert.fingerprint(SHA256())
+        subject=_name(subject),
+        issuer=_name(issuer),
         serial_hex=serial_hex(serial),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
-        sans=_sans(_ext(extensions, ExtensionOID.SUBJECT_ALTERNATIVE_NAME)),
+        sans=_sans(by_oid.get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)),
         key_type=key_type,
         key_size=key_size,
         key_curve=key_curve,
@@ -104,7 +111,7 @@ def describe_certificate(cert: x509.Certificate) -> CertificateRecord:
         signature_algorithm=_oid_name(cert.signature_algorithm_oid),
         is_ca=bool(basic and basic.ca),
         path_length=basic.path_length if basic else None,
-        key_usage=_key_usage(_ext(extensions, ExtensionOID.KEY_USAGE)),
+        key_usage=_key_usage(by_oid.get(ExtensionOID.KEY_USAGE)),
         extended_key_usage=tuple(_oid_name(o) for o in eku) if eku else (),
         subject_key_id=ski.digest.hex() if ski else None,
         authority_key_id=aki.key_identifier.hex() if aki and aki.key_identifier else None,
@@ -112,8 +119,8 @@ def describe_certificate(cert: x509.Certificate) -> CertificateRecord:
                        if isinstance(n, x509.UniformResourceIdentifier)),
         ocsp_urls=_access(aia, x509.AuthorityInformationAccessOID.OCSP),
         ca_issuer_urls=_access(aia, x509.AuthorityInformationAccessOID.CA_ISSUERS),
-        self_signed=is_issued_by(cert, cert),
-        der=cert.public_bytes(serialization.Encoding.DER),
+        self_signed=issuer == subject and _signed_by(cert, cert),  # is_issued_by(cert, cert), names fetched once
+        der=der,
         notes=tuple(notes),
     )
 
@@ -122,6 +129,10 @@ def is_issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     """True when ``parent``'s subject is ``child``'s issuer and ``parent``'s key signed ``child``."""
     if child.issuer != parent.subject:
         return False
+    return _signed_by(child, parent)
+
+
+def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     try:
         child.verify_directly_issued_by(parent)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin retryable units over certpilot's core and connectors."""

@@ -1,0 +1,25 @@
+"""The import-inventory flow: bring certificates from files and directories into the inventory,
+then publish the expiry report. Fails loudly, after importing everything it could, when any file
+could not be imported."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from certpilot.errors import PermanentError
+from tasks.inventory import import_files, publish_expiry_report
+
+
+@flow(name="import-inventory", description=__doc__)
+def import_inventory(paths: list[str], owner: str | None = None, tags: dict[str, str] | None = None,
+                     import_keys: bool = False, password_secret: str | None = None) -> dict[str, Any]:
+    """Import ``paths``; ``password_secret`` names a Prefect Secret block holding the PKCS#12/key password."""
+    summary = import_files(paths, owner, tags or {}, import_keys, password_secret)
+    summary["bands"] = publish_expiry_report()
+    if summary["failed"]:
+        shown = "; ".join(f"{f['source']}: {f['error']}" for f in summary["failures"][:5])
+        raise PermanentError(f"{summary['failed']} of {summary['files']} file(s) could not be imported "
+                             f"(the rest were): {shown}")
+    return summary

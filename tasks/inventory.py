@@ -1,0 +1,78 @@
+"""Inventory tasks: thin retryable units over certpilot's core.
+
+Each task builds what it needs, calls one core function and returns a small serialisable record.
+No task returns, logs or takes a private key or a password: keys are read from files and stored
+encrypted inside the core; a password is read from a Prefect Secret block inside the task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from certpilot import audit, keystore
+from certpilot.database import get_engine, read_session
+from certpilot.errors import TransientError
+from certpilot.importer import ImportOptions, import_paths
+from certpilot.report import expiry_report
+from certpilot.settings import load_settings
+
+
+def retry_transient_only(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
+    """Retry a task only when it failed with a TransientError; bad input is not worth a retry."""
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def run_actor() -> audit.Actor:
+    """The audit actor for the current flow run: the flow's name, and its run id for the link back."""
+    run_id = flow_run.get_id()
+    return audit.Actor(f"prefect:{flow_run.get_flow_name() or 'flow'}", str(run_id) if run_id else None)
+
+
+def _password(secret_block: str | None) -> bytes | None:
+    if not secret_block:
+        return None
+    from prefect.blocks.system import Secret
+
+    return Secret.load(secret_block).get().encode()
+
+
+@task(name="import-files", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient_only)
+def import_files(paths: list[str], owner: str | None, tags: dict[str, str], import_keys: bool,
+                 password_secret: str | None) -> dict[str, Any]:
+    """Import files and directories into the inventory. Returns counts and the failures, nothing secret."""
+    logger = get_run_logger()
+    settings = load_settings()
+    options = ImportOptions(owner=owner, tags=tags, import_keys=import_keys, password=_password(password_secret))
+    report = import_paths(get_engine(settings), paths, options, run_actor(),
+                          key_ring=lambda: keystore.load_key_ring(settings, announce=logger.warning))
+    failures = [{"source": f.source, "error": f.error} for f in report.files if f.status == "failed"]
+    for failure in failures:
+        logger.error("import failed for %s: %s", failure["source"], failure["error"])
+    logger.info("imported %(files)d file(s): %(certificates)d certificate(s), %(new_certificates)d new, "
+                "%(keys_stored)d key(s) stored, %(failed)d failed", report.summary())
+    return {**report.summary(), "failures": failures}
+
+
+@task(name="publish-expiry-report")
+def publish_expiry_report(show: int = 25) -> dict[str, int]:
+    """Publish the expiry report as a Prefect artifact (key: expiry-report). Returns the band counts."""
+    with read_session(get_engine()) as session:
+        report = expiry_report(session, show=show)
+    lines = ["# Certificate expiry", "", " | ".join(f"**{label}**: {count}" for label, count in report.bands.items()), "",
+             "| band | days left | expires (UTC) | subject | owner | places |", "|---|---|---|---|---|---|"]
+    for row in report.soonest:
+        lines.append(f"| {row['band']} | {row['days_left']:.0f} | {row['not_after']} | {row['subject']} | "
+                     f"{row['owner'] or ''} | {len(row['locations'])} |")
+    create_markdown_artifact(key="expiry-report", markdown="\n".join(lines),
+                             description="Certificates in each expiry band, soonest first")
+    return report.bands
