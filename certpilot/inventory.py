@@ -24,6 +24,9 @@ from certpilot.x509info import CertificateRecord
 _CHUNK = 500  # bound on parameters per IN (...) list
 _BULK = {"synchronize_session": False}  # the session holds no Certificate objects to keep in step
 STATUSES = ("active", "superseded", "revoked", "expired")
+_CERTIFICATE: sa.Table = Certificate.__table__  # type: ignore[attr-defined]
+_SAN: sa.Table = SubjectAltName.__table__  # type: ignore[attr-defined]
+_LOCATION: sa.Table = Location.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -65,16 +68,21 @@ def upsert(session: Session, observations: Sequence[Observation], actor: audit.A
     first_locator = {o.record.fingerprint_sha256: o.locator for o in reversed(observations)}
     changes: list[audit.Change] = []
     if new_fps:
-        session.execute(sa.insert(Certificate), [_certificate_row(records[fp], owner, tags or {}, now) for fp in new_fps])
-        sans = [{"certificate_fingerprint": fp, "kind": kind, "value": value}
-                for fp in new_fps for kind, value in dict.fromkeys(records[fp].sans)]
-        if sans:
-            session.execute(sa.insert(SubjectAltName), sans)
-        changes += [audit.Change("certificate.added", f"certificate:{fp}", {
-            "subject": records[fp].subject, "issuer": records[fp].issuer, "serial": records[fp].serial_hex,
-            "not_after": records[fp].not_after.isoformat(), "locator": first_locator.get(fp),
-            "owner": owner, "tags": tags or {}}) for fp in new_fps]
-        _link_issuers(session, [records[fp] for fp in new_fps])
+        new_records = [records[fp] for fp in new_fps]
+        stored_links = _stored_issuer_links(session, new_records)  # set on insert: no UPDATE per row
+        rows = [_certificate_row(r, owner, tags or {}, now) for r in new_records]
+        for row in rows:
+            linked = stored_links.get(row["fingerprint_sha256"])
+            if linked is not None:
+                row["issuer_fingerprint"] = linked
+        _insert_rows(session, _CERTIFICATE, rows)
+        _insert_rows(session, _SAN, [{"certificate_fingerprint": r.fingerprint_sha256, "kind": kind, "value": value}
+                                     for r in new_records for kind, value in dict.fromkeys(r.sans)])
+        changes += [audit.Change("certificate.added", f"certificate:{r.fingerprint_sha256}", {
+            "subject": r.subject, "issuer": r.issuer, "serial": r.serial_hex,
+            "not_after": r.not_after.isoformat(), "locator": first_locator.get(r.fingerprint_sha256),
+            "owner": owner, "tags": tags or {}}) for r in new_records]
+        _link_issuers(session, new_records, stored_links)
     changes += _relabel(session, existing, owner, tags)
     location_changes, new_locations = _upsert_locations(session, observations, set(new_fps), actor, now)
     changes += location_changes
@@ -120,7 +128,7 @@ def _upsert_locations(session: Session, observations: Sequence[Observation], new
     wanted = {(o.record.fingerprint_sha256, o.locator): o.source for o in observations if o.locator}
     if not wanted:
         return [], 0
-    fps = sorted({fp for fp, _ in wanted})
+    fps = sorted({fp for fp, _ in wanted if fp not in new_fps})  # a certificate added just now has none yet
     known: dict[tuple[str, str], int] = {}
     for chunk in _chunks(fps):
         for loc_id, fp, locator in session.execute(
@@ -128,10 +136,9 @@ def _upsert_locations(session: Session, observations: Sequence[Observation], new
                 .where(Location.certificate_fingerprint.in_(chunk))):  # type: ignore[attr-defined]
             known[(fp, locator)] = loc_id
     fresh = [key for key in wanted if key not in known]
-    if fresh:
-        session.execute(sa.insert(Location), [
-            {"certificate_fingerprint": fp, "locator": locator, "source": wanted[(fp, locator)], "first_seen": now,
-             "last_seen": now, "seen_by_run": actor.flow_run_id, "ghost": False} for fp, locator in fresh])
+    _insert_rows(session, _LOCATION, [
+        {"certificate_fingerprint": fp, "locator": locator, "source": wanted[(fp, locator)], "first_seen": now,
+         "last_seen": now, "seen_by_run": actor.flow_run_id, "ghost": False} for fp, locator in fresh])
     seen_again = [known[key] for key in wanted if key in known]
     for chunk in _chunks(seen_again):
         session.execute(sa.update(Location).where(Location.id.in_(chunk))  # type: ignore[union-attr]
@@ -141,12 +148,15 @@ def _upsert_locations(session: Session, observations: Sequence[Observation], new
     return changes, len(fresh)
 
 
-def _link_issuers(session: Session, records: Sequence[CertificateRecord]) -> None:
-    """Point each new certificate at its issuer, and new CA certificates at the children already stored.
+def _issuer_matches(r: CertificateRecord, candidates: dict[str, list[tuple[str, str | None]]]) -> list[str]:
+    """The candidate CA certificates that can have issued ``r``: the issuer's subject equals the child's
+    issuer name and, where both carry key identifiers, the issuer's SKI equals the child's AKI."""
+    return [fp for fp, ski in candidates.get(r.issuer, [])
+            if fp != r.fingerprint_sha256 and (ski is None or r.authority_key_id is None or ski == r.authority_key_id)]
 
-    A link needs the issuer's subject to equal the child's issuer name and, where both carry key
-    identifiers, the issuer's SKI to equal the child's AKI.
-    """
+
+def _stored_issuer_links(session: Session, records: Sequence[CertificateRecord]) -> dict[str, str]:
+    """For certificates about to be added: fingerprint -> its issuer already in the inventory, if any."""
     wanted_names = sorted({r.issuer for r in records if not r.self_signed})
     candidates: dict[str, list[tuple[str, str | None]]] = {}
     for chunk in _chunks(wanted_names):
@@ -154,16 +164,36 @@ def _link_issuers(session: Session, records: Sequence[CertificateRecord]) -> Non
                 sa.select(Certificate.fingerprint_sha256, Certificate.subject, Certificate.subject_key_id)
                 .where(Certificate.subject.in_(chunk), Certificate.is_ca.is_(True))):  # type: ignore[attr-defined]
             candidates.setdefault(subject, []).append((fp, ski))
-    updates = []
+    links = {}
     for r in records:
-        if r.self_signed:
-            continue
-        match = [fp for fp, ski in candidates.get(r.issuer, [])
-                 if fp != r.fingerprint_sha256 and (ski is None or r.authority_key_id is None or ski == r.authority_key_id)]
-        if len(match) >= 1:
-            updates.append({"fp": r.fingerprint_sha256, "issuer_fp": match[0]})
+        if not r.self_signed:
+            match = _issuer_matches(r, candidates)
+            if match:
+                links[r.fingerprint_sha256] = match[0]
+    return links
+
+
+def _link_issuers(session: Session, records: Sequence[CertificateRecord], stored_links: dict[str, str]) -> None:
+    """Once new certificates are inserted: point those not linked to a stored issuer at an issuer added
+    with them, and new CA certificates at the children already stored.
+
+    A link needs the issuer's subject to equal the child's issuer name and, where both carry key
+    identifiers, the issuer's SKI to equal the child's AKI.
+    """
+    candidates: dict[str, list[tuple[str, str | None]]] = {}
+    for r in records:
+        if r.is_ca:
+            candidates.setdefault(r.subject, []).append((r.fingerprint_sha256, r.subject_key_id))
+    updates = []
+    if candidates:
+        for r in records:
+            if r.self_signed or r.fingerprint_sha256 in stored_links:
+                continue
+            match = _issuer_matches(r, candidates)
+            if match:
+                updates.append({"fp": r.fingerprint_sha256, "issuer_fp": match[0]})
     if updates:
-        table = Certificate.__table__  # executemany needs the Core table
+        table = _CERTIFICATE  # executemany needs the Core table
         session.execute(sa.update(table).where(table.c.fingerprint_sha256 == sa.bindparam("fp"))
                         .values(issuer_fingerprint=sa.bindparam("issuer_fp")), updates)
     for r in records:
@@ -176,6 +206,36 @@ def _link_issuers(session: Session, records: Sequence[CertificateRecord]) -> Non
                                                   Certificate.authority_key_id == r.subject_key_id))
         session.execute(sa.update(Certificate).where(condition).values(issuer_fingerprint=r.fingerprint_sha256),
                         execution_options=_BULK)
+
+
+def _insert_rows(session: Session, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
+    """INSERT ``rows`` (dicts with the same keys) in the session's transaction, the quickest way the
+    backend has: COPY on PostgreSQL (psycopg), one executemany of a plain INSERT on SQLite. Values go
+    through the columns' own bind processing, as a Core insert would; errors surface as SQLAlchemy's."""
+    if not rows:
+        return
+    conn = session.connection()
+    dialect = conn.dialect
+    if dialect.driver not in ("psycopg", "pysqlite"):
+        conn.execute(table.insert(), list(rows))
+        return
+    names = list(rows[0])
+    steps = [(name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names]
+    data = [tuple(row[name] if process is None else process(row[name]) for name, process in steps) for row in rows]
+    quote = dialect.identifier_preparer.quote
+    columns = ", ".join(quote(name) for name in names)
+    target = dialect.identifier_preparer.format_table(table)
+    if dialect.driver == "pysqlite":
+        conn.exec_driver_sql(f"INSERT INTO {target} ({columns}) VALUES ({', '.join('?' for _ in names)})", data)
+        return
+    statement = f"COPY {target} ({columns}) FROM STDIN"
+    dbapi_error = dialect.loaded_dbapi.Error
+    try:
+        with conn.connection.driver_connection.cursor() as cursor, cursor.copy(statement) as copy:  # type: ignore[union-attr]
+            for values in data:
+                copy.write_row(values)
+    except dbapi_error as exc:
+        raise sa.exc.DBAPIError.instance(statement, None, exc, dbapi_error, dialect=dialect) from None
 
 
 # ---------------------------------------------------------------------------------------------- queries

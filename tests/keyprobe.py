@@ -10,18 +10,21 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 
 def key_needles(key: PrivateKeyTypes) -> dict[str, bytes]:
-    """Named byte strings, any one of which found somewhere means the key leaked there."""
+    """Named byte strings, any one of which found somewhere means the key leaked there.
+
+    Base64 slices stay inside the first 64-character line, so they match line-wrapped PEM too.
+    """
     pkcs8 = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    needles = {"pkcs8-der": pkcs8, "pkcs8-base64": base64.b64encode(pkcs8)[16:80],
+    needles = {"pkcs8-der": pkcs8, "pkcs8-base64": base64.b64encode(pkcs8)[16:60],
                "pem-body-line": pem.splitlines()[2]}
     if isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
         traditional = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
                                         serialization.NoEncryption())
         needles["traditional-der"] = traditional
-        needles["traditional-base64"] = base64.b64encode(traditional)[16:80]
+        needles["traditional-base64"] = base64.b64encode(traditional)[16:60]
     if isinstance(key, ec.EllipticCurvePrivateKey):
         value = key.private_numbers().private_value
         needles["ec-scalar"] = value.to_bytes((key.curve.key_size + 7) // 8, "big")
