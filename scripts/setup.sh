@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Everything certpilot needs on a fresh Debian 12 machine with Python 3.11+, idempotent and quick when
+# nothing changed: a virtual environment in .venv with certpilot and its test tools installed.
+# With --postgres it also makes sure the local PostgreSQL server (127.0.0.1:5432) is up, for the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "certpilot needs Python 3.11 or newer" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$python" -m venv .venv
+fi
+stamp=.venv/.certpilot-installed
+wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  echo "setup: installing certpilot and its dependencies into .venv (about a minute the first time)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c 'import certpilot.cli, prefect, sqlmodel, cryptography' # fail here, not later, if the install did
+  echo "$wanted" > "$stamp"
+fi
+
+if [ "${1:-}" = "--postgres" ]; then
+  if ! pg_isready -q -h 127.0.0.1 -p 5432 -t 3 2>/dev/null; then
+    echo "setup: starting PostgreSQL"
+    cluster=$(ls /etc/postgresql 2>/dev/null | head -n 1)
+    [ -n "$cluster" ] || { echo "PostgreSQL is not installed: apt-get install -y postgresql" >&2; exit 1; }
+    pg_ctlcluster --skip-systemctl-redirect "$cluster" main start
+    for _ in $(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 -t 1 && break; sleep 1; done
+  fi
+  pg_isready -h 127.0.0.1 -p 5432 -t 3
+fi
