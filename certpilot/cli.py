@@ -167,7 +167,7 @@ def list_command(
         return
     table = Table(show_edge=False, pad_edge=False)
     for column in ("fingerprint", "name", "expires (UTC)", "days", "status", "owner", "seen at"):
-        table.add_column(column, no_wrap=column != "name")
+        table.add_column(column, no_wrap=column != "name", min_width=22 if column == "name" else None)
     for r in rows:
         color = "red" if r["days_left"] < 7 else "yellow" if r["days_left"] < 30 else ""
         days = f"{r['days_left']:.0f}"
@@ -227,6 +227,8 @@ def export_command(
         sys.stdout.buffer.write(data)
         return
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if include_key else 0o644)
+    if include_key:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file: an existing one keeps its own
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
     err.print(f"wrote {output}")

@@ -114,8 +114,8 @@ class Pki:
                    .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
         if parent:
-            builder = builder.add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()), critical=False)  # type: ignore[arg-type]
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key())  # type: ignore[arg-type]
+            builder = builder.add_extension(aki, critical=False)
         return builder.sign(signer, hashes.SHA256())
 
     def leaf(self, cn: str, *, key: PrivateKeyTypes | None = None, sans: list[x509.GeneralName] | None = None,
@@ -292,7 +292,8 @@ def _der_garbage(path: Path, pki: Pki) -> Case:
 @_case("junk.crt")
 def _junk(path: Path, pki: Pki) -> Case:
     _write(path, PNG_SIGNATURE + random.Random(13).randbytes(2048))  # an image saved as .crt
-    return Case(path.name, "not a certificate, key or bundle: neither PEM nor DER (starts with 89 50 4e 47 0d 0a 1a 0a)")
+    return Case(path.name,
+                "not a certificate, key or bundle: neither PEM nor DER (starts with 89 50 4e 47 0d 0a 1a 0a)")
 
 
 @_case("empty.pem")
@@ -393,7 +394,8 @@ def _p7b_der(path: Path, pki: Pki) -> Case:
     cert, _ = pki.leaf("p7b-der.corpus.test")
     certs = [cert, pki.intermediate.certificate, pki.root.certificate]
     _write(path, pkcs7.serialize_certificates(certs, serialization.Encoding.DER))
-    return Case(path.name, certificates=tuple(fingerprint(c) for c in certs), chain=tuple(fingerprint(c) for c in certs))
+    fps = tuple(fingerprint(c) for c in certs)
+    return Case(path.name, certificates=fps, chain=fps)
 
 
 @_case("chain-pem.p7b")

@@ -49,8 +49,9 @@ def _sign_alg(key: object) -> hashes.HashAlgorithm | None:
     return hashes.SHA256()
 
 
-def make_cert(subject: x509.Name, key, *, issuer: Issuer | None = None, issuer_name: x509.Name | None = None,  # noqa: ANN001
-              signer=None, ca: bool = False, path_length: int | None = None, serial: int | None = None,  # noqa: ANN001
+def make_cert(subject: x509.Name, key, *, issuer: Issuer | None = None,  # noqa: ANN001
+              issuer_name: x509.Name | None = None, signer=None,  # noqa: ANN001
+              ca: bool = False, path_length: int | None = None, serial: int | None = None,
               extensions: tuple[tuple[x509.ExtensionType, bool], ...] = (),
               not_before: dt.datetime | None = None, not_after: dt.datetime | None = None) -> x509.Certificate:
     """A certificate for ``key``: self-signed unless ``issuer`` is given; ``signer``/``issuer_name`` forge one."""
@@ -62,10 +63,12 @@ def make_cert(subject: x509.Name, key, *, issuer: Issuer | None = None, issuer_n
                .not_valid_after(not_after or NOW + dt.timedelta(days=90))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True))
     if ca:
-        builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), True)
+        usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)  # keyCertSign, cRLSign
+        builder = builder.add_extension(usage, True)
         builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
     if issuer:
-        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), False)
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key())
+        builder = builder.add_extension(aki, False)
     for extension, critical in extensions:
         builder = builder.add_extension(extension, critical)
     return builder.sign(signer, _sign_alg(signer))
@@ -144,9 +147,11 @@ def test_rfc1421_headers_are_skipped_and_kept_in_the_text(pki: Pki) -> None:
     assert "Proc-Type: 4,ENCRYPTED" in block.text
     bundle = load_bundle(data, password=PASSWORD)
     assert same_key(bundle.private_keys[0], pki.leaf_key)
-    with pytest.raises(PasswordError, match=r"^PEM block 'EC PRIVATE KEY' at line 1 is encrypted: a password is needed$"):
+    with pytest.raises(PasswordError,
+                       match=r"^PEM block 'EC PRIVATE KEY' at line 1 is encrypted: a password is needed$"):
         load_bundle(data)
-    with pytest.raises(PasswordError, match=r"^PEM block 'EC PRIVATE KEY' at line 1: wrong password, or the key is damaged$"):
+    with pytest.raises(PasswordError,
+                       match=r"^PEM block 'EC PRIVATE KEY' at line 1: wrong password, or the key is damaged$"):
         load_bundle(data, password=b"wrong")
 
 
@@ -171,7 +176,7 @@ def test_errors_name_the_block_and_its_line(pki: Pki, shape: str, expected: str)
         "mismatched": [begin, *body, "-----END X509 CRL-----"],
         "empty": [begin, end],
         "bad-character": [begin, body[0][:5] + "*" + body[0][6:], *body[1:], end],
-        "bad-padding": [begin, *body[:-1], body[-1].rstrip("=") + "A", end],
+        "bad-padding": [begin, *body, "A", end],  # one character more than a whole number of quanta
     }[shape]
     data = ("first line\n\n" + "\n".join(lines) + "\n").encode()
     with pytest.raises(ParseError) as info:
@@ -326,7 +331,8 @@ def test_load_certificate_wants_exactly_one(pki: Pki) -> None:
 @pytest.mark.parametrize("data, expected", [
     (b"", "empty input"),
     (b" \r\n\t\n", "empty input"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00", "not a certificate, key or bundle: neither PEM nor DER (starts with 89 50 4e 47 0d 0a 1a 0a)"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00",
+     "not a certificate, key or bundle: neither PEM nor DER (starts with 89 50 4e 47 0d 0a 1a 0a)"),
     (b"\x30\x03\x02\x01\x05", "DER data is not a certificate, PKCS#7, PKCS#12 or private key (as a certificate: "),
 ], ids=["empty", "whitespace", "png", "der-garbage"])
 def test_bad_input(data: bytes, expected: str) -> None:
@@ -419,7 +425,8 @@ def test_describe_certificate_authorities(pki: Pki) -> None:
 
 
 @pytest.mark.parametrize("make_key, expected", [
-    (lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048), ("RSA", 2048, None, "sha256WithRSAEncryption")),
+    (lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+     ("RSA", 2048, None, "sha256WithRSAEncryption")),
     (lambda: ec.generate_private_key(ec.SECP256R1()), ("EC", 256, "secp256r1", "ecdsa-with-SHA256")),
     (lambda: ec.generate_private_key(ec.SECP384R1()), ("EC", 384, "secp384r1", "ecdsa-with-SHA384")),
     (ed25519.Ed25519PrivateKey.generate, ("Ed25519", 256, None, "ed25519")),
