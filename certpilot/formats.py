@@ -37,6 +37,7 @@ _FAST_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n((?:[A-Za-z0-9+/=]+\
 # DER prefixes: PFX is SEQUENCE { INTEGER 3, ContentInfo { OID pkcs7-data ...
 _OID_PKCS7_DATA = bytes.fromhex("06092a864886f70d010701")
 _OID_PKCS7_SIGNED = bytes.fromhex("06092a864886f70d010702")
+_OID_PBES2 = bytes.fromhex("06092a864886f70d01050d")  # EncryptedPrivateKeyInfo's usual algorithm
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ def _load_binary(data: bytes, source: str | None, password: bytes | None) -> Bun
             raise PasswordError("DER private key is encrypted: a password is needed", source) from None
         return _load_binary(data, source, None)  # not encrypted: the password is for the inputs that are
     except (ValueError, UnsupportedAlgorithm) as exc:
+        if password is not None and _OID_PBES2 in head[:32]:
+            raise PasswordError("encrypted DER private key: wrong password, or the key is damaged", source) from None
         errors.append(f"as a private key: {_safe(exc)}")
     raise ParseError("DER data is not a certificate, PKCS#7, PKCS#12 or private key ("
                      + "; ".join(errors) + ")", source)

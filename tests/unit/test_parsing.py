@@ -572,3 +572,16 @@ def test_generate_private_key(algorithm: str) -> None:
 def test_generate_private_key_refuses_unknown_algorithms(algorithm: str) -> None:
     with pytest.raises(ValueError, match=r"unknown key algorithm .*; choose one of rsa-2048, rsa-3072"):
         generate_private_key(algorithm)
+
+
+def test_encrypted_der_key_with_the_wrong_password_is_a_password_error() -> None:
+    from certpilot.errors import PasswordError
+    from certpilot.formats import load_bundle
+    from certpilot.keys import generate_private_key
+
+    key = generate_private_key("ec-p256")
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.BestAvailableEncryption(b"right"))
+    with pytest.raises(PasswordError, match="wrong password"):
+        load_bundle(der, password=b"wrong")
+    assert len(load_bundle(der, password=b"right").private_keys) == 1
