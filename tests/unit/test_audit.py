@@ -38,7 +38,8 @@ def _ring() -> keystore.KeyRing:
 
 
 def _import(engine: sa.Engine, paths: list[Path], **options: object) -> None:
-    report = import_paths(engine, [str(p) for p in paths], ImportOptions(**options), ACTOR, key_ring=_ring)  # type: ignore[arg-type]
+    report = import_paths(engine, [str(p) for p in paths], ImportOptions(**options),  # type: ignore[arg-type]
+                          ACTOR, key_ring=_ring)
     assert report.failed == 0, report
 
 
@@ -62,7 +63,8 @@ def build_chain(engine: sa.Engine, tmp: Path, ca: tuple[Authority, Authority]) -
     _import(engine, [a / "site.key"], import_keys=True)  # key.stored
     _import(engine, [a / "others.pem"], tags={"env": "test"})  # certificate.added x4
     with write_session(engine) as session:
-        export_certificate(session, ExportRequest(leaf.fingerprint(hashes.SHA256()).hex(), include_key=True), ACTOR, _ring())  # certificate.exported_with_key
+        request = ExportRequest(leaf.fingerprint(hashes.SHA256()).hex(), include_key=True)
+        export_certificate(session, request, ACTOR, _ring())  # certificate.exported_with_key
         audit.append(session, audit.Actor("flow:renew", flow_run_id="0b9e6f5e-run"), [
             audit.Change("renewal.requested", "managed:audit.example.test", {"reason": "expires in 40 days", "ñ": "ü"}),
             audit.Change("renewal.issued", "managed:audit.example.test", {"serial": "01ab"}),

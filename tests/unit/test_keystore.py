@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import load_der_private_key
 from sqlmodel import select
 
 from certpilot import audit, keystore
@@ -100,7 +103,6 @@ def test_storing_the_same_key_twice_yields_the_same_ref(engine: sa.Engine, keys:
     ring = _ring()
     first = _store(engine, keys["ec-p256"], ring)
     # A different object for the same key (re-read from its DER) is still the same key.
-    from cryptography.hazmat.primitives.serialization import load_der_private_key
     again = load_der_private_key(private_key_der(keys["ec-p256"]), password=None)
     second = _store(engine, again, ring)
     third = _store(engine, keys["ec-p256"], ring)
@@ -137,6 +139,46 @@ def test_default_master_key_file_is_created_lazily_with_mode_0600(engine: sa.Eng
 
     ref = _store(engine, keys["ec-p384"], ring)
     assert private_key_der(_load(engine, ref, _ring())) == private_key_der(keys["ec-p384"])
+
+
+def _first_use(homes: list[str], barrier: Any, results: Any) -> None:
+    """In a separate process: for each fresh home, wait for the others, then load (so create) the key ring."""
+    for name in ("CERTPILOT_MASTER_KEY", "CERTPILOT_MASTER_KEY_FILE", "CERTPILOT_DATABASE_URL"):
+        os.environ.pop(name, None)
+    for home in homes:
+        os.environ["CERTPILOT_HOME"] = home
+        told: list[str] = []
+        barrier.wait(timeout=60)
+        try:
+            ring = keystore.load_key_ring(load_settings(), announce=told.append)
+            results.put((home, ring.primary.id, len(told)))
+        except Exception as exc:  # reported, so the test can show it
+            results.put((home, f"{type(exc).__name__}: {exc}", -1))
+
+
+def test_concurrent_first_use_creates_one_master_key(tmp_path: Path) -> None:
+    """Four processes needing the master key at the same moment, twenty times: one key file each time,
+    complete, 0600, announced once, and every process uses that one key."""
+    homes = [str(tmp_path / f"home{i}") for i in range(20)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    processes = [ctx.Process(target=_first_use, args=(homes, barrier, results)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=60) for _ in range(4 * len(homes))]
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    for home in homes:
+        mine = [(key_id, told) for h, key_id, told in outcomes if h == home]
+        assert len(mine) == 4
+        assert all(told >= 0 for _, told in mine), mine  # no process failed
+        path = Path(home) / "master.key"
+        key_id = keystore.read_master_key_file(path).id
+        assert {k for k, _ in mine} == {key_id}  # all four use the key that is in the file
+        assert sum(told for _, told in mine) == 1  # and only its creator announced it
+        assert _mode(path) == 0o600
+        assert sorted(p.name for p in Path(home).iterdir()) == ["master.key"]  # no staging file left behind
 
 
 def test_master_key_from_environment(engine: sa.Engine, certpilot_home: Path, monkeypatch: pytest.MonkeyPatch,
@@ -224,8 +266,8 @@ def test_wrong_master_key_names_both_ids_and_never_the_key(engine: sa.Engine, ke
             assert shown not in repr(caught.value)
     assert "secret" not in repr(right.primary)  # the dataclass repr leaves the secret out
 
-    # A master key with the right id but altered bytes cannot exist; a row whose id was rewritten to
-    # name the wrong key fails authentication rather than opening.
+    # A row whose master key id was rewritten to name a key the ring does hold fails authentication:
+    # the id is bound into the seal, so relabelling a row opens nothing.
     with write_session(engine) as session:
         session.execute(sa.update(PrivateKey).where(PrivateKey.id == ref.id).values(master_key_id=wrong.primary.id))
     with pytest.raises(MasterKeyError, match=f"private key key:{ref.id} failed authentication"):

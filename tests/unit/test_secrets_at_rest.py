@@ -226,6 +226,24 @@ def _assert_keys_stored_sealed(engine: sa.Engine, estate: EstateKeys) -> dict[st
     return ciphertexts
 
 
+# ------------------------------------------------------------------------------------------ controls
+
+def test_the_needles_find_every_key_where_it_is_in_the_clear(estate: EstateKeys) -> None:
+    """Positive control: each key's needles are found in the estate's own files, which do hold it in the clear."""
+    files = b"\0".join(p.read_bytes() for p in sorted(estate.root.rglob("*")) if p.is_file())
+    for i, key in enumerate(estate.keys.values()):
+        mine = _needles_for(f"key #{i}", key)
+        with pytest.raises(AssertionError, match=f"private key material in estate files: .*key #{i} "):
+            assert_no_secret(files, "estate files", mine)
+    # An encoding never written to disk (the raw scalar) is found once it is put somewhere.
+    key = next(iter(estate.keys.values()))
+    scalar = [n for d, n in _needles_for("k", key) if d.endswith("private scalar/exponent")][0]
+    with pytest.raises(AssertionError, match="private scalar/exponent"):
+        assert_no_secret(b"prefix" + scalar + b"suffix", "a blob", estate.needles)
+    with pytest.raises(AssertionError, match="private scalar hex"):
+        assert_no_secret(f"d={scalar.hex()}", "a log line", estate.needles)
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 def test_cli_import_with_keys_leaves_no_plaintext_anywhere(engine: sa.Engine, database_url: str, certpilot_home: Path,
@@ -236,14 +254,17 @@ def test_cli_import_with_keys_leaves_no_plaintext_anywhere(engine: sa.Engine, da
     assert "FAILED" in stdout and "legacy.pem" in stdout and "mismatch.pem" in stdout and "stray.key" in stdout
     assert "created master key file" in stderr
     outputs = {"import stdout": proc.stdout, "import stderr": proc.stderr}
-    # Everything else the CLI shows about the stored keys and certificates.
-    for args in (("inventory", "import", str(estate.root), "--import-keys", "--json"), ("keys", "list"),
-                 ("keys", "list", "--json"), ("inventory", "list", "--json"), ("audit", "list", "--json", "--limit", "1000"),
+    keys_list = run_cli(database_url, certpilot_home, "keys", "list")
+    assert keys_list.returncode == 0 and keys_list.stdout.count(b"key:") == 13
+    outputs.update({"keys list stdout": keys_list.stdout, "keys list stderr": keys_list.stderr})
+    # Everything else the CLI shows about the stored keys and certificates (in-process, to keep this fast).
+    for args in (("inventory", "import", str(estate.root), "--import-keys", "--json"), ("keys", "list", "--json"),
+                 ("inventory", "list", "--json"), ("audit", "list", "--json", "--limit", "1000"),
                  ("inventory", "show", estate.leaf_fingerprint, "--json"), ("inventory", "show", estate.leaf_fingerprint)):
-        more = run_cli(database_url, certpilot_home, *args)
-        assert more.returncode in (0, 1), more.stderr.decode()
-        outputs[f"{' '.join(args)} stdout"] = more.stdout
-        outputs[f"{' '.join(args)} stderr"] = more.stderr
+        more = CliRunner().invoke(app, list(args))
+        assert more.exit_code in (0, 1), more.output
+        outputs[f"{' '.join(args)} stdout"] = more.stdout.encode()
+        outputs[f"{' '.join(args)} stderr"] = more.stderr.encode()
     shown = json.loads(outputs[f"inventory show {estate.leaf_fingerprint} --json stdout"])
     assert shown["private_key"]["ref"].startswith("key:") and shown["private_key"]["destroyed_at"] is None
     for where, data in outputs.items():
@@ -325,6 +346,11 @@ def test_in_process_import_logs_no_key_material(engine: sa.Engine, estate: Estat
     assert any(r.levelno == logging.DEBUG for r in caplog.records)
     assert_no_secret(log, "captured logs", estate.needles)
     assert "PRIVATE KEY" not in log
+    # Positive control: a key that did reach a log would be found there.
+    leaked = next(iter(estate.keys.values()))
+    logging.getLogger("certpilot.test_leak").debug("oops %s", leaked.private_bytes(_PEM, _PKCS8, _NONE).decode())
+    with pytest.raises(AssertionError, match="PEM base64 line"):
+        assert_no_secret(_log_text(caplog), "captured logs", estate.needles)
     captured = capsys.readouterr()
     for where, text in (("stdout", captured.out), ("stderr", captured.err), ("CliRunner stdout", result.stdout),
                         ("CliRunner stderr", result.stderr), ("report", repr(report)), ("failures", repr(failures))):
@@ -361,10 +387,21 @@ def test_errors_about_keys_carry_no_key_material(engine: sa.Engine, estate: Esta
 
 # ------------------------------------------------------------------------------------------ export
 
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _import_extra(engine: sa.Engine, estate: EstateKeys) -> None:
+    report = import_paths(engine, [str(estate.root / "extra")], ImportOptions(import_keys=True), audit.Actor("setup"),
+                          key_ring=lambda: keystore.load_key_ring(load_settings()))
+    assert report.failed == 2 and report.keys_stored >= 4  # extra/bad fails, the rest is in
+
+
 def test_export_with_key_writes_mode_0600_and_is_audited(engine: sa.Engine, database_url: str, certpilot_home: Path,
                                                          estate: EstateKeys, tmp_path: Path) -> None:
-    assert run_cli(database_url, certpilot_home, "inventory", "import", str(estate.root / "extra"),
-                   "--import-keys").returncode == 1  # extra/bad fails, the rest is in
+    _import_extra(engine, estate)
     fp = estate.leaf_fingerprint
 
     out = tmp_path / "out" / "rsa-with-key.pem"
@@ -405,37 +442,44 @@ def test_export_with_key_writes_mode_0600_and_is_audited(engine: sa.Engine, data
 
 def test_export_without_key_contains_no_key(engine: sa.Engine, database_url: str, certpilot_home: Path,
                                             estate: EstateKeys, tmp_path: Path) -> None:
-    assert run_cli(database_url, certpilot_home, "inventory", "import", str(estate.root / "extra"),
-                   "--import-keys").returncode == 1
+    _import_extra(engine, estate)
     fp = estate.leaf_fingerprint
-    for fmt in ("pem", "der", "json", "pkcs12"):
-        proc = run_cli(database_url, certpilot_home, "inventory", "export", fp, "--format", fmt)
-        assert proc.returncode == 0, proc.stderr.decode()
-        assert proc.stdout, fmt
-        assert_no_secret(proc.stdout, f"export {fmt}", estate.needles)
-        assert b"PRIVATE KEY" not in proc.stdout
+    proc = run_cli(database_url, certpilot_home, "inventory", "export", fp)  # the real CLI, PEM with chain
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert [b.label for b in read_pem_blocks(proc.stdout)] == ["CERTIFICATE", "CERTIFICATE"]
+    outputs = {"pem (subprocess)": proc.stdout + proc.stderr}
+    for fmt in ("pem", "der", "json", "pkcs12"):  # and each format in-process
+        result = CliRunner().invoke(app, ["inventory", "export", fp, "--format", fmt])
+        assert result.exit_code == 0, result.output
+        outputs[fmt] = result.stdout_bytes + result.stderr_bytes
         if fmt == "pkcs12":
-            loaded = pkcs12.load_pkcs12(proc.stdout, None)
-            assert loaded.key is None and loaded.cert is not None
+            loaded = pkcs12.load_pkcs12(result.stdout_bytes, None)
+            assert loaded.key is None
+            assert fp in [c.certificate.fingerprint(hashes.SHA256()).hex() for c in loaded.additional_certs]
     # To a file without the key: an ordinary file, not a secret.
     out = tmp_path / "cert.pem"
-    assert run_cli(database_url, certpilot_home, "inventory", "export", fp, "-o", str(out)).returncode == 0
-    assert b"PRIVATE KEY" not in out.read_bytes()
+    assert CliRunner().invoke(app, ["inventory", "export", fp, "-o", str(out)]).exit_code == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644 & ~_umask()
+    outputs["file"] = out.read_bytes()
+    for where, data in outputs.items():
+        assert data, where
+        assert_no_secret(data, f"export {where}", estate.needles)
+        assert b"PRIVATE KEY" not in data, where
     with read_session(engine) as session:
         assert audit.list_events(session, action="certificate.exported_with_key") == []
 
 
 def test_export_with_key_as_der_is_refused(engine: sa.Engine, database_url: str, certpilot_home: Path,
                                            estate: EstateKeys, tmp_path: Path) -> None:
-    assert run_cli(database_url, certpilot_home, "inventory", "import", str(estate.root / "extra"),
-                   "--import-keys").returncode == 1
+    _import_extra(engine, estate)
     out = tmp_path / "refused.der"
-    for fmt in ("der", "json"):
-        proc = run_cli(database_url, certpilot_home, "inventory", "export", estate.leaf_fingerprint, "--include-key",
-                       "--format", fmt, "-o", str(out))
-        assert proc.returncode == 1
-        message = " ".join(proc.stderr.decode().split())
-        assert f"error: a private key cannot go in {fmt}: use pem or pkcs12" in message
-        assert proc.stdout == b"" and not out.exists()
+    proc = run_cli(database_url, certpilot_home, "inventory", "export", estate.leaf_fingerprint, "--include-key",
+                   "--format", "der", "-o", str(out))
+    assert proc.returncode == 1
+    assert " ".join(proc.stderr.decode().split()) == "error: a private key cannot go in der: use pem or pkcs12"
+    assert proc.stdout == b"" and not out.exists()
+    result = CliRunner().invoke(app, ["inventory", "export", estate.leaf_fingerprint, "--include-key", "--format", "json"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert str(result.exception) == "a private key cannot go in json: use pem or pkcs12"
     with read_session(engine) as session:
         assert audit.list_events(session, action="certificate.exported_with_key") == []
