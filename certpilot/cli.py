@@ -277,8 +277,7 @@ def keys_destroy_command(ref: Annotated[str, typer.Argument(help="key:<id> as sh
     """Crypto-shred a private key: its ciphertext and data key are erased."""
     if not yes:
         raise typer.BadParameter("destroying a key cannot be undone: add --yes")
-    with write_session(get_engine()) as session:
-        keystore.destroy_private_key(session, keystore.KeyRef(ref.removeprefix("key:")), _actor())
+    keystore.shred(get_engine(), keystore.KeyRef(ref.removeprefix("key:")), _actor())
     out.print(f"destroyed {ref}")
 
 

@@ -145,3 +145,11 @@ def write_session(engine: sa.Engine) -> Iterator[Session]:
         if "locked" in str(exc).lower() or "could not serialize" in str(exc).lower():
             raise TransientError(f"inventory database busy: {exc.orig}") from exc
         raise
+
+
+def checkpoint(engine: sa.Engine) -> None:
+    """SQLite: move the WAL into the database file and truncate it, so that erased rows (with
+    secure_delete zeroing their pages) leave no copy in the -wal file. No-op elsewhere."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")

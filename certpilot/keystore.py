@@ -268,3 +268,12 @@ def rotate_master_key(engine: sa.Engine, settings: Settings, actor: audit.Actor,
     if staged != final:
         os.replace(staged, final)
     return Rotation(ring.primary.id, new.id, count, final)
+
+
+def shred(engine: sa.Engine, ref: KeyRef, actor: audit.Actor) -> None:
+    """Destroy a key and leave no copy of its sealed bytes in the database's files."""
+    from certpilot.database import checkpoint, write_session
+
+    with write_session(engine) as session:
+        destroy_private_key(session, ref, actor)
+    checkpoint(engine)
