@@ -116,6 +116,45 @@ class ManagedCertificate(SQLModel, table=True):
     use_ari: bool = True
     status: str = Field(default="active", max_length=16)  # active, retired
     created_at: dt.datetime = _time()
+    # The CA's suggested renewal window (ARI) for the current certificate, as last fetched.
+    ari_start: dt.datetime | None = _time(nullable=True)
+    ari_end: dt.datetime | None = _time(nullable=True)
+    ari_checked_at: dt.datetime | None = _time(nullable=True)
+    last_attempt_at: dt.datetime | None = _time(nullable=True)
+    last_error: str | None = None  # the reason the last renewal attempt failed; None after a success
+
+
+class CertificateAuthority(SQLModel, table=True):
+    """certpilot's own private CA: a root (whose key may be taken offline) and an issuing intermediate."""
+
+    __tablename__ = "certificate_authority"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True, max_length=64)
+    root_fingerprint: str = Field(foreign_key="certificate.fingerprint_sha256")
+    issuing_fingerprint: str = Field(foreign_key="certificate.fingerprint_sha256")
+    root_key_id: str | None = Field(default=None, foreign_key="private_key.id")  # None once taken offline
+    issuing_key_id: str = Field(foreign_key="private_key.id")
+    base_url: str  # where `certpilot ca serve` answers: AIA, CRL distribution point and OCSP URLs derive from it
+    crl_number: int = 0
+    crl_next_update: dt.datetime | None = _time(nullable=True)
+    created_at: dt.datetime = _time()
+
+
+class AcmeAccount(SQLModel, table=True):
+    """An ACME account: its key is in the keystore, referred to by id."""
+
+    __tablename__ = "acme_account"
+    __table_args__ = (sa.UniqueConstraint("directory_url", "name", name="uq_acme_account_directory_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128)  # the issuer's name (its block), so one CA can hold several accounts
+    directory_url: str
+    account_url: str
+    key_id: str = Field(foreign_key="private_key.id")
+    contact: list[str] = _json([])
+    eab_key_id: str | None = None
+    created_at: dt.datetime = _time()
 
 
 class Target(SQLModel, table=True):

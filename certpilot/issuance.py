@@ -1,0 +1,75 @@
+"""Issuance: the Issuer role every CA connector plays, and the core steps around it.
+
+The role lives here, in the core, because the core's renewal steps call it and the core imports
+nothing above itself; connectors (ACME, the private CA) implement it. Issuers only ever see the CSR:
+the private key stays in the keystore, referred to by a KeyRef.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import NameOID
+
+from certpilot.renewal import RenewalWindow
+
+PROFILES = ("tls-server", "tls-client")
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A leaf and the chain that goes with it, as DER, leaf first."""
+
+    chain_der: tuple[bytes, ...]
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.chain_der[0])
+
+    @property
+    def chain(self) -> list[x509.Certificate]:
+        return [x509.load_der_x509_certificate(der) for der in self.chain_der]
+
+
+@runtime_checkable
+class Issuer(Protocol):
+    """A CA: signs CSRs, revokes, and may suggest when to renew."""
+
+    name: str
+
+    def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
+              replaces: x509.Certificate | None = None) -> IssuedCertificate:
+        """Issue a certificate for ``csr``; ``replaces`` names the certificate it renews (ARI)."""
+        ...
+
+    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags) -> None: ...
+
+    def renewal_info(self, certificate: x509.Certificate) -> RenewalWindow | None:
+        """The CA's suggested renewal window, or None when it offers none."""
+        ...
+
+
+def build_csr(key: PrivateKeyTypes, dns_names: Sequence[str], ip_addresses: Sequence[str] = ()) -> x509.CertificateSigningRequest:
+    """A CSR for these names, signed by ``key``; the subject CN is the first DNS name (or IP)."""
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+    if not names:
+        raise ValueError("a certificate needs at least one DNS name or IP address")
+    common_name = (list(dns_names) + list(ip_addresses))[0]
+    builder = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
+               .add_extension(x509.SubjectAlternativeName(names), critical=False))
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm)  # type: ignore[arg-type]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
