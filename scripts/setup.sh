@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything certpilot needs on a fresh Debian 12 machine with Python 3.11+, idempotent and quick when
 # nothing changed: a virtual environment in .venv with certpilot and its test tools installed.
-# With --postgres it also makes sure the local PostgreSQL server (127.0.0.1:5432) is up, for the tests.
+# With --for-tests it also installs the Debian packages the tests run against and makes sure the local
+# PostgreSQL server (127.0.0.1:5432) is up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "$wanted" > "$stamp"
 fi
 
-if [ "${1:-}" = "--postgres" ]; then
+if [ "${1:-}" = "--for-tests" ]; then
+  # Debian packages of the real servers the tests use (none yet beyond PostgreSQL).
+  debs=()
+  missing=()
+  for deb in "${debs[@]}"; do dpkg -s "$deb" >/dev/null 2>&1 || missing+=("$deb"); done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
   if ! pg_isready -q -h 127.0.0.1 -p 5432 -t 3 2>/dev/null; then
     echo "setup: starting PostgreSQL"
     cluster=$(ls /etc/postgresql 2>/dev/null | head -n 1)
