@@ -33,6 +33,8 @@ app.add_typer(inventory_app, name="inventory")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.add_typer(report_app, name="report")
+ca_app = typer.Typer(help="certpilot's private CA: issue, revoke, CRLs and OCSP.", no_args_is_help=True)
+app.add_typer(ca_app, name="ca")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -347,6 +349,390 @@ def report_expiry_command(show: Annotated[int, typer.Option(help="How many of th
         table.add_row(f"[{color}]{r['band']}[/]" if color else r["band"], f"{r['days_left']:.0f}",
                       r["not_after"][:10], _short_name(r), r["owner"] or "", str(len(r["locations"])))
     out.print(table)
+
+
+# ------------------------------------------------------------------------------------------ private CA
+
+@ca_app.command("init")
+def ca_init_command(
+    name: Annotated[str, typer.Argument(help="The CA's name: letters, digits, '.', '_', '-' (it becomes part of its URLs).")],
+    base_url: Annotated[str, typer.Option(help="Where `certpilot ca serve` is reached, e.g. http://pki.internal:8180; "
+                                               "the AIA, CRL and OCSP URLs in certificates derive from it.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Create a private CA: a root (EC P-384, 10 years) and an issuing CA (EC P-256, 5 years)."""
+    from certpilot import ca
+
+    with write_session(get_engine()) as session:
+        ca.init_ca(session, _ring(), _actor(), name, base_url)
+        info = next(i for i in ca.list_cas(session) if i["name"] == name)
+    if as_json:
+        _print_json(info)
+        return
+    out.print(f"created CA {name}\n  root     {info['root_fingerprint']}  {info['root_subject']} (until {info['root_not_after']})"
+              f"\n  issuing  {info['issuing_fingerprint']}  {info['issuing_subject']} (until {info['issuing_not_after']})")
+    for label, url in info["urls"].items():
+        out.print(f"  {label:<20} {url}")
+    out.print("Serve these with `certpilot ca serve`; export the root key (`ca export-root-key`) and then remove it "
+              "(`ca remove-root-key`) to keep it offline.")
+
+
+@ca_app.command("list")
+def ca_list_command(as_json: JsonOption = False) -> None:
+    """The private CAs, their certificates, CRL state and counts."""
+    from certpilot import ca
+
+    with read_session(get_engine()) as session:
+        rows = ca.list_cas(session)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("name", "root key", "issuing CA until", "issued", "revoked", "CRL", "next update", "base URL"):
+        table.add_column(column, no_wrap=column != "base URL")
+    for r in rows:
+        table.add_row(r["name"], r["root_key"], (r["issuing_not_after"] or "")[:10], str(r["issued"]), str(r["revoked"]),
+                      f"#{r['crl_number']}", (r["crl_next_update"] or "")[:16], r["base_url"])
+    out.print(table)
+    out.print(f"{len(rows)} CA(s)")
+
+
+@ca_app.command("serve")
+def ca_serve_command(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:8180",
+    timeout: Annotated[float, typer.Option(help="Socket timeout per connection, in seconds.")] = 10.0,
+) -> None:
+    """Serve every CA's CRL, CA certificates and OCSP over HTTP, until interrupted."""
+    import logging
+
+    from connectors.ca_http import CAHTTPServer, parse_listen
+
+    try:
+        address = parse_listen(listen)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--listen") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    engine = get_engine()
+    from certpilot import ca
+
+    with read_session(engine) as session:
+        cas = ca.list_cas(session)
+    try:
+        server = CAHTTPServer(engine, _ring, address, actor=_actor(), timeout=timeout)
+    except OSError as exc:
+        err.print(f"[red]error:[/] cannot listen on {listen}: {exc.strerror or exc}")
+        raise typer.Exit(1) from None
+    err.print(f"serving {len(cas)} CA(s) on {server.url} (Ctrl+C to stop)")
+    for info in cas:
+        err.print(f"  {info['name']}: OCSP {info['urls']['ocsp']}, CRL {info['urls']['crl']}")
+    server.refresh_crls()
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+
+
+@ca_app.command("issue")
+def ca_issue_command(
+    name: Annotated[str, typer.Argument(help="The CA's name.")],
+    csr: Annotated[Path, typer.Option("--csr", help="The CSR (PEM or DER), or - for stdin.", allow_dash=True)],
+    profile: Annotated[str, typer.Option(help="tls-server or tls-client.")] = "tls-server",
+    days: Annotated[Optional[int], typer.Option(help="Validity in days (default 90; capped by the CA/B Forum maximum).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the chain (leaf, issuing CA) as PEM here instead of stdout.")] = None,
+) -> None:
+    """Issue a certificate from a CSR; the private key never comes near the CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from certpilot import ca
+
+    data = sys.stdin.buffer.read() if str(csr) == "-" else csr.read_bytes()
+    try:
+        request = (x509.load_pem_x509_csr(data) if b"-----BEGIN" in data else x509.load_der_x509_csr(data))
+    except ValueError as exc:
+        raise ca.CertificateRequestError(f"{csr} is not a CSR in PEM or DER: {exc}") from None
+    with write_session(get_engine()) as session:
+        issued = ca.issue(session, _ring(), _actor(), name, request, profile, validity_days=days)
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issued.chain)
+    leaf = issued.leaf
+    if output is None:
+        sys.stdout.buffer.write(chain)
+    else:
+        output.write_bytes(chain)
+    err.print(f"issued {leaf.fingerprint(hashes.SHA256()).hex()} "
+              f"serial {leaf.serial_number:x}, valid until {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+              + (f"; wrote {output}" if output else ""))
+
+
+@ca_app.command("revoke")
+def ca_revoke_command(
+    fingerprint: Annotated[str, typer.Argument(help="SHA-256 fingerprint of the certificate, or a unique prefix.")],
+    reason: Annotated[str, typer.Option(help="unspecified, key-compromise, superseded, affiliation-changed, "
+                                             "cessation-of-operation or privilege-withdrawn.")] = "unspecified",
+    as_json: JsonOption = False,
+) -> None:
+    """Revoke a certificate a private CA issued; a new CRL is published at once and OCSP answers revoked."""
+    from certpilot import ca
+
+    flag = ca.parse_reason(reason)
+    with write_session(get_engine()) as session:
+        row = ca.revoke(session, _ring(), _actor(), fingerprint, flag)
+        authority = ca.ca_of(session, row)
+        result = {"fingerprint_sha256": row.fingerprint_sha256, "serial": row.serial_hex, "ca": authority.name,
+                  "reason": ca.reason_name(row.revocation_reason), "revoked_at": inventory.iso(row.revoked_at),
+                  "crl_number": authority.crl_number}
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"revoked {result['fingerprint_sha256']} (serial {result['serial']}, {result['reason']}) at "
+              f"{result['revoked_at']}; CA {result['ca']} published CRL #{result['crl_number']}")
+
+
+@ca_app.command("crl")
+def ca_crl_command(
+    name: Annotated[str, typer.Argument(help="The CA's name.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="der or pem.")] = "der",
+    refresh: Annotated[bool, typer.Option("--refresh", help="Issue a new CRL now, even if the current one is not due.")] = False,
+) -> None:
+    """The CA's current CRL (reissued first when it is due)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from certpilot import ca
+
+    if format not in ("der", "pem"):
+        raise typer.BadParameter("choose der or pem", param_hint="--format")
+    engine = get_engine()
+    if refresh:
+        with write_session(engine) as session:
+            der = ca.publish_crl(session, _ring(), _actor(), name).public_bytes(serialization.Encoding.DER)
+    else:
+        der = ca.current_crl(engine, _ring, _actor(), name)
+    crl = x509.load_der_x509_crl(der)
+    data = der if format == "der" else crl.public_bytes(serialization.Encoding.PEM)
+    if output is None:
+        sys.stdout.buffer.write(data)
+    else:
+        output.write_bytes(data)
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    err.print(f"CRL #{number} of CA {name}: {len(crl)} revoked, next update {crl.next_update_utc:%Y-%m-%d %H:%M} UTC"
+              + (f"; wrote {output}" if output else ""))
+
+
+@ca_app.command("export-root-key")
+def ca_export_root_key_command(
+    name: Annotated[str, typer.Argument(help="The CA's name.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The file to create (mode 0600; never overwritten).")],
+    password_file: PasswordFile = None,
+    password_env: PasswordEnv = None,
+) -> None:
+    """Export the root certificate and key (PEM) to keep offline; an audit event."""
+    from certpilot import ca
+
+    password = _password(password_file, password_env)
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        err.print(f"[red]error:[/] {output} exists: refusing to overwrite it")
+        raise typer.Exit(1) from None
+    try:
+        os.fchmod(fd, 0o600)
+        with write_session(get_engine()) as session:
+            data = ca.export_root_key(session, _ring(), _actor(), name, password=password)
+        with os.fdopen(fd, "wb") as handle:
+            fd = -1
+            handle.write(data)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        output.unlink(missing_ok=True)
+        raise
+    err.print(f"wrote CA {name}'s root certificate and {'encrypted ' if password else ''}key to {output} (mode 0600). "
+              "Keep it offline; then `certpilot ca remove-root-key` takes it out of the inventory.")
+
+
+@ca_app.command("remove-root-key")
+def ca_remove_root_key_command(
+    name: Annotated[str, typer.Argument(help="The CA's name.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Confirm: the inventory's copy is destroyed for good.")] = False,
+) -> None:
+    """Crypto-shred the root key in the inventory (keep an exported copy offline). Issuance goes on."""
+    from certpilot import ca
+
+    if not yes:
+        raise typer.BadParameter("removing the root key cannot be undone: add --yes")
+    engine = get_engine()
+    with read_session(engine) as session:
+        exported = ca.root_key_exported(session, name)
+    if not ca.remove_root_key(engine, _actor(), name):
+        out.print(f"CA {name}'s root key was already removed")
+        return
+    out.print(f"removed CA {name}'s root key from the inventory (crypto-shredded); issuance continues with the issuing key")
+    if not exported:
+        err.print("[yellow]warning:[/] no export of this root key was recorded: without a copy, no new issuing CA "
+                  "can be signed under this root")
+
+
+# ------------------------------------------------------------------------------------------ managed, renew
+
+managed_app = typer.Typer(help="Managed certificates: what should exist, and when it renews.", no_args_is_help=True)
+app.add_typer(managed_app, name="managed")
+
+
+def _whole_days(text: str | None, option: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        span = parse_timespan(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+    if span.total_seconds() % 86400:
+        raise typer.BadParameter(f"{text!r} is not a whole number of days", param_hint=option)
+    return int(span.total_seconds() // 86400)
+
+
+def _schedule_rows(scheduled: list[Any]) -> list[dict[str, Any]]:
+    return [{
+        "name": s.managed.name, "dns_names": s.managed.dns_names, "ip_addresses": s.managed.ip_addresses,
+        "issuer": s.managed.issuer, "profile": s.managed.profile, "key_algorithm": s.managed.key_algorithm,
+        "validity_days": s.managed.validity_days, "owner": s.managed.owner, "tags": s.managed.tags or {},
+        "renew_before_days": s.managed.renew_before_days, "use_ari": s.managed.use_ari,
+        "current": None if s.current is None else {
+            "fingerprint_sha256": s.current.fingerprint_sha256, "serial": s.current.serial_hex,
+            "not_before": inventory.iso(s.current.not_before), "not_after": inventory.iso(s.current.not_after)},
+        "due": s.decision.due, "next_renewal": inventory.iso(s.decision.renew_at), "reason": s.decision.reason,
+        "last_attempt_at": inventory.iso(s.managed.last_attempt_at), "last_error": s.managed.last_error,
+    } for s in scheduled]
+
+
+@managed_app.command("add")
+def managed_add_command(
+    name: Annotated[str, typer.Argument(help="The managed certificate's name: letters, digits, '.', '_', '-'.")],
+    dns: Annotated[Optional[list[str]], typer.Option("--dns", help="A DNS name, repeatable (the first is the CN).")] = None,
+    ip: Annotated[Optional[list[str]], typer.Option("--ip", help="An IP address, repeatable.")] = None,
+    issuer: Annotated[str, typer.Option(help="The issuer block, <block-type-slug>/<block-name>, e.g. private-ca/internal.")] = ...,  # type: ignore[assignment]
+    profile: Annotated[str, typer.Option(help="tls-server or tls-client.")] = "tls-server",
+    key_algorithm: Annotated[str, typer.Option(help="ec-p256, ec-p384, rsa-2048, rsa-3072, rsa-4096 or ed25519.")] = "ec-p256",
+    validity_days: Annotated[Optional[int], typer.Option(help="Lifetime to ask for (default: the issuer's).")] = None,
+    owner: Annotated[Optional[str], typer.Option(help="Who owns it.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(help="key=value tag, repeatable.")] = None,
+    renew_before: Annotated[Optional[str], typer.Option(help="Renew at the latest this long before expiry, e.g. 30d "
+                                                             "(default: at two thirds of the lifetime).")] = None,
+    no_ari: Annotated[bool, typer.Option("--no-ari", help="Ignore the CA's renewal window (ARI) even if it offers one.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Define a managed certificate; having no certificate yet, it is due at once."""
+    from certpilot import managed
+
+    spec = managed.ManagedSpec(name=name, dns_names=tuple(dns or ()), ip_addresses=tuple(ip or ()), issuer=issuer,
+                               profile=profile, key_algorithm=key_algorithm, validity_days=validity_days, owner=owner,
+                               tags=_tags(tag), renew_before_days=_whole_days(renew_before, "--renew-before"),
+                               use_ari=not no_ari)
+    engine = get_engine()
+    with write_session(engine) as session:
+        managed.add(session, spec, _actor())
+    with read_session(engine) as session:
+        [row] = _schedule_rows(managed.schedule(session, managed=[managed.get(session, name)]))
+    if as_json:
+        _print_json(row)
+        return
+    names = ", ".join(row["dns_names"] + row["ip_addresses"])
+    out.print(f"added managed certificate {name} ({names}) from {row['issuer']}: {row['reason']}")
+
+
+@managed_app.command("list")
+def managed_list_command(as_json: JsonOption = False) -> None:
+    """Managed certificates, soonest renewal first, with why."""
+    from certpilot import managed
+
+    with read_session(get_engine()) as session:
+        rows = _schedule_rows(managed.schedule(session))
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("name", "issuer", "expires (UTC)", "next renewal (UTC)", "why", "last error"):
+        table.add_column(column, no_wrap=column not in ("why", "last error"))
+    for r in rows:
+        expires = r["current"]["not_after"][:16].replace("T", " ") if r["current"] else "-"
+        when = "[yellow]due now[/]" if r["due"] else r["next_renewal"][:16].replace("T", " ")
+        table.add_row(r["name"], r["issuer"], expires, when, r["reason"],
+                      f"[red]{r['last_error']}[/]" if r["last_error"] else "")
+    out.print(table)
+    out.print(f"{len(rows)} managed certificate(s), {sum(r['due'] for r in rows)} due")
+
+
+def _prefect_note() -> None:
+    if not os.environ.get("PREFECT_API_URL"):
+        err.print("[yellow]note:[/] PREFECT_API_URL is not set: starting a temporary local Prefect for this run "
+                  "(10 to 20 s); point it at your Prefect server to keep the run history there")
+
+
+@app.command("renew")
+def renew_command(
+    name: Annotated[Optional[str], typer.Argument(help="The managed certificate to renew now.")] = None,
+    due: Annotated[bool, typer.Option("--due", help="Renew every managed certificate that is due (the renew-due flow).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --due: list what is due and why; change nothing.")] = False,
+    within: Annotated[Optional[str], typer.Option(help="With --due: also what falls due within this time, e.g. 7d.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Renew one managed certificate (renew-certificate flow), or all that are due (renew-due flow)."""
+    import datetime as dt
+
+    from certpilot import managed
+
+    if (name is None) == (not due):
+        raise typer.BadParameter("give a managed certificate's NAME, or --due")
+    if dry_run and not due:
+        raise typer.BadParameter("--dry-run goes with --due")
+    ahead = dt.timedelta(0)
+    if within:
+        try:
+            ahead = parse_timespan(within)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--within") from None
+    if dry_run:
+        with read_session(get_engine()) as session:
+            rows = [r for r in _schedule_rows(managed.schedule(session, managed.utcnow() + ahead)) if r["due"]]
+        if as_json:
+            _print_json(rows)
+            return
+        for r in rows:
+            current = f"replaces {r['current']['fingerprint_sha256'][:12]} (expires {r['current']['not_after']})" \
+                if r["current"] else "first certificate"
+            out.print(f"{r['name']}  {r['issuer']}  {r['reason']}; {current}")
+        out.print(f"{len(rows)} managed certificate(s) due; dry run: nothing renewed")
+        return
+    from prefect import tags
+
+    _prefect_note()
+    if name is not None:
+        from flows.renew import renew_certificate
+        from tasks.renewal import certificate_tag
+
+        with read_session(get_engine()) as session:
+            managed.get(session, name)  # fail fast, before starting Prefect, on a name that does not exist
+        with tags(certificate_tag(name)):
+            state = renew_certificate(name=name, return_state=True)
+    else:
+        from flows.renew import renew_due
+
+        state = renew_due(within_days=ahead.total_seconds() / 86400, return_state=True)
+    if not state.is_completed():
+        if as_json:
+            _print_json({"ok": False, "error": state.message})
+        else:
+            err.print(f"[red]renewal failed:[/] {state.message}")
+        raise typer.Exit(1)
+    result = state.result()
+    if as_json:
+        _print_json({"ok": True, **result})
+    elif name is not None:
+        out.print(f"renewed {name}: certificate {result['fingerprint_sha256'][:16]} (serial {result['serial']}), "
+                  f"expires {result['not_after']}" + (f", replaces {result['replaces'][:16]}" if result["replaces"] else ""))
+    else:
+        out.print(f"{result['due']} due: {result['renewed']} renewed, {result['failed']} failed")
 
 
 # ------------------------------------------------------------------------------------------ misc

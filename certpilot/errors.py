@@ -6,6 +6,8 @@ log, to show in a Prefect state message and to persist as a flow's failure.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 
 class CertpilotError(Exception):
     """Root of every error certpilot raises on purpose."""
@@ -77,3 +79,69 @@ class AuditChainError(PermanentError):
         self.seq = seq
         self.reason = reason
         super().__init__(f"audit chain broken at event {seq}: {reason}")
+
+
+# ACME (RFC 8555): the CA's problem documents, translated at the edge (connectors/acme_issuer.py).
+
+ACME_ERROR_PREFIX = "urn:ietf:params:acme:error:"
+
+
+class AcmeSubproblem(NamedTuple):
+    """One identifier's part of a compound problem (RFC 8555 section 6.7.1)."""
+
+    typ: str
+    detail: str
+    identifier: str | None = None
+
+
+class _AcmeProblem:
+    """What every ACME problem error carries: the problem type URN, the CA's reason, its parts."""
+
+    typ: str
+    detail: str
+    status: int | None
+    subproblems: tuple[AcmeSubproblem, ...]
+
+    def _fill(self, typ: str, detail: str, status: int | None, subproblems: tuple[AcmeSubproblem, ...],
+              ca: str | None) -> str:
+        self.typ, self.detail, self.status, self.subproblems = typ, detail, status, tuple(subproblems)
+        text = f"{ca}: " if ca else ""
+        text += f"{self.code}: {detail}" if detail else self.code
+        for sub in self.subproblems:
+            text += f"; {sub.identifier or '?'}: {sub.typ.removeprefix(ACME_ERROR_PREFIX)}: {sub.detail}"
+        return text
+
+    @property
+    def code(self) -> str:
+        """The short name: ``rejectedIdentifier`` for urn:ietf:params:acme:error:rejectedIdentifier."""
+        return self.typ.removeprefix(ACME_ERROR_PREFIX)
+
+
+class AcmeProblemError(_AcmeProblem, PermanentError):
+    """The CA refused, and asking again will not change its mind (rejectedIdentifier, caa,
+    unauthorized, badCSR, a failed challenge...)."""
+
+    def __init__(self, typ: str, detail: str = "", *, status: int | None = None,
+                 subproblems: tuple[AcmeSubproblem, ...] = (), ca: str | None = None) -> None:
+        super().__init__(self._fill(typ, detail, status, subproblems, ca))
+
+
+class AcmeServerError(_AcmeProblem, TransientError):
+    """The CA failed or was unreachable (serverInternal, badNonce after every retry, a timeout)."""
+
+    def __init__(self, typ: str, detail: str = "", *, status: int | None = None,
+                 subproblems: tuple[AcmeSubproblem, ...] = (), ca: str | None = None) -> None:
+        super().__init__(self._fill(typ, detail, status, subproblems, ca))
+
+
+class RateLimitedError(_AcmeProblem, TransientError):
+    """The CA's rate limit: try again after ``retry_after`` seconds (None when it did not say)."""
+
+    def __init__(self, typ: str, detail: str = "", *, retry_after: float | None = None,
+                 status: int | None = None, subproblems: tuple[AcmeSubproblem, ...] = (),
+                 ca: str | None = None) -> None:
+        self.retry_after = retry_after
+        text = self._fill(typ, detail, status, subproblems, ca)
+        if retry_after is not None:
+            text += f" (retry after {retry_after:.0f} s)"
+        super().__init__(text)

@@ -8,9 +8,17 @@ nothing and never stops the files beside it. Parsed files are written in batches
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import datetime as dt
+import gc
+import itertools
+import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Sequence
+import threading
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +33,7 @@ from certpilot.formats import load_bundle
 from certpilot.inventory import Observation, upsert
 from certpilot.keys import public_key_sha256
 from certpilot.models import Certificate
+from certpilot.pem import looks_like_pem
 from certpilot.x509info import CertificateRecord, describe_certificate
 
 # Files a directory walk considers; a file named on the command line is always read.
@@ -32,6 +41,13 @@ CERTIFICATE_SUFFIXES = frozenset({".pem", ".crt", ".cer", ".cert", ".der", ".p7b
                                   ".pfx", ".key", ".chain", ".bundle", ".ca-bundle", ".fullchain"})
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 STDIN = "-"
+# Large imports parse in worker processes while this process writes: an import of at least
+# _POOL_MIN_FILES files, on a machine with more than one CPU. Files go out in chunks of _POOL_CHUNK,
+# at most _POOL_AHEAD chunks per worker in flight, so parsed files never pile up in memory.
+_POOL_MIN_FILES = 2000
+_POOL_CHUNK = 250
+_POOL_AHEAD = 4
+_POOL_MAX_PROCESSES = 8
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class ImportOptions:
     max_bytes: int = DEFAULT_MAX_BYTES
     source: str = "import"
     batch_size: int = 1000
+    parse_processes: int | None = None  # worker processes that parse large imports; None: one per CPU but one; 0: none
 
 
 @dataclass(frozen=True)
@@ -167,7 +184,156 @@ def _file_uri(source: str, resolved_dirs: dict[str, str] | None = None) -> str:
     real = resolved_dirs.get(directory)
     if real is None:
         real = resolved_dirs[directory] = os.path.realpath(directory)
-    return Path(os.path.join(real, name)).as_uri()
+    path = os.path.join(real, name)
+    if os.name != "posix":
+        return Path(path).as_uri()
+    # What PurePosixPath.as_uri does for a normalised absolute path (realpath's output plus a name).
+    return "file://" + urllib.parse.quote_from_bytes(os.fsencode(path))
+
+
+def _parse_here(source: str, options: ImportOptions, stdin: Callable[[int], bytes] | None,
+                resolved_dirs: dict[str, str]) -> _ParsedFile | ParseError | KeyMismatchError:
+    try:
+        return parse_file(read_input(source, options.max_bytes, stdin), source, options, resolved_dirs=resolved_dirs)
+    except (ParseError, KeyMismatchError) as exc:
+        return exc
+
+
+def _parsed_files(files: Iterator[tuple[str, str | None]], options: ImportOptions,
+                  stdin: Callable[[int], bytes] | None,
+                  resolved_dirs: dict[str, str]) -> Iterator[tuple[str, str | None, _ParsedFile | ParseError | KeyMismatchError | None]]:
+    """(source, error, parsed file or its parse error) for each file, in order.
+
+    A large import is parsed in worker processes; whatever a worker does not return (stdin, a file
+    with a private key or in a format a password may concern, any failure) is parsed here, by the same
+    code, so the outcome never depends on where a file was parsed.
+    """
+    head = list(itertools.islice(files, _POOL_MIN_FILES))
+    processes = _parse_processes(options) if len(head) >= _POOL_MIN_FILES else 0
+    pool = _start_pool(processes) if processes else None
+    everything = itertools.chain(head, files)
+    if pool is None:
+        for source, error in everything:
+            yield source, error, None if error else _parse_here(source, options, stdin, resolved_dirs)
+        return
+    in_flight: deque[tuple[list[tuple[str, str | None]], concurrent.futures.Future[list[_ParsedFile | None]] | None]] = deque()
+    broken = False
+
+    def drain_one() -> Iterator[tuple[str, str | None, _ParsedFile | ParseError | KeyMismatchError | None]]:
+        nonlocal broken
+        chunk, future = in_flight.popleft()
+        parsed: list[_ParsedFile | None] = [None] * len(chunk)
+        if future is not None:
+            try:
+                parsed = future.result()
+            except Exception:  # a worker died or could not start: parse here from now on  # noqa: BLE001
+                broken = True
+        for (source, error), done in zip(chunk, parsed):
+            yield source, error, None if error else (done or _parse_here(source, options, stdin, resolved_dirs))
+
+    try:
+        for chunk in _chunks_of(everything, _POOL_CHUNK):
+            future = None
+            if not broken:
+                try:
+                    future = pool.submit(_parse_chunk, chunk, options.max_bytes)
+                except Exception:  # noqa: BLE001 - the pool is broken: parse here
+                    broken = True
+            in_flight.append((chunk, future))
+            while len(in_flight) > _POOL_AHEAD * processes or (in_flight and in_flight[0][1] is None):
+                yield from drain_one()
+        while in_flight:
+            yield from drain_one()
+    finally:
+        for _chunk, future in in_flight:
+            if future is not None:
+                future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _chunks_of(items: Iterable[tuple[str, str | None]], size: int) -> Iterator[list[tuple[str, str | None]]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _parse_processes(options: ImportOptions) -> int:
+    if options.parse_processes is not None:
+        return max(0, options.parse_processes)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return min(cpus - 1, _POOL_MAX_PROCESSES) if cpus > 1 else 0  # one CPU is this process's, writing
+
+
+def _start_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor | None:
+    """Worker processes for parsing, or None where processes cannot be started.
+
+    Forked from this process when it runs a single thread (quick, and safe: a worker touches nothing
+    but files and cryptography, never an inherited database connection, and leaves with os._exit);
+    from a fork server otherwise, as forking a process with other threads running can deadlock.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    method = "fork" if "fork" in methods and threading.active_count() == 1 else "forkserver"
+    if method not in methods:
+        method = "spawn"
+    try:
+        context = multiprocessing.get_context(method)
+        return concurrent.futures.ProcessPoolExecutor(processes, mp_context=context,
+                                                      initializer=_init_parse_worker)
+    except (OSError, ValueError, NotImplementedError):
+        return None
+
+
+_worker_dirs: dict[str, str] = {}
+
+
+def _init_parse_worker() -> None:
+    _worker_dirs.clear()
+
+
+def _parse_chunk(chunk: list[tuple[str, str | None]], max_bytes: int) -> list[_ParsedFile | None]:
+    """In a worker process: each file of ``chunk`` parsed, or None where the importing process must
+    parse it itself. Only certificates are taken here (no keys: they never cross a process boundary,
+    and no password: a file whose outcome could depend on one is left to the importing process)."""
+    out: list[_ParsedFile | None] = []
+    no_password = ImportOptions(max_bytes=max_bytes)
+    for source, error in chunk:
+        parsed = None
+        if not error and source != STDIN:
+            try:
+                data = read_input(source, max_bytes)
+                if _password_free(data):
+                    parsed = parse_file(data, source, no_password, resolved_dirs=_worker_dirs)
+                    if parsed.keys or not parsed.records:
+                        parsed = None
+            except Exception:  # noqa: BLE001 - the importing process parses it and reports the error
+                parsed = None
+        out.append(parsed)
+    return out
+
+
+def _password_free(data: bytes) -> bool:
+    """PEM without private key blocks: input whose parse cannot depend on a password (binary input,
+    which may be PKCS#12 or a DER key, is left to the importing process)."""
+    if looks_like_pem(data):
+        return b"PRIVATE KEY-----" not in data and b"Proc-Type:" not in data
+    return False
+
+
+@contextlib.contextmanager
+def _older_objects_frozen() -> Iterator[None]:
+    """Exclude the objects that existed before the import from the garbage collector's full passes
+    while it runs (gc.freeze): an import creates objects by the million, each full pass would walk
+    every module-level object of SQLAlchemy, cryptography and the rest again, and that was a quarter
+    of the importing process's time. Nothing is lost: reference counting frees as always, and the
+    frozen objects are collectable again afterwards."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions, actor: audit.Actor, *,
@@ -203,28 +369,28 @@ def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions
                 finish(result)
         pending, pending_certs = [], 0
 
-    for source, error in iter_files(paths):
-        order.append(source)
-        if error:
-            finish(FileResult(source, "failed", error=error))
-            continue
-        try:
-            parsed = parse_file(read_input(source, options.max_bytes, stdin), source, options, resolved_dirs=resolved_dirs)
-        except (ParseError, KeyMismatchError) as exc:
-            detail = exc.detail if isinstance(exc, ParseError) else str(exc)
-            finish(FileResult(source, "failed", error=detail))
-            continue
-        if not parsed.records:
-            if parsed.keys:
-                key_only.append(parsed)  # paired once every certificate of the import is in
-            else:
-                finish(FileResult(source, "skipped", notes=tuple(parsed.notes)))
-            continue
-        pending.append(parsed)
-        pending_certs += len(parsed.records)
-        if pending_certs >= options.batch_size:
-            flush()
-    flush()
+    with _older_objects_frozen():
+        for source, error, outcome in _parsed_files(iter_files(paths), options, stdin, resolved_dirs):
+            order.append(source)
+            if error:
+                finish(FileResult(source, "failed", error=error))
+                continue
+            if isinstance(outcome, (ParseError, KeyMismatchError)):
+                detail = outcome.detail if isinstance(outcome, ParseError) else str(outcome)
+                finish(FileResult(source, "failed", error=detail))
+                continue
+            parsed = outcome
+            if not parsed.records:
+                if parsed.keys:
+                    key_only.append(parsed)  # paired once every certificate of the import is in
+                else:
+                    finish(FileResult(source, "skipped", notes=tuple(parsed.notes)))
+                continue
+            pending.append(parsed)
+            pending_certs += len(parsed.records)
+            if pending_certs >= options.batch_size:
+                flush()
+        flush()
     for parsed in key_only:
         finish(_store_key_only(engine, parsed, options, actor, ring, now))
     return ImportReport(tuple(results[s] for s in dict.fromkeys(order) if s in results))

@@ -8,7 +8,8 @@ certificate. Every change appends an audit event in the same transaction.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,8 @@ from sqlmodel import Session, select
 
 from certpilot import audit
 from certpilot.errors import AmbiguousError, NotFoundError
-from certpilot.models import AuditEvent, Certificate, Location, ManagedCertificate, PrivateKey, SubjectAltName
+from certpilot.models import (AuditEvent, Certificate, Location, ManagedCertificate, PrivateKey, SubjectAltName,
+                              UTCDateTime)
 from certpilot.x509info import CertificateRecord
 
 _CHUNK = 500  # bound on parameters per IN (...) list
@@ -220,13 +222,21 @@ def _insert_rows(session: Session, table: sa.Table, rows: Sequence[dict[str, Any
         conn.execute(table.insert(), list(rows))
         return
     names = list(rows[0])
-    steps = [(name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names]
-    data = [tuple(row[name] if process is None else process(row[name]) for name, process in steps) for row in rows]
+    converters = [(index, converter) for index, name in enumerate(names)
+                  if (converter := _bind_converter(table.c[name].type, dialect)) is not None]
+    pick = operator.itemgetter(*names)
+    data: list[Any] = []
+    for row in rows:
+        values = list(pick(row)) if len(names) > 1 else [pick(row)]
+        for index, converter in converters:
+            values[index] = converter(values[index])
+        data.append(values)
     quote = dialect.identifier_preparer.quote
     columns = ", ".join(quote(name) for name in names)
     target = dialect.identifier_preparer.format_table(table)
     if dialect.driver == "pysqlite":
-        conn.exec_driver_sql(f"INSERT INTO {target} ({columns}) VALUES ({', '.join('?' for _ in names)})", data)
+        conn.exec_driver_sql(f"INSERT INTO {target} ({columns}) VALUES ({', '.join('?' for _ in names)})",
+                             [tuple(values) for values in data])
         return
     statement = f"COPY {target} ({columns}) FROM STDIN"
     dbapi_error = dialect.loaded_dbapi.Error
@@ -236,6 +246,35 @@ def _insert_rows(session: Session, table: sa.Table, rows: Sequence[dict[str, Any
                 copy.write_row(values)
     except dbapi_error as exc:
         raise sa.exc.DBAPIError.instance(statement, None, exc, dbapi_error, dialect=dialect) from None
+
+
+def _bind_converter(type_: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> Callable[[Any], Any] | None:
+    """The column type's bind processing for ``dialect`` (None: values pass as they are), remembering
+    its result for the values that repeat across rows: times (one "now" per upsert), booleans, and
+    empty JSON lists and objects."""
+    process = type_.dialect_impl(dialect).bind_processor(dialect)
+    if process is None:
+        return None
+    seen: dict[Any, Any] = {}
+    if isinstance(type_, sa.JSON):
+        def convert_json(value: Any) -> Any:
+            if not value and type(value) in (list, dict):
+                key = type(value)
+                if key not in seen:
+                    seen[key] = process(value)
+                return seen[key]
+            return process(value)
+        return convert_json
+    if isinstance(type_, (UTCDateTime, sa.Boolean)):
+        def convert_repeating(value: Any) -> Any:
+            key = (value.__class__, value)
+            try:
+                return seen[key]
+            except KeyError:
+                result = seen[key] = process(value)
+                return result
+        return convert_repeating
+    return process
 
 
 # ---------------------------------------------------------------------------------------------- queries

@@ -42,6 +42,15 @@ def _json(default: Any) -> Any:
 
 class Certificate(SQLModel, table=True):
     __tablename__ = "certificate"
+    # "What expires soon" (status = 'active' AND not_after BETWEEN ..., soonest first) reads a range of
+    # the first index in order: a count or a first page stays fast however large the inventory grows.
+    # The second, partial, holds only CA certificates: an import looks up issuers by subject in it
+    # (without it, each batch read the whole table).
+    __table_args__ = (
+        sa.Index("ix_certificate_status_not_after", "status", "not_after"),
+        sa.Index("ix_certificate_ca_subject", "subject", sqlite_where=sa.text("is_ca IS 1"),
+                 postgresql_where=sa.text("is_ca IS true")),
+    )
 
     fingerprint_sha256: str = Field(primary_key=True, max_length=64)
     subject: str
@@ -138,6 +147,7 @@ class CertificateAuthority(SQLModel, table=True):
     base_url: str  # where `certpilot ca serve` answers: AIA, CRL distribution point and OCSP URLs derive from it
     crl_number: int = 0
     crl_next_update: dt.datetime | None = _time(nullable=True)
+    crl_der: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary, nullable=True))  # the current full CRL
     created_at: dt.datetime = _time()
 
 

@@ -1,3 +1,7 @@
-"""The outside world, no Prefect imports: TLS probes, SSH hosts, AWS, Azure Key Vault, ACME CAs,
-the private CA and notifiers, each behind one typing.Protocol role. None exist yet: the inventory
-reads only local files (certpilot.importer)."""
+"""The outside world, no Prefect imports. Each connector plays one role from the core
+(certpilot.issuance.Issuer, ...) or one defined here beside it (challenges.ChallengeSolver).
+
+acme_issuer   ACME CAs (RFC 8555) with ARI (RFC 9773), proven against pebble
+private_ca    certpilot's own CA as an Issuer; ca_http serves its CRLs, certificates and OCSP
+challenges    http-01, dns-01 (pebble-challtestsrv, Route53) and tls-alpn-01 solvers
+"""

@@ -30,6 +30,20 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         description="Import certificates from files and directories on the worker's machine (ad hoc).",
         tags=("certpilot", "inventory"),
     ),
+    DeploymentSpec(
+        name="renew-due",
+        entrypoint="flows/renew.py:renew_due",
+        description="Renew every managed certificate that is due, one task run per certificate (hourly).",
+        tags=("certpilot", "renewal"),
+        cron="17 * * * *",
+        concurrency_limit=1,  # two overlapping runs would renew the same certificates twice
+    ),
+    DeploymentSpec(
+        name="renew-certificate",
+        entrypoint="flows/renew.py:renew_certificate",
+        description="Renew one managed certificate now (ad hoc: give its name in the run form).",
+        tags=("certpilot", "renewal"),
+    ),
 )
 
 

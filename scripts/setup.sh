@@ -24,8 +24,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
 fi
 
 if [ "${1:-}" = "--for-tests" ]; then
-  # Debian packages of the real servers the tests use (none yet beyond PostgreSQL).
-  debs=()
+  # Debian packages of the real servers the tests use: pebble ships pebble and pebble-challtestsrv (ACME).
+  debs=(pebble openssl)  # openssl: the private CA's tests check CRLs, OCSP and chains with its command line
   missing=()
   for deb in "${debs[@]}"; do dpkg -s "$deb" >/dev/null 2>&1 || missing+=("$deb"); done
   if [ "${#missing[@]}" -gt 0 ]; then

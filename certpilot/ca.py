@@ -1,0 +1,755 @@
+"""certpilot's private CA: own your internal trust, with revocation that really works.
+
+A CA is a root (EC P-384, about ten years) and an issuing intermediate (EC P-256, about five years,
+path length 0). Both certificates live in the inventory, both keys in the keystore, and a
+CertificateAuthority row ties them together. The root key signs only the intermediate, so it can be
+exported and removed (crypto-shredded) to keep it offline; issuance, CRLs and OCSP need only the
+issuing key.
+
+Issuance takes a CSR (its signature verified) and a profile: ``tls-server`` (serverAuth, the CA/B
+Forum DV policy, a certificate that passes the Baseline Requirements lint) or ``tls-client``
+(clientAuth). Validity is capped by the CA/B Forum maximum in force on the issue date
+(``max_validity_days``) and counted inclusively, as the Baseline Requirements count it.
+
+Revocation marks the inventory row and issues a new full CRL at once. CRLs are signed by the issuing
+key, numbered from 1, valid for ``CRL_VALIDITY`` and reissued when less than ``CRL_REFRESH_MARGIN``
+is left (``refresh_crls``, which the HTTP server and a scheduled flow call). OCSP responses (RFC
+6960) are signed per request by the issuing key, from the inventory's status of the serial.
+
+The issuing key is decrypted inside a ``CASigner`` and never leaves it: the signer signs many CSRs,
+CRLs and OCSP responses with one decryption, and is neither printable nor picklable with its key.
+No function here touches the network.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+from sqlmodel import Session, select
+
+from certpilot import audit, inventory, keystore
+from certpilot.errors import NotFoundError, PermanentError
+from certpilot.issuance import PROFILES, IssuedCertificate
+from certpilot.models import AuditEvent, Certificate, CertificateAuthority
+from certpilot.x509info import describe_certificate, fingerprint_sha256, is_issued_by, serial_hex
+
+ROOT_VALIDITY = dt.timedelta(days=3652)  # about ten years
+ISSUING_VALIDITY = dt.timedelta(days=1826)  # about five years
+DEFAULT_VALIDITY_DAYS = 90  # when the caller names none (and the CA/B Forum maximum allows it)
+CRL_VALIDITY = dt.timedelta(days=7)  # thisUpdate to nextUpdate (the Baseline Requirements allow 10 days)
+CRL_REFRESH_MARGIN = dt.timedelta(days=3, hours=12)  # reissue the CRL when less than this is left
+OCSP_VALIDITY = dt.timedelta(hours=12)  # thisUpdate to nextUpdate of an OCSP response (BR: 8 hours to 10 days)
+CABF_DV_POLICY = x509.ObjectIdentifier("2.23.140.1.2.1")
+SOURCE = "private-ca"  # the inventory source of certificates this CA issues
+
+# SC-081: the maximum validity of a TLS subscriber certificate, by issue date (latest first).
+_CABF_MAXIMUM = ((dt.date(2029, 3, 15), 47), (dt.date(2027, 3, 15), 100), (dt.date(2026, 3, 15), 200))
+_CABF_MAXIMUM_BEFORE = 398
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+# Revocation reasons a subscriber certificate may carry (Baseline Requirements 7.2.2), by CLI name.
+REASONS: dict[str, x509.ReasonFlags] = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "key-compromise": x509.ReasonFlags.key_compromise,
+    "affiliation-changed": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessation-of-operation": x509.ReasonFlags.cessation_of_operation,
+    "privilege-withdrawn": x509.ReasonFlags.privilege_withdrawn,
+}
+
+
+class CertificateRequestError(PermanentError):
+    """A CSR the CA will not sign; the message says why."""
+
+
+def max_validity_days(day: dt.date | dt.datetime) -> int:
+    """The longest TLS subscriber certificate the CA/B Forum allows when issued on ``day``
+    (SC-081: 398 days, 200 from 2026-03-15, 100 from 2027-03-15, 47 from 2029-03-15; UTC dates)."""
+    if isinstance(day, dt.datetime):
+        if day.tzinfo is None:
+            raise ValueError("use an aware UTC datetime")
+        day = day.astimezone(dt.timezone.utc).date()
+    for since, days in _CABF_MAXIMUM:
+        if day >= since:
+            return days
+    return _CABF_MAXIMUM_BEFORE
+
+
+def parse_reason(text: str) -> x509.ReasonFlags:
+    """A revocation reason by CLI name (key-compromise) or RFC 5280 name (keyCompromise)."""
+    for name, flag in REASONS.items():
+        if text in (name, flag.value):
+            return flag
+    raise PermanentError(f"unknown revocation reason {text!r}; choose one of {', '.join(REASONS)}")
+
+
+def reason_name(flag: x509.ReasonFlags | str | None) -> str | None:
+    """The CLI name of a reason (the inventory stores the RFC 5280 name)."""
+    if flag is None:
+        return None
+    value = flag.value if isinstance(flag, x509.ReasonFlags) else flag
+    return next((name for name, f in REASONS.items() if f.value == value), value)
+
+
+@dataclass(frozen=True)
+class CAUrls:
+    """Where ``certpilot ca serve`` answers for one CA; these URLs go into the certificates."""
+
+    issuing_certificate: str
+    root_certificate: str
+    crl: str
+    ocsp: str
+
+    @classmethod
+    def of(cls, base_url: str, name: str) -> CAUrls:
+        base = f"{base_url.rstrip('/')}/{name}"
+        return cls(f"{base}/issuing.crt", f"{base}/root.crt", f"{base}/issuing.crl", f"{base}/ocsp")
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _second(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None:
+        raise ValueError("use an aware UTC datetime")
+    return value.astimezone(dt.timezone.utc).replace(microsecond=0)
+
+
+def _check_base_url(base_url: str) -> str:
+    base = base_url.strip().rstrip("/")
+    if not re.match(r"^http://[^/\s?#]+(/[^\s?#]*)?$", base):
+        raise PermanentError(f"base URL {base_url!r} must be a plain http:// URL (clients fetch CRLs, OCSP and CA "
+                             "certificates over HTTP: the responses are signed, and https would be circular)")
+    return base
+
+
+# ------------------------------------------------------------------------------------------ creation
+
+def init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: str, base_url: str, *,
+            now: dt.datetime | None = None) -> CertificateAuthority:
+    """Create a CA: a root and an issuing intermediate, their keys sealed in the keystore, both
+    certificates in the inventory, and its first (empty) CRL. In the caller's write transaction."""
+    if not _NAME.match(name):
+        raise PermanentError(f"CA name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a "
+                             "letter or digit (it becomes part of URLs)")
+    base = _check_base_url(base_url)
+    if session.exec(select(CertificateAuthority.id).where(CertificateAuthority.name == name)).first() is not None:
+        raise PermanentError(f"a CA named {name!r} already exists")
+    now = _second(now or _utcnow())
+    urls = CAUrls.of(base, name)
+    root_key = ec.generate_private_key(ec.SECP384R1())
+    issuing_key = ec.generate_private_key(ec.SECP256R1())
+    root_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
+                           x509.NameAttribute(NameOID.COMMON_NAME, f"{name} Root CA")])
+    issuing_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
+                              x509.NameAttribute(NameOID.COMMON_NAME, f"{name} Issuing CA 1")])
+    root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
+            .public_key(root_key.public_key()).serial_number(_serial())
+            .not_valid_before(now).not_valid_after(now + ROOT_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_ca_key_usage(digital_signature=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
+            .sign(root_key, hashes.SHA384()))
+    issuing = (x509.CertificateBuilder().subject_name(issuing_name).issuer_name(root_name)
+               .public_key(issuing_key.public_key()).serial_number(_serial())
+               .not_valid_before(now).not_valid_after(now + ISSUING_VALIDITY)
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(_ca_key_usage(digital_signature=True), critical=True)  # it signs OCSP responses
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                     ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+               .add_extension(x509.CertificatePolicies([x509.PolicyInformation(x509.ObjectIdentifier("2.5.29.32.0"), None)]),
+                              critical=False)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(issuing_key.public_key()), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
+               .add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+                   AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(urls.root_certificate))]),
+                   critical=False)
+               .sign(root_key, hashes.SHA384()))
+    root_ref = keystore.store_private_key(session, root_key, ring, actor, "generated", now)
+    issuing_ref = keystore.store_private_key(session, issuing_key, ring, actor, "generated", now)
+    inventory.upsert(session, [inventory.Observation(describe_certificate(c), None, SOURCE) for c in (root, issuing)],
+                     actor, now=now)
+    row = CertificateAuthority(name=name, root_fingerprint=fingerprint_sha256(root),
+                               issuing_fingerprint=fingerprint_sha256(issuing), root_key_id=root_ref.id,
+                               issuing_key_id=issuing_ref.id, base_url=base, crl_number=0, created_at=now)
+    session.add(row)
+    session.flush()
+    audit.append(session, actor, [audit.Change("ca.created", f"ca:{name}", {
+        "root": row.root_fingerprint, "issuing": row.issuing_fingerprint, "root_key": str(root_ref),
+        "issuing_key": str(issuing_ref), "base_url": base})], now)
+    signer = CASigner(name, urls, issuing, root, issuing_key)
+    _publish_crl(session, actor, row, signer, now)
+    return row
+
+
+def _ca_key_usage(*, digital_signature: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
+                         data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                         encipher_only=False, decipher_only=False)
+
+
+def _serial() -> int:
+    """A positive serial of 128 random bits (the Baseline Requirements ask for at least 64)."""
+    while True:
+        serial = secrets.randbits(128)
+        if serial:
+            return serial
+
+
+def get_ca(session: Session, name: str) -> CertificateAuthority:
+    row = session.exec(select(CertificateAuthority).where(CertificateAuthority.name == name)).first()
+    if row is None:
+        known = session.exec(select(CertificateAuthority.name).order_by(CertificateAuthority.name)).all()
+        raise NotFoundError(f"no CA named {name!r}" + (f" (there are: {', '.join(known)})" if known else
+                                                         " (create one with `certpilot ca init`)"))
+    return row
+
+
+def ca_certificates(session: Session, ca: CertificateAuthority) -> tuple[x509.Certificate, x509.Certificate]:
+    """The CA's (root, issuing) certificates."""
+    certs = []
+    for fp in (ca.root_fingerprint, ca.issuing_fingerprint):
+        row = session.get(Certificate, fp)
+        if row is None:
+            raise NotFoundError(f"CA {ca.name}: certificate {fp[:16]} is missing from the inventory")
+        certs.append(x509.load_der_x509_certificate(row.der))
+    return certs[0], certs[1]
+
+
+def list_cas(session: Session) -> list[dict[str, Any]]:
+    """Every CA, as plain dicts (the --json shape); never key material."""
+    out = []
+    for ca in session.exec(select(CertificateAuthority).order_by(CertificateAuthority.name)).all():
+        root, issuing = ca_certificates(session, ca)
+        counts = dict(session.execute(
+            sa.select(Certificate.status, sa.func.count()).where(Certificate.issuer_fingerprint == ca.issuing_fingerprint,
+                                                                 Certificate.fingerprint_sha256 != ca.issuing_fingerprint)
+            .group_by(Certificate.status)).all())
+        urls = CAUrls.of(ca.base_url, ca.name)
+        out.append({
+            "name": ca.name, "base_url": ca.base_url, "root_fingerprint": ca.root_fingerprint,
+            "root_subject": root.subject.rfc4514_string(), "root_not_after": inventory.iso(root.not_valid_after_utc),
+            "root_key": "online" if ca.root_key_id else "offline",
+            "issuing_fingerprint": ca.issuing_fingerprint, "issuing_subject": issuing.subject.rfc4514_string(),
+            "issuing_not_after": inventory.iso(issuing.not_valid_after_utc),
+            "issued": sum(counts.values()), "revoked": counts.get("revoked", 0),
+            "crl_number": ca.crl_number, "crl_next_update": inventory.iso(ca.crl_next_update),
+            "urls": {"issuing_certificate": urls.issuing_certificate, "root_certificate": urls.root_certificate,
+                     "crl": urls.crl, "ocsp": urls.ocsp},
+            "created_at": inventory.iso(ca.created_at),
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------------------ signing
+
+@dataclass(frozen=True)
+class CertificateStatus:
+    """What the inventory says about one serial, for CRLs and OCSP."""
+
+    revoked: bool
+    revoked_at: dt.datetime | None = None
+    reason: x509.ReasonFlags | None = None
+
+
+class CASigner:
+    """The issuing CA with its key decrypted once: signs certificates, CRLs and OCSP responses.
+
+    The key stays inside: no method returns it, and the signer is neither shown (repr) nor pickled
+    with it. Open one with ``open_signer`` and let it go when the work is done.
+    """
+
+    __slots__ = ("name", "urls", "certificate", "root", "_key", "_hash", "_aki", "_aia", "_crl_dp", "_ocsp_ids")
+
+    def __init__(self, name: str, urls: CAUrls, certificate: x509.Certificate, root: x509.Certificate,
+                 key: PrivateKeyTypes) -> None:
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise TypeError("the issuing key must be an EC or RSA key")
+        if key.public_key().public_numbers() != certificate.public_key().public_numbers():  # type: ignore[union-attr]
+            raise PermanentError(f"CA {name}: the stored issuing key does not match the issuing certificate")
+        self.name = name
+        self.urls = urls
+        self.certificate = certificate
+        self.root = root
+        self._key = key
+        large_ec = isinstance(key, ec.EllipticCurvePrivateKey) and key.key_size > 256
+        self._hash: hashes.HashAlgorithm = hashes.SHA384() if large_ec else hashes.SHA256()
+        ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        self._aki = x509.Extension(x509.AuthorityKeyIdentifier.oid, False,
+                                   x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski))
+        self._aia = x509.Extension(x509.AuthorityInformationAccess.oid, False, x509.AuthorityInformationAccess([
+            x509.AccessDescription(AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(urls.ocsp)),
+            x509.AccessDescription(AuthorityInformationAccessOID.CA_ISSUERS,
+                                   x509.UniformResourceIdentifier(urls.issuing_certificate))]))
+        self._crl_dp = x509.Extension(x509.CRLDistributionPoints.oid, False, x509.CRLDistributionPoints([
+            x509.DistributionPoint([x509.UniformResourceIdentifier(urls.crl)], None, None, None)]))
+        self._ocsp_ids: dict[str, tuple[bytes, bytes]] = {}
+
+    def __repr__(self) -> str:
+        return f"CASigner(name={self.name!r}, issuing={fingerprint_sha256(self.certificate)[:16]})"
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise TypeError("a CASigner holds a decrypted private key: it cannot be pickled or copied")
+
+    def __getstate__(self) -> NoReturn:
+        raise TypeError("a CASigner holds a decrypted private key: it cannot be pickled or copied")
+
+    # -------------------------------------------------------------------------------- certificates
+
+    def sign(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
+             now: dt.datetime | None = None) -> x509.Certificate:
+        """A certificate for ``csr`` under ``profile`` (tls-server or tls-client), its signature and
+        names checked first. Validity: ``validity_days`` (default 90), capped by the CA/B Forum
+        maximum on the issue date and by the issuing certificate's own expiry; counted inclusively."""
+        if profile not in PROFILES:
+            raise CertificateRequestError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        now = _second(now or _utcnow())
+        public_key = _check_csr(csr, profile)
+        sans = _check_sans(csr, profile)
+        days = min(DEFAULT_VALIDITY_DAYS if validity_days is None else validity_days, max_validity_days(now))
+        if days < 1:
+            raise CertificateRequestError(f"validity of {validity_days} days: ask for at least 1")
+        not_after = now + dt.timedelta(days=days, seconds=-1)  # inclusive: N days from 00:00:00 end at 23:59:59
+        ca_start, ca_end = self.certificate.not_valid_before_utc, self.certificate.not_valid_after_utc
+        if not ca_start <= now < ca_end:
+            raise PermanentError(f"CA {self.name}: the issuing certificate is not valid at {now:%Y-%m-%d %H:%M:%S} UTC "
+                                 f"(valid {ca_start:%Y-%m-%d} to {ca_end:%Y-%m-%d})")
+        not_after = min(not_after, ca_end)
+        common_name = _common_name(csr, sans)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else [])
+        if profile == "tls-server":
+            eku = [ExtendedKeyUsageOID.SERVER_AUTH]
+        else:
+            eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        extensions = [
+            x509.Extension(x509.SubjectAlternativeName.oid, not common_name, x509.SubjectAlternativeName(sans)),
+            x509.Extension(x509.BasicConstraints.oid, True, x509.BasicConstraints(ca=False, path_length=None)),
+            x509.Extension(x509.KeyUsage.oid, True, _LEAF_KEY_USAGE),
+            x509.Extension(x509.ExtendedKeyUsage.oid, False, x509.ExtendedKeyUsage(eku)),
+            self._aki,
+            x509.Extension(x509.SubjectKeyIdentifier.oid, False, x509.SubjectKeyIdentifier.from_public_key(public_key)),
+            self._aia,
+            self._crl_dp,
+        ]
+        if profile == "tls-server":
+            extensions.append(_DV_POLICIES)
+        builder = x509.CertificateBuilder(self.certificate.subject, subject, public_key, _serial(), now, not_after,
+                                          extensions)
+        return builder.sign(self._key, self._hash)
+
+    # -------------------------------------------------------------------------------- CRLs
+
+    def sign_crl(self, number: int, revoked: Sequence[tuple[int, dt.datetime, x509.ReasonFlags | None]], *,
+                 now: dt.datetime | None = None) -> x509.CertificateRevocationList:
+        """A full CRL: ``revoked`` as (serial, revocation time, reason), valid ``CRL_VALIDITY``."""
+        now = _second(now or _utcnow())
+        entries = []
+        for serial, revoked_at, reason in revoked:
+            entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_second(revoked_at))
+            if reason is not None and reason != x509.ReasonFlags.unspecified:
+                entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+            entries.append(entry.build())
+        builder = x509.CertificateRevocationListBuilder(
+            issuer_name=self.certificate.subject, last_update=now, next_update=now + CRL_VALIDITY,
+            extensions=[x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)), self._aki],
+            revoked_certificates=entries)
+        return builder.sign(self._key, self._hash)
+
+    # -------------------------------------------------------------------------------- OCSP
+
+    def matches(self, request: ocsp.OCSPRequest) -> bool:
+        """Whether ``request`` asks about a certificate this CA issued (issuer name and key hashes)."""
+        algorithm = request.hash_algorithm
+        ids = self._ocsp_ids.get(algorithm.name)
+        if ids is None:
+            name_hash = _digest(algorithm, self.certificate.subject.public_bytes())
+            key_hash = _digest(algorithm, _subject_public_key_bits(self.certificate.public_key()))
+            ids = self._ocsp_ids[algorithm.name] = (name_hash, key_hash)
+        return (request.issuer_name_hash, request.issuer_key_hash) == ids
+
+    def ocsp_response(self, request: ocsp.OCSPRequest, status: CertificateStatus | None, *,
+                      now: dt.datetime | None = None) -> ocsp.OCSPResponse:
+        """A signed response for ``request``: good, revoked (with time and reason) or, with no status
+        (a serial the CA never issued), unknown. Valid for ``OCSP_VALIDITY``; a nonce is echoed."""
+        now = _second(now or _utcnow())
+        if status is None:
+            cert_status, revoked_at, reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
+        elif status.revoked:
+            cert_status = ocsp.OCSPCertStatus.REVOKED
+            revoked_at = _second(status.revoked_at or now)
+            reason = None if status.reason == x509.ReasonFlags.unspecified else status.reason
+        else:
+            cert_status, revoked_at, reason = ocsp.OCSPCertStatus.GOOD, None, None
+        builder = (ocsp.OCSPResponseBuilder()
+                   .add_response_by_hash(request.issuer_name_hash, request.issuer_key_hash, request.serial_number,
+                                         request.hash_algorithm, cert_status, now, now + OCSP_VALIDITY,
+                                         revoked_at, reason)
+                   .responder_id(ocsp.OCSPResponderEncoding.HASH, self.certificate))
+        nonce = _nonce(request)
+        if nonce is not None:
+            builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+        return builder.sign(self._key, self._hash)
+
+
+_LEAF_KEY_USAGE = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                encipher_only=False, decipher_only=False)
+_DV_POLICIES = x509.Extension(x509.CertificatePolicies.oid, False,
+                              x509.CertificatePolicies([x509.PolicyInformation(CABF_DV_POLICY, None)]))
+_EC_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+
+
+def _check_csr(csr: x509.CertificateSigningRequest, profile: str) -> Any:
+    try:
+        public_key = csr.public_key()
+        valid = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CertificateRequestError(f"the CSR's key or signature cannot be read: {exc}") from None
+    if not valid:
+        raise CertificateRequestError("the CSR's signature does not verify: it was not signed by the key it carries "
+                                      "(altered or corrupted request)")
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < 2048 or public_key.key_size % 8:
+            raise CertificateRequestError(f"RSA key of {public_key.key_size} bits: use at least 2048 (a multiple of 8)")
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        if public_key.curve.name not in _EC_CURVES:
+            raise CertificateRequestError(f"EC curve {public_key.curve.name}: use P-256, P-384 or P-521")
+    elif not (isinstance(public_key, ed25519.Ed25519PublicKey) and profile == "tls-client"):
+        raise CertificateRequestError(f"{type(public_key).__name__.removeprefix('_')} keys are not accepted for "
+                                      f"{profile}: use EC P-256/P-384 or RSA 2048+")
+    return public_key
+
+
+def _check_sans(csr: x509.CertificateSigningRequest, profile: str) -> list[x509.GeneralName]:
+    try:
+        ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        ext = None
+    except ValueError as exc:
+        raise CertificateRequestError(f"the CSR's extensions cannot be parsed: {exc}") from None
+    if ext is None or len(ext) == 0:
+        raise CertificateRequestError("the CSR has no subjectAltName: put every DNS name (and IP address) the "
+                                      "certificate is for in a SAN extension; the subject CN alone is not used")
+    allowed: tuple[type, ...] = (x509.DNSName, x509.IPAddress)
+    if profile == "tls-client":
+        allowed += (x509.UniformResourceIdentifier, x509.RFC822Name)
+    sans: list[x509.GeneralName] = []
+    for name in ext:
+        if not isinstance(name, allowed):
+            raise CertificateRequestError(f"{profile} certificates carry only "
+                                          f"{', '.join(t.__name__ for t in allowed)} SANs, not {name!r}")
+        if isinstance(name, x509.DNSName):
+            value = name.value.lower()
+            if not _valid_dns_name(value):
+                raise CertificateRequestError(f"SAN {name.value!r} is not a valid DNS name (letters, digits and "
+                                              "hyphens, A-labels for IDNs, an optional leading '*.')")
+            name = x509.DNSName(value)
+        if name not in sans:
+            sans.append(name)
+    return sans
+
+
+def _valid_dns_name(name: str) -> bool:
+    labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
+    return len(name) <= 253 and len(labels) >= 1 and all(_DNS_LABEL.match(label) for label in labels)
+
+
+def _common_name(csr: x509.CertificateSigningRequest, sans: list[x509.GeneralName]) -> str | None:
+    """The CSR's CN when it is one of the SANs, else the first SAN; None when none fits in 64 characters."""
+    values = [str(n.value) for n in sans if isinstance(n, x509.DNSName | x509.IPAddress)] or \
+             [str(n.value) for n in sans]
+    requested = [str(a.value).lower() for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    for candidate in requested + values:
+        if candidate in values and len(candidate) <= 64:
+            return candidate
+    return None
+
+
+def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+    h = hashes.Hash(algorithm)
+    h.update(data)
+    return h.finalize()
+
+
+def _subject_public_key_bits(public_key: Any) -> bytes:
+    """The contents of the subjectPublicKey BIT STRING, which OCSP's issuerKeyHash covers."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return public_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)  # type: ignore[no-any-return]
+
+
+def _nonce(request: ocsp.OCSPRequest) -> bytes | None:
+    try:
+        nonce = request.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    return nonce if 1 <= len(nonce) <= 32 else None  # RFC 8954
+
+
+def open_signer(session: Session, ring: keystore.KeyRing, name: str) -> CASigner:
+    """The CA ``name`` ready to sign: its issuing key decrypted once, inside the signer."""
+    ca = get_ca(session, name)
+    root, issuing = ca_certificates(session, ca)
+    key = keystore.load_private_key(session, keystore.KeyRef(ca.issuing_key_id), ring)
+    return CASigner(ca.name, CAUrls.of(ca.base_url, ca.name), issuing, root, key)
+
+
+def store_issued(session: Session, actor: audit.Actor, signer: CASigner, certificates: Sequence[x509.Certificate],
+                 profile: str, *, replaces: x509.Certificate | None = None, now: dt.datetime | None = None) -> None:
+    """Record certificates the signer issued in the inventory (no location: they were issued, not seen)."""
+    records = [describe_certificate(c) for c in certificates]
+    inventory.upsert(session, [inventory.Observation(r, None, SOURCE) for r in records], actor, now=now)
+    replaced = fingerprint_sha256(replaces) if replaces is not None else None
+    if replaced is not None and session.get(Certificate, replaced) is not None:
+        session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256.in_([r.fingerprint_sha256 for r in records]))  # type: ignore[attr-defined]
+                        .values(replaces_fingerprint=replaced), execution_options={"synchronize_session": False})
+    else:
+        replaced = None
+    audit.append(session, actor, [audit.Change("certificate.issued", f"certificate:{r.fingerprint_sha256}", {
+        "ca": signer.name, "profile": profile, "serial": r.serial_hex, "not_after": r.not_after.isoformat(),
+        "replaces": replaced}) for r in records], now)
+
+
+def issue(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: str,
+          csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
+          replaces: x509.Certificate | None = None, now: dt.datetime | None = None) -> IssuedCertificate:
+    """Sign ``csr`` with CA ``name`` and record the certificate in the inventory (caller's write
+    transaction). Returns the leaf and the issuing CA certificate."""
+    signer = open_signer(session, ring, name)
+    cert = signer.sign(csr, profile, validity_days=validity_days, now=now)
+    store_issued(session, actor, signer, [cert], profile, replaces=replaces, now=now)
+    return IssuedCertificate((cert.public_bytes(serialization.Encoding.DER),
+                              signer.certificate.public_bytes(serialization.Encoding.DER)))
+
+
+# ------------------------------------------------------------------------------------------ revocation
+
+def ca_of(session: Session, cert: Certificate) -> CertificateAuthority:
+    """The certpilot CA that issued the inventory certificate ``cert``."""
+    ca = None
+    if cert.issuer_fingerprint:
+        ca = session.exec(select(CertificateAuthority)
+                          .where(CertificateAuthority.issuing_fingerprint == cert.issuer_fingerprint)).first()
+    if ca is None:
+        own = session.exec(select(CertificateAuthority.name).where(sa.or_(
+            CertificateAuthority.root_fingerprint == cert.fingerprint_sha256,
+            CertificateAuthority.issuing_fingerprint == cert.fingerprint_sha256))).first()
+        if own is not None:
+            raise PermanentError(f"certificate {cert.fingerprint_sha256[:16]} is a certificate of CA {own}: "
+                                 "revoking a CA certificate is not supported")
+        raise PermanentError(f"certificate {cert.fingerprint_sha256[:16]} ({cert.subject}) was not issued by a "
+                             "certpilot private CA: revoke it with the CA that issued it")
+    issuing = x509.load_der_x509_certificate(session.get(Certificate, ca.issuing_fingerprint).der)  # type: ignore[union-attr]
+    if not is_issued_by(x509.load_der_x509_certificate(cert.der), issuing):
+        raise PermanentError(f"certificate {cert.fingerprint_sha256[:16]} is not signed by CA {ca.name}'s issuing key")
+    return ca
+
+
+def revoke(session: Session, ring: keystore.KeyRing, actor: audit.Actor, fingerprint: str,
+           reason: x509.ReasonFlags, *, ca_name: str | None = None, now: dt.datetime | None = None) -> Certificate:
+    """Revoke a certificate a certpilot CA issued (CA ``ca_name`` only, when given) and publish that
+    CA's new CRL, in the caller's write transaction.
+
+    Revoking again changes nothing, except that a later ``keyCompromise`` replaces an earlier reason
+    (the revocation time stays)."""
+    if reason not in REASONS.values():
+        raise PermanentError(f"revocation reason {reason.value} is not allowed for subscriber certificates; "
+                             f"choose one of {', '.join(REASONS)}")
+    now = now or _utcnow()
+    row = inventory.resolve(session, fingerprint)
+    ca = ca_of(session, row)
+    if ca_name is not None and ca.name != ca_name:
+        raise PermanentError(f"certificate {row.fingerprint_sha256[:16]} was issued by CA {ca.name}, not {ca_name}")
+    if row.status == "revoked":
+        if reason != x509.ReasonFlags.key_compromise or row.revocation_reason == reason.value:
+            return row
+        change = audit.Change("certificate.revocation_reason_changed", f"certificate:{row.fingerprint_sha256}",
+                              {"ca": ca.name, "serial": row.serial_hex, "reason": [row.revocation_reason, reason.value]})
+    else:
+        change = audit.Change("certificate.revoked", f"certificate:{row.fingerprint_sha256}", {
+            "ca": ca.name, "serial": row.serial_hex, "reason": reason.value, "previous_status": row.status})
+        row.status = "revoked"
+        row.revoked_at = now
+    row.revocation_reason = reason.value
+    session.add(row)
+    session.flush()
+    audit.append(session, actor, [change], now)
+    signer = open_signer(session, ring, ca.name)
+    _publish_crl(session, actor, ca, signer, now)
+    return row
+
+
+def certificate_status(session: Session, ca: CertificateAuthority, serial: int) -> CertificateStatus | None:
+    """The inventory's status of ``serial`` under CA ``ca``; None for a serial it never issued."""
+    row = session.execute(sa.select(Certificate.status, Certificate.revoked_at, Certificate.revocation_reason)
+                          .where(Certificate.serial_hex == serial_hex(serial),
+                                 Certificate.issuer_fingerprint == ca.issuing_fingerprint)).first()
+    if row is None:
+        return None
+    if row.status != "revoked":
+        return CertificateStatus(False)
+    reason = next((f for f in x509.ReasonFlags if f.value == row.revocation_reason), None)
+    return CertificateStatus(True, row.revoked_at, reason)
+
+
+# ------------------------------------------------------------------------------------------ CRLs
+
+def _publish_crl(session: Session, actor: audit.Actor, ca: CertificateAuthority, signer: CASigner,
+                 now: dt.datetime) -> x509.CertificateRevocationList:
+    now = _second(now)
+    rows = session.execute(sa.select(Certificate.serial_hex, Certificate.revoked_at, Certificate.revocation_reason)
+                           .where(Certificate.issuer_fingerprint == ca.issuing_fingerprint,
+                                  Certificate.status == "revoked", Certificate.not_after >= now)
+                           .order_by(Certificate.revoked_at)).all()
+    flags = {f.value: f for f in x509.ReasonFlags}
+    entries = [(int(r.serial_hex, 16), r.revoked_at or now, flags.get(r.revocation_reason or "")) for r in rows]
+    number = ca.crl_number + 1
+    crl = signer.sign_crl(number, entries, now=now)
+    ca.crl_number = number
+    ca.crl_der = crl.public_bytes(serialization.Encoding.DER)
+    ca.crl_next_update = crl.next_update_utc
+    session.add(ca)
+    session.flush()
+    audit.append(session, actor, [audit.Change("ca.crl_issued", f"ca:{ca.name}", {
+        "crl_number": number, "revoked": len(entries), "next_update": inventory.iso(crl.next_update_utc)})], now)
+    return crl
+
+
+def publish_crl(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: str, *,
+                now: dt.datetime | None = None) -> x509.CertificateRevocationList:
+    """Issue a new full CRL for CA ``name`` now (caller's write transaction)."""
+    ca = get_ca(session, name)
+    return _publish_crl(session, actor, ca, open_signer(session, ring, name), now or _utcnow())
+
+
+def crl_due(ca: CertificateAuthority, now: dt.datetime, margin: dt.timedelta = CRL_REFRESH_MARGIN) -> bool:
+    return ca.crl_der is None or ca.crl_next_update is None or ca.crl_next_update - now < margin
+
+
+def refresh_crls(engine: sa.Engine, ring: keystore.KeyRing, actor: audit.Actor, *, now: dt.datetime | None = None,
+                 margin: dt.timedelta = CRL_REFRESH_MARGIN, names: Sequence[str] | None = None) -> list[str]:
+    """Reissue the CRL of every CA (or of ``names``) whose CRL is missing or whose nextUpdate is less
+    than ``margin`` away. Each in its own write transaction, re-checked there so that concurrent
+    callers issue one CRL, not two. Returns the names of the CAs that got a new CRL."""
+    from certpilot.database import read_session, write_session
+
+    now = now or _utcnow()
+    with read_session(engine) as session:
+        query = select(CertificateAuthority)
+        if names is not None:
+            query = query.where(CertificateAuthority.name.in_(list(names)))  # type: ignore[attr-defined]
+        due = [ca.name for ca in session.exec(query.order_by(CertificateAuthority.name)).all() if crl_due(ca, now, margin)]
+    done = []
+    for name in due:
+        with write_session(engine) as session:
+            ca = get_ca(session, name)
+            if crl_due(ca, now, margin):
+                _publish_crl(session, actor, ca, open_signer(session, ring, name), now)
+                done.append(name)
+    return done
+
+
+def current_crl(engine: sa.Engine, key_ring: Callable[[], keystore.KeyRing], actor: audit.Actor, name: str, *,
+                now: dt.datetime | None = None) -> bytes:
+    """CA ``name``'s CRL as DER, reissued first if it is missing or due (only then is ``key_ring``
+    called and the issuing key decrypted)."""
+    from certpilot.database import read_session
+
+    now = now or _utcnow()
+    with read_session(engine) as session:
+        ca = get_ca(session, name)
+        if not crl_due(ca, now) and ca.crl_der is not None:
+            return ca.crl_der
+    refresh_crls(engine, key_ring(), actor, now=now, names=[name])
+    with read_session(engine) as session:
+        der = get_ca(session, name).crl_der
+    assert der is not None
+    return der
+
+
+# ------------------------------------------------------------------------------------------ OCSP
+
+def respond_ocsp(session: Session, signer: CASigner, request_der: bytes, *, now: dt.datetime | None = None) -> bytes:
+    """The DER OCSP response to a DER OCSP request for the signer's CA. A request that cannot be
+    parsed (or asks about more than one certificate) gets malformedRequest; one about another CA's
+    certificate gets unauthorized. Never raises for bad input."""
+    try:
+        request = ocsp.load_der_ocsp_request(request_der)
+        request.hash_algorithm  # noqa: B018 - an unsupported hash raises here, not later
+    except (ValueError, UnsupportedAlgorithm, TypeError):
+        return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+    if not signer.matches(request):
+        return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+    ca = get_ca(session, signer.name)
+    status = certificate_status(session, ca, request.serial_number)
+    response = signer.ocsp_response(request, status, now=now)
+    return response.public_bytes(serialization.Encoding.DER)
+
+
+def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
+    return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(serialization.Encoding.DER)
+
+
+def malformed_ocsp_response() -> bytes:
+    return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+
+
+# ------------------------------------------------------------------------------------------ the root key
+
+def export_root_key(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: str, *,
+                    password: bytes | None = None) -> bytes:
+    """The root certificate and key as PEM (the key PKCS#8, encrypted when ``password`` is given), for
+    keeping offline. An audit event, in the caller's write transaction."""
+    ca = get_ca(session, name)
+    if ca.root_key_id is None:
+        raise NotFoundError(f"CA {name}'s root key was removed from the inventory: only exported copies remain")
+    ref = keystore.KeyRef(ca.root_key_id)
+    key = keystore.load_private_key(session, ref, ring)
+    root, _ = ca_certificates(session, ca)
+    audit.append(session, actor, [audit.Change("ca.root_key_exported", f"ca:{name}", {
+        "key": str(ref), "root": ca.root_fingerprint, "encrypted": password is not None})])
+    encryption = (serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption())
+    return root.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+def root_key_exported(session: Session, name: str) -> bool:
+    return session.exec(select(AuditEvent.seq).where(AuditEvent.object == f"ca:{name}",
+                                                     AuditEvent.action == "ca.root_key_exported")).first() is not None
+
+
+def remove_root_key(engine: sa.Engine, actor: audit.Actor, name: str) -> bool:
+    """Take the root key offline: crypto-shred it (keystore.shred) and forget it on the CA row.
+    Issuance, CRLs and OCSP go on with the issuing key. Returns False when it was already removed."""
+    from certpilot.database import read_session, write_session
+
+    with read_session(engine) as session:
+        ca = get_ca(session, name)
+        if ca.root_key_id is None:
+            return False
+        ref = keystore.KeyRef(ca.root_key_id)
+    keystore.shred(engine, ref, actor)  # first: a crash after it leaves a reference to a destroyed key, not a live key
+    with write_session(engine) as session:
+        ca = get_ca(session, name)
+        ca.root_key_id = None
+        session.add(ca)
+        audit.append(session, actor, [audit.Change("ca.root_key_removed", f"ca:{name}", {
+            "key": str(ref), "root": ca.root_fingerprint})])
+    return True

@@ -1,0 +1,57 @@
+"""certpilot's own private CA as an Issuer (certpilot.issuance.Issuer).
+
+The CA lives in the inventory (certpilot.ca): this connector opens a write transaction per call,
+decrypts the issuing key inside a signer for that one call, records what it issued or revoked, and
+lets the key go. Revoking publishes a new CRL at once; OCSP answers from the inventory, so both
+reflect a revocation as soon as the transaction commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from cryptography import x509
+
+from certpilot import audit, ca, keystore
+from certpilot.database import write_session
+from certpilot.issuance import IssuedCertificate
+from certpilot.renewal import RenewalWindow
+from certpilot.x509info import fingerprint_sha256
+
+__all__ = ["PrivateCAIssuer"]
+
+
+class PrivateCAIssuer:
+    """Issue and revoke with the private CA ``ca_name``. ``key_ring`` returns the master key ring
+    (called only when a key must be decrypted)."""
+
+    def __init__(self, engine: sa.Engine, ca_name: str, key_ring: Callable[[], keystore.KeyRing], *,
+                 actor: audit.Actor | None = None) -> None:
+        self.engine = engine
+        self.ca_name = ca_name
+        self.name = ca_name
+        self._key_ring = key_ring
+        self._actor = actor or audit.Actor(f"private-ca:{ca_name}")
+
+    def __repr__(self) -> str:
+        return f"PrivateCAIssuer(ca_name={self.ca_name!r})"
+
+    def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
+              replaces: x509.Certificate | None = None) -> IssuedCertificate:
+        """Sign ``csr`` (tls-server or tls-client) and record the certificate; the chain is the leaf
+        and the issuing CA certificate. Raises certpilot.ca.CertificateRequestError for a CSR the CA
+        refuses (bad signature, no SAN, a weak key)."""
+        with write_session(self.engine) as session:
+            return ca.issue(session, self._key_ring(), self._actor, self.ca_name, csr, profile,
+                            validity_days=validity_days, replaces=replaces)
+
+    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags) -> None:
+        """Mark ``certificate`` revoked in the inventory and publish a new CRL."""
+        with write_session(self.engine) as session:
+            ca.revoke(session, self._key_ring(), self._actor, fingerprint_sha256(certificate), reason,
+                      ca_name=self.ca_name)
+
+    def renewal_info(self, certificate: x509.Certificate) -> RenewalWindow | None:
+        """The private CA offers no ARI: renewal follows the managed certificate's own policy."""
+        return None
