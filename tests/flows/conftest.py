@@ -21,3 +21,19 @@ def prefect_server(prefect_storage: Path) -> Iterator[None]:
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_LOCAL_STORAGE_PATH: prefect_storage}):
         with prefect_test_harness(server_startup_timeout=60):
             yield
+
+
+@pytest.fixture
+def prefect_files(prefect_storage: Path):  # noqa: ANN201 - returns a reader
+    """Reads the Prefect server's database files and result storage: {path: bytes}. The database
+    must exist and be non-empty, so a wrong path cannot make a leak check pass vacuously."""
+    import sqlalchemy as sa
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    def read() -> dict[str, bytes]:
+        database = Path(sa.engine.make_url(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()).database)
+        assert database.stat().st_size > 0
+        paths = [database, *database.parent.glob(database.name + "-*"), *prefect_storage.rglob("*")]
+        return {str(path): path.read_bytes() for path in paths if path.is_file()}
+
+    return read

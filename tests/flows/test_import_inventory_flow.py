@@ -13,7 +13,6 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, F
                                            LogFilter, LogFilterFlowRunId, TaskRunFilter)
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.logging.handlers import APILogHandler
-from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 from sqlmodel import select
 
 from certpilot import audit
@@ -40,7 +39,7 @@ def _estate_keys(root: Path) -> list:
     return [serialization.load_pem_private_key(p.read_bytes(), None) for p in sorted((root / "web-1").rglob("*.key"))]
 
 
-def test_flow_imports_estate_records_its_run_and_leaks_no_key(tmp_path: Path, prefect_storage: Path) -> None:
+def test_flow_imports_estate_records_its_run_and_leaks_no_key(tmp_path: Path, prefect_files) -> None:  # noqa: ANN001
     estate = write_estate(tmp_path / "estate")
     state = import_inventory(paths=[str(estate.root)], owner="team-web", import_keys=True, return_state=True)
 
@@ -67,12 +66,8 @@ def test_flow_imports_estate_records_its_run_and_leaks_no_key(tmp_path: Path, pr
 
     keys = _estate_keys(estate.root)
     assert len(keys) == estate.leaves
-    prefect_db = Path(sa.engine.make_url(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()).database)
-    haystacks = {"prefect logs": logs.encode(), "prefect state message": (state.message or "").encode()}
-    for path in [prefect_db, *prefect_db.parent.glob(prefect_db.name + "-*"), *prefect_storage.rglob("*")]:
-        if path.is_file():
-            haystacks[str(path)] = path.read_bytes()
-    assert prefect_db.stat().st_size > 0
+    haystacks = {"prefect logs": logs.encode(), "prefect state message": (state.message or "").encode(),
+                 **prefect_files()}
     for where, data in haystacks.items():
         assert leaks(data, keys) == [], f"private key material found in {where}"
 

@@ -21,7 +21,6 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, F
                                            FlowRunFilterTags, LogFilter, LogFilterFlowRunId, TaskRunFilter)
 from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort, TaskRunSort
 from prefect.logging.handlers import APILogHandler
-from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 from sqlmodel import select
 from typer.testing import CliRunner
 
@@ -302,7 +301,7 @@ def test_renew_due_one_task_run_per_certificate_and_a_report_naming_the_failures
 
 # ------------------------------------------------------------------------------------------ secrecy
 
-def test_no_private_key_byte_reaches_prefect(pki: sa.Engine, prefect_storage: Path) -> None:
+def test_no_private_key_byte_reaches_prefect(pki: sa.Engine, prefect_files) -> None:  # noqa: ANN001
     """THE proof: after renewals (one of them failing), no byte of any generated key is in Prefect's
     database files, result storage, logs, artifacts, or any flow or task run's parameters and state."""
     _add(pki, "k-1")
@@ -333,11 +332,7 @@ def test_no_private_key_byte_reaches_prefect(pki: sa.Engine, prefect_storage: Pa
     haystacks["state messages"] = f"{one.message} {due.message}".encode()
     haystacks["results"] = json.dumps(one.result(), default=str).encode()
     APILogHandler().flush()
-    prefect_db = Path(sa.engine.make_url(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()).database)
-    for path in [prefect_db, *prefect_db.parent.glob(prefect_db.name + "-*"), *prefect_storage.rglob("*")]:
-        if path.is_file():
-            haystacks[str(path)] = path.read_bytes()
-    assert prefect_db.stat().st_size > 0
+    haystacks.update(prefect_files())
     for where, data in haystacks.items():
         assert leaks(data, keys) == [], f"private key material found in {where}"
 
