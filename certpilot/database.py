@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,8 +57,9 @@ def _configure_sqlite(engine: sa.Engine) -> None:
     def _on_connect(dbapi_connection, _record):  # noqa: ANN001, ANN202
         dbapi_connection.isolation_level = None  # let the "begin" hook below issue BEGIN itself
         cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "busy_timeout=60000", "foreign_keys=ON",
-                       "secure_delete=ON", "synchronous=NORMAL") + _SQLITE_TUNING:
+        cursor.execute("PRAGMA busy_timeout=60000")
+        _enable_wal(cursor)
+        for pragma in ("foreign_keys=ON", "secure_delete=ON", "synchronous=NORMAL") + _SQLITE_TUNING:
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
@@ -64,6 +67,20 @@ def _configure_sqlite(engine: sa.Engine) -> None:
     def _on_begin(conn):  # noqa: ANN001, ANN202
         immediate = conn.get_execution_options().get("certpilot_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _enable_wal(cursor, attempts: int = 200) -> None:  # noqa: ANN001 - a sqlite3 cursor
+    """Switch to WAL. Converting a new file needs an exclusive lock, and SQLite can answer "locked"
+    there without waiting on the busy handler when several processes open the file at once: retry,
+    bounded (about 10 s)."""
+    for attempt in range(attempts):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
 
 
 def get_engine(settings: Settings | None = None) -> sa.Engine:
