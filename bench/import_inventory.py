@@ -251,7 +251,7 @@ def bulk_fill(engine: sa.Engine, root: Path, ca_file: Path, real: int, size: int
             not_after = expiry(now, index, size)
             record = replace(
                 base, fingerprint_sha256=hashlib.sha256(b"certpilot bench derived %d:" % index + base.der).hexdigest(),
-                serial_hex=f"{(index << 64) | int.from_bytes(hashlib.sha256(base.der).digest()[:8], 'big'):x}".zfill(32),
+                serial_hex=f"{(index << 64) | int.from_bytes(base.der[-8:], 'big'):032x}",
                 subject=base.subject.replace(old, new), not_after=not_after,
                 not_before=min(now, not_after) - dt.timedelta(days=90),
                 sans=tuple((kind, value.replace(old, new)) for kind, value in base.sans))
@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends:
             with fresh_inventory(backend, workdir) as engine:
                 log(f"[{backend}] throughput: the issuing CA and {certs:,} leaves into the empty inventory")
-                rate = timed_import(engine, [str(ca_file)] + import_inputs(root, 0, certs), certs + 1, f"{backend} import")
+                rate = timed_import(engine, [str(ca_file)] + import_inputs(root, 0, certs), certs + 1,
+                                    f"{backend} import")
                 log(f"[{backend}] fill to {size:,} leaves ({fill})")
                 if size > certs and fill == "import":
                     fill_rate = timed_import(engine, import_inputs(root, certs, size), size - certs, f"{backend} fill")
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         notes.append(f"fill: the inventory brought to {size:,} with rows derived from the {certs:,} real certificates "
                      "(own fingerprint, serial, names, expiry; SANs and a location each; no audit events), written "
-                     "with the importer's bulk insert (COPY / executemany); fill_throughput counts rows, not an import.")
+                     "with the importer's bulk insert (COPY / executemany); fill_throughput counts rows, "
+                     "not an import.")
     notes.append("expiring_30d_*: list_certificates(CertificateQuery(expiring_within=30 days)) as `certpilot inventory "
                  "list --expiring-within 30d` runs it; median of warm runs; PostgreSQL VACUUM ANALYZEd, SQLite as "
                  "loaded. The <= 50 ms goal applies to count and first_page (limit 100); full_result builds every "

@@ -31,7 +31,8 @@ _IGNORED_LABELS = {"CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST", "X509 CRL",
 
 # The common case, only CERTIFICATE blocks and nothing else, is read by _fast_pem_certificates; any
 # other input (or any failure there) goes through read_pem_blocks, which gives the precise errors.
-_FAST_PEM = re.compile(rb"(?:-----BEGIN CERTIFICATE-----\r?\n(?:[A-Za-z0-9+/=]+\r?\n)+-----END CERTIFICATE-----(?:\r?\n)*)+")
+_FAST_PEM = re.compile(
+    rb"(?:-----BEGIN CERTIFICATE-----\r?\n(?:[A-Za-z0-9+/=]+\r?\n)+-----END CERTIFICATE-----(?:\r?\n)*)+")
 _FAST_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n((?:[A-Za-z0-9+/=]+\r?\n)+)-----END CERTIFICATE-----")
 
 # DER prefixes: PFX is SEQUENCE { INTEGER 3, ContentInfo { OID pkcs7-data ...

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeAlias
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -191,6 +192,10 @@ def _file_uri(source: str, resolved_dirs: dict[str, str] | None = None) -> str:
     return "file://" + urllib.parse.quote_from_bytes(os.fsencode(path))
 
 
+_Chunk: TypeAlias = list[tuple[str, str | None]]  # (source, error) pairs, as iter_files yields them
+_Outcome: TypeAlias = _ParsedFile | ParseError | KeyMismatchError | None  # None: not read (see the error)
+
+
 def _parse_here(source: str, options: ImportOptions, stdin: Callable[[int], bytes] | None,
                 resolved_dirs: dict[str, str]) -> _ParsedFile | ParseError | KeyMismatchError:
     try:
@@ -201,7 +206,7 @@ def _parse_here(source: str, options: ImportOptions, stdin: Callable[[int], byte
 
 def _parsed_files(files: Iterator[tuple[str, str | None]], options: ImportOptions,
                   stdin: Callable[[int], bytes] | None,
-                  resolved_dirs: dict[str, str]) -> Iterator[tuple[str, str | None, _ParsedFile | ParseError | KeyMismatchError | None]]:
+                  resolved_dirs: dict[str, str]) -> Iterator[tuple[str, str | None, _Outcome]]:
     """(source, error, parsed file or its parse error) for each file, in order.
 
     A large import is parsed in worker processes; whatever a worker does not return (stdin, a file
@@ -216,10 +221,10 @@ def _parsed_files(files: Iterator[tuple[str, str | None]], options: ImportOption
         for source, error in everything:
             yield source, error, None if error else _parse_here(source, options, stdin, resolved_dirs)
         return
-    in_flight: deque[tuple[list[tuple[str, str | None]], concurrent.futures.Future[list[_ParsedFile | None]] | None]] = deque()
+    in_flight: deque[tuple[_Chunk, concurrent.futures.Future[list[_ParsedFile | None]] | None]] = deque()
     broken = False
 
-    def drain_one() -> Iterator[tuple[str, str | None, _ParsedFile | ParseError | KeyMismatchError | None]]:
+    def drain_one() -> Iterator[tuple[str, str | None, _Outcome]]:
         nonlocal broken
         chunk, future = in_flight.popleft()
         parsed: list[_ParsedFile | None] = [None] * len(chunk)
