@@ -117,35 +117,35 @@ class _ResponderHandler(http.server.BaseHTTPRequestHandler):
         pass  # tokens are not secret, but a CA's validation requests are not worth a log line each
 
 
-class Http01Responder:
-    """Serves http-01 answers from a thread of this process. Starts on first use (or ``start()``);
-    one responder serves every issuer in the process, so share it. ``port=0`` picks a free port."""
+class _ThreadedResponder:
+    """The lifecycle both responders share: listen on first use, serve from a daemon thread, stop."""
 
-    challenge_types = (HTTP_01,)
+    kind = "responder"
 
-    def __init__(self, address: str = "127.0.0.1", port: int = 5002) -> None:
+    def __init__(self, address: str, port: int) -> None:
         self.address = address
         self._port = port
-        self._answers: dict[str, str] = {}
-        self._server: _ResponderServer | None = None
+        self._server: socketserver.BaseServer | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1] if self._server else self._port
+        return self._server.server_address[1] if self._server else self._port  # type: ignore[attr-defined]
 
-    def start(self) -> Http01Responder:
+    def _make_server(self) -> socketserver.BaseServer:
+        raise NotImplementedError
+
+    def start(self):  # noqa: ANN201 - returns self, for `with`
         with self._lock:
             if self._server is None:
                 try:
-                    server = _ResponderServer((self.address, self._port), _ResponderHandler)
+                    server = self._make_server()
                 except OSError as exc:
-                    raise TransientError(f"http-01 responder cannot listen on {self.address}:{self._port}: "
+                    raise TransientError(f"{self.kind} responder cannot listen on {self.address}:{self._port}: "
                                          f"{exc.strerror}") from exc
-                server.answers = self._answers
                 self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                                name=f"http-01 responder {self.address}:{self._port}", daemon=True)
+                                                name=f"{self.kind} responder {self.address}:{self._port}", daemon=True)
                 self._server = server
                 self._thread.start()
         return self
@@ -153,17 +153,35 @@ class Http01Responder:
     def stop(self) -> None:
         with self._lock:
             server, self._server = self._server, None
-            if server is not None:
-                server.shutdown()
-                server.server_close()
-                if self._thread:
-                    self._thread.join(timeout=5)
+            thread, self._thread = self._thread, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
 
-    def __enter__(self) -> Http01Responder:
+    def __enter__(self):  # noqa: ANN204
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Http01Responder(_ThreadedResponder):
+    """Serves http-01 answers from a thread of this process. Starts on first use (or ``start()``);
+    one responder serves every issuer in the process, so share it. ``port=0`` picks a free port."""
+
+    challenge_types = (HTTP_01,)
+    kind = "http-01"
+
+    def __init__(self, address: str = "127.0.0.1", port: int = 5002) -> None:
+        super().__init__(address, port)
+        self._answers: dict[str, str] = {}
+
+    def _make_server(self) -> _ResponderServer:
+        server = _ResponderServer((self.address, self._port), _ResponderHandler)
+        server.answers = self._answers
+        return server
 
     def present(self, challenge: Challenge) -> None:
         self.start()
@@ -194,24 +212,18 @@ class _AlpnHandler(socketserver.BaseRequestHandler):
             pass
 
 
-class TlsAlpn01Responder:
+class TlsAlpn01Responder(_ThreadedResponder):
     """Answers tls-alpn-01 (RFC 8737): a TLS server that, to a client offering ALPN "acme-tls/1" and
     naming an identifier in SNI, presents a self-signed certificate for that identifier carrying the
     critical acmeIdentifier extension (SHA-256 of the key authorisation). Each certificate and its
     throw-away key live only in memory and in an SSL context. Starts on first use; ``port=0`` picks one."""
 
     challenge_types = (TLS_ALPN_01,)
+    kind = "tls-alpn-01"
 
     def __init__(self, address: str = "127.0.0.1", port: int = 5001) -> None:
-        self.address = address
-        self._port = port
+        super().__init__(address, port)
         self._contexts: dict[str, ssl.SSLContext] = {}
-        self._server: _AlpnServer | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1] if self._server else self._port
 
     def _pick(self, tls: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext) -> int | None:
         context = self._contexts.get((server_name or "").lower())
@@ -220,35 +232,13 @@ class TlsAlpn01Responder:
         tls.context = context
         return None
 
-    def start(self) -> TlsAlpn01Responder:
-        with self._lock:
-            if self._server is None:
-                base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                base.set_alpn_protocols([ACME_TLS_ALPN_PROTOCOL])
-                base.sni_callback = self._pick  # type: ignore[assignment]
-                try:
-                    server = _AlpnServer((self.address, self._port), _AlpnHandler)
-                except OSError as exc:
-                    raise TransientError(f"tls-alpn-01 responder cannot listen on {self.address}:{self._port}: "
-                                         f"{exc.strerror}") from exc
-                server.context = base
-                threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
-                                 name=f"tls-alpn-01 responder {self.address}:{self._port}").start()
-                self._server = server
-        return self
-
-    def stop(self) -> None:
-        with self._lock:
-            server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-
-    def __enter__(self) -> TlsAlpn01Responder:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _make_server(self) -> _AlpnServer:
+        base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        base.set_alpn_protocols([ACME_TLS_ALPN_PROTOCOL])
+        base.sni_callback = self._pick  # type: ignore[assignment]
+        server = _AlpnServer((self.address, self._port), _AlpnHandler)
+        server.context = base
+        return server
 
     def present(self, challenge: Challenge) -> None:
         self.start()
