@@ -25,7 +25,7 @@ fi
 
 if [ "${1:-}" = "--for-tests" ]; then
   # Debian packages of the real servers the tests use: pebble ships pebble and pebble-challtestsrv (ACME).
-  debs=(pebble openssl)  # openssl: the private CA's tests check CRLs, OCSP and chains with its command line
+  debs=(pebble openssl openssh-server nginx haproxy)  # openssl: the private CA tests check CRLs, OCSP and chains; sshd, nginx and haproxy: the deployment targets
   missing=()
   for deb in "${debs[@]}"; do dpkg -s "$deb" >/dev/null 2>&1 || missing+=("$deb"); done
   if [ "${#missing[@]}" -gt 0 ]; then
