@@ -12,11 +12,24 @@ Locators: ``tls://host:port?sni=name``, ``ssh://user@host:port/path``, ``aws-acm
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import datetime as dt
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import sqlalchemy as sa
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from sqlmodel import Session
+
+from certpilot import audit, inventory, keystore
+from certpilot.database import write_session
+from certpilot.inventory import Observation
+from certpilot.keys import key_matches_certificate, public_key_sha256
+from certpilot.keystore import KeyRing
+from certpilot.models import Location
+from certpilot.x509info import describe_certificate
 
 
 @dataclass(frozen=True)
@@ -54,3 +67,116 @@ def split(items: Iterable[Found | Problem]) -> tuple[list[Found], list[Problem]]
     for item in items:
         (found if isinstance(item, Found) else problems).append(item)  # type: ignore[arg-type]
     return found, problems
+
+
+# ----------------------------------------------------------------------------- recording a source's run
+
+BATCH = 500  # observations per write transaction
+
+
+@dataclass
+class DiscoveryReport:
+    """What one source's run found: counts and problems, public facts only (a task returns it)."""
+
+    source: str
+    run_id: str
+    places: int = 0  # locators with a certificate
+    certificates: int = 0  # distinct certificates seen (leaves and chains)
+    new_certificates: int = 0
+    new_locations: int = 0
+    keys_stored: int = 0
+    ghosts: int = 0  # locations of this source flagged as ghosts by this run
+    problems: list[Problem] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.source, "run_id": self.run_id, "places": self.places,
+                "certificates": self.certificates, "new_certificates": self.new_certificates,
+                "new_locations": self.new_locations, "keys_stored": self.keys_stored, "ghosts": self.ghosts,
+                "problems": [{"locator": p.locator, "reason": p.reason} for p in self.problems]}
+
+
+def observations(found: Found, source: str) -> list[Observation]:
+    """The leaf at its locator (with the details and the chain's fingerprints) and the chain's
+    certificates without a location: they were presented there, not installed there."""
+    certs = [x509.load_der_x509_certificate(der) for der in found.certificates]
+    records = [describe_certificate(cert) for cert in certs]
+    details = {**found.details, "chain": [r.fingerprint_sha256 for r in records[1:]]}
+    return [Observation(records[0], found.locator, source, details),
+            *(Observation(r, None, source) for r in records[1:])]
+
+
+def record(engine: sa.Engine, source: Source, actor: audit.Actor, *,
+           key_ring: Callable[[], KeyRing] | None = None, batch_size: int = BATCH,
+           now: Callable[[], dt.datetime] | None = None) -> DiscoveryReport:
+    """Run ``source`` and write what it finds, a batch per transaction; then flag as ghosts the
+    source's locations this run did not see. Keys a source brought back are stored sealed when
+    ``key_ring`` is given and dropped otherwise.
+
+    The run is ``actor.flow_run_id`` (a fresh id without Prefect). If the source fails part-way,
+    what was found is kept and nothing is flagged: ghosts are judged only by a complete run.
+    """
+    clock = now or (lambda: dt.datetime.now(dt.timezone.utc))
+    run_id = actor.flow_run_id or f"scan-{uuid.uuid4().hex}"
+    actor = audit.Actor(actor.name, run_id)
+    report = DiscoveryReport(source.name, run_id)
+    seen: set[str] = set()
+    batch: list[Found] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        obs: list[Observation] = []
+        keys = []
+        for found in batch:
+            try:
+                obs += observations(found, source.name)
+            except ValueError as exc:  # a source handed over bytes that are not a certificate
+                report.problems.append(Problem(found.locator, f"not a certificate: {exc}"))
+                continue
+            if found.key is not None and key_ring is not None:
+                keys.append((found.key, x509.load_der_x509_certificate(found.certificates[0]), found.locator))
+        with write_session(engine) as session:
+            result = inventory.upsert(session, obs, actor, now=clock())
+            for key, leaf, locator in keys:
+                if not key_matches_certificate(key, leaf):
+                    report.problems.append(Problem(locator, "the key found beside it does not match the certificate"))
+                    continue
+                if keystore.find_key(session, public_key_sha256(key)) is None:
+                    keystore.store_private_key(session, key, key_ring(), actor, "discovered", clock())  # type: ignore[misc]
+                    report.keys_stored += 1
+        report.places += sum(1 for o in obs if o.locator)
+        report.new_certificates += len(result.new)
+        report.new_locations += result.new_locations
+        seen.update(result.seen)
+        batch.clear()
+
+    for item in source.discover():
+        if isinstance(item, Problem):
+            report.problems.append(item)
+            continue
+        batch.append(item)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    report.certificates = len(seen)
+    with write_session(engine) as session:
+        report.ghosts = flag_ghosts(session, source.name, run_id, actor, clock())
+    return report
+
+
+def flag_ghosts(session: Session, source: str, run_id: str, actor: audit.Actor, now: dt.datetime) -> int:
+    """Flag the locations of ``source`` not seen by run ``run_id`` as ghosts (those it saw were
+    unflagged as they were recorded). Returns how many were newly flagged; each is audited."""
+    stale = session.execute(sa.select(Location.id, Location.certificate_fingerprint, Location.locator).where(
+        Location.source == source, Location.ghost.is_(False),  # type: ignore[attr-defined]
+        sa.or_(Location.seen_by_run.is_(None), Location.seen_by_run != run_id))).all()  # type: ignore[union-attr]
+    if not stale:
+        return 0
+    ids = [row[0] for row in stale]
+    for start in range(0, len(ids), BATCH):
+        session.execute(sa.update(Location).where(Location.id.in_(ids[start:start + BATCH]))  # type: ignore[union-attr]
+                        .values(ghost=True), execution_options={"synchronize_session": False})
+    audit.append(session, actor, [audit.Change("location.ghost", f"certificate:{fp}", {"locator": locator,
+                                                                                       "source": source})
+                                  for _, fp, locator in stale], now)
+    return len(stale)

@@ -36,6 +36,7 @@ class Observation:
     record: CertificateRecord
     locator: str | None
     source: str
+    details: dict[str, Any] | None = None  # public facts seen at the locator, kept on the Location
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def _relabel(session: Session, existing: dict[str, tuple[str | None, dict[str, s
 
 def _upsert_locations(session: Session, observations: Sequence[Observation], new_fps: set[str],
                       actor: audit.Actor, now: dt.datetime) -> tuple[list[audit.Change], int]:
-    wanted = {(o.record.fingerprint_sha256, o.locator): o.source for o in observations if o.locator}
+    wanted = {(o.record.fingerprint_sha256, o.locator): o for o in observations if o.locator}
     if not wanted:
         return [], 0
     fps = sorted({fp for fp, _ in wanted if fp not in new_fps})  # a certificate added just now has none yet
@@ -139,13 +140,22 @@ def _upsert_locations(session: Session, observations: Sequence[Observation], new
             known[(fp, locator)] = loc_id
     fresh = [key for key in wanted if key not in known]
     _insert_rows(session, _LOCATION, [
-        {"certificate_fingerprint": fp, "locator": locator, "source": wanted[(fp, locator)], "first_seen": now,
-         "last_seen": now, "seen_by_run": actor.flow_run_id, "ghost": False} for fp, locator in fresh])
-    seen_again = [known[key] for key in wanted if key in known]
-    for chunk in _chunks(seen_again):
+        {"certificate_fingerprint": fp, "locator": locator, "source": wanted[(fp, locator)].source, "first_seen": now,
+         "last_seen": now, "seen_by_run": actor.flow_run_id, "ghost": False, "details": wanted[(fp, locator)].details}
+        for fp, locator in fresh])
+    plain = [known[key] for key, o in wanted.items() if key in known and o.details is None]
+    for chunk in _chunks(plain):
         session.execute(sa.update(Location).where(Location.id.in_(chunk))  # type: ignore[union-attr]
                         .values(last_seen=now, ghost=False, seen_by_run=actor.flow_run_id), execution_options=_BULK)
-    changes = [audit.Change("location.added", f"certificate:{fp}", {"locator": locator, "source": wanted[(fp, locator)]})
+    detailed = [{"location_id": known[key], "location_details": o.details} for key, o in wanted.items()
+                if key in known and o.details is not None]
+    if detailed:  # each row its own details: one executemany
+        session.connection().execute(
+            _LOCATION.update().where(_LOCATION.c.id == sa.bindparam("location_id"))
+            .values(last_seen=now, ghost=False, seen_by_run=actor.flow_run_id, details=sa.bindparam("location_details")),
+            detailed)
+    changes = [audit.Change("location.added", f"certificate:{fp}", {"locator": locator,
+                                                                     "source": wanted[(fp, locator)].source})
                for fp, locator in fresh if fp not in new_fps]
     return changes, len(fresh)
 

@@ -96,7 +96,9 @@ class SubjectAltName(SQLModel, table=True):
 
 class Location(SQLModel, table=True):
     __tablename__ = "location"
-    __table_args__ = (sa.UniqueConstraint("certificate_fingerprint", "locator", name="uq_location_certificate_locator"),)
+    # Ghost flagging updates one source's locations: (source, ghost) finds them.
+    __table_args__ = (sa.UniqueConstraint("certificate_fingerprint", "locator", name="uq_location_certificate_locator"),
+                      sa.Index("ix_location_source_ghost", "source", "ghost"))
 
     id: int | None = Field(default=None, primary_key=True)
     certificate_fingerprint: str = Field(foreign_key="certificate.fingerprint_sha256", index=True)
@@ -105,7 +107,10 @@ class Location(SQLModel, table=True):
     first_seen: dt.datetime = _time()
     last_seen: dt.datetime = _time()
     seen_by_run: str | None = Field(default=None, max_length=64)  # Prefect flow run id
-    ghost: bool = False
+    ghost: bool = False  # not seen by the latest successful run of its source
+    # What the source reported there, public facts only: TLS version, whether the chain verified, a
+    # file's format and the key file it pairs with, an ARN, a Key Vault version...
+    details: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(sa.JSON, nullable=True))
 
 
 class ManagedCertificate(SQLModel, table=True):
@@ -180,6 +185,8 @@ class Target(SQLModel, table=True):
     desired_fingerprint: str | None = Field(default=None, max_length=64)
     verified_fingerprint: str | None = Field(default=None, max_length=64)
     verified_at: dt.datetime | None = _time(nullable=True)
+    deployed_at: dt.datetime | None = _time(nullable=True)
+    last_error: str | None = None  # why the last deploy or verification here failed; None after a success
     updated_at: dt.datetime = _time()
 
 

@@ -1,0 +1,193 @@
+"""Targets: where a managed certificate is served, what each should serve and what was last proven.
+
+Each Target records ``desired_fingerprint`` (set before a deploy touches it) and
+``verified_fingerprint`` (set only after the target was seen serving it). Rollback inside a run is
+best-effort, a killed process rolls nothing back, so a deploy run starts from these records and the
+target itself (what it holds now) and brings a mixed fleet to one state: see ``Step``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from cryptography import x509
+from sqlmodel import Session, select
+
+from certpilot import audit, keystore
+from certpilot.database import read_session
+from certpilot.deployment import DeployBundle, key_to_pem
+from certpilot.errors import NotFoundError, PermanentError
+from certpilot.keystore import KeyRing
+from certpilot.managed import current_certificate, get
+from certpilot.models import Certificate, ManagedCertificate, Target
+
+KINDS = ("ssh-nginx", "ssh-haproxy", "aws-acm", "aws-elbv2", "aws-iam-elbv2", "azure-kv")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def add(session: Session, managed_name: str, name: str, kind: str, block: str, settings: dict[str, Any],
+        actor: audit.Actor, now: dt.datetime | None = None) -> Target:
+    """Add a target to managed certificate ``managed_name``. ``block`` is the Prefect block document
+    (``block-type-slug/document-name``) that builds its connector; ``settings`` its target settings."""
+    if not _NAME.match(name):
+        raise PermanentError(f"target name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+    if kind not in KINDS:
+        raise PermanentError(f"target {name}: unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    if "/" not in block:
+        raise PermanentError(f"target {name}: block {block!r} must be 'block-type-slug/document-name'")
+    managed = get(session, managed_name)
+    if session.exec(select(Target).where(Target.managed_certificate_id == managed.id, Target.name == name)).first():
+        raise PermanentError(f"managed certificate {managed_name} already has a target named {name}")
+    now = now or utcnow()
+    target = Target(managed_certificate_id=managed.id, name=name, kind=kind, block=block, settings=dict(settings),
+                    updated_at=now)  # type: ignore[arg-type]
+    session.add(target)
+    session.flush()
+    audit.append(session, actor, [audit.Change("target.added", f"managed:{managed_name}",
+                                               {"target": name, "kind": kind, "block": block,
+                                                "settings": settings})], now)
+    return target
+
+
+def list_targets(session: Session, managed_name: str) -> list[Target]:
+    managed = get(session, managed_name)
+    return list(session.exec(select(Target).where(Target.managed_certificate_id == managed.id)
+                             .order_by(Target.name)))  # type: ignore[arg-type]
+
+
+def get_target(session: Session, managed_name: str, name: str) -> Target:
+    for target in list_targets(session, managed_name):
+        if target.name == name:
+            return target
+    raise NotFoundError(f"managed certificate {managed_name} has no target named {name}")
+
+
+def _update(session: Session, target: Target, actor: audit.Actor, action: str, details: dict[str, Any],
+            now: dt.datetime | None, **values: Any) -> None:
+    now = now or utcnow()
+    session.execute(sa.update(Target).where(Target.id == target.id).values(updated_at=now, **values))
+    managed = session.get(ManagedCertificate, target.managed_certificate_id)
+    managed_name = managed.name if managed else target.managed_certificate_id
+    audit.append(session, actor, [audit.Change(action, f"target:{managed_name}/{target.name}",
+                                               {"kind": target.kind, **details})], now)
+
+
+def set_desired(session: Session, target: Target, fingerprint: str, actor: audit.Actor,
+                now: dt.datetime | None = None) -> None:
+    if target.desired_fingerprint != fingerprint:
+        _update(session, target, actor, "target.desired", {"fingerprint": fingerprint,
+                                                          "was": target.desired_fingerprint}, now,
+                desired_fingerprint=fingerprint)
+
+
+def record_deployed(session: Session, target: Target, fingerprint: str, actor: audit.Actor,
+                    now: dt.datetime | None = None) -> None:
+    now = now or utcnow()
+    _update(session, target, actor, "target.deployed", {"fingerprint": fingerprint}, now, deployed_at=now)
+
+
+def record_verified(session: Session, target: Target, fingerprint: str, how: str, actor: audit.Actor,
+                    now: dt.datetime | None = None) -> None:
+    now = now or utcnow()
+    _update(session, target, actor, "target.verified", {"fingerprint": fingerprint, "how": how}, now,
+            verified_fingerprint=fingerprint, verified_at=now, last_error=None)
+
+
+def record_failed(session: Session, target: Target, reason: str, actor: audit.Actor,
+                  now: dt.datetime | None = None) -> None:
+    _update(session, target, actor, "target.failed", {"reason": reason}, now, last_error=reason)
+
+
+def record_rolled_back(session: Session, target: Target, fingerprint: str | None, verified: bool,
+                       actor: audit.Actor, now: dt.datetime | None = None) -> None:
+    """The target was put back to ``fingerprint``: that is what it should serve until the next deploy."""
+    now = now or utcnow()
+    values: dict[str, Any] = {"desired_fingerprint": fingerprint}
+    if verified:
+        values.update(verified_fingerprint=fingerprint, verified_at=now)
+    _update(session, target, actor, "target.rolled-back", {"fingerprint": fingerprint, "verified": verified}, now,
+            **values)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a deploy run of managed certificate ``name`` will do: serve ``fingerprint`` on ``targets``."""
+
+    name: str
+    fingerprint: str
+    targets: list[dict[str, Any]]  # name, kind, desired, verified: public facts for the run's record
+
+
+def plan(session: Session, managed_name: str, fingerprint: str | None = None) -> Plan:
+    """Deploy the given certificate, or the managed certificate's current one, to all its targets."""
+    managed = get(session, managed_name)
+    if fingerprint is None:
+        current = current_certificate(session, managed)
+        if current is None:
+            raise NotFoundError(f"managed certificate {managed_name} has no certificate yet: renew it first")
+        fingerprint = current.fingerprint_sha256
+    else:
+        cert = session.get(Certificate, fingerprint)
+        if cert is None or cert.managed_certificate_id != managed.id:
+            raise NotFoundError(f"certificate {fingerprint[:16]} is not one of managed certificate {managed_name}'s")
+    targets = [{"name": t.name, "kind": t.kind, "desired": t.desired_fingerprint, "verified": t.verified_fingerprint}
+               for t in list_targets(session, managed_name)]
+    return Plan(managed_name, fingerprint, targets)
+
+
+# ------------------------------------------------------------------------------------------- bundles
+
+def chain_of(session: Session, fingerprint: str) -> tuple[Certificate, list[Certificate]]:
+    """The certificate and its intermediates from the inventory (issuer links), without the root."""
+    leaf = session.get(Certificate, fingerprint)
+    if leaf is None:
+        raise NotFoundError(f"certificate {fingerprint[:16]} is not in the inventory")
+    chain: list[Certificate] = []
+    cur = leaf
+    while cur.issuer_fingerprint and cur.issuer_fingerprint != cur.fingerprint_sha256 and len(chain) < 8:
+        parent = session.get(Certificate, cur.issuer_fingerprint)
+        if parent is None or parent.self_signed:
+            break
+        chain.append(parent)
+        cur = parent
+    return leaf, chain
+
+
+def bundle(engine: sa.Engine, name: str, fingerprint: str, key_ring: Callable[[], KeyRing]) -> DeployBundle | None:
+    """The deployable bundle of ``fingerprint``, or None when its key is not in the keystore. The key
+    is unsealed only when the deployer calls ``key_pem()``, in a session of its own."""
+    with read_session(engine) as session:
+        leaf, chain = chain_of(session, fingerprint)
+        if leaf.spki_sha256 is None:
+            return None
+        ref = keystore.find_key(session, leaf.spki_sha256)
+        certificate = x509.load_der_x509_certificate(leaf.der)
+        intermediates = tuple(x509.load_der_x509_certificate(c.der) for c in chain)
+    if ref is None:
+        return None
+
+    def key_pem() -> bytes:
+        with read_session(engine) as session:
+            return key_to_pem(keystore.load_private_key(session, ref, key_ring()))
+
+    return DeployBundle(name, certificate, intermediates, key_pem)
+
+
+def lookup(engine: sa.Engine, name: str, key_ring: Callable[[], KeyRing]) -> Callable[[str], DeployBundle | None]:
+    """A BundleLookup over the inventory and keystore, for deployers whose rollback re-installs a
+    previous certificate with its key."""
+    def find(fingerprint: str) -> DeployBundle | None:
+        try:
+            return bundle(engine, name, fingerprint, key_ring)
+        except NotFoundError:
+            return None
+    return find
