@@ -1,0 +1,505 @@
+"""Azure Key Vault certificates: a Source (every certificate and version, public data only) and a
+Deployer (kind ``azure-kv``), over the real azure-keyvault-certificates SDK.
+
+Connection (KeyVaultConnection): the vault URL, a credential (azure-identity's ClientSecretCredential for
+real Azure; StaticTokenCredential below for loopback test vaults and pre-issued tokens), an optional CA
+file for a vault behind a private CA, and bounded network behaviour: every request has a connection and
+a read timeout, connection and read failures are retried ``retry_total`` times with a capped backoff, and
+HTTP 429 and 5xx are not retried inside the SDK (it would honour any Retry-After, unbounded): they raise
+a transient DeployError (KeyVaultUnavailable for the source) at once, and the Prefect task's own retries
+take it from there. ``KeyVaultConnection.worst_case_seconds`` is the longest one call can take.
+
+Errors: azure.core exceptions are translated here, in one place, into certpilot errors whose messages
+name the vault and the certificate and never hold a secret. Connection failures, timeouts, dropped
+connections, 408, 429 and 5xx are transient (DeployError); any other 4xx, a TLS certificate the client
+does not trust and a bad configuration are permanent (PermanentDeployError). A 404 where it means
+"absent" is not an error: current() is None, deploy() records that there was no previous version. The
+SDK exceptions are not chained to the ones raised from calls that carried key material: their request
+object holds the body.
+
+Source (``azure-kv:<vault host>``): every certificate and every version, as Found items with the
+version's certificate (``cer``, DER; Key Vault keeps the chain only in the secret, which a source never
+reads: private keys are never read by the source), locator ``azure-kv://<vault host>/<name>/<version>``
+and details version, enabled, current (is the latest version), content_type, tags. A certificate whose
+versions cannot be read becomes a Problem; a vault that cannot be listed raises.
+
+Deployer, kind ``azure-kv``. Settings:
+    certificate_name  (required) the Key Vault certificate to import into: 1 to 127 letters, digits
+                      and dashes. Each deploy imports a new version (PEM: leaf, chain, PKCS#8 key, with
+                      the policy's content type application/x-pem-file); the key is checked against the
+                      certificate locally first, so a mismatched key changes nothing in the vault.
+    tags              (optional) a dict of str to str set on every version imported.
+    purge_deleted     (optional, default False) after a rollback deletes a certificate that certpilot
+                      created (there was no previous version), purge it too, so the name can be used
+                      again at once; needs the certificates/purge permission and a vault without purge
+                      protection. Without it the name stays soft-deleted for the vault's retention
+                      (7 to 90 days) and a new import under that name is refused (409 Conflict).
+verify() reads the latest version back through the API (method "api"): its ``cer`` must have the expected
+fingerprint and it must be enabled. rollback() re-imports the previous version's secret (its key and
+chain, read with GET /secrets/{name}/{version} and kept only inside that function) as a new version, so
+the previous certificate is current again; if there was none, it deletes the certificate. remove()
+deletes the certificate: Key Vault soft-deletes it (recoverable for the retention period; purge it, or
+let the vault's retention run out, before reusing the name).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import re
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.core.rest import HttpRequest
+from azure.keyvault.certificates import (
+    CertificateClient,
+    CertificateContentType,
+    CertificatePolicy,
+    KeyVaultCertificate,
+    WellKnownIssuerNames,
+)
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from certpilot.deployment import (
+    BundleLookup,
+    DeployBundle,
+    DeployError,
+    PermanentDeployError,
+    Receipt,
+    Verification,
+    VerificationError,
+)
+from certpilot.discovery import Found, Problem
+from certpilot.errors import CertpilotError, PermanentError, TransientError
+
+log = logging.getLogger(__name__)
+
+KIND = "azure-kv"
+SETTINGS = {"certificate_name", "tags", "purge_deleted"}
+_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
+_T = TypeVar("_T")
+
+
+class KeyVaultUnavailable(TransientError):
+    """The source could not read the vault for a reason that may pass (timeout, dropped, throttled, 5xx)."""
+
+
+class KeyVaultRefused(PermanentError):
+    """The source's request was refused for a reason retrying will not fix (authentication, permission,
+    an untrusted TLS certificate, a bad URL)."""
+
+
+class StaticTokenCredential:
+    """A credential that hands out one bearer token it was given: for loopback test vaults (lab/keyvault.py)
+    and for tokens issued elsewhere (e.g. by a pipeline's workload identity). It implements both
+    get_token and get_token_info, which the Key Vault SDK prefers. The token never appears in repr."""
+
+    def __init__(self, token: str, expires_in: float = 3600.0) -> None:
+        if not token:
+            raise ValueError("StaticTokenCredential needs a non-empty token")
+        self._token = token
+        self._expires_on = int(time.time() + expires_in)
+
+    def get_token(self, *scopes: str, claims: str | None = None, tenant_id: str | None = None,
+                  enable_cae: bool = False, **kwargs: Any) -> AccessToken:
+        return AccessToken(self._token, self._expires_on)
+
+    def get_token_info(self, *scopes: str, options: TokenRequestOptions | None = None) -> AccessTokenInfo:
+        return AccessTokenInfo(self._token, self._expires_on)
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "StaticTokenCredential(token=***)"
+
+
+def trust_file(ca_pem: str) -> str:
+    """A file holding ``ca_pem`` (public CA certificates), for the client's TLS verification, named by its hash."""
+    data = ca_pem.strip().encode() + b"\n"
+    x509.load_pem_x509_certificates(data)  # refuse garbage here, not as an obscure TLS failure later
+    path = Path(tempfile.gettempdir()) / f"certpilot-ca-{hashlib.sha256(data).hexdigest()[:24]}.pem"
+    if not path.exists() or path.read_bytes() != data:
+        tmp = path.with_suffix(f".{time.monotonic_ns()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return str(path)
+
+
+@dataclass(frozen=True)
+class KeyVaultConnection:
+    """How to reach one vault: its URL, a credential, TLS trust and the bounds of every call."""
+
+    vault_url: str
+    credential: Any = field(repr=False)  # azure.core TokenCredential / SupportsTokenInfo
+    ca_file: str | None = None
+    verify_challenge_resource: bool = True
+    connection_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retry_total: int = 2
+    retry_backoff_factor: float = 0.5
+    retry_backoff_max: float = 4.0
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.vault_url)
+        if parts.scheme != "https" or not parts.netloc:
+            raise PermanentDeployError(f"azure-kv: vault_url must be https://<vault host>, got {self.vault_url!r}")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.vault_url).netloc
+
+    @property
+    def worst_case_seconds(self) -> float:
+        """The longest one SDK call can take: every attempt timing out, with the capped backoffs between."""
+        attempts = self.retry_total + 1
+        return attempts * (self.connection_timeout + self.read_timeout) + self.retry_total * self.retry_backoff_max
+
+    def client(self) -> CertificateClient:
+        options: dict[str, Any] = {
+            "verify_challenge_resource": self.verify_challenge_resource,
+            "connection_timeout": self.connection_timeout, "read_timeout": self.read_timeout,
+            "retry_total": self.retry_total, "retry_connect": self.retry_total, "retry_read": self.retry_total,
+            "retry_status": 0, "retry_backoff_factor": self.retry_backoff_factor,
+            "retry_backoff_max": self.retry_backoff_max,
+        }
+        if self.ca_file:
+            options["connection_verify"] = self.ca_file
+        return CertificateClient(self.vault_url, self.credential, **options)
+
+
+def _short(text: object, limit: int = 300) -> str:
+    first = str(text or "").strip().splitlines()
+    return first[0][:limit] if first else ""
+
+
+def _translate(exc: Exception, where: str, action: str, transient: type[CertpilotError],
+               permanent: type[CertpilotError]) -> CertpilotError:
+    """One certpilot error for an SDK failure, naming the place and the action, with no secret in it."""
+    if isinstance(exc, HttpResponseError) and exc.status_code is not None:
+        status = exc.status_code
+        code = exc.error.code if exc.error is not None else None
+        message = exc.error.message if exc.error is not None else exc.reason
+        text = f"{where}: {action} failed: HTTP {status}" + (f" {code}" if code else "")
+        text += f": {_short(message)}" if message else ""
+        if status == 409 and "deleted" in str(message).lower():
+            text += " (purge or recover the deleted certificate, or set purge_deleted)"
+        retry_after = exc.response.headers.get("Retry-After") if exc.response is not None else None
+        if status in (408, 429) or status >= 500:
+            return transient(text + (f" (retry after {retry_after} s)" if retry_after else ""))
+        return permanent(text)
+    if isinstance(exc, ClientAuthenticationError):  # the credential itself failed, no HTTP status
+        return permanent(f"{where}: {action} failed: authentication: {_short(exc.message)}")
+    if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
+        detail = _short(getattr(exc, "message", exc))
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return permanent(f"{where}: {action} failed: the vault's TLS certificate is not trusted "
+                             f"(set ca_file or ca_pem for a private CA): {detail}")
+        return transient(f"{where}: {action} failed: {type(exc).__name__}: {detail}")
+    if isinstance(exc, AzureError):
+        return transient(f"{where}: {action} failed: {type(exc).__name__}: {_short(getattr(exc, 'message', exc))}")
+    # ValueError from the SDK: a challenge whose resource does not match the vault, a malformed URL...
+    return permanent(f"{where}: {action} failed: {type(exc).__name__}: {_short(exc)}")
+
+
+def _fingerprint(der: bytes | bytearray | None) -> str | None:
+    return hashlib.sha256(bytes(der)).hexdigest() if der else None
+
+
+@dataclass(frozen=True)
+class _Latest:
+    version: str
+    fingerprint: str | None
+    enabled: bool
+    content_type: str | None
+
+
+class _Calls:
+    """Runs SDK calls against one vault and translates their failures."""
+
+    def __init__(self, connection: KeyVaultConnection, transient: type[CertpilotError],
+                 permanent: type[CertpilotError]) -> None:
+        self.connection = connection
+        self.transient, self.permanent = transient, permanent
+        self._client: CertificateClient | None = None
+
+    @property
+    def client(self) -> CertificateClient:
+        if self._client is None:
+            self._client = self.connection.client()
+        return self._client
+
+    def run(self, where: str, action: str, call: Callable[[], _T], *, absent_ok: bool = False,
+            chain: bool = True) -> _T | None:
+        """``call()``; None for a 404 when ``absent_ok``; otherwise a translated error (chained to the SDK's
+        unless ``chain`` is False: set it for calls whose request carried key material)."""
+        cause: Exception
+        try:
+            return call()
+        except ResourceNotFoundError as exc:
+            if absent_ok:
+                return None
+            cause = exc
+        except (AzureError, ValueError) as exc:
+            cause = exc
+        error = _translate(cause, where, action, self.transient, self.permanent)
+        if chain:
+            raise error from cause
+        del cause
+        raise error  # raised outside the handler: neither __cause__ nor __context__ refers to the SDK's error
+
+    def must(self, where: str, action: str, call: Callable[[], _T], *, chain: bool = True) -> _T:
+        result = self.run(where, action, call, chain=chain)
+        if result is None:
+            raise self.permanent(f"{where}: {action} returned nothing")
+        return result
+
+
+def _content_type(certificate: KeyVaultCertificate) -> str | None:
+    policy = certificate.policy
+    value = policy.content_type if policy is not None else None
+    return str(value.value if hasattr(value, "value") else value) if value else None
+
+
+class AzureKeyVaultSource:
+    """Every certificate of one vault and all its versions; public data only (see the module docstring)."""
+
+    def __init__(self, connection: KeyVaultConnection, *, page_size: int | None = None) -> None:
+        self.connection = connection
+        self.page_size = page_size
+        self.name = f"azure-kv:{connection.host}"
+        self._calls = _Calls(connection, KeyVaultUnavailable, KeyVaultRefused)
+
+    def _locator(self, name: str, version: str | None = None) -> str:
+        return f"azure-kv://{self.connection.host}/{name}" + (f"/{version}" if version else "")
+
+    def discover(self) -> Iterator[Found | Problem]:
+        client = self._calls.client
+        where = f"azure-kv {self.connection.host}"
+        names: list[str] = self._calls.must(where, "listing certificates", lambda: [
+            p.name for p in client.list_properties_of_certificates(max_page_size=self.page_size) if p.name])
+        for name in names:
+            try:
+                yield from self._certificate(name)
+            except (KeyVaultUnavailable, KeyVaultRefused) as exc:
+                yield Problem(self._locator(name), str(exc))
+
+    def _certificate(self, name: str) -> Iterator[Found]:
+        client, where = self._calls.client, f"azure-kv {self.connection.host}/{name}"
+        latest = self._calls.run(where, "reading the certificate", lambda: client.get_certificate(name), absent_ok=True)
+        if latest is None:  # deleted between the listing and now
+            return
+        versions = self._calls.must(where, "listing versions", lambda: [
+            p for p in client.list_properties_of_certificate_versions(name, max_page_size=self.page_size)])
+        for props in versions:
+            version = props.version
+            if not version:
+                continue
+            if version == latest.properties.version:
+                certificate: KeyVaultCertificate | None = latest
+            else:
+                certificate = self._calls.run(f"{where}/{version}", "reading the version",
+                                              lambda: client.get_certificate_version(name, version), absent_ok=True)
+            if certificate is None or not certificate.cer:
+                continue
+            yield Found((bytes(certificate.cer),), self._locator(name, version), {
+                "vault": self.connection.host, "name": name, "version": version,
+                "enabled": bool(props.enabled), "current": version == latest.properties.version,
+                "content_type": _content_type(certificate), "tags": dict(props.tags or {})})
+
+
+class AzureKeyVaultDeployer:
+    """One Key Vault certificate as a deploy target (kind ``azure-kv``; settings in the module docstring)."""
+
+    kind = KIND
+
+    def __init__(self, name: str, connection: KeyVaultConnection, settings: dict[str, Any],
+                 lookup: BundleLookup | None = None) -> None:
+        self.name = name
+        self.connection = connection
+        unknown = set(settings) - SETTINGS
+        if unknown:
+            raise PermanentDeployError(f"{name}: unknown azure-kv settings {sorted(unknown)} "
+                                       f"(known: {sorted(SETTINGS)})")
+        certificate_name = settings.get("certificate_name")
+        if not isinstance(certificate_name, str) or not _NAME.match(certificate_name):
+            raise PermanentDeployError(f"{name}: azure-kv setting certificate_name must be 1 to 127 letters, digits "
+                                       f"and dashes, got {certificate_name!r}")
+        tags = settings.get("tags") or {}
+        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            raise PermanentDeployError(f"{name}: azure-kv setting tags must map strings to strings")
+        self.certificate_name = certificate_name
+        self.tags: dict[str, str] = dict(tags)
+        self.purge_deleted = bool(settings.get("purge_deleted", False))
+        self.lookup = lookup  # not needed: the previous version's key is in the vault itself
+        self._calls = _Calls(connection, DeployError, PermanentDeployError)
+
+    @property
+    def where(self) -> str:
+        return f"{self.name}: azure-kv {self.connection.host}/{self.certificate_name}"
+
+    @property
+    def locator(self) -> str:
+        return f"azure-kv://{self.connection.host}/{self.certificate_name}"
+
+    def _latest(self) -> _Latest | None:
+        client = self._calls.client
+        found = self._calls.run(self.where, "reading the current version",
+                                lambda: client.get_certificate(self.certificate_name), absent_ok=True)
+        if found is None:
+            return None
+        return _Latest(found.properties.version or "", _fingerprint(found.cer), bool(found.properties.enabled),
+                       _content_type(found))
+
+    def current(self) -> str | None:
+        latest = self._latest()
+        return latest.fingerprint if latest else None
+
+    def deploy(self, bundle: DeployBundle) -> Receipt:
+        previous = self._latest()
+        policy = None
+        if previous is None or previous.content_type != CertificateContentType.pem.value:
+            policy = CertificatePolicy(issuer_name=WellKnownIssuerNames.unknown,
+                                       content_type=CertificateContentType.pem)
+        key_pem = bundle.key_pem()
+        try:
+            _check_key(key_pem, bundle.certificate, self.where)
+            imported = self._import(bundle.fullchain_pem() + key_pem, policy)
+        except CertpilotError as exc:
+            traceback.clear_frames(exc.__traceback__)  # the finished frames that held the PEM body
+            raise
+        finally:
+            del key_pem
+        served = _fingerprint(imported.cer)
+        if served != bundle.fingerprint:
+            raise PermanentDeployError(f"{self.where}: the vault holds {str(served)[:16]} after importing "
+                                       f"{bundle.fingerprint[:16]}")
+        log.info("%s: imported %s as version %s (previous %s)", self.where, bundle.fingerprint[:16],
+                 imported.properties.version, previous.version if previous else "none")
+        return Receipt(self.name, self.kind, bundle.fingerprint, previous.fingerprint if previous else None,
+                       {"vault": self.connection.host, "certificate_name": self.certificate_name,
+                        "version": imported.properties.version,
+                        "previous_version": previous.version if previous else None})
+
+    def _import(self, body: bytes, policy: CertificatePolicy | None) -> KeyVaultCertificate:
+        client = self._calls.client
+        return self._calls.must(self.where, "importing a new version", lambda: client.import_certificate(
+            self.certificate_name, body, policy=policy, tags=self.tags or None), chain=False)
+
+    def verify(self, fingerprint: str) -> Verification:
+        client = self._calls.client
+        found = self._calls.run(self.where, "reading back the current version",
+                                lambda: client.get_certificate(self.certificate_name), absent_ok=True)
+        if found is None:
+            raise VerificationError(self.name, fingerprint, None, f"{self.locator} does not exist")
+        served = _fingerprint(found.cer)
+        version = found.properties.version
+        if served != fingerprint:
+            raise VerificationError(self.name, fingerprint, served,
+                                    f"the current version {version} of {self.locator} holds another certificate")
+        if not found.properties.enabled:
+            raise VerificationError(self.name, fingerprint, served, f"the current version {version} of "
+                                                                    f"{self.locator} is disabled")
+        return Verification(self.name, fingerprint, "api",
+                            f"current version {version} of {self.locator} is enabled and holds it (API read-back)")
+
+    def rollback(self, receipt: Receipt) -> None:
+        previous_version = receipt.undo.get("previous_version")
+        if previous_version is None:
+            self._delete("rolling back (deleting the certificate created)", purge=self.purge_deleted)
+            return
+        latest = self._latest()
+        if latest is not None and receipt.previous_fingerprint and latest.fingerprint == receipt.previous_fingerprint:
+            return  # already back (a rollback that ran before, or someone else's)
+        self._reimport(str(previous_version))
+        now = self.current()
+        if receipt.previous_fingerprint and now != receipt.previous_fingerprint:
+            raise PermanentDeployError(f"{self.where}: after rolling back to version {previous_version} the vault "
+                                       f"holds {str(now)[:16]}, not {receipt.previous_fingerprint[:16]}")
+        log.info("%s: rolled back to the certificate of version %s", self.where, previous_version)
+
+    def _reimport(self, version: str) -> None:
+        """Import the secret of ``version`` (its certificate, chain and key) as a new version. The secret's
+        value lives only in this function."""
+        client = self._calls.client
+        path = f"/secrets/{quote(self.certificate_name)}/{quote(version)}"
+        where = f"{self.where}/{version}"
+
+        def read() -> tuple[bytes, str]:
+            response = client.send_request(HttpRequest("GET", path, headers={"Accept": "application/json"}))
+            response.raise_for_status()
+            payload = response.json()
+            value, content_type = payload.get("value"), payload.get("contentType")
+            if not isinstance(value, str) or not value:
+                raise ValueError("the secret has no value")
+            if content_type == CertificateContentType.pkcs12.value:
+                return base64.b64decode(value), content_type
+            if content_type == CertificateContentType.pem.value:
+                return value.encode("ascii"), content_type
+            raise ValueError(f"the secret's content type {content_type!r} is neither PEM nor PKCS#12")
+
+        try:
+            secret, content_type = self._calls.must(where, "reading the previous version's secret", read, chain=False)
+            try:
+                self._import(secret, CertificatePolicy(issuer_name=WellKnownIssuerNames.unknown,
+                                                       content_type=CertificateContentType(content_type)))
+            finally:
+                del secret
+        except CertpilotError as exc:
+            traceback.clear_frames(exc.__traceback__)  # the finished frames that held the secret
+            raise
+
+    def remove(self) -> None:
+        """Delete the certificate (all its versions). Key Vault soft-deletes it: recoverable, and its name not
+        reusable, until purged or until the vault's retention period ends. An absent certificate is fine."""
+        self._delete("removing the certificate", purge=False)
+
+    def _delete(self, action: str, *, purge: bool) -> None:
+        client = self._calls.client
+        deleted = self._calls.run(self.where, action, lambda: client.begin_delete_certificate(
+            self.certificate_name, _polling_interval=0.5), absent_ok=True)
+        if deleted is None:
+            return
+        if purge:
+            # The SDK's poller reads the deleted certificate back in a thread until Key Vault shows it.
+            self._calls.run(self.where, "waiting for the deletion", lambda: deleted.wait(
+                timeout=self.connection.worst_case_seconds))
+            if not deleted.done():
+                raise DeployError(f"{self.where}: the deleted certificate did not appear within "
+                                  f"{self.connection.worst_case_seconds:.0f} s: not purged")
+            self._calls.run(self.where, "purging the deleted certificate",
+                            lambda: client.purge_deleted_certificate(self.certificate_name), absent_ok=True)
+        log.info("%s: deleted%s", self.where, " and purged" if purge else " (soft-deleted)")
+
+
+def _check_key(key_pem: bytes, certificate: x509.Certificate, where: str) -> None:
+    """The key must be the certificate's: refused here, before the vault is asked anything that changes it."""
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise PermanentDeployError(f"{where}: the bundle's private key could not be read") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    key_public = key.public_key().public_bytes(serialization.Encoding.DER, spki)
+    del key
+    if key_public != certificate.public_key().public_bytes(serialization.Encoding.DER, spki):
+        certificate_sha256 = hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+        raise PermanentDeployError(f"{where}: the private key (public key sha256 "
+                                   f"{hashlib.sha256(key_public).hexdigest()[:16]}) does not match the certificate "
+                                   f"{certificate_sha256[:16]}")
