@@ -1,0 +1,456 @@
+"""Deployers (certpilot.deployment.Deployer) for AWS: an ACM certificate, and an ELBv2 listener's
+certificate stored in ACM or in IAM.
+
+Kinds and their settings (a Target's settings dict; unknown keys are refused):
+
+``aws-acm``: re-import into one ACM certificate ARN.
+    region            the ACM region (optional when certificate_arn is given: taken from the ARN).
+    certificate_arn   the ACM certificate to re-import into (optional: when absent, the first deploy
+                      imports a new certificate tagged ``certpilot:target=<target name>``, and later
+                      calls find it by that tag; the receipt's undo holds the ARN).
+
+``aws-elbv2``: import a new ACM certificate and put it on a load balancer listener.
+    listener_arn      the HTTPS or TLS listener (required).
+    role              ``default`` (the listener's default certificate, swapped with modify_listener) or
+                      ``sni`` (an additional certificate: the new one is added, and the SNI entry this
+                      target put there before, or one for exactly the same DNS names, is removed).
+    region            optional; must be the listener's region when given.
+
+``aws-iam-elbv2``: the same listener swap, with the certificate uploaded as an IAM server certificate
+    named ``<managed certificate name>-<first 16 hex of the fingerprint>`` under the path
+    ``/certpilot/<target name>/``. Settings as for aws-elbv2.
+
+What certpilot checks itself because moto does not (and so that AWS refusals are not the only guard):
+the private key matches the certificate and the chain links by signature, before any call that
+changes state; a certificate is deleted only when no listener holds it (scanned, not trusted to the
+store); the chain read back is kept only where it links (moto appends a fake root); expiry is read
+from the certificate (moto invents IAM's).
+
+Rollback: ``aws-acm`` re-imports the previous certificate with its key, which certpilot can only get
+from its own keystore through the BundleLookup (ACM never exports an imported key): without it,
+rollback raises PermanentDeployError. A certificate certpilot imported as new is deleted instead.
+The listener kinds swap the previous certificate(s) back and delete what they stored once nothing
+uses it. ``remove`` takes certpilot's SNI entries off the listener and deletes the certificates it
+stored for the target; a certificate still on any listener (a default one, say) is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from certpilot.deployment import (
+    BundleLookup,
+    DeployBundle,
+    PermanentDeployError,
+    Receipt,
+    Verification,
+    VerificationError,
+)
+from certpilot.errors import CertpilotError
+from certpilot.keys import key_matches_certificate
+from connectors.aws import AwsAccount, Listener, chain_links, is_acm_arn, is_iam_arn, region_of
+from connectors.aws_source import ACM_KEY_TYPES, ACM_STATUSES
+
+__all__ = ["AcmDeployer", "ElbListenerDeployer", "IamListenerDeployer", "TARGET_TAG", "deployer_for"]
+
+logger = logging.getLogger(__name__)
+
+TARGET_TAG = "certpilot:target"  # on ACM certificates certpilot imported: the target's name
+CERTIFICATE_TAG = "certpilot:certificate"  # the managed certificate's name
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=+@-]")
+
+
+def _safe_name(text: str, limit: int) -> str:
+    return _UNSAFE.sub("_", text)[:limit] or "_"
+
+
+def _check_settings(kind: str, settings: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise PermanentDeployError(f"{kind}: unknown settings {', '.join(unknown)} "
+                                   f"(known: {', '.join(sorted(allowed))})")
+
+
+def _check_chain(bundle: DeployBundle, where: str) -> None:
+    if not chain_links(bundle.certificate, bundle.chain):
+        raise PermanentDeployError(f"{where}: the chain given with {bundle.fingerprint[:16]} does not link by "
+                                   "signature (each certificate must sign the one before it): nothing was changed")
+
+
+def _unsealed_key(bundle: DeployBundle, where: str) -> bytes:
+    """The bundle's key as PEM, unsealed at the moment it is sent, after checking it is the certificate's."""
+    pem = bundle.key_pem()
+    try:
+        key = load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        raise PermanentDeployError(f"{where}: the private key of {bundle.fingerprint[:16]} cannot be read: "
+                                   "nothing was changed") from None
+    if not key_matches_certificate(key, bundle.certificate):
+        raise PermanentDeployError(f"{where}: the private key does not match certificate {bundle.fingerprint[:16]}: "
+                                   "nothing was changed")
+    return pem
+
+
+def _pem_kwargs(bundle: DeployBundle, key_pem: bytes) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"Certificate": bundle.certificate_pem(), "PrivateKey": key_pem}
+    if bundle.chain:
+        kwargs["CertificateChain"] = bundle.chain_pem()
+    return kwargs
+
+
+def _dns_names(certificate: x509.Certificate) -> frozenset[str]:
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset(n.lower() for n in san.get_values_for_type(x509.DNSName))
+
+
+class AcmDeployer:
+    """One ACM certificate ARN, re-imported in place (see the module docstring for settings)."""
+
+    kind = "aws-acm"
+
+    def __init__(self, account: AwsAccount, name: str, settings: dict[str, Any],
+                 lookup: BundleLookup | None = None) -> None:
+        _check_settings(self.kind, settings, {"region", "certificate_arn"})
+        self.account, self.name, self.lookup = account, name, lookup
+        self.certificate_arn: str | None = settings.get("certificate_arn") or None
+        if self.certificate_arn and not is_acm_arn(self.certificate_arn):
+            raise PermanentDeployError(f"{name}: certificate_arn {self.certificate_arn!r} is not an ACM ARN")
+        region = settings.get("region") or (region_of(self.certificate_arn) if self.certificate_arn else None)
+        if not region:
+            raise PermanentDeployError(f"{name}: aws-acm needs a region (or a certificate_arn)")
+        if self.certificate_arn and region_of(self.certificate_arn) != region:
+            raise PermanentDeployError(f"{name}: certificate_arn is in {region_of(self.certificate_arn)}, not {region}")
+        self.region: str = region
+        self._given_arn = self.certificate_arn is not None
+
+    @property
+    def _where(self) -> str:
+        return f"{self.name} (aws-acm {self.certificate_arn or 'new certificate'} in {self.region})"
+
+    def _arn(self) -> str | None:
+        """The ARN this target fills: the configured one, or the one certpilot imported and tagged."""
+        if self.certificate_arn is None:
+            for summary in self.account.pages("acm", self.region, "list_certificates", "CertificateSummaryList",
+                                              CertificateStatuses=list(ACM_STATUSES),
+                                              Includes={"keyTypes": list(ACM_KEY_TYPES)}):
+                arn = summary["CertificateArn"]
+                if self.account.acm_tags(arn).get(TARGET_TAG) == _safe_name(self.name, 256):
+                    self.certificate_arn = arn
+                    break
+        return self.certificate_arn
+
+    def _import(self, bundle: DeployBundle, arn: str | None) -> str:
+        _check_chain(bundle, self._where)
+        key_pem = _unsealed_key(bundle, self._where)
+        kwargs = _pem_kwargs(bundle, key_pem)
+        del key_pem
+        if arn:
+            self.account.call("acm", self.region, "import_certificate", arn=arn, CertificateArn=arn, **kwargs)
+            return arn
+        tags = [{"Key": TARGET_TAG, "Value": _safe_name(self.name, 256)},
+                {"Key": CERTIFICATE_TAG, "Value": _safe_name(bundle.name, 256)}]
+        return str(self.account.call("acm", self.region, "import_certificate", Tags=tags, **kwargs)["CertificateArn"])
+
+    def deploy(self, bundle: DeployBundle) -> Receipt:
+        _check_chain(bundle, self._where)
+        arn = self._arn()
+        previous = self.account.stored_certificate(arn) if arn else None
+        if arn and previous is None and self._given_arn:
+            raise PermanentDeployError(f"{self._where}: the certificate ARN does not exist")
+        if arn and previous is not None:
+            kind = self.account.call("acm", self.region, "describe_certificate", arn=arn,
+                                     CertificateArn=arn)["Certificate"].get("Type")
+            if kind != "IMPORTED":
+                raise PermanentDeployError(f"{self._where}: an {kind} certificate cannot be re-imported (ACM renews "
+                                           "its own); give an IMPORTED certificate's ARN, or none to import a new one")
+        previous_fp = previous.fingerprint if previous else None
+        if previous_fp == bundle.fingerprint:
+            return Receipt(self.name, self.kind, bundle.fingerprint, previous_fp,
+                           {"certificate_arn": arn, "region": self.region, "unchanged": True})
+        created = previous is None
+        arn = self._import(bundle, None if created else arn)
+        self.certificate_arn = arn
+        return Receipt(self.name, self.kind, bundle.fingerprint, previous_fp,
+                       {"certificate_arn": arn, "region": self.region, "created": created,
+                        "previous_fingerprint": previous_fp})
+
+    def rollback(self, receipt: Receipt) -> None:
+        undo = receipt.undo
+        arn = undo.get("certificate_arn") or self._arn()
+        if undo.get("unchanged") or not arn:
+            return
+        if undo.get("created"):
+            self.account.delete_certificate(arn)  # refuses while a listener uses it
+            if self.certificate_arn == arn:
+                self.certificate_arn = None
+            return
+        previous_fp = undo.get("previous_fingerprint") or receipt.previous_fingerprint
+        if not previous_fp:
+            raise PermanentDeployError(f"{self._where}: the receipt records no previous certificate to restore")
+        if self.account.fingerprint_at(arn) == previous_fp:
+            return
+        previous = self.lookup(previous_fp) if self.lookup else None
+        if previous is None:
+            raise PermanentDeployError(
+                f"{self._where}: cannot roll back to {previous_fp[:16]}: its private key is not in certpilot's "
+                "keystore, and ACM does not export imported keys, so the previous certificate cannot be re-imported")
+        if previous.fingerprint != previous_fp:
+            raise PermanentDeployError(f"{self._where}: the lookup for {previous_fp[:16]} returned "
+                                       f"{previous.fingerprint[:16]}")
+        self._import(previous, arn)
+
+    def verify(self, expected: str) -> Verification:
+        arn = self._arn()
+        served = self.account.fingerprint_at(arn) if arn else None
+        if served != expected:
+            reason = "no certificate" if arn is None else f"ACM {arn} holds another certificate" if served else \
+                f"ACM {arn} does not exist"
+            raise VerificationError(self.name, expected, served, reason)
+        return Verification(self.name, expected, "api", f"acm get_certificate {arn} in {self.region}")
+
+    def remove(self) -> None:
+        arn = self._arn()
+        if arn:
+            self.account.delete_certificate(arn)  # refuses while a listener uses it
+            self.certificate_arn = None
+
+    def current(self) -> str | None:
+        arn = self._arn()
+        return self.account.fingerprint_at(arn) if arn else None
+
+
+class _ListenerDeployer:
+    """A listener's default or SNI certificate; subclasses store the certificate in ACM or IAM."""
+
+    kind = ""
+
+    def __init__(self, account: AwsAccount, name: str, settings: dict[str, Any],
+                 lookup: BundleLookup | None = None) -> None:
+        _check_settings(self.kind, settings, {"region", "listener_arn", "role"})
+        self.account, self.name, self.lookup = account, name, lookup
+        self.listener_arn = str(settings.get("listener_arn") or "")
+        if ":elasticloadbalancing:" not in self.listener_arn or ":listener/" not in self.listener_arn:
+            raise PermanentDeployError(f"{name}: {self.kind} needs listener_arn, an ELBv2 listener ARN")
+        self.region = region_of(self.listener_arn)
+        if settings.get("region") and settings["region"] != self.region:
+            raise PermanentDeployError(f"{name}: the listener is in {self.region}, not {settings['region']}")
+        self.role = settings.get("role", "default")
+        if self.role not in ("default", "sni"):
+            raise PermanentDeployError(f"{name}: role must be 'default' or 'sni', not {self.role!r}")
+
+    @property
+    def _where(self) -> str:
+        return f"{self.name} ({self.kind} {self.role} certificate of {self.listener_arn})"
+
+    # Where the certificate is stored: ACM or IAM
+
+    def _store(self, bundle: DeployBundle) -> str:
+        raise NotImplementedError
+
+    def _is_mine(self, arn: str) -> bool:
+        raise NotImplementedError
+
+    def _stored_by_me(self) -> list[str]:
+        raise NotImplementedError
+
+    # The listener
+
+    def _managed_sni(self, listener: Listener) -> list[str]:
+        return [arn for arn in listener.sni if self._is_mine(arn)]
+
+    def _set_default(self, certificate_arn: str) -> None:
+        before = self.account.listener(self.listener_arn)
+        self.account.call("elbv2", self.region, "modify_listener", arn=self.listener_arn,
+                          ListenerArn=self.listener_arn, Certificates=[{"CertificateArn": certificate_arn}])
+        # AWS keeps the SNI list on modify_listener; moto drops it. Put back whatever went missing.
+        after = self.account.listener(self.listener_arn)
+        missing = [a for a in before.sni if a not in after.sni and a != certificate_arn]
+        if missing:
+            self._add_sni(missing)
+
+    def _add_sni(self, arns: list[str]) -> None:
+        self.account.call("elbv2", self.region, "add_listener_certificates", arn=self.listener_arn,
+                          ListenerArn=self.listener_arn, Certificates=[{"CertificateArn": a} for a in arns])
+
+    def _remove_sni(self, arns: list[str]) -> None:
+        self.account.call("elbv2", self.region, "remove_listener_certificates", arn=self.listener_arn,
+                          ListenerArn=self.listener_arn, Certificates=[{"CertificateArn": a} for a in arns])
+
+    def _delete_if_unused(self, arn: str) -> None:
+        try:
+            self.account.delete_certificate(arn)
+        except PermanentDeployError as exc:
+            logger.warning("%s: left %s in place: %s", self.name, arn, exc)
+
+    def deploy(self, bundle: DeployBundle) -> Receipt:
+        _check_chain(bundle, self._where)
+        listener = self.account.listener(self.listener_arn)
+        if self.role == "default":
+            previous = [listener.default] if listener.default else []
+        else:
+            names = _dns_names(bundle.certificate)
+            previous = []
+            for arn in listener.sni:
+                stored = self.account.stored_certificate(arn)
+                if stored and stored.fingerprint == bundle.fingerprint:
+                    return Receipt(self.name, self.kind, bundle.fingerprint, bundle.fingerprint,
+                                   {"listener_arn": self.listener_arn, "role": self.role, "unchanged": True})
+                if self._is_mine(arn) or (stored and names and _dns_names(stored.certificate) == names):
+                    previous.append(arn)
+        previous_fp = self.account.fingerprint_at(previous[0]) if previous else None
+        if self.role == "default" and previous_fp == bundle.fingerprint:
+            return Receipt(self.name, self.kind, bundle.fingerprint, previous_fp,
+                           {"listener_arn": self.listener_arn, "role": self.role, "unchanged": True})
+        stored_arn = self._store(bundle)
+        try:
+            if self.role == "default":
+                self._set_default(stored_arn)
+            else:
+                self._add_sni([stored_arn])
+                if previous:
+                    self._remove_sni(previous)
+        except CertpilotError:
+            try:
+                self._undo(previous, stored_arn)
+            except CertpilotError as undo_error:
+                logger.warning("%s: could not undo a half-done swap: %s", self.name, undo_error)
+            raise
+        return Receipt(self.name, self.kind, bundle.fingerprint, previous_fp,
+                       {"listener_arn": self.listener_arn, "role": self.role, "previous": previous,
+                        "stored": stored_arn})
+
+    def _undo(self, previous: list[str], stored_arn: str) -> None:
+        """Put ``previous`` back in place of ``stored_arn`` and delete ``stored_arn`` once nothing holds it."""
+        listener = self.account.listener(self.listener_arn)
+        if self.role == "default":
+            if previous and listener.default != previous[0]:
+                self._set_default(previous[0])
+        else:
+            missing = [a for a in previous if a not in listener.sni]
+            if missing:
+                self._add_sni(missing)
+            if stored_arn in listener.sni:
+                self._remove_sni([stored_arn])
+        self._delete_if_unused(stored_arn)
+
+    def rollback(self, receipt: Receipt) -> None:
+        undo = receipt.undo
+        if undo.get("unchanged"):
+            return
+        if undo.get("listener_arn") != self.listener_arn:
+            raise PermanentDeployError(f"{self._where}: the receipt is for {undo.get('listener_arn')}")
+        self._undo(list(undo.get("previous") or []), str(undo["stored"]))
+
+    def verify(self, expected: str) -> Verification:
+        listener = self.account.listener(self.listener_arn)
+        if self.role == "default":
+            served = self.account.fingerprint_at(listener.default) if listener.default else None
+            if served != expected:
+                raise VerificationError(self.name, expected, served,
+                                        f"listener {self.listener_arn} default certificate is {listener.default}")
+            return Verification(self.name, expected, "api",
+                                f"elbv2 listener {self.listener_arn} default certificate {listener.default}")
+        fingerprints = {arn: self.account.fingerprint_at(arn) for arn in listener.sni}
+        for arn, served in fingerprints.items():
+            if served == expected:
+                return Verification(self.name, expected, "api",
+                                    f"elbv2 listener {self.listener_arn} SNI certificate {arn}")
+        mine = [fingerprints[a] for a in self._managed_sni(listener)]
+        raise VerificationError(self.name, expected, mine[0] if mine else None,
+                                f"listener {self.listener_arn} has no SNI certificate with that fingerprint "
+                                f"({len(fingerprints)} SNI certificates)")
+
+    def remove(self) -> None:
+        listener = self.account.listener(self.listener_arn)
+        if self.role == "sni":
+            mine = self._managed_sni(listener)
+            if mine:
+                self._remove_sni(mine)
+        for arn in self._stored_by_me():
+            self.account.delete_certificate(arn)  # refuses while any listener holds it
+
+    def current(self) -> str | None:
+        listener = self.account.listener(self.listener_arn)
+        if self.role == "default":
+            return self.account.fingerprint_at(listener.default) if listener.default else None
+        mine = self._managed_sni(listener)
+        return self.account.fingerprint_at(mine[0]) if mine else None
+
+
+class ElbListenerDeployer(_ListenerDeployer):
+    """A listener's certificate, imported into ACM in the listener's region and tagged with the target."""
+
+    kind = "aws-elbv2"
+
+    def _store(self, bundle: DeployBundle) -> str:
+        key_pem = _unsealed_key(bundle, self._where)
+        kwargs = _pem_kwargs(bundle, key_pem)
+        del key_pem
+        tags = [{"Key": TARGET_TAG, "Value": _safe_name(self.name, 256)},
+                {"Key": CERTIFICATE_TAG, "Value": _safe_name(bundle.name, 256)}]
+        return str(self.account.call("acm", self.region, "import_certificate", Tags=tags, **kwargs)["CertificateArn"])
+
+    def _is_mine(self, arn: str) -> bool:
+        return is_acm_arn(arn) and self.account.acm_tags(arn).get(TARGET_TAG) == _safe_name(self.name, 256)
+
+    def _stored_by_me(self) -> list[str]:
+        return [s["CertificateArn"] for s in self.account.pages(
+                    "acm", self.region, "list_certificates", "CertificateSummaryList",
+                    CertificateStatuses=list(ACM_STATUSES), Includes={"keyTypes": list(ACM_KEY_TYPES)})
+                if self._is_mine(s["CertificateArn"])]
+
+
+class IamListenerDeployer(_ListenerDeployer):
+    """A listener's certificate, uploaded as an IAM server certificate under ``/certpilot/<target>/``."""
+
+    kind = "aws-iam-elbv2"
+
+    @property
+    def _path(self) -> str:
+        return f"/certpilot/{_safe_name(self.name, 100)}/"
+
+    def _store(self, bundle: DeployBundle) -> str:
+        name = f"{_safe_name(bundle.name, 100)}-{bundle.fingerprint[:16]}"
+        region = self.account.global_region
+        for meta in self.account.pages("iam", region, "list_server_certificates", "ServerCertificateMetadataList",
+                                       PathPrefix=self._path):
+            if meta["ServerCertificateName"] == name and self.account.fingerprint_at(meta["Arn"]) == bundle.fingerprint:
+                return str(meta["Arn"])  # uploaded by an earlier attempt
+        key_pem = _unsealed_key(bundle, self._where)
+        kwargs: dict[str, Any] = {"CertificateBody": bundle.certificate_pem().decode(), "PrivateKey": key_pem.decode()}
+        del key_pem
+        if bundle.chain:
+            kwargs["CertificateChain"] = bundle.chain_pem().decode()
+        answer = self.account.call("iam", region, "upload_server_certificate", Path=self._path,
+                                   ServerCertificateName=name, **kwargs)
+        return str(answer["ServerCertificateMetadata"]["Arn"])
+
+    def _is_mine(self, arn: str) -> bool:
+        return is_iam_arn(arn) and f":server-certificate{self._path}" in arn
+
+    def _stored_by_me(self) -> list[str]:
+        return [str(m["Arn"]) for m in self.account.pages("iam", self.account.global_region,
+                                                          "list_server_certificates",
+                                                          "ServerCertificateMetadataList", PathPrefix=self._path)
+                if self._is_mine(str(m["Arn"]))]
+
+
+_KINDS: dict[str, type[AcmDeployer] | type[_ListenerDeployer]] = {
+    AcmDeployer.kind: AcmDeployer, ElbListenerDeployer.kind: ElbListenerDeployer,
+    IamListenerDeployer.kind: IamListenerDeployer}
+
+
+def deployer_for(account: AwsAccount, name: str, kind: str, settings: dict[str, Any],
+                 lookup: BundleLookup | None = None) -> AcmDeployer | _ListenerDeployer:
+    """The deployer of ``kind`` (aws-acm, aws-elbv2, aws-iam-elbv2) for target ``name``."""
+    if kind not in _KINDS:
+        raise PermanentDeployError(f"{name}: unknown AWS target kind {kind!r} (known: {', '.join(_KINDS)})")
+    return _KINDS[kind](account, name, dict(settings), lookup)
