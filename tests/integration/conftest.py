@@ -10,15 +10,9 @@ problem documents. AWS: a moto server.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -26,6 +20,7 @@ from certpilot import database, keystore
 from certpilot.keystore import KeyRing
 from certpilot.settings import load_settings
 from connectors.challenges import Http01Responder, TlsAlpn01Responder
+from lab.moto import MotoServer
 from tests.integration.acme_servers import AcmeFront, ChallTestSrv, Pebble, free_port, make_tls_identity
 
 
@@ -121,29 +116,5 @@ def key_ring(certpilot_home: Path) -> Callable[[], KeyRing]:
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real moto server (AWS APIs) on 127.0.0.1; yields its endpoint URL."""
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if exe is None:
-        raise RuntimeError("moto_server is not installed: pip install 'moto[server]' (the test extra has it)")
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(url + "/moto-api/", timeout=1.0)
-            break
-        except httpx.HTTPError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"moto_server did not start:\n{log.read_text(errors='replace')[-2000:]}") from None
-            time.sleep(0.05)
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=5)
+    with MotoServer.start(tmp_path_factory.mktemp("moto")) as server:
+        yield server.url
