@@ -1,0 +1,507 @@
+"""Deployers (certpilot.deployment's Deployer role) to servers reached over SSH: nginx and haproxy.
+
+Both work over one SshConnection (connectors.ssh), which may be shared by many targets of the same
+host. Files are written with SshConnection.atomic_write semantics: uploaded under a temporary name in
+the same directory with their final mode (keys and haproxy's combined PEM 0600) and renamed into place,
+so that a dropped connection never leaves a half-written file at a final path. The private key comes
+from DeployBundle.key_pem() at the moment it is uploaded, travels only through the SFTP channel (or,
+for haproxy's runtime API, the standard input of an SSH command channel), and is never logged, put in
+an error or kept in the Receipt.
+
+Backups: before a deploy, each file that exists is copied to ``<path>.certpilot-previous`` (the key's
+and the PEM's copy 0600). That pair is what a failed deploy restores at once and what ``rollback``
+restores later; the Receipt's ``undo`` names the backups and ``previous_fingerprint`` is checked
+against the backup before it is restored (a later deploy replaces the backup, so only the latest
+deploy's receipt can be rolled back).
+
+What ``remove`` means: certpilot retires the files it wrote at the target's paths (the certificate and
+key, or the PEM) and any temporary uploads it left there. The ``.certpilot-previous`` pair holds what was
+there before certpilot (or before its last deploy): it is kept unless ``remove_previous`` is true. No
+server is reloaded, because its configuration still names the removed files: take the site out of the
+configuration first, or give ``remove_command`` (run after the files are gone, e.g. a script that
+disables the site and reloads).
+
+Settings of kind ``ssh-nginx`` (NginxDeployer):
+  certificate_path   required; the file nginx's ssl_certificate names: the leaf then its intermediates (PEM)
+  key_path           required; the file ssl_certificate_key names (PKCS#8 PEM, written 0600)
+  certificate_mode   mode of the certificate file, default "0644" (a string of octal digits, or an int)
+  test_command       run before reloading, default "nginx -t"; a non-zero exit fails the deploy and
+                     restores the previous pair (``nginx -s reload`` exits 0 even when the new
+                     configuration fails to load, so it cannot be the test)
+  reload_command     default "nginx -s reload"; in the lab "nginx -p PREFIX -c CONF -s reload"
+  command_timeout    seconds for each command, default 60
+Settings of kind ``ssh-haproxy`` (HaproxyDeployer):
+  pem_path           required; the file a ``crt`` names: leaf, intermediates, then the key (written 0600);
+                     for the runtime API it must be the name haproxy knows it by (``show ssl cert``)
+  runtime_socket     path on the host of a stats socket with ``level admin``: the certificate is swapped in
+                     memory with ``set ssl cert`` / ``commit ssl cert`` (no reload, no dropped connection)
+  runtime_client     how the socket is reached from the SSH session: "auto" (default: socat when the host
+                     has it, else python3), "socat" or "python3"; the PEM goes on the client's stdin
+  reload_command     used instead of the runtime API when no runtime_socket is given (e.g.
+                     "systemctl reload haproxy"); one of the two is required
+  command_timeout    seconds for each command, default 60
+Settings of both kinds:
+  verify_host        where to handshake for verify(), default the SSH host's address
+  verify_port        default 443
+  verify_sni         server name to send, default none
+  verify_hostname    name the leaf must match, default verify_sni (none: no name check)
+  verify_trust       PEM text of CA certificates the chain must lead to (default: the chain must be complete);
+                     ``trust_pem`` is accepted as another name for it
+  verify_timeout     seconds to wait until the new certificate is served consistently, default 10
+  verify_consecutive handshakes in a row that must show it, default 5
+  remove_previous    remove() also deletes the .certpilot-previous backups, default false
+  remove_command     run by remove() after the files are deleted, default none
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shlex
+import stat as stat_module
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from certpilot.deployment import (DeployBundle, DeployError, PermanentDeployError, Receipt, Verification,
+                                  fingerprint)
+from certpilot.errors import ParseError
+from certpilot.formats import load_bundle
+from connectors.ssh import RemoteCommandError, SshConnection, SshError, SshUnavailableError, trim_output
+from connectors.tls_verify import wait_until_served
+
+__all__ = ["BACKUP_SUFFIX", "HaproxyDeployer", "NginxDeployer", "SSH_KINDS"]
+
+log = logging.getLogger(__name__)
+
+BACKUP_SUFFIX = ".certpilot-previous"
+MAX_CERTIFICATE_FILE = 1024 * 1024
+_COMMON = {"verify_host", "verify_port", "verify_sni", "verify_hostname", "verify_trust", "trust_pem", "verify_timeout",
+           "verify_consecutive", "remove_previous", "remove_command", "command_timeout"}
+
+
+_R = TypeVar("_R")
+
+
+def _named(method: Callable[..., _R]) -> Callable[..., _R]:
+    """Errors of the SSH connection, raised out of a deployer's method, name its target."""
+
+    @functools.wraps(method)
+    def wrapper(self: _SshDeployer, *args: Any, **kwargs: Any) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except SshError as exc:
+            raise exc.for_target(self.name) from None
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    sni: str | None
+    hostname: str | None
+    trust: tuple[x509.Certificate, ...]
+    timeout: float
+    consecutive: int
+
+
+class _SshDeployer:
+    kind = ""
+    _keys: frozenset[str] = frozenset()
+    _required: tuple[str, ...] = ()
+
+    def __init__(self, name: str, connection: SshConnection, settings: Mapping[str, Any]) -> None:
+        self.name = name
+        self.ssh = connection
+        unknown = set(settings) - self._keys - _COMMON
+        if unknown:
+            raise PermanentDeployError(f"{name}: unknown {self.kind} setting(s) {', '.join(sorted(unknown))}; "
+                                       f"known: {', '.join(sorted(self._keys | _COMMON))}")
+        missing = [key for key in self._required if not settings.get(key)]
+        if missing:
+            raise PermanentDeployError(f"{name}: {self.kind} needs the setting(s) {', '.join(missing)}")
+        self.settings = dict(settings)
+        try:
+            self.command_timeout = float(settings.get("command_timeout") or 60.0)
+        except (TypeError, ValueError):
+            raise PermanentDeployError(f"{name}: command_timeout {settings['command_timeout']!r} "
+                                       "is not a number") from None
+        self.endpoint = self._endpoint(settings)
+
+    def _endpoint(self, settings: Mapping[str, Any]) -> Endpoint:
+        trust: tuple[x509.Certificate, ...] = ()
+        text = settings.get("verify_trust") or settings.get("trust_pem")
+        if text:
+            try:
+                trust = load_bundle(text.encode() if isinstance(text, str) else bytes(text),
+                                    source=f"{self.name} verify_trust").certificates
+            except ParseError as exc:
+                raise PermanentDeployError(f"{self.name}: verify_trust: {exc}") from None
+        sni = settings.get("verify_sni") or None
+        try:
+            return Endpoint(str(settings.get("verify_host") or self.ssh.address),
+                            int(settings.get("verify_port") or 443), sni, settings.get("verify_hostname") or sni, trust,
+                            float(settings.get("verify_timeout") or 10.0), int(settings.get("verify_consecutive") or 5))
+        except (TypeError, ValueError) as exc:
+            raise PermanentDeployError(f"{self.name}: verify_port, verify_timeout or verify_consecutive is not a "
+                                       f"number ({exc})") from None
+
+    # the Deployer role, common parts -----------------------------------------------------------------
+    def verify(self, fingerprint: str) -> Verification:
+        """Handshake on the wire until ``fingerprint`` is served consistently, with a complete chain and
+        a matching name (connectors.tls_verify.wait_until_served)."""
+        e = self.endpoint
+        return wait_until_served(e.host, e.port, fingerprint, target=self.name, sni=e.sni, hostname=e.hostname,
+                                 trust=e.trust, consecutive=e.consecutive, timeout=e.timeout)
+
+    # helpers ----------------------------------------------------------------------------------------
+    def _fingerprint_of(self, path: str) -> tuple[bytes | None, str | None]:
+        """(the file's bytes, the SHA-256 of its first certificate) or (None, None) when it does not exist.
+        The bytes may hold a key (haproxy's PEM): callers drop them as soon as they are done."""
+        if self.ssh.stat(path) is None:
+            return None, None
+        data = self.ssh.read_file(path, max_bytes=MAX_CERTIFICATE_FILE)
+        try:
+            certificates = load_bundle(data, source=path).certificates
+        except ParseError:
+            return data, None
+        return data, fingerprint(certificates[0]) if certificates else None
+
+    def _run(self, command: str, what: str) -> None:
+        """Run a configured command; a non-zero exit is a RemoteCommandError."""
+        self.ssh.run(command, timeout=self.command_timeout, check=True)
+        log.debug("%s: %s ok", self.name, what)
+
+    def _check_key(self, bundle: DeployBundle, key_pem: bytes) -> None:
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError):
+            raise PermanentDeployError(f"{self.name}: the bundle's private key for {bundle.fingerprint[:16]} "
+                                       "is not a readable unencrypted PEM key") from None
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        ours = key.public_key().public_bytes(serialization.Encoding.DER, spki)
+        theirs = bundle.certificate.public_key().public_bytes(serialization.Encoding.DER, spki)
+        if ours != theirs:
+            raise PermanentDeployError(f"{self.name}: the bundle's private key does not match certificate "
+                                       f"{bundle.fingerprint[:16]}; nothing was written")
+
+    def _remove_files(self, paths: list[str]) -> None:
+        for path in paths:
+            self.ssh.remove_stale_temporaries(path)
+            self.ssh.remove(path)
+            if self.settings.get("remove_previous"):
+                self.ssh.remove(path + BACKUP_SUFFIX)
+        if self.settings.get("remove_command"):
+            self._run(str(self.settings["remove_command"]), "remove command")
+        log.info("%s: removed %s", self.name, ", ".join(paths))
+
+    def _fail(self, what: str, exc: Exception, restored: str) -> PermanentDeployError | DeployError:
+        """The error of a failed step, after the previous state was restored (``restored`` says how)."""
+        detail = exc.stderr if isinstance(exc, RemoteCommandError) else str(exc).removeprefix(f"{self.name}: ")
+        text = f"{self.name}: {what} failed on {self.ssh.where}; {restored}: {trim_output(detail)}"
+        return DeployError(text) if isinstance(exc, SshUnavailableError) else PermanentDeployError(text)
+
+
+class NginxDeployer(_SshDeployer):
+    """An nginx site on an SSH host: certificate and key files, test, reload, verify on the wire."""
+
+    kind = "ssh-nginx"
+    _keys = frozenset({"certificate_path", "key_path", "certificate_mode", "test_command", "reload_command"})
+    _required = ("certificate_path", "key_path")
+
+    def __init__(self, name: str, connection: SshConnection, settings: Mapping[str, Any]) -> None:
+        super().__init__(name, connection, settings)
+        self.certificate_path = str(settings["certificate_path"])
+        self.key_path = str(settings["key_path"])
+        if self.key_path == self.certificate_path:
+            raise PermanentDeployError(f"{name}: certificate_path and key_path are the same file; give nginx two files")
+        self.certificate_mode = _mode(settings.get("certificate_mode", 0o644), name)
+        self.test_command = str(settings.get("test_command") or "nginx -t")
+        self.reload_command = str(settings.get("reload_command") or "nginx -s reload")
+
+    @_named
+    def current(self) -> str | None:
+        """SHA-256 of the first certificate in certificate_path on the host (None: no such file)."""
+        data, fp = self._fingerprint_of(self.certificate_path)
+        if data is not None and fp is None:
+            raise PermanentDeployError(f"{self.name}: {self.certificate_path} on {self.ssh.where} holds no "
+                                       "readable certificate")
+        return fp
+
+    @_named
+    def deploy(self, bundle: DeployBundle) -> Receipt:
+        ssh, cert_path, key_path = self.ssh, self.certificate_path, self.key_path
+        for path in (cert_path, key_path):
+            ssh.remove_stale_temporaries(path)
+        old, previous = self._fingerprint_of(cert_path)
+        del old
+        # Each file that exists is copied aside; a failed deploy puts back exactly those and removes the others.
+        kept = {path: self._keep(path, mode) for path, mode in ((cert_path, None), (key_path, 0o600))}
+        had_previous = previous is not None and all(kept.values())
+        key_pem = bundle.key_pem()
+        try:
+            self._check_key(bundle, key_pem)
+            key_temporary = ssh.upload_temporary(key_path, key_pem, 0o600)
+        finally:
+            del key_pem
+        try:
+            cert_temporary = ssh.upload_temporary(cert_path, bundle.fullchain_pem(), self.certificate_mode)
+        except Exception:
+            ssh._discard(key_temporary)  # noqa: SLF001 - same connector package
+            raise
+        try:
+            ssh.commit(key_temporary, key_path)
+        except Exception:
+            ssh._discard(cert_temporary)  # noqa: SLF001
+            raise
+        try:
+            ssh.commit(cert_temporary, cert_path)
+        except Exception as exc:  # noqa: BLE001 - the key is new already: put it back, then report
+            raise self._restore_after(exc, "replacing the certificate file", kept, reload=False) from None
+        try:
+            self._run(self.test_command, "configuration test")
+        except Exception as exc:  # noqa: BLE001 - every failure restores, then is reported precisely
+            raise self._restore_after(exc, "the configuration test", kept, reload=False) from None
+        try:
+            self._run(self.reload_command, "reload")
+        except Exception as exc:  # noqa: BLE001
+            raise self._restore_after(exc, "the reload", kept, reload=True) from None
+        log.info("%s: deployed %s to %s:%s", self.name, bundle.fingerprint[:16], ssh.where, cert_path)
+        undo = {"certificate_path": cert_path, "key_path": key_path, "had_previous": had_previous,
+                "certificate_backup": cert_path + BACKUP_SUFFIX if had_previous else None,
+                "key_backup": key_path + BACKUP_SUFFIX if had_previous else None}
+        return Receipt(self.name, self.kind, bundle.fingerprint, previous, undo)
+
+    def _keep(self, path: str, mode: int | None) -> bool:
+        """Copy ``path`` to its backup name if it exists (``mode``: the copy's mode, default the file's)."""
+        if self.ssh.stat(path) is None:
+            return False
+        self.ssh.copy(path, path + BACKUP_SUFFIX, mode=mode)
+        return True
+
+    def _restore_after(self, exc: Exception, what: str, kept: dict[str, bool], *, reload: bool) -> Exception:
+        try:
+            for path, was_there in kept.items():
+                if was_there:
+                    self.ssh.copy(path + BACKUP_SUFFIX, path, mode=0o600 if path == self.key_path else None)
+                else:
+                    self.ssh.remove(path)
+            if reload:
+                self.ssh.run(self.reload_command, timeout=self.command_timeout)
+        except Exception as restore_exc:  # noqa: BLE001 - the operator must hear about both
+            return self._fail(what, exc, f"RESTORING THE PREVIOUS FILES ALSO FAILED "
+                                         f"({trim_output(str(restore_exc))}), backups are at "
+                                         f"{self.certificate_path}{BACKUP_SUFFIX} and {self.key_path}{BACKUP_SUFFIX}")
+        if all(kept.values()):
+            restored = "the previous certificate and key were restored"
+        elif any(kept.values()):
+            restored = "the previous files were restored and the new ones without a predecessor removed"
+        else:
+            restored = "the new files were removed (there were none before)"
+        return self._fail(what, exc, restored)
+
+    @_named
+    def rollback(self, receipt: Receipt) -> None:
+        """Put back the pair the receipt's deploy replaced, test, reload."""
+        undo = receipt.undo
+        if not undo.get("had_previous"):
+            raise PermanentDeployError(f"{self.name}: there was no certificate at {self.certificate_path} before "
+                                       f"{receipt.fingerprint[:16]} was deployed: nothing to roll back to "
+                                       "(remove() retires it)")
+        backup = str(undo["certificate_backup"])
+        _, in_backup = self._fingerprint_of(backup)
+        if receipt.previous_fingerprint and in_backup != receipt.previous_fingerprint:
+            raise PermanentDeployError(f"{self.name}: {backup} holds {(in_backup or 'no certificate')[:16]}, not the "
+                                       f"previous certificate {receipt.previous_fingerprint[:16]} (a later deploy "
+                                       "replaced the backup); not rolled back")
+        self.ssh.copy(str(undo["key_backup"]), self.key_path, mode=0o600)
+        self.ssh.copy(backup, self.certificate_path)
+        try:
+            self._run(self.test_command, "configuration test")
+            self._run(self.reload_command, "reload")
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail("rollback", exc, "the previous pair is in place but nginx did not take it") from None
+        log.info("%s: rolled back to %s on %s", self.name, (receipt.previous_fingerprint or "?")[:16], self.ssh.where)
+
+    @_named
+    def remove(self) -> None:
+        self._remove_files([self.certificate_path, self.key_path])
+
+
+class HaproxyDeployer(_SshDeployer):
+    """A haproxy ``crt`` on an SSH host: one PEM file, swapped in memory through the runtime API."""
+
+    kind = "ssh-haproxy"
+    _keys = frozenset({"pem_path", "runtime_socket", "runtime_client", "reload_command"})
+    _required = ("pem_path",)
+
+    def __init__(self, name: str, connection: SshConnection, settings: Mapping[str, Any]) -> None:
+        super().__init__(name, connection, settings)
+        self.pem_path = str(settings["pem_path"])
+        self.runtime_socket = settings.get("runtime_socket") or None
+        self.runtime_client = str(settings.get("runtime_client") or "auto")
+        self.reload_command = settings.get("reload_command") or None
+        if self.runtime_client not in ("auto", "socat", "python3"):
+            raise PermanentDeployError(f"{name}: runtime_client must be auto, socat or python3, "
+                                       f"not {self.runtime_client!r}")
+        if not self.runtime_socket and not self.reload_command:
+            raise PermanentDeployError(f"{name}: ssh-haproxy needs runtime_socket or reload_command")
+
+    @_named
+    def current(self) -> str | None:
+        """SHA-256 of the first certificate in pem_path on the host (None: no such file)."""
+        data, fp = self._fingerprint_of(self.pem_path)
+        if data is not None and fp is None:
+            raise PermanentDeployError(f"{self.name}: {self.pem_path} on {self.ssh.where} holds no readable "
+                                       "certificate")
+        del data
+        return fp
+
+    @_named
+    def deploy(self, bundle: DeployBundle) -> Receipt:
+        ssh, path = self.ssh, self.pem_path
+        ssh.remove_stale_temporaries(path)
+        old, previous = self._fingerprint_of(path)
+        had_previous = old is not None
+        del old
+        if had_previous:
+            ssh.copy(path, path + BACKUP_SUFFIX, mode=0o600)
+        key_pem = bundle.key_pem()
+        try:
+            self._check_key(bundle, key_pem)
+            payload = _pem_payload(bundle.fullchain_pem() + key_pem)
+        finally:
+            del key_pem
+        try:
+            ssh.atomic_write(path, payload, 0o600)
+            try:
+                self._apply(payload, "deploy")
+            except Exception as exc:  # noqa: BLE001 - restore the file, then report precisely
+                raise self._restore_after(exc, had_previous) from None
+        finally:
+            del payload
+        log.info("%s: deployed %s to %s:%s", self.name, bundle.fingerprint[:16], ssh.where, path)
+        undo = {"pem_path": path, "had_previous": had_previous,
+                "pem_backup": path + BACKUP_SUFFIX if had_previous else None,
+                "method": "runtime-api" if self.runtime_socket else "reload"}
+        return Receipt(self.name, self.kind, bundle.fingerprint, previous, undo)
+
+    def _restore_after(self, exc: Exception, had_previous: bool) -> Exception:
+        what = "the runtime API swap" if self.runtime_socket else "the reload"
+        try:
+            if had_previous:
+                self.ssh.copy(self.pem_path + BACKUP_SUFFIX, self.pem_path, mode=0o600)
+            else:
+                self.ssh.remove(self.pem_path)
+        except Exception as restore_exc:  # noqa: BLE001
+            return self._fail(what, exc, f"RESTORING {self.pem_path} ALSO FAILED ({trim_output(str(restore_exc))}), "
+                                         f"the backup is {self.pem_path}{BACKUP_SUFFIX}")
+        restored = ("haproxy still serves the previous certificate and its file was restored" if had_previous
+                    else "the new file was removed")
+        return self._fail(what, exc, restored)
+
+    def _apply(self, payload: bytes, why: str) -> None:
+        """Make haproxy serve ``payload``: the runtime API (set, commit; abort on any failure) or a reload."""
+        if not self.runtime_socket:
+            self._run(str(self.reload_command), "reload")
+            return
+        answer = self._runtime(f"set ssl cert {self.pem_path} <<\n".encode() + payload + b"\n")
+        if "Transaction created" not in answer and "Transaction updated" not in answer:
+            self._abort()
+            raise PermanentDeployError(f"{self.name}: haproxy refused `set ssl cert {self.pem_path}` ({why}): "
+                                       f"{trim_output(answer) or 'no answer'}")
+        answer = self._runtime(f"commit ssl cert {self.pem_path}\n".encode())
+        if "Success!" not in answer:
+            self._abort()
+            raise PermanentDeployError(f"{self.name}: haproxy refused `commit ssl cert {self.pem_path}` ({why}): "
+                                       f"{trim_output(answer) or 'no answer'}")
+
+    def _abort(self) -> None:
+        try:
+            self._runtime(f"abort ssl cert {self.pem_path}\n".encode())
+        except Exception:  # noqa: BLE001 - the transaction may not exist; the caller reports the real failure
+            log.debug("%s: abort ssl cert %s failed", self.name, self.pem_path)
+
+    def _runtime(self, request: bytes) -> str:
+        """Send ``request`` to the stats socket through the SSH host (on stdin); haproxy's answer."""
+        result = self.ssh.run(self._runtime_command(), stdin=request, timeout=self.command_timeout)
+        if result.status != 0:
+            raise RemoteCommandError(self.ssh.where, f"runtime API client for {self.runtime_socket}", result.status,
+                                     result.error_text)
+        return result.stdout.decode(errors="replace")
+
+    def _runtime_command(self) -> str:
+        socket_path = str(self.runtime_socket)
+        socat = f"socat -t 10 -T 30 - {shlex.quote('UNIX-CONNECT:' + socket_path)}"
+        python = f"python3 -c {shlex.quote(_PY_SOCKET_CLIENT)} {shlex.quote(socket_path)}"
+        if self.runtime_client == "socat":
+            return socat
+        if self.runtime_client == "python3":
+            return python
+        return f"if command -v socat >/dev/null 2>&1; then exec {socat}; else exec {python}; fi"
+
+    @_named
+    def rollback(self, receipt: Receipt) -> None:
+        """Serve the receipt's previous certificate again (runtime API or reload) and restore the file."""
+        undo = receipt.undo
+        if not undo.get("had_previous"):
+            raise PermanentDeployError(f"{self.name}: there was no {self.pem_path} before {receipt.fingerprint[:16]} "
+                                       "was deployed: nothing to roll back to (remove() retires it)")
+        backup = str(undo["pem_backup"])
+        data, in_backup = self._fingerprint_of(backup)
+        try:
+            if data is None or (receipt.previous_fingerprint and in_backup != receipt.previous_fingerprint):
+                raise PermanentDeployError(f"{self.name}: {backup} holds {(in_backup or 'no certificate')[:16]}, not "
+                                           f"the previous certificate {(receipt.previous_fingerprint or '?')[:16]}; "
+                                           "not rolled back")
+            payload = _pem_payload(data)
+            self.ssh.atomic_write(self.pem_path, payload, 0o600)
+            try:
+                self._apply(payload, "rollback")
+            except Exception as exc:  # noqa: BLE001
+                raise self._fail("rollback", exc, f"{self.pem_path} holds the previous certificate but haproxy "
+                                                  "did not take it") from None
+        finally:
+            del data
+        log.info("%s: rolled back to %s on %s", self.name, (receipt.previous_fingerprint or "?")[:16], self.ssh.where)
+
+    @_named
+    def remove(self) -> None:
+        self._remove_files([self.pem_path])
+
+
+SSH_KINDS = {NginxDeployer.kind: NginxDeployer, HaproxyDeployer.kind: HaproxyDeployer}
+
+# Sent to the stats socket by python3 on the host when socat is missing: stdin in, answer out, 10 s timeout.
+_PY_SOCKET_CLIENT = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_UNIX);s.settimeout(10);s.connect(sys.argv[1])\n"
+    "s.sendall(sys.stdin.buffer.read())\n"
+    "while True:\n"
+    "    c=s.recv(65536)\n"
+    "    if not c: break\n"
+    "    sys.stdout.buffer.write(c)\n"
+)
+
+
+def _pem_payload(pem: bytes) -> bytes:
+    """PEM fit for the runtime API's ``<<`` payload, which ends at the first empty line: no empty lines,
+    LF line ends, one final newline."""
+    lines = [line for line in pem.replace(b"\r\n", b"\n").split(b"\n") if line.strip()]
+    return b"\n".join(lines) + b"\n"
+
+
+def _mode(value: Any, name: str) -> int:
+    try:
+        mode = int(value, 8) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise PermanentDeployError(f"{name}: certificate_mode {value!r} is not an octal file mode") from None
+    if mode != stat_module.S_IMODE(mode):
+        raise PermanentDeployError(f"{name}: certificate_mode {value!r} is not a file mode")
+    return mode
+
