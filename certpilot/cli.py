@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from certpilot import audit, inventory, keystore
+from certpilot import audit, cli_fleet, inventory, keystore
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import CertpilotError
 from certpilot.settings import load_settings
@@ -733,6 +733,13 @@ def renew_command(
                   f"expires {result['not_after']}" + (f", replaces {result['replaces'][:16]}" if result["replaces"] else ""))
     else:
         out.print(f"{result['due']} due: {result['renewed']} renewed, {result['failed']} failed")
+
+
+# ------------------------------------------------------------------------------------------ fleet
+
+app.add_typer(cli_fleet.target_app, name="target")
+app.command("deploy")(cli_fleet.deploy_command)
+app.command("discover")(cli_fleet.discover_command)
 
 
 # ------------------------------------------------------------------------------------------ misc

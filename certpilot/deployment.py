@@ -67,6 +67,11 @@ class DeployBundle:
         return cls(name, certificate, tuple(chain), lambda: key_to_pem(key))
 
 
+BundleLookup = Callable[[str], "DeployBundle | None"]
+"""Finds the bundle (certificate, chain, sealed key) of a fingerprint in the inventory, or None. Given to
+deployers whose rollback must re-install the previous certificate with its key (ACM re-import)."""
+
+
 @dataclass(frozen=True)
 class Receipt:
     """What one deploy changed on one target: enough for rollback, nothing secret (it is a task result).

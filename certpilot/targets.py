@@ -58,10 +58,31 @@ def add(session: Session, managed_name: str, name: str, kind: str, block: str, s
     return target
 
 
+def configure(session: Session, managed_name: str, name: str, kind: str, block: str, settings: dict[str, Any],
+              actor: audit.Actor, now: dt.datetime | None = None) -> Target:
+    """Add the target, or change its kind, block and settings when it exists (its records are kept)."""
+    try:
+        target = get_target(session, managed_name, name)
+    except NotFoundError:
+        return add(session, managed_name, name, kind, block, settings, actor, now)
+    if (target.kind, target.block, target.settings) != (kind, block, settings):
+        if kind not in KINDS:
+            raise PermanentError(f"target {name}: unknown kind {kind!r}; one of {', '.join(KINDS)}")
+        _update(session, target, actor, "target.changed", {"block": block, "settings": settings}, now,
+                kind=kind, block=block, settings=dict(settings))
+        session.refresh(target)
+    return target
+
+
 def list_targets(session: Session, managed_name: str) -> list[Target]:
     managed = get(session, managed_name)
     return list(session.exec(select(Target).where(Target.managed_certificate_id == managed.id)
                              .order_by(Target.name)))  # type: ignore[arg-type]
+
+
+def managed_with_targets(session: Session) -> set[int]:
+    """The ids of the managed certificates that have at least one target."""
+    return set(session.exec(select(Target.managed_certificate_id).distinct()))
 
 
 def get_target(session: Session, managed_name: str, name: str) -> Target:

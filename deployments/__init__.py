@@ -41,8 +41,23 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
     DeploymentSpec(
         name="renew-certificate",
         entrypoint="flows/renew.py:renew_certificate",
-        description="Renew one managed certificate now (ad hoc: give its name in the run form).",
+        description="Renew one managed certificate now, then deploy and verify it (ad hoc: give its name in the run form).",
         tags=("certpilot", "renewal"),
+    ),
+    DeploymentSpec(
+        name="discover",
+        entrypoint="flows/discover.py:discover",
+        description="Discover certificates with the source blocks named in 'sources' (every 6 hours).",
+        tags=("certpilot", "discovery"),
+        parameters={"sources": []},
+        cron="23 */6 * * *",
+        concurrency_limit=1,
+    ),
+    DeploymentSpec(
+        name="deploy-certificate",
+        entrypoint="flows/deploy.py:deploy_certificate",
+        description="Deploy one managed certificate to its targets, canary first, verify, roll back on failure (ad hoc).",
+        tags=("certpilot", "deployment"),
     ),
 )
 

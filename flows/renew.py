@@ -2,11 +2,13 @@
 
 renew-certificate renews one managed certificate, one task per step, in a run named
 ``renew-<name>`` and tagged ``certificate:<name>`` (whoever started it: the flow adds the tag to its
-own run when the caller did not, as a run started from the UI or a deployment cannot know it).
+own run when the caller did not, as a run started from the UI or a deployment cannot know it); then
+the deploy-certificate flow, as a subflow, deploys it to its targets and verifies it there.
 
 renew-due renews every managed certificate that is due, in batches, on a bounded thread pool: one
 task run per certificate, named ``renew-<name>`` and tagged ``certificate:<name>``, not a flow run
-each. Each outcome is checked; after doing all it could, the run fails with a report naming every
+each; then each renewed certificate that has targets is deployed (a deploy-certificate subflow). Each
+outcome is checked; after doing all it could, the run fails with a report naming every
 certificate that failed and at which step, and publishes the ``renewals`` artifact either way.
 
 On failure nothing in service changes: the old certificate stays active, the failure is recorded on
@@ -18,13 +20,13 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.futures import wait
-from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from certpilot.errors import PermanentError
+from flows.deploy import deploy_certificate
+from flows.tagging import tag_flow_run
 from certpilot.managed import PermanentRenewalError, RenewalError, TransientRenewalError, is_transient, safe_reason
 from tasks.renewal import (DEFAULT_ISSUER_SLOTS, batch_slots, build_csr, certificate_tag, ensure_issuer_limits,
                            generate_key, issue_certificate, limit_name, plan_renewal, publish_renewal_report,
@@ -40,18 +42,10 @@ def _pool_size() -> int:
     return size if isinstance(size, int) and size > 0 else RENEW_WORKERS
 
 
-def tag_flow_run(tag: str) -> None:
-    """Add ``tag`` to the current flow run unless it was created with it."""
-    current = set(flow_run.get_tags() or [])
-    if tag in current:
-        return
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.get_id(), tags=sorted(current | {tag}))
-
-
 @flow(name="renew-certificate", flow_run_name="renew-{name}", description=__doc__.split("\n\n")[1])
-def renew_certificate(name: str, issuer_slots: int = DEFAULT_ISSUER_SLOTS) -> dict[str, Any]:
-    """Renew managed certificate ``name`` now: new key, CSR, issue, store (the old one is superseded).
+def renew_certificate(name: str, issuer_slots: int = DEFAULT_ISSUER_SLOTS, deploy: bool = True) -> dict[str, Any]:
+    """Renew managed certificate ``name`` now: new key, CSR, issue, store (the old one is superseded),
+    then, with ``deploy``, deploy it to every target and verify it there (the deploy-certificate flow).
 
     ``issuer_slots`` is how many orders at once its issuer's concurrency limit allows, if this run creates it."""
     logger = get_run_logger()
@@ -82,6 +76,13 @@ def renew_certificate(name: str, issuer_slots: int = DEFAULT_ISSUER_SLOTS) -> di
     logger.info("renewed %s: certificate %s (serial %s, expires %s) replaces %s", name,
                 renewal["fingerprint_sha256"][:16], renewal["serial"], renewal["not_after"],
                 (renewal["replaces"] or "nothing")[:16])
+    if deploy and plan["targets"]:
+        try:
+            renewal["deployment"] = deploy_certificate(name, renewal["fingerprint_sha256"])
+        except Exception as exc:
+            logger.error("DEPLOYMENT FAILED: %s was renewed but not deployed: %s", name, safe_reason(exc))
+            raise PermanentError(f"renewed {name} ({renewal['fingerprint_sha256'][:16]}) but its deployment failed, "
+                                 f"so its targets serve the previous certificate: {safe_reason(exc)}") from None
     return renewal
 
 
@@ -98,6 +99,19 @@ def _outcome(due: dict[str, Any], future: Any) -> dict[str, Any]:
         return {**base, "ok": False, "step": exc.step, "reason": exc.reason, "kept": exc.kept}
     reason = safe_reason(exc) if isinstance(exc, BaseException) else (state.message or state.name)
     return {**base, "ok": False, "step": "?", "reason": f"{state.name}: {reason}", "kept": due["current"]}
+
+
+def _deploy_renewed(due: list[dict[str, Any]], outcomes: list[dict[str, Any]]) -> None:
+    """Deploy each renewed certificate that has targets (a deploy-certificate subflow each: only
+    certificates with targets cost a flow run). A failed deployment fails that certificate's outcome."""
+    with_targets = {d["name"] for d in due if d.get("targets")}
+    for outcome in outcomes:
+        if not outcome["ok"] or outcome["name"] not in with_targets:
+            continue
+        state = deploy_certificate(outcome["name"], outcome["fingerprint_sha256"], return_state=True)
+        if not state.is_completed():
+            outcome.update(ok=False, step="deploy", kept=outcome.get("replaces"),
+                           reason=f"renewed as {outcome['fingerprint_sha256'][:16]} but not deployed: {state.message}")
 
 
 @flow(name="renew-due", task_runner=ThreadPoolTaskRunner(max_workers=RENEW_WORKERS),
@@ -131,6 +145,7 @@ def renew_due(within_days: float = 0.0, limit: int | None = None, batch_size: in
                       "step": "issue", "reason": f"issuer paused: its concurrency limit {limit_name(item['issuer'])} "
                                                  "has 0 slots", "kept": item["current"]}
                      for item, future in zip(batch, futures)]
+    _deploy_renewed(due, outcomes)
     publish_renewal_report(outcomes)
     failed = [o for o in outcomes if not o["ok"]]
     summary = {"due": len(due), "renewed": len(outcomes) - len(failed), "failed": len(failed),

@@ -44,7 +44,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 import blocks.issuers  # noqa: F401  (registers the issuer block types, so Block.load finds them)
-from certpilot import audit, keystore, managed
+from certpilot import audit, keystore, managed, targets
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import PermanentError
 from certpilot.issuance import IssuedCertificate, Issuer
@@ -210,7 +210,8 @@ def plan_renewal(name: str) -> dict[str, Any]:
         current = managed.current_certificate(session, row)
         return {"name": name, "issuer": row.issuer,
                 "current": current.fingerprint_sha256 if current else None,
-                "current_not_after": current.not_after.isoformat() if current else None}
+                "current_not_after": current.not_after.isoformat() if current else None,
+                "targets": len(targets.list_targets(session, name))}
 
 
 @task(name="generate-key", task_run_name="generate-key-{name}", **_RETRY)
@@ -326,11 +327,13 @@ def select_due(within_days: float = 0.0, limit: int | None = None) -> list[dict[
     at = managed.utcnow() + dt.timedelta(days=within_days)
     with read_session(get_engine()) as session:
         rows = [s for s in managed.schedule(session, at) if s.decision.due]
+        deployed = targets.managed_with_targets(session)
     if limit is not None:
         rows = rows[:limit]
     return [{"name": s.managed.name, "issuer": s.managed.issuer, "reason": s.decision.reason,
              "current": s.current.fingerprint_sha256 if s.current else None,
-             "current_not_after": s.current.not_after.isoformat() if s.current else None} for s in rows]
+             "current_not_after": s.current.not_after.isoformat() if s.current else None,
+             "targets": s.managed.id in deployed} for s in rows]
 
 
 def _cell(text: Any) -> str:
