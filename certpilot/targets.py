@@ -9,6 +9,7 @@ target itself (what it holds now) and brings a mixed fleet to one state: see ``S
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,12 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def public_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as the audit trail keeps them: PEM text (a trust bundle) shown by its digest only."""
+    return {key: (f"<PEM sha256:{hashlib.sha256(value.encode()).hexdigest()[:16]}>"
+                  if isinstance(value, str) and "-----BEGIN" in value else value) for key, value in settings.items()}
+
+
 def add(session: Session, managed_name: str, name: str, kind: str, block: str, settings: dict[str, Any],
         actor: audit.Actor, now: dt.datetime | None = None) -> Target:
     """Add a target to managed certificate ``managed_name``. ``block`` is the Prefect block document
@@ -54,7 +61,7 @@ def add(session: Session, managed_name: str, name: str, kind: str, block: str, s
     session.flush()
     audit.append(session, actor, [audit.Change("target.added", f"managed:{managed_name}",
                                                {"target": name, "kind": kind, "block": block,
-                                                "settings": settings})], now)
+                                                "settings": public_settings(settings)})], now)
     return target
 
 
@@ -68,7 +75,7 @@ def configure(session: Session, managed_name: str, name: str, kind: str, block: 
     if (target.kind, target.block, target.settings) != (kind, block, settings):
         if kind not in KINDS:
             raise PermanentError(f"target {name}: unknown kind {kind!r}; one of {', '.join(KINDS)}")
-        _update(session, target, actor, "target.changed", {"block": block, "settings": settings}, now,
+        _update(session, target, actor, "target.changed", {"block": block, "settings": public_settings(settings)}, now,
                 kind=kind, block=block, settings=dict(settings))
         session.refresh(target)
     return target
