@@ -1,0 +1,171 @@
+"""The main job: certpilot's whole lifecycle on the embedded defaults, against a lab on loopback.
+
+Started by scripts/main.sh with PREFECT_API_URL pointing at a local Prefect server, so every run
+shows in its UI. Steps:
+1. the lab: a farm of TLS endpoints whose certificates expire across every alert band (and a few
+   hostile ones), and, where it can be started, an SSH host with two nginx sites and one haproxy;
+2. a private CA and its issuer block; the source blocks (TLS scan, SSH host); a managed certificate
+   for www.lab.test with a target on each web server;
+3. the discover flow; the renew-due flow (renews what is due and deploys it, verified on the wire);
+   a deploy-certificate run per managed certificate, which reconciles targets that do not serve
+   what they should (the lab is new on every run); discovery again, which now sees the new
+   certificate served and flags what is gone as ghosts;
+4. the expiry report, the targets' state and the audit chain.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from rich.console import Console
+from rich.table import Table
+
+from blocks.issuers import PrivateCABlock
+from blocks.ssh import SshHostBlock
+from blocks.tls_scan import TlsScanBlock
+from certpilot import audit, ca, keystore, managed, targets
+from certpilot.database import get_engine, read_session, write_session
+from certpilot.errors import NotFoundError
+from certpilot.models import Certificate
+from certpilot.report import expiry_report
+from certpilot.settings import load_settings
+from flows.deploy import deploy_certificate
+from flows.discover import discover
+from flows.renew import renew_due
+from lab import tls_farm
+from lab.haproxy import HaproxyInstance
+from lab.nginx import NginxInstance
+from lab.sshd import SshServer
+
+CA_NAME = "lab-ca"
+MANAGED = "www.lab.test"
+out = Console(highlight=False)
+
+
+def pem(*certs: object) -> str:
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)  # type: ignore[attr-defined]
+
+
+def step(text: str) -> None:
+    out.print(f"\n[bold]== {text}[/]")
+
+
+def ensure_pki(engine, ring, actor) -> str:  # noqa: ANN001
+    """The lab's private CA (created once, kept in the inventory) and its issuer block. Returns its root PEM."""
+    with write_session(engine) as session:
+        try:
+            authority = ca.get_ca(session, CA_NAME)
+        except NotFoundError:
+            authority = ca.init_ca(session, ring, actor, CA_NAME, "http://127.0.0.1:8888")
+            out.print(f"created private CA {CA_NAME}")
+        root = session.get(Certificate, authority.root_fingerprint)
+    PrivateCABlock(ca_name=CA_NAME).save(CA_NAME, overwrite=True)
+    from cryptography import x509
+
+    return pem(x509.load_der_x509_certificate(root.der))  # type: ignore[union-attr]
+
+
+def ensure_managed(engine, actor) -> None:  # noqa: ANN001
+    with write_session(engine) as session:
+        try:
+            managed.get(session, MANAGED)
+        except NotFoundError:
+            managed.add(session, managed.ManagedSpec(name=MANAGED, dns_names=(MANAGED,), issuer=f"private-ca/{CA_NAME}",
+                                                     validity_days=30, owner="platform-team"), actor)
+            out.print(f"added managed certificate {MANAGED} (private CA, 30 days)")
+
+
+def web_servers(stack: ExitStack, lab: Path) -> tuple[SshServer, list[tuple[str, str, dict]]] | None:
+    """An sshd with two nginx instances and one haproxy behind it, or None where that cannot start."""
+    missing = [exe for exe in ("sshd", "nginx", "haproxy") if not (shutil.which(exe) or Path(f"/usr/sbin/{exe}").exists())]
+    if missing:
+        out.print(f"[yellow]no SSH host with nginx in the lab: {', '.join(missing)} not installed[/]")
+        return None
+    try:
+        server = stack.enter_context(SshServer(lab / "sshd"))
+        sites = []
+        for index in (1, 2):
+            nginx = stack.enter_context(NginxInstance(server.home / f"nginx{index}", [MANAGED], user=server.user))
+            sites.append((f"web{index}-nginx", "ssh-nginx", nginx.deploy_settings()))
+        haproxy = stack.enter_context(HaproxyInstance(server.home / "haproxy", MANAGED, user=server.user))
+        sites.append(("web3-haproxy", "ssh-haproxy", haproxy.deploy_settings()))
+    except Exception as exc:  # the lab is optional: say why and go on with the TLS farm
+        out.print(f"[yellow]no SSH host with nginx in the lab: {exc}[/]")
+        return None
+    return server, sites
+
+
+def main() -> int:
+    settings = load_settings()
+    engine = get_engine(settings)
+    ring = keystore.load_key_ring(settings, announce=lambda m: out.print(f"[yellow]note:[/] {m}"))
+    actor = audit.Actor("certpilot-demo")
+    lab = Path(tempfile.mkdtemp(prefix="certpilot-lab-"))
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, lab, True)
+        step("starting the lab on 127.0.0.1")
+        farm = stack.enter_context(tls_farm.TlsFarm.run(lab / "farm", tls_farm.plan(
+            16, hostile=("silent", "garbage", "plaintext"), sni=[("shop.farm.test", "pay.farm.test")], leaf_only=1,
+            expiry_days=(-3, 2, 6, 13, 24, 45, 80, 150, 190))))
+        out.print(f"TLS farm: {len(farm.endpoints)} endpoints on ports {min(e.port for e in farm.endpoints)}-"
+                  f"{max(e.port for e in farm.endpoints)} (3 hostile: silent, garbage, plaintext)")
+        web = web_servers(stack, lab)
+
+        step("private CA, blocks, managed certificate and targets")
+        root_pem = ensure_pki(engine, ring, actor)
+        ensure_managed(engine, actor)
+        scan_targets = sorted({f"127.0.0.1:{e.port}" for e in farm.endpoints})
+        sources = ["tls-scan/lab-farm"]
+        if web:
+            server, sites = web
+            scan_targets += [f"127.0.0.1:{s['verify_port']}" for _, _, s in sites]
+            SshHostBlock(address=server.host, port=server.port, user=server.user,
+                         private_key=server.client_private_key, known_hosts=server.known_hosts_line,
+                         discovery_globs=[f"{server.home}/**/*.crt", f"{server.home}/**/*.pem"]).save("lab-web",
+                                                                                                   overwrite=True)
+            sources.append("ssh-host/lab-web")
+            with write_session(engine) as session:
+                for name, kind, target_settings in sites:
+                    targets.configure(session, MANAGED, name, kind, "ssh-host/lab-web",
+                                      {**target_settings, "trust_pem": root_pem}, actor)
+            out.print(f"SSH host {server.user}@{server.host}:{server.port}: "
+                      + ", ".join(f"{name} ({kind})" for name, kind, _ in sites))
+        TlsScanBlock(targets=scan_targets, sni_names=[], timeout_seconds=2.0,
+                     trust_bundle_pem=pem(farm.ca.root) + root_pem).save("lab-farm", overwrite=True)
+
+        step("discover")
+        discover(sources)
+        step("renew what is due (and deploy it)")
+        state = renew_due(return_state=True)
+        out.print(state.message if not state.is_completed() else f"renew-due: {state.result()}")
+        if web:
+            step(f"deploy {MANAGED} to every target, canary first (reconciles what this new lab serves)")
+            result = deploy_certificate(MANAGED)
+            for o in result["outcomes"]:
+                out.print(f"  {o['target']:<14} {o['kind']:<12} {o['action']:<15} {o['detail']}")
+        step("discover again: the new certificate is seen where it is served; what is gone becomes a ghost")
+        discover(sources)
+
+        step("report")
+        with read_session(engine) as session:
+            report = expiry_report(session, show=10)
+            rows = targets.list_targets(session, MANAGED)
+        out.print(" | ".join(f"{label}: {count}" for label, count in report.bands.items()))
+        table = Table(show_edge=False, pad_edge=False)
+        for column in ("target", "kind", "should serve", "verified serving", "verified at (UTC)"):
+            table.add_column(column)
+        for t in rows:
+            table.add_row(t.name, t.kind, (t.desired_fingerprint or "-")[:16], (t.verified_fingerprint or "-")[:16],
+                          t.verified_at.isoformat()[:19] if t.verified_at else "-")
+        out.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
