@@ -6,6 +6,7 @@ to one state; renew-certificate deploys what it renews."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -13,12 +14,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL
+from sqlmodel import select
 
 from blocks.issuers import PrivateCABlock
 from blocks.ssh import SshHostBlock
@@ -26,7 +30,7 @@ from certpilot import audit, keystore, managed, targets
 from certpilot import ca as ca_module
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.keys import key_matches_certificate
-from certpilot.models import Certificate
+from certpilot.models import Certificate, PrivateKey
 from certpilot.sample_estate import Authority, issue_leaf, key_pem, pem
 from certpilot.settings import load_settings
 from connectors.private_ca import PrivateCAIssuer
@@ -35,7 +39,8 @@ from flows.deploy import deploy_certificate
 from flows.renew import renew_certificate
 from lab.nginx import NginxInstance
 from lab.sshd import SshServer
-from tests.flows.test_renew_flows import _artifacts, _flow_run, _logs
+from tests.flows.test_renew_flows import _artifacts, _flow_run, _logs, _task_runs
+from tests.keyprobe import leaks
 
 NAME = "www.fleet.test"
 CA_NAME = "fleet-ca"
@@ -209,3 +214,35 @@ def test_renew_certificate_deploys_and_verifies(fleet: Fleet) -> None:
     assert renewal["deployment"]["fingerprint"] == new
     assert fleet.served() == [new] * 5
     assert fleet.rows() == {name: (new, new) for name in fleet.names}
+
+
+def test_no_key_byte_reaches_prefect(fleet: Fleet, prefect_files: Any) -> None:
+    """After a deploy and a failed, rolled-back deploy: no key material in runs, task runs, logs,
+    artifacts, state messages, results, Prefect's database or its result storage."""
+    _renew(fleet.engine)
+    ok = deploy_certificate(NAME, return_state=True)
+    with write_session(fleet.engine) as session:
+        web3 = targets.get_target(session, NAME, "web3")
+        targets.configure(session, NAME, "web3", web3.kind, web3.block or "",
+                          {**web3.settings, "verify_port": fleet.decoy.site(NAME).port, "verify_timeout": 1.0}, ACTOR)
+    _renew(fleet.engine)
+    failed = deploy_certificate(NAME, return_state=True)
+    assert ok.is_completed() and failed.is_failed()
+    with read_session(fleet.engine) as session:
+        rows = session.exec(select(PrivateKey).where(PrivateKey.destroyed_at.is_(None))).all()  # type: ignore[union-attr]
+        keys = [keystore.load_private_key(session, keystore.KeyRef(r.id), _ring()) for r in rows]
+    assert len(keys) >= 4  # the CA's two and the two leaves'
+    haystacks: dict[str, bytes] = {"state messages": f"{ok.message} {failed.message}".encode(),
+                                   "result": json.dumps(ok.result(), default=str).encode()}
+    for state in (ok, failed):
+        run_id = state.state_details.flow_run_id
+        haystacks[f"flow run {run_id}"] = _flow_run(run_id).model_dump_json().encode()
+        haystacks[f"logs {run_id}"] = _logs(run_id).encode()
+        for t in _task_runs(run_id):
+            haystacks[f"task run {t.name}"] = t.model_dump_json().encode()
+        for artifact in _artifacts(run_id, "deployment-www-fleet-test"):
+            haystacks[f"artifact {run_id}"] = str(artifact.data).encode()
+    APILogHandler().flush()
+    haystacks.update(prefect_files())
+    for where, data in haystacks.items():
+        assert leaks(data, keys) == [], f"private key material found in {where}"
