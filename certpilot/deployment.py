@@ -130,7 +130,8 @@ class VerificationError(PermanentError):
 @runtime_checkable
 class Deployer(Protocol):
     """One target. Errors raised are DeployError (transient), PermanentDeployError or VerificationError,
-    with messages that name the target and hold no secret."""
+    with messages that name the target and hold no secret. A deployer holding a connection also has
+    ``close()``; whoever built it calls it when done."""
 
     name: str  # the target's name
     kind: str  # ssh-nginx, ssh-haproxy, aws-acm, aws-elbv2, aws-iam-elbv2, azure-kv

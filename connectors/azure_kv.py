@@ -246,6 +246,12 @@ class _Calls:
             self._client = self.connection.client()
         return self._client
 
+    def close(self) -> None:
+        """Close the SDK client's HTTP session, if one was opened."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
     def run(self, where: str, action: str, call: Callable[[], _T], *, absent_ok: bool = False,
             chain: bool = True) -> _T | None:
         """``call()``; None for a 404 when ``absent_ok``; otherwise a translated error (chained to the SDK's
@@ -286,6 +292,9 @@ class AzureKeyVaultSource:
         self.page_size = page_size
         self.name = f"azure-kv:{connection.host}"
         self._calls = _Calls(connection, KeyVaultUnavailable, KeyVaultRefused)
+
+    def close(self) -> None:
+        self._calls.close()
 
     def _locator(self, name: str, version: str | None = None) -> str:
         return f"azure-kv://{self.connection.host}/{name}" + (f"/{version}" if version else "")
@@ -350,6 +359,9 @@ class AzureKeyVaultDeployer:
         self.purge_deleted = bool(settings.get("purge_deleted", False))
         self.lookup = lookup  # not needed: the previous version's key is in the vault itself
         self._calls = _Calls(connection, DeployError, PermanentDeployError)
+
+    def close(self) -> None:
+        self._calls.close()
 
     @property
     def where(self) -> str:

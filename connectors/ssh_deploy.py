@@ -133,6 +133,10 @@ class _SshDeployer:
                                        "is not a number") from None
         self.endpoint = self._endpoint(settings)
 
+    def close(self) -> None:
+        """Close the SSH connection (shared by deployers built from one block object)."""
+        self.ssh.close()
+
     def _endpoint(self, settings: Mapping[str, Any]) -> Endpoint:
         trust: tuple[x509.Certificate, ...] = ()
         text = settings.get("verify_trust") or settings.get("trust_pem")

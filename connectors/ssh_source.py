@@ -82,6 +82,9 @@ class SshSource:
         host = f"[{self.ssh.address}]" if ":" in self.ssh.address else self.ssh.address
         return f"ssh://{self.ssh.user}@{host}:{self.ssh.port}{path}"
 
+    def close(self) -> None:
+        self.ssh.close()
+
     def discover(self) -> Iterator[Found | Problem]:
         files: dict[str, int] = {}
         problems: dict[str, Problem] = {}  # by locator: several globs may meet one unreadable directory

@@ -30,6 +30,13 @@ from tasks.inventory import retry_transient_only, run_actor
 RETRIES = 2
 
 
+def close(connector: Any) -> None:
+    """Close a source's or deployer's connection, when it holds one."""
+    closer = getattr(connector, "close", None)
+    if callable(closer):
+        closer()
+
+
 def deployer_for(name: str, target_name: str) -> tuple[Any, Deployer]:
     """The target's row and a deployer built from its block and settings."""
     settings = load_settings()
@@ -71,6 +78,8 @@ def deploy_target(name: str, target_name: str, fingerprint: str) -> dict[str, An
     except rollout.TargetFailed as exc:
         logger.error("target %s: %s: %s", target_name, exc.outcome.action, exc.outcome.detail)
         raise
+    finally:
+        close(deployer)
     logger.info("target %s: %s (%s)", target_name, outcome.action, outcome.detail)
     return outcome.as_dict()
 
@@ -79,7 +88,10 @@ def deploy_target(name: str, target_name: str, fingerprint: str) -> dict[str, An
 def rollback_target(name: str, target_name: str, receipt: dict[str, Any]) -> dict[str, Any]:
     """Undo what this run's deploy changed on one target and prove the previous certificate is served."""
     target, deployer = deployer_for(name, target_name)
-    outcome = rollout.roll_back(get_engine(), target, deployer, Receipt.from_dict(receipt), run_actor())
+    try:
+        outcome = rollout.roll_back(get_engine(), target, deployer, Receipt.from_dict(receipt), run_actor())
+    finally:
+        close(deployer)
     (get_run_logger().warning if outcome.action == "rolled-back" else get_run_logger().error)(
         "target %s: %s (%s)", target_name, outcome.action, outcome.detail)
     return outcome.as_dict()

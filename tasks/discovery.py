@@ -22,6 +22,7 @@ from certpilot.database import get_engine, read_session
 from certpilot.discovery import record
 from certpilot.report import expiry_report
 from certpilot.settings import load_settings
+from tasks.deployment import close
 from tasks.inventory import retry_transient_only, run_actor
 
 PROBLEMS_SHOWN = 20
@@ -33,8 +34,11 @@ def discover_source(block: str, batch_size: int = 500) -> dict[str, Any]:
     logger = get_run_logger()
     settings = load_settings()
     source = Block.load(block).source()  # type: ignore[attr-defined]
-    report = record(get_engine(settings), source, run_actor(), batch_size=batch_size,
-                    key_ring=lambda: keystore.load_key_ring(settings, announce=logger.warning))
+    try:
+        report = record(get_engine(settings), source, run_actor(), batch_size=batch_size,
+                        key_ring=lambda: keystore.load_key_ring(settings, announce=logger.warning))
+    finally:
+        close(source)
     for problem in report.problems[:PROBLEMS_SHOWN]:
         logger.warning("%s: %s", problem.locator, problem.reason)
     if len(report.problems) > PROBLEMS_SHOWN:
