@@ -23,11 +23,13 @@ from cryptography.hazmat.primitives import serialization
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL
 from sqlmodel import select
+from typer.testing import CliRunner
 
 from blocks.issuers import PrivateCABlock
 from blocks.ssh import SshHostBlock
 from certpilot import audit, keystore, managed, targets
 from certpilot import ca as ca_module
+from certpilot.cli import app
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.keys import key_matches_certificate
 from certpilot.models import Certificate, PrivateKey
@@ -246,3 +248,14 @@ def test_no_key_byte_reaches_prefect(fleet: Fleet, prefect_files: Any) -> None:
     haystacks.update(prefect_files())
     for where, data in haystacks.items():
         assert leaks(data, keys) == [], f"private key material found in {where}"
+
+
+def test_cli_deploy_and_target_list(fleet: Fleet) -> None:
+    new = _renew(fleet.engine)
+    result = CliRunner().invoke(app, ["deploy", NAME, "--canary", "web3", "--concurrency", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("web3 ")  # the canary went first
+    assert f"{NAME} ({new[:16]}) is served on 5 target(s)" in result.output
+    listed = json.loads(CliRunner().invoke(app, ["target", "list", NAME, "--json"]).output)
+    assert {(r["desired"], r["verified"]) for r in listed} == {(new, new)}
+    assert fleet.served() == [new] * 5
