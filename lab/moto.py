@@ -10,9 +10,7 @@ a fake root to ACM chains, invents IAM expiry dates): certpilot's connectors che
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,23 +21,14 @@ from typing import Any
 
 import httpx
 
+from lab.ports import free_port
+
 __all__ = ["MotoServer", "LoadBalancerLab", "free_port", "make_load_balancer", "make_listener"]
 
 ACCESS_KEY_ID = "testing"  # moto accepts any credentials
 SECRET_ACCESS_KEY = "testing"
 
 
-def free_port(low: int = 20000, high: int = 32000) -> int:
-    """A TCP port below the ephemeral range (32768 and up) that nothing on 127.0.0.1 listens on now."""
-    for _ in range(200):
-        port = random.randint(low, high)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port between {low} and {high}")
 
 
 def _executable() -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import getpass
 import os
 import pwd
-import random
 import shutil
 import socket
 import subprocess
@@ -34,32 +33,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from lab.ports import free_port  # noqa: F401  (nginx, haproxy and the tests take it from here)
+
 LAB_USER = "certpilot-lab"
 LAB_HOME = "/var/lib/certpilot-lab"
+
 
 
 class LabError(RuntimeError):
     """A lab server could not be set up or did not start; the message says why and where its log is."""
 
 
-_handed_out: set[int] = set()
-
-
-def free_port(low: int = 20000, high: int = 32767) -> int:
-    """A TCP port on 127.0.0.1, below the ephemeral range (32768 and up), that nothing listens on now
-    and that this process has not handed out before (a caller may not have bound it yet)."""
-    for _ in range(200):
-        port = random.randint(low, high)
-        if port in _handed_out:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            _handed_out.add(port)
-            return port
-    raise LabError(f"no free port between {low} and {high} after 200 tries")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certpilot.sample_estate import Authority, key_pem, make_ca, pem
+from lab.ports import free_port  # noqa: F401  (the ACME tests take it from here)
 
 EAB_EXAMPLE_CONFIG = Path("/usr/share/doc/pebble/examples/pebble-config-external-account-bindings.json")
 START_DEADLINE = 15.0
@@ -46,12 +47,6 @@ class ServerMissingError(RuntimeError):
     """A server binary the tests need is not installed."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (below 32768, outside the ephemeral range,
-    would be nicer, but asking the kernel is the only race-free-enough way)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def binary(name: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 
+from lab.ports import free_port
 from lab.tls_farm import HOSTILE_KINDS, FarmCA, TlsFarm, issue_farm_leaf, make_farm_ca, plan
 
 SNI_NAMES = ("alpha.sni.test", "beta.sni.test")
@@ -36,14 +37,7 @@ def other_ca() -> FarmCA:
 
 def unused_port() -> int:
     """A loopback port below 32768 that nothing listens on (bound and released: refused afterwards)."""
-    for port in range(29000, 32000):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below 32768")
+    return free_port()
 
 
 class Identity:
