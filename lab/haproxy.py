@@ -17,15 +17,14 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
-from lab.nginx import chown_tree, placeholder_pair, run_as, stop_process, wait_for_ports
+from lab.nginx import ServerProcess, chown_tree, placeholder_pair, run_as, wait_for_ports
 from lab.sshd import LabError, free_port
 
 _HAPROXY = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/sbin:/bin") or "haproxy"
 
 
-class HaproxyInstance:
+class HaproxyInstance(ServerProcess):
     """``with HaproxyInstance(prefix, "lb.test", user=server.user) as haproxy:`` serves haproxy.pem_path."""
 
     def __init__(self, prefix: Path, name: str = "lb.test", *, user: str | None = None,
@@ -124,17 +123,3 @@ frontend tls
             raise
         return self
 
-    def stop(self) -> None:
-        stop_process(self._process)
-        self._process = None
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.prefix, ignore_errors=True)
-
-    def __enter__(self) -> HaproxyInstance:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

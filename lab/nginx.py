@@ -115,7 +115,33 @@ def _tail(path: Path) -> str:
         return "(no log)"
 
 
-class NginxInstance:
+class ServerProcess:
+    """A lab server run as a child process from its own prefix: stop, remove, and a context manager."""
+
+    prefix: Path
+    _process: subprocess.Popen[bytes] | None
+
+    def start(self) -> ServerProcess:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        stop_process(self._process)
+        self._process = None
+
+    def remove(self) -> None:
+        """Stop and delete the prefix."""
+        self.stop()
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+    def __enter__(self):  # noqa: ANN204 - the subclass
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class NginxInstance(ServerProcess):
     """``with NginxInstance(prefix, ["a.test", "b.test"], user=server.user) as nginx:`` serves each name."""
 
     def __init__(self, prefix: Path, names: Sequence[str] = ("site.test",), *, user: str | None = None,
@@ -222,18 +248,3 @@ http {{
             raise
         return self
 
-    def stop(self) -> None:
-        stop_process(self._process)
-        self._process = None
-
-    def remove(self) -> None:
-        """Stop and delete the prefix."""
-        self.stop()
-        shutil.rmtree(self.prefix, ignore_errors=True)
-
-    def __enter__(self) -> NginxInstance:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
