@@ -38,7 +38,7 @@ from certpilot.settings import load_settings
 from connectors.private_ca import PrivateCAIssuer
 from connectors.tls_verify import fetch_chain
 from flows.deploy import deploy_certificate
-from flows.renew import renew_certificate
+from flows.renew import renew_certificate, renew_due
 from lab.nginx import NginxInstance
 from lab.sshd import SshServer
 from tests.flows.test_renew_flows import _artifacts, _flow_run, _logs, _task_runs
@@ -259,3 +259,24 @@ def test_cli_deploy_and_target_list(fleet: Fleet) -> None:
     listed = json.loads(CliRunner().invoke(app, ["target", "list", NAME, "--json"]).output)
     assert {(r["desired"], r["verified"]) for r in listed} == {(new, new)}
     assert fleet.served() == [new] * 5
+
+
+def test_renew_due_deploys_what_it_renews(fleet: Fleet) -> None:
+    old = fleet.served()
+    summary = renew_due()  # NAME has no certificate yet: due
+    assert (summary["due"], summary["renewed"], summary["failed"]) == (1, 1, 0)
+    new = fleet.rows()["web1"][1]
+    assert new is not None and new not in old
+    assert fleet.served() == [new] * 5
+
+
+def test_renew_due_reports_a_failed_deployment(fleet: Fleet) -> None:
+    old = fleet.served()
+    with write_session(fleet.engine) as session:
+        web2 = targets.get_target(session, NAME, "web2")
+        targets.configure(session, NAME, "web2", web2.kind, web2.block or "",
+                          {**web2.settings, "verify_port": fleet.decoy.site(NAME).port, "verify_timeout": 1.0}, ACTOR)
+    state = renew_due(return_state=True)
+    assert state.is_failed()
+    assert f"{NAME} at deploy" in state.message and "not deployed" in state.message
+    assert fleet.served() == old  # renewed, but every target still serves the previous certificate
