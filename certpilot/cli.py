@@ -663,12 +663,6 @@ def managed_list_command(as_json: JsonOption = False) -> None:
     out.print(f"{len(rows)} managed certificate(s), {sum(r['due'] for r in rows)} due")
 
 
-def _prefect_note() -> None:
-    if not os.environ.get("PREFECT_API_URL"):
-        err.print("[yellow]note:[/] PREFECT_API_URL is not set: starting a temporary local Prefect for this run "
-                  "(10 to 20 s); point it at your Prefect server to keep the run history there")
-
-
 @app.command("renew")
 def renew_command(
     name: Annotated[Optional[str], typer.Argument(help="The managed certificate to renew now.")] = None,
@@ -706,7 +700,7 @@ def renew_command(
         return
     from prefect import tags
 
-    _prefect_note()
+    cli_fleet.prefect_note()
     if name is not None:
         from flows.renew import renew_certificate
         from tasks.renewal import certificate_tag

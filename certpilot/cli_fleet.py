@@ -7,6 +7,7 @@ Registered on the main app by certpilot.cli. ``target`` commands call the core; 
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any, Optional
 
 import typer
@@ -85,6 +86,12 @@ def target_list_command(
     out.print(f"{len(rows)} target(s)" + (f", [yellow]{mixed} not verified serving what they should[/]" if mixed else ""))
 
 
+def prefect_note() -> None:
+    if not os.environ.get("PREFECT_API_URL"):
+        err.print("[yellow]note:[/] PREFECT_API_URL is not set: starting a temporary local Prefect for this run "
+                  "(10 to 20 s); point it at your Prefect server to keep the run history there")
+
+
 def _run(state: Any, what: str) -> Any:
     if not state.is_completed():
         err.print(f"[red]{what} failed:[/] {state.message}")
@@ -104,6 +111,7 @@ def deploy_command(
 
     with read_session(get_engine()) as session:
         targets.plan(session, managed_name, fingerprint)  # fail fast, before starting Prefect
+    prefect_note()
     result = _run(deploy_certificate(managed_name, fingerprint, canary, concurrency, return_state=True), "deployment")
     for o in result["outcomes"]:
         out.print(f"{o['target']:<24} {o['kind']:<14} {o['action']:<15} {o['detail']}")
@@ -116,6 +124,7 @@ def discover_command(
     """Run discovery with the given source blocks (discover flow) and record what they find."""
     from flows.discover import discover
 
+    prefect_note()
     result = _run(discover(sources, return_state=True), "discovery")
     for s in result["sources"]:
         out.print(f"{s['source']}: {s['places']} place(s), {s['certificates']} certificate(s), "
