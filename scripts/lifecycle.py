@@ -28,6 +28,7 @@ from rich.table import Table
 
 from blocks.issuers import PrivateCABlock
 from blocks.ssh import SshHostBlock
+from blocks.targets import DeploymentTargetBlock
 from blocks.tls_scan import TlsScanBlock
 from certpilot import audit, ca, keystore, managed, targets
 from certpilot.database import get_engine, read_session, write_session
@@ -130,10 +131,13 @@ def main() -> int:
                          discovery_globs=[f"{server.home}/**/*.crt", f"{server.home}/**/*.pem"]).save("lab-web",
                                                                                                    overwrite=True)
             sources.append("ssh-host/lab-web")
+            host = SshHostBlock.load("lab-web")
+            for name, kind, target_settings in sites:  # each target's settings: a form in the UI
+                DeploymentTargetBlock(kind=kind, connection=host, settings={**target_settings, "trust_pem": root_pem}
+                                      ).save(f"lab-{name}", overwrite=True)
             with write_session(engine) as session:
-                for name, kind, target_settings in sites:
-                    targets.configure(session, MANAGED, name, kind, "ssh-host/lab-web",
-                                      {**target_settings, "trust_pem": root_pem}, actor)
+                for name, kind, _ in sites:
+                    targets.configure(session, MANAGED, name, kind, f"deployment-target/lab-{name}", {}, actor)
             out.print(f"SSH host {server.user}@{server.host}:{server.port}: "
                       + ", ".join(f"{name} ({kind})" for name, kind, _ in sites))
         TlsScanBlock(targets=scan_targets, sni_names=[], timeout_seconds=2.0,

@@ -26,9 +26,9 @@ if ! curl -fsS -m 2 "$PREFECT_API_URL/health" >/dev/null 2>&1; then
   done
   curl -fsS -m 2 "$PREFECT_API_URL/health" >/dev/null || { echo "the Prefect server did not start: see $log" >&2; exit 1; }
 fi
-.venv/bin/prefect block register -m blocks.issuers >/dev/null
-.venv/bin/prefect block register -m blocks.tls_scan >/dev/null
-.venv/bin/prefect block register -m blocks.ssh >/dev/null
+for blocks in issuers tls_scan ssh aws azure targets; do
+  .venv/bin/prefect block register -m "blocks.$blocks" >/dev/null
+done
 
 .venv/bin/python scripts/lifecycle.py
 

@@ -20,6 +20,7 @@ from prefect.blocks.core import Block
 import blocks.aws  # noqa: F401  (registers the connector block types, so Block.load finds them)
 import blocks.azure  # noqa: F401
 import blocks.ssh  # noqa: F401
+import blocks.targets  # noqa: F401
 from certpilot import keystore, rollout, targets
 from certpilot.database import get_engine, read_session
 from certpilot.deployment import Deployer, Receipt

@@ -27,10 +27,12 @@ from typer.testing import CliRunner
 
 from blocks.issuers import PrivateCABlock
 from blocks.ssh import SshHostBlock
+from blocks.targets import DeploymentTargetBlock
 from certpilot import audit, keystore, managed, targets
 from certpilot import ca as ca_module
 from certpilot.cli import app
 from certpilot.database import get_engine, read_session, write_session
+from certpilot.errors import PermanentError
 from certpilot.keys import key_matches_certificate
 from certpilot.models import Certificate, PrivateKey
 from certpilot.sample_estate import Authority, issue_leaf, key_pem, pem
@@ -280,3 +282,23 @@ def test_renew_due_reports_a_failed_deployment(fleet: Fleet) -> None:
     assert state.is_failed()
     assert f"{NAME} at deploy" in state.message and "not deployed" in state.message
     assert fleet.served() == old  # renewed, but every target still serves the previous certificate
+
+
+def test_target_settings_from_a_deployment_target_block(fleet: Fleet) -> None:
+    """A target whose block is a DeploymentTargetBlock: kind, connection and settings come from it."""
+    DeploymentTargetBlock.register_type_and_schema()
+    with write_session(fleet.engine) as session:
+        web4 = targets.get_target(session, NAME, "web4")
+        settings = dict(web4.settings)
+        targets.configure(session, NAME, "web4", "ssh-nginx", "deployment-target/fleet-web4",
+                          {"verify_timeout": 5}, ACTOR)  # the row's own settings override the block's
+    DeploymentTargetBlock(kind="ssh-nginx", connection=SshHostBlock.load("fleet"),
+                          settings={**settings, "verify_timeout": 0.001}).save("fleet-web4", overwrite=True)
+    new = _renew(fleet.engine)
+    result = deploy_certificate(NAME)
+    assert {o["target"]: o["action"] for o in result["outcomes"]}["web4"] == "deployed"
+    assert fleet.served() == [new] * 5
+    loaded = DeploymentTargetBlock.load("fleet-web4")
+    assert isinstance(loaded.connection, SshHostBlock)
+    with pytest.raises(PermanentError, match="of kind aws-acm"):
+        loaded.deployer("web4", "aws-acm", {})
