@@ -7,7 +7,6 @@ Registered on the main app by certpilot.cli. ``target`` commands call the core; 
 from __future__ import annotations
 
 import json
-import os
 from typing import Annotated, Any, Optional
 
 import typer
@@ -87,7 +86,9 @@ def target_list_command(
 
 
 def prefect_note() -> None:
-    if not os.environ.get("PREFECT_API_URL"):
+    from prefect.settings import PREFECT_API_URL  # the environment, a Prefect profile or a test harness
+
+    if not PREFECT_API_URL.value():
         err.print("[yellow]note:[/] PREFECT_API_URL is not set: starting a temporary local Prefect for this run "
                   "(10 to 20 s); point it at your Prefect server to keep the run history there")
 
