@@ -59,8 +59,8 @@ def deploy_certificate(name: str, fingerprint: str | None = None, canary: str | 
         if canary not in [t["name"] for t in pending]:
             raise PermanentError(f"canary {canary!r} is not a target of {name}")
         pending.sort(key=lambda t: t["name"] != canary)
-    waves = [pending[:1]] + [pending[i:i + max(1, min(concurrency, MAX_CONCURRENCY))]
-                             for i in range(1, len(pending), max(1, min(concurrency, MAX_CONCURRENCY)))]
+    size = max(1, min(concurrency, MAX_CONCURRENCY))
+    waves = [pending[:1]] + [pending[i:i + size] for i in range(1, len(pending), size)]
     for index, wave in enumerate(waves):
         if report.failed:
             report.not_attempted += [t["name"] for t in wave]
@@ -71,7 +71,8 @@ def deploy_certificate(name: str, fingerprint: str | None = None, canary: str | 
         report.outcomes += [_outcome(t, f) for t, f in zip(wave, futures)]
         if index == 0 and not report.failed:
             logger.info("canary %s serves %s", wave[0]["name"], fp[:16])
-    if report.failed:
+    culprits = [o.target for o in report.outcomes if o.action not in ("deployed", "already-served")]
+    if report.failed:  # undo every target this run changed (a failed target has undone itself)
         changed = [o for o in report.outcomes if o.receipt]
         futures = [rollback_target.with_options(task_run_name=f"rollback-{name}-{o.target}")
                    .submit(name, o.target, o.receipt) for o in reversed(changed)]
@@ -81,10 +82,12 @@ def deploy_certificate(name: str, fingerprint: str | None = None, canary: str | 
     publish_deployment_report(name, report.markdown())
     if report.failed:
         bad = [o for o in report.outcomes if o.action == "rollback-failed"]
-        failed = [o for o in report.outcomes if o.action not in ("deployed", "already-served")]
-        for o in failed:
-            logger.error("DEPLOYMENT FAILED at %s (%s): %s: %s", o.target, o.kind, o.action, o.detail)
-        shown = "; ".join(f"{o.target}: {o.action}: {o.detail}" for o in failed[:10])
+        for o in report.outcomes:
+            if o.target in culprits:
+                logger.error("DEPLOYMENT FAILED at %s (%s): %s: %s", o.target, o.kind, o.action, o.detail)
+            elif o.action != "already-served":
+                logger.warning("%s (%s): %s: %s", o.target, o.kind, o.action, o.detail)
+        shown = "; ".join(f"{o.target}: {o.action}: {o.detail}" for o in report.outcomes if o.target in culprits)
         state = ("every changed target was rolled back" if not bad
                  else f"{len(bad)} target(s) could not be rolled back: see the report")
         raise PermanentError(f"deployment of {name} ({fp[:16]}) failed; {state}: {shown}")
