@@ -93,6 +93,15 @@ class Fleet:
                 return False
         return True
 
+    def misdirect(self, target: str, timeout: float) -> None:
+        """Make ``target`` verify against the decoy, which keeps serving something else: whatever is
+        deployed there is never proven served, and verification fails after ``timeout`` seconds."""
+        with write_session(self.engine) as session:
+            row = targets.get_target(session, NAME, target)
+            targets.configure(session, NAME, target, row.kind, row.block or "",
+                              {**row.settings, "verify_port": self.decoy.site(NAME).port, "verify_timeout": timeout},
+                              ACTOR)
+
     def rows(self) -> dict[str, tuple[str | None, str | None]]:
         with read_session(self.engine) as session:
             return {t.name: (t.desired_fingerprint, t.verified_fingerprint) for t in targets.list_targets(session, NAME)}
@@ -153,10 +162,7 @@ def test_canary_first_then_all_verified_on_the_wire(fleet: Fleet) -> None:
 def test_one_of_five_failing_verification_rolls_back_every_changed_target(fleet: Fleet) -> None:
     old = fleet.served()
     # web5's verification looks at the decoy, which keeps serving something else: deployed, never proven.
-    with write_session(fleet.engine) as session:
-        web5 = targets.get_target(session, NAME, "web5")
-        targets.configure(session, NAME, "web5", web5.kind, web5.block or "",
-                          {**web5.settings, "verify_port": fleet.decoy.site(NAME).port, "verify_timeout": 1.5}, ACTOR)
+    fleet.misdirect("web5", timeout=1.5)
     new = _renew(fleet.engine)
     state = deploy_certificate(NAME, concurrency=2, return_state=True)
     assert state.is_failed()
@@ -225,10 +231,7 @@ def test_no_key_byte_reaches_prefect(fleet: Fleet, prefect_files: Any) -> None:
     artifacts, state messages, results, Prefect's database or its result storage."""
     _renew(fleet.engine)
     ok = deploy_certificate(NAME, return_state=True)
-    with write_session(fleet.engine) as session:
-        web3 = targets.get_target(session, NAME, "web3")
-        targets.configure(session, NAME, "web3", web3.kind, web3.block or "",
-                          {**web3.settings, "verify_port": fleet.decoy.site(NAME).port, "verify_timeout": 1.0}, ACTOR)
+    fleet.misdirect("web3", timeout=1.0)
     _renew(fleet.engine)
     failed = deploy_certificate(NAME, return_state=True)
     assert ok.is_completed() and failed.is_failed()
@@ -274,10 +277,7 @@ def test_renew_due_deploys_what_it_renews(fleet: Fleet) -> None:
 
 def test_renew_due_reports_a_failed_deployment(fleet: Fleet) -> None:
     old = fleet.served()
-    with write_session(fleet.engine) as session:
-        web2 = targets.get_target(session, NAME, "web2")
-        targets.configure(session, NAME, "web2", web2.kind, web2.block or "",
-                          {**web2.settings, "verify_port": fleet.decoy.site(NAME).port, "verify_timeout": 1.0}, ACTOR)
+    fleet.misdirect("web2", timeout=1.0)
     state = renew_due(return_state=True)
     assert state.is_failed()
     assert f"{NAME} at deploy" in state.message and "not deployed" in state.message
