@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything certpilot needs on a fresh Debian 12 machine with Python 3.11+, idempotent and quick when
 # nothing changed: a virtual environment in .venv with certpilot and its test tools installed.
-# With --servers (alias --for-tests) it also installs the Debian packages of the real servers the tests
+# With --servers it also installs the Debian packages of the real servers the tests
 # and the main job's lab run (pebble, sshd, nginx, haproxy, openssl, curl) and makes sure the local
 # PostgreSQL server (127.0.0.1:5432) is up.
 set -euo pipefail
@@ -24,7 +24,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "$wanted" > "$stamp"
 fi
 
-if [ "${1:-}" = "--servers" ] || [ "${1:-}" = "--for-tests" ]; then
+if [ "${1:-}" = "--servers" ]; then
   # Debian packages of the real servers the tests use: pebble ships pebble and pebble-challtestsrv (ACME).
   debs=(pebble openssl openssh-server nginx haproxy socat curl)  # openssl: the private CA tests check CRLs, OCSP and chains; sshd, nginx and haproxy: the deployment targets
   missing=()

@@ -52,7 +52,7 @@ class ServerMissingError(RuntimeError):
 def binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise ServerMissingError(f"{name} is not installed: run `bash scripts/setup.sh --for-tests` "
+        raise ServerMissingError(f"{name} is not installed: run `bash scripts/setup.sh --servers` "
                                  f"(it installs the Debian package pebble, which ships {name})")
     return path
 

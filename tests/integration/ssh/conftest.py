@@ -61,7 +61,7 @@ def pki(ca: tuple[Authority, Authority]) -> Pki:
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     if shutil.which("sshd", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")) is None:
-        pytest.fail("sshd is not installed: run `bash scripts/setup.sh --for-tests` (Debian openssh-server)")
+        pytest.fail("sshd is not installed: run `bash scripts/setup.sh --servers` (Debian openssh-server)")
     with SshServer(tmp_path_factory.mktemp("sshd")) as server:
         yield server
 
