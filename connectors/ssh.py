@@ -19,8 +19,9 @@ They subclass certpilot.deployment's DeployError and PermanentDeployError becaus
 promises those; the source raises the same ones, and discovery treats them as Transient/PermanentError.
 
 Writing files: ``atomic_write(path, data, mode)`` uploads to a hidden temporary name in the same
-directory (``.<name>.certpilot-tmp-<random>``), sets the final mode on the open file before the first
-byte is written, then ``posix_rename``s it over the final path (a plain SFTP rename fails when the
+directory (``.<name>.certpilot-tmp-<random>``), created with its final mode in the SFTP open request
+itself (never with the server's default mode, not even for an instant: a descriptor opened then would
+outlive a later chmod), then ``posix_rename``s it over the final path (a plain SFTP rename fails when the
 target exists). ``upload_temporary`` + ``commit`` do the same in two steps, so that several files can be
 uploaded first and then renamed in quick succession. If the connection drops mid-upload the final path
 is untouched; the temporary file is removed when the connection still allows it, and is otherwise left
@@ -54,6 +55,8 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from paramiko.hostkeys import HostKeyEntry
+from paramiko.sftp import (CMD_HANDLE, CMD_OPEN, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_TRUNC,
+                           SFTP_FLAG_WRITE)
 
 from certpilot.deployment import DeployError, PermanentDeployError
 
@@ -468,19 +471,22 @@ class SshConnection:
         self.commit(temporary, path)
 
     def upload_temporary(self, path: str, data: bytes, mode: int) -> str:
-        """Write ``data`` to a new temporary file beside ``path``, with ``mode`` set before any byte is
-        written; returns its name. On failure the temporary file is removed when the connection allows."""
+        """Write ``data`` to a new temporary file beside ``path``; returns its name. The file is created with
+        ``mode`` by the SFTP open request itself (O_CREAT|O_EXCL with the permissions attribute, so it
+        never exists with the server's default mode, not even empty), then set to exactly ``mode`` on the
+        open handle before the first byte is written. On failure the temporary file is removed when the
+        connection allows."""
         directory, name = posixpath.split(path)
         temporary = posixpath.join(directory, f".{name}{TEMP_MARKER}{secrets.token_hex(4)}")
         with self._lock:
             try:
                 sftp = self.sftp()
-                file = sftp.open(temporary, "wx")  # O_EXCL: never reuse or follow something already there
+                file = _create_exclusive(sftp, temporary, mode)
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 raise self._translate(exc, path, f"cannot create a temporary file in {directory or '.'}") from None
             try:
                 with file:
-                    file.chmod(mode)
+                    file.chmod(mode)  # exactly ``mode`` (the server's umask may have narrowed it), still empty
                     self._write_chunks(file, data, path)
                     file.flush()
                 attrs = sftp.stat(temporary)
@@ -643,6 +649,20 @@ class SshConnection:
         with self._lock:
             self._drop()
         return SshUnavailableError(self.where, f"{path}: {action}: connection lost ({_describe(exc)})")
+
+
+def _create_exclusive(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko.SFTPFile:
+    """Create ``path`` for writing with ``mode`` in the open request (O_CREAT|O_EXCL: never reuse or follow
+    something already there). SFTPClient.open sends no attributes, so the server would create the file
+    with its default mode (0666 less its umask) and a chmod could only narrow it afterwards, when another
+    local user may already hold it open: this sends the same SSH_FXP_OPEN with the permissions set."""
+    attributes = paramiko.SFTPAttributes()
+    attributes.st_mode = stat_module.S_IMODE(mode)
+    flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC | SFTP_FLAG_EXCL
+    kind, message = sftp._request(CMD_OPEN, sftp._adjust_cwd(path), flags, attributes)  # noqa: SLF001 - no public way
+    if kind != CMD_HANDLE:
+        raise paramiko.SFTPError(f"expected a handle for {path}")
+    return paramiko.SFTPFile(sftp, message.get_binary(), "wb")
 
 
 def _is_magic(part: str) -> bool:
