@@ -1,8 +1,9 @@
 """certpilot: certificate lifecycle management built on Prefect.
 
 This package is the domain core: inventory, X.509 parsing, keys at rest, audit chain, policy and
-settings. It imports neither Prefect nor anything that touches the network; ``certpilot.cli`` is the
-one module that may import ``flows``, inside its commands.
+settings. It imports neither Prefect nor anything that touches the network, nor any layer above it
+(connectors, blocks, tasks, flows, the CLI in ``cli``): the import-linter contracts in pyproject.toml
+hold that.
 """
 
 __version__ = "0.1.0"

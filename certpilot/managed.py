@@ -45,6 +45,12 @@ _MAX_REASON = 600
 KeyRingSource = Callable[[], KeyRing]
 
 
+def certificate_tag(name: str) -> str:
+    """The tag on every flow and task run that works on managed certificate ``name``: its history is
+    one filter away in the Prefect UI."""
+    return f"certificate:{name}"
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 

@@ -22,7 +22,7 @@ from certpilot.errors import PermanentError
 from certpilot.rollout import Outcome, Report, TargetFailed, safe
 from flows.tagging import tag_flow_run
 from tasks.deployment import deploy_target, plan_deployment, publish_deployment_report, rollback_target
-from tasks.renewal import certificate_tag
+from certpilot.managed import certificate_tag
 
 MAX_CONCURRENCY = 16  # the task runner's bound; a run's ``concurrency`` is at most this
 

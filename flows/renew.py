@@ -25,10 +25,11 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from certpilot.errors import PermanentError
+from certpilot.managed import certificate_tag
 from flows.deploy import deploy_certificate
 from flows.tagging import tag_flow_run
 from certpilot.managed import PermanentRenewalError, RenewalError, TransientRenewalError, is_transient, safe_reason
-from tasks.renewal import (DEFAULT_ISSUER_SLOTS, batch_slots, build_csr, certificate_tag, ensure_issuer_limits,
+from tasks.renewal import (DEFAULT_ISSUER_SLOTS, batch_slots, build_csr, ensure_issuer_limits,
                            generate_key, issue_certificate, limit_name, plan_renewal, publish_renewal_report,
                            record_renewal_failure, refresh_renewal_info, renew_managed, select_due, store_certificate)
 

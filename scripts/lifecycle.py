@@ -22,7 +22,9 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # lab/ is part of the checkout, not of the package
+
+from cryptography.hazmat.primitives import serialization  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 

@@ -20,7 +20,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "setup: installing certpilot and its dependencies into .venv (about a minute the first time)"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c 'import certpilot.cli, prefect, sqlmodel, cryptography' # fail here, not later, if the install did
+  .venv/bin/python -c 'import cli.main, prefect, sqlmodel, cryptography' # fail here, not later, if the install did
   echo "$wanted" > "$stamp"
 fi
 

@@ -45,6 +45,7 @@ from prefect.tasks import exponential_backoff
 
 import blocks.issuers  # noqa: F401  (registers the issuer block types, so Block.load finds them)
 from certpilot import audit, keystore, managed, targets
+from certpilot.managed import certificate_tag
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import PermanentError
 from certpilot.issuance import IssuedCertificate, Issuer
@@ -63,11 +64,6 @@ def _delays(base_seconds: float) -> list[float]:
 
 _RETRY = {"retries": RETRIES, "retry_jitter_factor": 0.5, "retry_condition_fn": retry_transient_only,
           "retry_delay_seconds": _delays(float(os.environ.get("CERTPILOT_RETRY_BACKOFF_SECONDS", "5")))}
-
-
-def certificate_tag(name: str) -> str:
-    """The tag on every flow and task run that works on managed certificate ``name``."""
-    return f"certificate:{name}"
 
 
 def limit_name(issuer: str) -> str:

@@ -30,7 +30,7 @@ from blocks.ssh import SshHostBlock
 from blocks.targets import DeploymentTargetBlock
 from certpilot import audit, keystore, managed, targets
 from certpilot import ca as ca_module
-from certpilot.cli import app
+from cli.main import app
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import PermanentError
 from certpilot.keys import key_matches_certificate

@@ -340,7 +340,7 @@ def test_no_private_key_byte_reaches_prefect(pki: sa.Engine, prefect_files) -> N
 # ------------------------------------------------------------------------------------------ CLI
 
 def test_cli_renew_runs_the_flows(pki: sa.Engine) -> None:
-    from certpilot.cli import app
+    from cli.main import app
 
     _add(pki, "cli-1")
     _add(pki, "cli-2")

@@ -315,7 +315,7 @@ def test_ca_serve_command(engine: sa.Engine, tmp_path: Path) -> None:
     leaf = PrivateCAIssuer(engine, "corp", _ring).issue(
         build_csr(ec.generate_private_key(ec.SECP256R1()), ["serve.example.com"]), "tls-server").leaf
     (tmp_path / "leaf.pem").write_bytes(_pem(leaf))
-    process = subprocess.Popen([sys.executable, "-m", "certpilot.cli", "ca", "serve", "--listen", f"127.0.0.1:{port}"],
+    process = subprocess.Popen([sys.executable, "-m", "cli", "ca", "serve", "--listen", f"127.0.0.1:{port}"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
     try:
         deadline = time.monotonic() + 30

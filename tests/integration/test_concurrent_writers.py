@@ -254,7 +254,7 @@ def test_concurrent_importers(database_url: str, certpilot_home: Path, tmp_path:
     commands = []
     for w in range(WORKERS):
         paths, options = plan.importer((w + 1) % WORKERS)  # each importer's set, run by another process
-        args = [sys.executable, "-m", "certpilot.cli", "inventory", "import", "--quiet", *paths]
+        args = [sys.executable, "-m", "cli", "inventory", "import", "--quiet", *paths]
         if options.get("owner"):
             args += ["--owner", options["owner"]]
         for key, value in options.get("tags", {}).items():

@@ -19,7 +19,7 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from certpilot import audit, keystore
-from certpilot.cli import app
+from cli.main import app
 from certpilot.database import read_session, write_session
 from certpilot.errors import AuditChainError
 from certpilot.export import ExportRequest, export_certificate

@@ -1,8 +1,8 @@
 """The ``certpilot`` command line, on SQLite and PostgreSQL.
 
-Most commands run in-process through typer's CliRunner against ``certpilot.cli.app``; the few that
+Most commands run in-process through typer's CliRunner against ``cli.main.app``; the few that
 are about what an operator sees when the command fails (messages printed by ``main``), and reading a
-real stdin pipe, run ``python -m certpilot.cli`` in a subprocess.
+real stdin pipe, run ``python -m cli`` in a subprocess.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from certpilot import audit, keystore
-from certpilot.cli import app
+from cli.main import app
 from certpilot.database import write_session
 from certpilot.importer import ImportOptions, import_paths
 from certpilot.keys import public_key_sha256
@@ -156,7 +156,7 @@ def flat(text: str) -> str:
 
 def run_cli(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "certpilot.cli", *args], input=input, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], input=input, capture_output=True,
                           env=env, timeout=60, check=False)
 
 

@@ -175,7 +175,7 @@ def test_cli_import_reports_every_file(corpus: tuple[Path, dict[str, Case]], tmp
     directory, cases = corpus
     env = {k: v for k, v in os.environ.items() if not k.startswith("CERTPILOT_")}
     env.update(CERTPILOT_HOME=str(tmp_path / "cli-home"), CORPUS_PASSWORD=build.CORPUS_PASSWORD.decode())
-    done = subprocess.run([sys.executable, "-m", "certpilot.cli", "inventory", "import", str(directory), "--json",
+    done = subprocess.run([sys.executable, "-m", "cli", "inventory", "import", str(directory), "--json",
                            "--password-env", "CORPUS_PASSWORD"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from certpilot import audit, keystore, managed
-from certpilot.cli import app
+from cli.main import app
 from certpilot.errors import PermanentError
 from certpilot.sample_estate import make_ca
 from certpilot.settings import load_settings
@@ -88,7 +88,7 @@ def test_bad_definition_is_an_error_naming_the_problem(engine: sa.Engine) -> Non
 
 
 def test_main_prints_the_error_and_exits_1(database_url: str, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "certpilot.cli", "managed", "add", "web", "--dns", "bad name!",
+    done = subprocess.run([sys.executable, "-m", "cli", "managed", "add", "web", "--dns", "bad name!",
                            "--issuer", "private-ca/x"], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 1

@@ -27,7 +27,7 @@ from pkilint.pkix import certificate as pkix_certificate
 from typer.testing import CliRunner
 
 from certpilot import audit, ca, inventory, keystore
-from certpilot.cli import app
+from cli.main import app
 from certpilot.database import read_session, write_session
 from certpilot.issuance import build_csr
 from certpilot.models import AuditEvent, Certificate, CertificateAuthority, PrivateKey
@@ -446,7 +446,7 @@ def test_ca_command_errors_are_clear(engine: sa.Engine, tmp_path: Path) -> None:
     cases = {("ca", "issue", "nope", "--csr", str(tmp_path / "nosan.pem")): "no CA named 'nope' (there are: corp)",
              ("ca", "issue", "corp", "--csr", str(tmp_path / "nosan.pem")): "the CSR has no subjectAltName",
              ("ca", "issue", "corp", "--csr", str(tmp_path / "junk.csr")): "is not a CSR in PEM or DER"}
-    running = {args: subprocess.Popen([sys.executable, "-m", "certpilot.cli", *args], stdout=subprocess.PIPE,
+    running = {args: subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env) for args in cases}
     for args, process in running.items():
         stdout, stderr = process.communicate(timeout=60)

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from typer.testing import CliRunner
 
 from certpilot import audit, keystore
-from certpilot.cli import app
+from cli.main import app
 from certpilot.database import dispose_engines, read_session
 from certpilot.importer import ImportOptions, import_paths
 from certpilot.keys import public_key_sha256
@@ -208,7 +208,7 @@ def _env(database_url: str, home: Path) -> dict[str, str]:
 
 
 def run_cli(database_url: str, home: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "certpilot.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
                           env=_env(database_url, home), timeout=120, check=False)
 
 
@@ -308,7 +308,7 @@ def test_cli_import_with_keys_leaves_no_plaintext_anywhere(engine: sa.Engine, da
 # ------------------------------------------------------------------------------------------ in-process logs
 
 def _debug_everything(caplog: pytest.LogCaptureFixture) -> None:
-    names = {"", "certpilot", "certpilot.importer", "certpilot.keystore", "certpilot.cli", "sqlalchemy",
+    names = {"", "certpilot", "certpilot.importer", "certpilot.keystore", "cli.main", "sqlalchemy",
              "sqlalchemy.engine", "sqlalchemy.engine.Engine", "sqlalchemy.pool", "sqlalchemy.orm", "alembic", "typer"}
     names |= set(logging.root.manager.loggerDict)
     for name in sorted(names):

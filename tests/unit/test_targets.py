@@ -12,7 +12,7 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from certpilot import audit, keystore, managed, targets
-from certpilot.cli import app
+from cli.main import app
 from certpilot.database import read_session, write_session
 from certpilot.errors import NotFoundError, PermanentError
 from certpilot.models import AuditEvent

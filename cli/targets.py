@@ -1,8 +1,4 @@
-"""The ``certpilot`` commands for where certificates live and are served: targets, deploy, discover.
-
-Registered on the main app by certpilot.cli. ``target`` commands call the core; ``deploy`` and
-``discover`` run their flows (against PREFECT_API_URL, or a temporary local Prefect without it).
-"""
+"""The target commands: where a managed certificate is served (its deployment targets)."""
 
 from __future__ import annotations
 
@@ -10,16 +6,14 @@ import json
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from certpilot import audit, targets
+from certpilot import targets
 from certpilot.database import get_engine, read_session, write_session
-from certpilot.settings import load_settings
+from cli.console import out
+from cli.options import actor
 
-target_app = typer.Typer(help="Where a managed certificate is served: its deployment targets.", no_args_is_help=True)
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+app = typer.Typer(help="Where a managed certificate is served: its deployment targets.", no_args_is_help=True)
 
 
 def _settings(values: list[str] | None, as_json: str | None) -> dict[str, Any]:
@@ -42,7 +36,7 @@ def _settings(values: list[str] | None, as_json: str | None) -> dict[str, Any]:
     return settings
 
 
-@target_app.command("add")
+@app.command("add")
 def target_add_command(
     managed_name: Annotated[str, typer.Argument(help="The managed certificate.")],
     name: Annotated[str, typer.Argument(help="The target's name, e.g. web1-nginx.")],
@@ -54,11 +48,11 @@ def target_add_command(
     """Add a deployment target to a managed certificate."""
     settings = _settings(set_, settings_json)
     with write_session(get_engine()) as session:
-        targets.add(session, managed_name, name, kind, block, settings, audit.Actor(load_settings().actor))
+        targets.add(session, managed_name, name, kind, block, settings, actor())
     out.print(f"added target {name} ({kind} via {block}) to {managed_name}")
 
 
-@target_app.command("list")
+@app.command("list")
 def target_list_command(
     managed_name: Annotated[str, typer.Argument(help="The managed certificate.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")] = False,
@@ -83,50 +77,3 @@ def target_list_command(
     out.print(table)
     mixed = sum(1 for r in rows if r["desired"] != r["verified"])
     out.print(f"{len(rows)} target(s)" + (f", [yellow]{mixed} not verified serving what they should[/]" if mixed else ""))
-
-
-def prefect_note() -> None:
-    from prefect.settings import PREFECT_API_URL  # the environment, a Prefect profile or a test harness
-
-    if not PREFECT_API_URL.value():
-        err.print("[yellow]note:[/] PREFECT_API_URL is not set: starting a temporary local Prefect for this run "
-                  "(10 to 20 s); point it at your Prefect server to keep the run history there")
-
-
-def _run(state: Any, what: str) -> Any:
-    if not state.is_completed():
-        err.print(f"[red]{what} failed:[/] {state.message}")
-        raise typer.Exit(1)
-    return state.result()
-
-
-def deploy_command(
-    managed_name: Annotated[str, typer.Argument(help="The managed certificate to deploy.")],
-    fingerprint: Annotated[Optional[str], typer.Option(help="Deploy this certificate instead of the current one.")] = None,
-    canary: Annotated[Optional[str], typer.Option(help="The target to deploy first (default: the first by name).")] = None,
-    concurrency: Annotated[int, typer.Option(help="Targets deployed at once after the canary.")] = 4,
-) -> None:
-    """Deploy a managed certificate to all its targets and verify it there (deploy-certificate flow); on a
-    failure every changed target is rolled back."""
-    from flows.deploy import deploy_certificate
-
-    with read_session(get_engine()) as session:
-        targets.plan(session, managed_name, fingerprint)  # fail fast, before starting Prefect
-    prefect_note()
-    result = _run(deploy_certificate(managed_name, fingerprint, canary, concurrency, return_state=True), "deployment")
-    for o in result["outcomes"]:
-        out.print(f"{o['target']:<24} {o['kind']:<14} {o['action']:<15} {o['detail']}")
-    out.print(f"{managed_name} ({result['fingerprint'][:16]}) is served on {len(result['outcomes'])} target(s)")
-
-
-def discover_command(
-    sources: Annotated[list[str], typer.Argument(help="Source block documents, block-type-slug/name.")],
-) -> None:
-    """Run discovery with the given source blocks (discover flow) and record what they find."""
-    from flows.discover import discover
-
-    prefect_note()
-    result = _run(discover(sources, return_state=True), "discovery")
-    for s in result["sources"]:
-        out.print(f"{s['source']}: {s['places']} place(s), {s['certificates']} certificate(s), "
-                  f"{s['new_certificates']} new, {s['ghosts']} ghost(s), {len(s['problems'])} problem(s)")

@@ -1,0 +1,56 @@
+"""The audit commands: verify and list the hash-chained audit trail."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from certpilot import audit, inventory
+from certpilot.database import get_engine, read_session
+from certpilot.errors import CertpilotError
+from cli.console import JsonOption, err, out, print_json
+
+app = typer.Typer(help="The hash-chained audit trail.", no_args_is_help=True)
+
+
+@app.command("verify")
+def audit_verify_command(
+    expect_head: Annotated[Optional[str], typer.Option(help="The head hash recorded earlier: detects removal of the newest events.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the whole hash chain; name the first broken or missing link."""
+    try:
+        with read_session(get_engine()) as session:
+            status = audit.verify(session, expected_head=expect_head)
+    except CertpilotError as exc:
+        if as_json:
+            print_json({"ok": False, "error": str(exc), "seq": getattr(exc, "seq", None)})
+        else:
+            err.print(f"[red]audit chain broken:[/] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print_json({"ok": True, "events": status.events, "head": status.head_hash})
+    else:
+        out.print(f"audit chain intact: {status.events} event(s), head {status.head_hash}")
+
+
+@app.command("list")
+def audit_list_command(
+    object: Annotated[Optional[str], typer.Option("--object", help="Object or its prefix, e.g. certificate:ab12.")] = None,
+    action: Annotated[Optional[str], typer.Option(help="Only this action, e.g. certificate.added.")] = None,
+    limit: Annotated[int, typer.Option(help="The newest N events.")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """The newest audit events, oldest first."""
+    with read_session(get_engine()) as session:
+        events = audit.list_events(session, object_prefix=object, action=action, limit=limit)
+    rows = [{"seq": e.seq, "at": inventory.iso(e.at), "actor": e.actor, "action": e.action, "object": e.object,
+             "flow_run_id": e.flow_run_id, "details": json.loads(e.details), "hash": e.hash} for e in events]
+    if as_json:
+        print_json(rows)
+        return
+    for r in rows:
+        out.print(f"#{r['seq']:<6} {r['at']}  {r['actor']:<20} {r['action']:<30} {r['object'][:40]}")
+

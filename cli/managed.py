@@ -1,0 +1,153 @@
+"""The managed commands (what should exist and when it renews) and renew."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from certpilot import inventory
+from certpilot.database import get_engine, read_session, write_session
+from certpilot.timespan import parse_timespan
+from cli import fleet
+from cli.console import JsonOption, err, out, print_json
+from cli.options import actor, parse_tags, whole_days
+
+app = typer.Typer(help="Managed certificates: what should exist, and when it renews.", no_args_is_help=True)
+
+
+def schedule_rows(scheduled: list[Any]) -> list[dict[str, Any]]:
+    return [{
+        "name": s.managed.name, "dns_names": s.managed.dns_names, "ip_addresses": s.managed.ip_addresses,
+        "issuer": s.managed.issuer, "profile": s.managed.profile, "key_algorithm": s.managed.key_algorithm,
+        "validity_days": s.managed.validity_days, "owner": s.managed.owner, "tags": s.managed.tags or {},
+        "renew_before_days": s.managed.renew_before_days, "use_ari": s.managed.use_ari,
+        "current": None if s.current is None else {
+            "fingerprint_sha256": s.current.fingerprint_sha256, "serial": s.current.serial_hex,
+            "not_before": inventory.iso(s.current.not_before), "not_after": inventory.iso(s.current.not_after)},
+        "due": s.decision.due, "next_renewal": inventory.iso(s.decision.renew_at), "reason": s.decision.reason,
+        "last_attempt_at": inventory.iso(s.managed.last_attempt_at), "last_error": s.managed.last_error,
+    } for s in scheduled]
+
+
+@app.command("add")
+def managed_add_command(
+    name: Annotated[str, typer.Argument(help="The managed certificate's name: letters, digits, '.', '_', '-'.")],
+    dns: Annotated[Optional[list[str]], typer.Option("--dns", help="A DNS name, repeatable (the first is the CN).")] = None,
+    ip: Annotated[Optional[list[str]], typer.Option("--ip", help="An IP address, repeatable.")] = None,
+    issuer: Annotated[str, typer.Option(help="The issuer block, <block-type-slug>/<block-name>, e.g. private-ca/internal.")] = ...,  # type: ignore[assignment]
+    profile: Annotated[str, typer.Option(help="tls-server or tls-client.")] = "tls-server",
+    key_algorithm: Annotated[str, typer.Option(help="ec-p256, ec-p384, rsa-2048, rsa-3072, rsa-4096 or ed25519.")] = "ec-p256",
+    validity_days: Annotated[Optional[int], typer.Option(help="Lifetime to ask for (default: the issuer's).")] = None,
+    owner: Annotated[Optional[str], typer.Option(help="Who owns it.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(help="key=value tag, repeatable.")] = None,
+    renew_before: Annotated[Optional[str], typer.Option(help="Renew at the latest this long before expiry, e.g. 30d "
+                                                             "(default: at two thirds of the lifetime).")] = None,
+    no_ari: Annotated[bool, typer.Option("--no-ari", help="Ignore the CA's renewal window (ARI) even if it offers one.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Define a managed certificate; having no certificate yet, it is due at once."""
+    from certpilot import managed
+
+    spec = managed.ManagedSpec(name=name, dns_names=tuple(dns or ()), ip_addresses=tuple(ip or ()), issuer=issuer,
+                               profile=profile, key_algorithm=key_algorithm, validity_days=validity_days, owner=owner,
+                               tags=parse_tags(tag), renew_before_days=whole_days(renew_before, "--renew-before"),
+                               use_ari=not no_ari)
+    engine = get_engine()
+    with write_session(engine) as session:
+        managed.add(session, spec, actor())
+    with read_session(engine) as session:
+        [row] = schedule_rows(managed.schedule(session, managed=[managed.get(session, name)]))
+    if as_json:
+        print_json(row)
+        return
+    names = ", ".join(row["dns_names"] + row["ip_addresses"])
+    out.print(f"added managed certificate {name} ({names}) from {row['issuer']}: {row['reason']}")
+
+
+@app.command("list")
+def managed_list_command(as_json: JsonOption = False) -> None:
+    """Managed certificates, soonest renewal first, with why."""
+    from certpilot import managed
+
+    with read_session(get_engine()) as session:
+        rows = schedule_rows(managed.schedule(session))
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("name", "issuer", "expires (UTC)", "next renewal (UTC)", "why", "last error"):
+        table.add_column(column, no_wrap=column not in ("why", "last error"))
+    for r in rows:
+        expires = r["current"]["not_after"][:16].replace("T", " ") if r["current"] else "-"
+        when = "[yellow]due now[/]" if r["due"] else r["next_renewal"][:16].replace("T", " ")
+        table.add_row(r["name"], r["issuer"], expires, when, r["reason"],
+                      f"[red]{r['last_error']}[/]" if r["last_error"] else "")
+    out.print(table)
+    out.print(f"{len(rows)} managed certificate(s), {sum(r['due'] for r in rows)} due")
+
+
+def renew_command(
+    name: Annotated[Optional[str], typer.Argument(help="The managed certificate to renew now.")] = None,
+    due: Annotated[bool, typer.Option("--due", help="Renew every managed certificate that is due (the renew-due flow).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --due: list what is due and why; change nothing.")] = False,
+    within: Annotated[Optional[str], typer.Option(help="With --due: also what falls due within this time, e.g. 7d.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Renew one managed certificate (renew-certificate flow), or all that are due (renew-due flow)."""
+    import datetime as dt
+
+    from certpilot import managed
+
+    if (name is None) == (not due):
+        raise typer.BadParameter("give a managed certificate's NAME, or --due")
+    if dry_run and not due:
+        raise typer.BadParameter("--dry-run goes with --due")
+    ahead = dt.timedelta(0)
+    if within:
+        try:
+            ahead = parse_timespan(within)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--within") from None
+    if dry_run:
+        with read_session(get_engine()) as session:
+            rows = [r for r in schedule_rows(managed.schedule(session, managed.utcnow() + ahead)) if r["due"]]
+        if as_json:
+            print_json(rows)
+            return
+        for r in rows:
+            current = f"replaces {r['current']['fingerprint_sha256'][:12]} (expires {r['current']['not_after']})" \
+                if r["current"] else "first certificate"
+            out.print(f"{r['name']}  {r['issuer']}  {r['reason']}; {current}")
+        out.print(f"{len(rows)} managed certificate(s) due; dry run: nothing renewed")
+        return
+    from prefect import tags
+
+    fleet.prefect_note()
+    if name is not None:
+        from flows.renew import renew_certificate
+
+        with read_session(get_engine()) as session:
+            managed.get(session, name)  # fail fast, before starting Prefect, on a name that does not exist
+        with tags(managed.certificate_tag(name)):
+            state = renew_certificate(name=name, return_state=True)
+    else:
+        from flows.renew import renew_due
+
+        state = renew_due(within_days=ahead.total_seconds() / 86400, return_state=True)
+    if not state.is_completed():
+        if as_json:
+            print_json({"ok": False, "error": state.message})
+        else:
+            err.print(f"[red]renewal failed:[/] {state.message}")
+        raise typer.Exit(1)
+    result = state.result()
+    if as_json:
+        print_json({"ok": True, **result})
+    elif name is not None:
+        out.print(f"renewed {name}: certificate {result['fingerprint_sha256'][:16]} (serial {result['serial']}), "
+                  f"expires {result['not_after']}" + (f", replaces {result['replaces'][:16]}" if result["replaces"] else ""))
+    else:
+        out.print(f"{result['due']} due: {result['renewed']} renewed, {result['failed']} failed")
+
