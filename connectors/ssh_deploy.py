@@ -32,11 +32,15 @@ Settings of kind ``ssh-nginx`` (NginxDeployer):
   command_timeout    seconds for each command, default 60
 Settings of kind ``ssh-haproxy`` (HaproxyDeployer):
   pem_path           required; the file a ``crt`` names: leaf, intermediates, then the key (written 0600);
-                     for the runtime API it must be the name haproxy knows it by (``show ssl cert``)
+                     for the runtime API it must be the name haproxy knows it by (``show ssl cert``); it is
+                     sent backslash-escaped (spaces work); a ';' or a control character is refused, since
+                     the runtime API would read what follows as another command
   runtime_socket     path on the host of a stats socket with ``level admin``: the certificate is swapped in
                      memory with ``set ssl cert`` / ``commit ssl cert`` (no reload, no dropped connection)
   runtime_client     how the socket is reached from the SSH session: "auto" (default: socat when the host
-                     has it, else python3), "socat" or "python3"; the PEM goes on the client's stdin
+                     has it, else python3), "socat" or "python3"; the PEM goes on the client's stdin.
+                     A socket path with a character socat reads as address syntax (,:!"'\\()[]{}) is
+                     reached with python3 ("auto") or refused ("socat"); control characters are refused
   reload_command     used instead of the runtime API when no runtime_socket is given (e.g.
                      "systemctl reload haproxy"); one of the two is required
   command_timeout    seconds for each command, default 60
@@ -355,6 +359,14 @@ class HaproxyDeployer(_SshDeployer):
                                        f"not {self.runtime_client!r}")
         if not self.runtime_socket and not self.reload_command:
             raise PermanentDeployError(f"{name}: ssh-haproxy needs runtime_socket or reload_command")
+        self._cert_argument = _runtime_argument(self.pem_path, "pem_path", name)
+        if self.runtime_socket:
+            self.runtime_socket = str(self.runtime_socket)
+            _refuse_control_characters(self.runtime_socket, "runtime_socket", name)
+            if self.runtime_client == "socat" and not _socat_can_take(self.runtime_socket):
+                raise PermanentDeployError(f"{name}: runtime_socket {self.runtime_socket!r} holds one of "
+                                           f"{_SOCAT_SPECIAL!r}, which socat reads as address syntax: use "
+                                           "runtime_client \"python3\" or \"auto\"")
 
     @_named
     def current(self) -> str | None:
@@ -414,12 +426,12 @@ class HaproxyDeployer(_SshDeployer):
         if not self.runtime_socket:
             self._run(str(self.reload_command), "reload")
             return
-        answer = self._runtime(f"set ssl cert {self.pem_path} <<\n".encode() + payload + b"\n")
+        answer = self._runtime(f"set ssl cert {self._cert_argument} <<\n".encode() + payload + b"\n")
         if "Transaction created" not in answer and "Transaction updated" not in answer:
             self._abort()
             raise PermanentDeployError(f"{self.name}: haproxy refused `set ssl cert {self.pem_path}` ({why}): "
                                        f"{trim_output(answer) or 'no answer'}")
-        answer = self._runtime(f"commit ssl cert {self.pem_path}\n".encode())
+        answer = self._runtime(f"commit ssl cert {self._cert_argument}\n".encode())
         if "Success!" not in answer:
             self._abort()
             raise PermanentDeployError(f"{self.name}: haproxy refused `commit ssl cert {self.pem_path}` ({why}): "
@@ -427,7 +439,7 @@ class HaproxyDeployer(_SshDeployer):
 
     def _abort(self) -> None:
         try:
-            self._runtime(f"abort ssl cert {self.pem_path}\n".encode())
+            self._runtime(f"abort ssl cert {self._cert_argument}\n".encode())
         except Exception:  # noqa: BLE001 - the transaction may not exist; the caller reports the real failure
             log.debug("%s: abort ssl cert %s failed", self.name, self.pem_path)
 
@@ -445,7 +457,7 @@ class HaproxyDeployer(_SshDeployer):
         python = f"python3 -c {shlex.quote(_PY_SOCKET_CLIENT)} {shlex.quote(socket_path)}"
         if self.runtime_client == "socat":
             return socat
-        if self.runtime_client == "python3":
+        if self.runtime_client == "python3" or not _socat_can_take(socket_path):
             return python
         return f"if command -v socat >/dev/null 2>&1; then exec {socat}; else exec {python}; fi"
 
@@ -491,6 +503,34 @@ _PY_SOCKET_CLIENT = (
     "    if not c: break\n"
     "    sys.stdout.buffer.write(c)\n"
 )
+
+
+def _refuse_control_characters(value: str, setting: str, name: str) -> None:
+    bad = sorted({ch for ch in value if ord(ch) < 0x20 or ord(ch) == 0x7F})
+    if bad:
+        raise PermanentDeployError(f"{name}: {setting} {value!r} holds the control character(s) "
+                                   f"{', '.join(repr(ch) for ch in bad)}, and a line break would end a command "
+                                   "of haproxy's runtime API: refused")
+
+
+def _runtime_argument(value: str, setting: str, name: str) -> str:
+    """``value`` as one argument of a haproxy runtime API command line. haproxy 2.6's CLI ends a command at
+    ';' or at the end of the line and splits arguments at spaces and tabs unless a backslash escapes
+    them: a ';' or a line break in a path would run a second command, so such values are refused (so are
+    other control characters); backslashes and spaces are escaped (checked against the real haproxy)."""
+    _refuse_control_characters(value, setting, name)
+    if ";" in value:
+        raise PermanentDeployError(f"{name}: {setting} {value!r} holds ';', which haproxy's runtime API reads as "
+                                   "the start of another command: refused (rename the file)")
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
+# socat reads these as address syntax (option lists, dual addresses, quoting) in UNIX-CONNECT:<path>.
+_SOCAT_SPECIAL = ",:!\"'\\()[]{}"
+
+
+def _socat_can_take(socket_path: str) -> bool:
+    return not any(ch in _SOCAT_SPECIAL for ch in socket_path)
 
 
 def _pem_payload(pem: bytes) -> bytes:

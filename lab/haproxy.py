@@ -90,8 +90,8 @@ class HaproxyInstance(ServerProcess):
         self.pem_path.chmod(0o600)
         self.pem_path.write_bytes(cert_pem + key_pem)
         self.conf.write_text(f"""global
-    stats socket {self.socket_path} mode 600 level admin
-    pidfile {self.pid_file}
+    stats socket {_quoted(self.socket_path)} mode 600 level admin
+    pidfile {_quoted(self.pid_file)}
     ssl-default-bind-options ssl-min-ver TLSv1.2
     maxconn 512
 
@@ -102,7 +102,7 @@ defaults
     timeout server 5s
 
 frontend tls
-    bind 127.0.0.1:{self.port} ssl crt {self.pem_path}
+    bind 127.0.0.1:{self.port} ssl crt {_quoted(self.pem_path)}
     http-request return status 200 content-type text/plain string "{self.name}"
 """)
         chown_tree(self.prefix, self.user)
@@ -123,3 +123,8 @@ frontend tls
             raise
         return self
 
+
+def _quoted(path: Path) -> str:
+    """A path as one word of haproxy's configuration (a prefix with a space works; $ is not expanded)."""
+    text = str(path).replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+    return f'"{text}"'
