@@ -132,7 +132,7 @@ class DroppingConnection(SshConnection):
         file.write(data[: self.drop_after])
         file.flush()
         self.dropped = True
-        transport = self._client.get_transport() if self._client else None
+        transport = self._connection
         assert transport is not None
         transport.close()
         file.write(data[self.drop_after:])

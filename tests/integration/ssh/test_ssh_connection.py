@@ -113,10 +113,10 @@ def test_one_connection_serves_many_operations(sshd: SshServer) -> None:
         for index in range(50):
             ssh.atomic_write(f"{directory}/f{index}.pem", b"x" * 2000, 0o600)
         writes = time.monotonic() - started
-        transport = ssh._client.get_transport() if ssh._client else None  # noqa: SLF001 - the one transport
+        transport = ssh._connection  # noqa: SLF001 - the one transport
         for index in range(10):
             assert ssh.run(f"test -f {directory}/f{index}.pem").status == 0
-        assert (ssh._client.get_transport() if ssh._client else None) is transport  # noqa: SLF001
+        assert ssh._connection is transport  # noqa: SLF001
     assert len(os.listdir(directory)) == 50
     assert writes < 5  # about 2 ms each here; a login per write would cost 75 ms each
 
