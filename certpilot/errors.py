@@ -6,7 +6,38 @@ log, to show in a Prefect state message and to persist as a flow's failure.
 
 from __future__ import annotations
 
+import re
+import traceback
 from typing import NamedTuple
+
+REDACTED_LENGTH = 600  # the longest message redact() returns
+# What may be key material: PEM armour, the words of a key's PEM label, or a long unbroken run of
+# base64 or hex (a DER key, a JWK's "d", a passphrase-like blob) that no error message needs.
+_SECRET = re.compile(r"-----BEGIN|PRIVATE KEY|[A-Za-z0-9+/=_-]{120,}")
+
+
+def redact(exc: BaseException) -> str:
+    """The one place that decides what an error may show: one line, safe to log, to put in a Prefect
+    state message or a report, and to persist.
+
+    Any error's own message is shown, certpilot's or not (a missing block, a refused connection),
+    unless it carries something that may be key material, in which case only its type is named. An
+    exception that is not certpilot's is named by its type and the place it was raised, so that it
+    is findable without a traceback. At most REDACTED_LENGTH characters.
+    """
+    message = " ".join(str(exc).split())
+    ours = isinstance(exc, CertpilotError)
+    if _SECRET.search(message):
+        text = f"{type(exc).__name__} (its message may hold key material and was withheld)"
+    elif ours:
+        text = message or type(exc).__name__
+    else:
+        text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    if not ours:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames:
+            text += f" (at {'/'.join(frames[-1].filename.split('/')[-2:])}:{frames[-1].lineno})"
+    return text if len(text) <= REDACTED_LENGTH else text[:REDACTED_LENGTH - 3] + "..."
 
 
 class CertpilotError(Exception):
@@ -31,6 +62,16 @@ class ParseError(PermanentError):
         self.detail = detail
         self.source = source
         super().__init__(f"{source}: {detail}" if source else detail)
+
+
+class InvalidOptionError(PermanentError, ValueError):
+    """An option given a value it cannot take (``--max-size -1``): ``option`` names it, ``value`` is
+    what was given. A ValueError too, as cryptography raises for a wrong value."""
+
+    def __init__(self, option: str, value: object, expected: str) -> None:
+        self.option = option
+        self.value = value
+        super().__init__(f"{option} must be {expected}, not {value!r}")
 
 
 class PasswordError(ParseError):

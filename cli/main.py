@@ -13,12 +13,11 @@ from typing import Annotated
 import typer
 
 from certpilot.database import get_engine
-from certpilot.errors import CertpilotError
 from certpilot.settings import load_settings
 from cli import audit, ca, fleet, inventory, keys, managed, report, targets
-from cli.console import err, out
+from cli.console import CertpilotGroup, err, out
 
-app = typer.Typer(help="certpilot: certificate lifecycle management.", no_args_is_help=True,
+app = typer.Typer(cls=CertpilotGroup, help="certpilot: certificate lifecycle management.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(inventory.app, name="inventory")
 app.add_typer(keys.app, name="keys")
@@ -55,9 +54,6 @@ def db_upgrade_command() -> None:
 def main() -> None:
     try:
         app()
-    except CertpilotError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

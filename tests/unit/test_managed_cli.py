@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from certpilot import audit, keystore, managed
 from cli.main import app
-from certpilot.errors import PermanentError
 from certpilot.sample_estate import make_ca
 from certpilot.settings import load_settings
 from tests.sample_issuer import SampleIssuer
@@ -83,8 +82,8 @@ def test_usage_errors_exit_2(engine: sa.Engine, args: list[str]) -> None:
 
 def test_bad_definition_is_an_error_naming_the_problem(engine: sa.Engine) -> None:
     result = runner.invoke(app, ["managed", "add", "web", "--dns", "web.example.test", "--issuer", "internal"])
-    assert isinstance(result.exception, PermanentError)
-    assert "must name an issuer block as <block-type-slug>/<block-name>" in str(result.exception)
+    assert result.exit_code == 1 and result.stderr.startswith("error: ")
+    assert "must name an issuer block as <block-type-slug>/<block-name>" in result.stderr
 
 
 def test_main_prints_the_error_and_exits_1(database_url: str, tmp_path: Path) -> None:
