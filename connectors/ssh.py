@@ -450,6 +450,28 @@ class SshConnection:
             except (EOFError, paramiko.SSHException) as exc:
                 raise self._translate(exc, path, "cannot stat") from None
 
+    def regular_file(self, path: str) -> paramiko.SFTPAttributes | None:
+        """The attributes of the regular file at ``path`` (lstat: a symbolic link is not followed), or None
+        when nothing is there. RemotePathError, naming the path, for a symbolic link (and where it points)
+        or anything else that is not a regular file."""
+        with self._lock:
+            try:
+                attrs = self.sftp().lstat(path)
+                mode = attrs.st_mode or 0
+                if stat_module.S_ISLNK(mode):
+                    raise RemotePathError(self.where, path, f"is a symbolic link (to {self.sftp().readlink(path)}); "
+                                                            "certpilot does not follow links at the paths it "
+                                                            "copies or writes: name the file itself")
+                if attrs.st_mode is not None and not stat_module.S_ISREG(mode):
+                    raise RemotePathError(self.where, path, "not a regular file")
+                return attrs
+            except OSError as exc:
+                if getattr(exc, "errno", None) == errno.ENOENT:
+                    return None
+                raise self._translate(exc, path, "cannot stat") from None
+            except (EOFError, paramiko.SSHException) as exc:
+                raise self._translate(exc, path, "cannot stat") from None
+
     def listdir(self, path: str) -> list[paramiko.SFTPAttributes]:
         """Entries of a directory with their attributes (not following symlinks)."""
         with self._lock:
@@ -562,8 +584,12 @@ class SshConnection:
         return removed
 
     def copy(self, source: str, destination: str, *, mode: int | None = None) -> None:
-        """Copy a file on the host atomically (``mode``: the source's permission bits unless given)."""
-        attrs = self.stat(source)
+        """Copy a regular file on the host atomically (``mode``: the source's permission bits unless given).
+        A symbolic link at ``source`` is refused, not followed (RemotePathError naming it): a link would
+        copy whatever file the SSH user can read to where certpilot keeps keys. A link at
+        ``destination`` is replaced, as atomic_write replaces whatever is at its path. (SFTP has no
+        O_NOFOLLOW: a link swapped in between the check and the read is not caught.)"""
+        attrs = self.regular_file(source)
         if attrs is None:
             raise RemotePathError(self.where, source, "no such file")
         data = self.read_file(source)

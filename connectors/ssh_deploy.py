@@ -8,6 +8,11 @@ from DeployBundle.key_pem() at the moment it is uploaded, travels only through t
 for haproxy's runtime API, the standard input of an SSH command channel), and is never logged, put in
 an error or kept in the Receipt.
 
+Symbolic links: a deploy or a rollback refuses (RemotePathError, a PermanentDeployError naming the path and
+where the link points) when certificate_path, key_path, pem_path or a backup is a symbolic link, before
+anything is written: following it would copy whatever file the SSH user can read into a backup, or into
+the served files on a restore. Name the files themselves.
+
 Backups: before a deploy, each file that exists is copied to ``<path>.certpilot-previous`` (the key's
 and the PEM's copy 0600). That pair is what a failed deploy restores at once and what ``rollback``
 restores later; the Receipt's ``undo`` names the backups and ``previous_fingerprint`` is checked
@@ -198,6 +203,11 @@ class _SshDeployer:
             raise PermanentDeployError(f"{self.name}: the bundle's private key does not match certificate "
                                        f"{bundle.fingerprint[:16]}; nothing was written")
 
+    def _refuse_links(self, paths: list[str]) -> None:
+        """RemotePathError for the first of ``paths`` that is a symbolic link or not a regular file."""
+        for path in paths:
+            self.ssh.regular_file(path)
+
     def _remove_files(self, paths: list[str]) -> None:
         for path in paths:
             self.ssh.remove_stale_temporaries(path)
@@ -244,6 +254,7 @@ class NginxDeployer(_SshDeployer):
     @_named
     def deploy(self, bundle: DeployBundle) -> Receipt:
         ssh, cert_path, key_path = self.ssh, self.certificate_path, self.key_path
+        self._refuse_links([cert_path, key_path, cert_path + BACKUP_SUFFIX, key_path + BACKUP_SUFFIX])
         for path in (cert_path, key_path):
             ssh.remove_stale_temporaries(path)
         old, previous = self._fingerprint_of(cert_path)
@@ -287,7 +298,7 @@ class NginxDeployer(_SshDeployer):
 
     def _keep(self, path: str, mode: int | None) -> bool:
         """Copy ``path`` to its backup name if it exists (``mode``: the copy's mode, default the file's)."""
-        if self.ssh.stat(path) is None:
+        if self.ssh.regular_file(path) is None:
             return False
         self.ssh.copy(path, path + BACKUP_SUFFIX, mode=mode)
         return True
@@ -322,6 +333,7 @@ class NginxDeployer(_SshDeployer):
                                        f"{receipt.fingerprint[:16]} was deployed: nothing to roll back to "
                                        "(remove() retires it)")
         backup = str(undo["certificate_backup"])
+        self._refuse_links([backup, str(undo["key_backup"]), self.certificate_path, self.key_path])
         _, in_backup = self._fingerprint_of(backup)
         if receipt.previous_fingerprint and in_backup != receipt.previous_fingerprint:
             raise PermanentDeployError(f"{self.name}: {backup} holds {(in_backup or 'no certificate')[:16]}, not the "
@@ -381,6 +393,7 @@ class HaproxyDeployer(_SshDeployer):
     @_named
     def deploy(self, bundle: DeployBundle) -> Receipt:
         ssh, path = self.ssh, self.pem_path
+        self._refuse_links([path, path + BACKUP_SUFFIX])
         ssh.remove_stale_temporaries(path)
         old, previous = self._fingerprint_of(path)
         had_previous = old is not None
@@ -469,6 +482,7 @@ class HaproxyDeployer(_SshDeployer):
             raise PermanentDeployError(f"{self.name}: there was no {self.pem_path} before {receipt.fingerprint[:16]} "
                                        "was deployed: nothing to roll back to (remove() retires it)")
         backup = str(undo["pem_backup"])
+        self._refuse_links([backup, self.pem_path])
         data, in_backup = self._fingerprint_of(backup)
         try:
             if data is None or (receipt.previous_fingerprint and in_backup != receipt.previous_fingerprint):
