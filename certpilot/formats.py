@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 
 from certpilot.errors import ParseError, PasswordError
 from certpilot.pem import looks_like_pem, read_pem_blocks
+from certpilot.x509info import VENDOR_ERRORS, vendor_reason
 
 _CERT_LABELS = {"CERTIFICATE", "X509 CERTIFICATE", "TRUSTED CERTIFICATE"}
 _PKCS7_LABELS = {"PKCS7", "CMS", "PKCS #7 SIGNED DATA"}
@@ -59,9 +60,13 @@ def load_bundle(data: bytes, *, source: str | None = None, password: bytes | Non
     """Parse ``data`` in whichever supported format it is in."""
     if not data.strip():
         raise ParseError("empty input", source)
-    if looks_like_pem(data):
-        return _load_pem(data, source, password)
-    return _load_binary(data, source, password)
+    try:
+        if looks_like_pem(data):
+            return _load_pem(data, source, password)
+        return _load_binary(data, source, password)
+    except VENDOR_ERRORS as exc:  # each reader translates what it expects; this is the backstop
+        raise ParseError(f"cannot be read: {type(exc).__name__} from the X.509 library ({_safe(exc)})",
+                         source) from None
 
 
 def load_certificate(data: bytes, source: str | None = None) -> x509.Certificate:
@@ -106,7 +111,7 @@ def _fast_pem_certificates(data: bytes) -> list[x509.Certificate] | None:
             for match in _FAST_BLOCK.finditer(data):
                 der = base64.b64decode(match.group(1).replace(b"\r", b"").replace(b"\n", b""), validate=True)
                 certs.append(x509.load_der_x509_certificate(_first_tlv(der)))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, *VENDOR_ERRORS):
         return None
     return certs
 
@@ -126,8 +131,8 @@ def _load_binary(data: bytes, source: str | None, password: bytes | None) -> Bun
             warnings.simplefilter("ignore")  # negative serials: described, not fatal
             cert = x509.load_der_x509_certificate(data)
         return Bundle((cert,), format="der")
-    except ValueError as exc:
-        errors.append(f"as a certificate: {exc}")
+    except VENDOR_ERRORS as exc:
+        errors.append(f"as a certificate: {_safe(exc)}")
     try:
         key = serialization.load_der_private_key(data, password=password)
         return Bundle((), (key,), format="der-key")
@@ -135,7 +140,7 @@ def _load_binary(data: bytes, source: str | None, password: bytes | None) -> Bun
         if password is None:
             raise PasswordError("DER private key is encrypted: a password is needed", source) from None
         return _load_binary(data, source, None)  # not encrypted: the password is for the inputs that are
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except (ValueError, UnsupportedAlgorithm, OverflowError) as exc:
         if password is not None and _OID_PBES2 in head[:32]:
             raise PasswordError("encrypted DER private key: wrong password, or the key is damaged", source) from None
         errors.append(f"as a private key: {_safe(exc)}")
@@ -148,8 +153,8 @@ def _der_certificate(der: bytes, source: str | None, where: str) -> x509.Certifi
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # negative serials: described, not fatal
             return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise ParseError(f"{where} is not a valid X.509 certificate ({exc})", source) from None
+    except VENDOR_ERRORS as exc:
+        raise ParseError(f"{where} is not a valid X.509 certificate ({_safe(exc)})", source) from None
 
 
 def _pkcs7(der: bytes, source: str | None, where: str) -> list[x509.Certificate]:
@@ -157,8 +162,8 @@ def _pkcs7(der: bytes, source: str | None, where: str) -> list[x509.Certificate]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return pkcs7.load_der_pkcs7_certificates(der)
-    except ValueError as exc:
-        raise ParseError(f"{where} is not a valid PKCS#7 certificate bundle ({exc})", source) from None
+    except VENDOR_ERRORS as exc:
+        raise ParseError(f"{where} is not a valid PKCS#7 certificate bundle ({_safe(exc)})", source) from None
 
 
 def _pem_key(pem: bytes, source: str | None, where: str, password: bytes | None) -> PrivateKeyTypes:
@@ -168,7 +173,7 @@ def _pem_key(pem: bytes, source: str | None, where: str, password: bytes | None)
         if password is None:
             raise PasswordError(f"{where} is encrypted: a password is needed", source) from None
         return _pem_key(pem, source, where, None)  # not encrypted: the password is for the inputs that are
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         if password is not None and ("ENCRYPTED" in where or b"Proc-Type" in pem):
             raise PasswordError(f"{where}: wrong password, or the key is damaged", source) from None
         raise ParseError(f"{where} is not a valid private key ({_safe(exc)})", source) from None
@@ -185,6 +190,8 @@ def _pkcs12(data: bytes, source: str | None, password: bytes | None) -> Bundle:
                 loaded = pkcs12.load_pkcs12(data, attempt)
         except ValueError:
             continue
+        except (TypeError, OverflowError, UnsupportedAlgorithm) as exc:
+            raise ParseError(f"PKCS#12 file cannot be read ({_safe(exc)})", source) from None
         certs = ([loaded.cert.certificate] if loaded.cert else []) + [c.certificate for c in loaded.additional_certs]
         keys = (loaded.key,) if loaded.key is not None else ()
         return Bundle(tuple(certs), keys, format="pkcs12")
@@ -222,4 +229,4 @@ def _first_tlv(der: bytes) -> bytes:
 
 def _safe(exc: Exception) -> str:
     """An exception text short enough to show and free of key material (cryptography's are)."""
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return vendor_reason(exc)

@@ -1,7 +1,10 @@
 """Importing certificates (and, when asked, their keys) from files, directories and stdin.
 
 Each file is a unit: it is parsed whole before anything of it is written, so a bad file writes
-nothing and never stops the files beside it. Parsed files are written in batches of about
+nothing and never stops the files beside it: whatever fails in reading, parsing, describing or
+key matching one file (or in writing it) is that file's error, never the import's. A directory walk
+reads regular files only (a FIFO, socket or device is that path's error, never opened), and a
+directory it cannot list is that directory's error. Parsed files are written in batches of about
 ``batch_size`` certificates per transaction. A private key is stored (encrypted) only with
 ``import_keys`` and only when it belongs to a certificate of the import or of the inventory.
 """
@@ -15,6 +18,8 @@ import gc
 import itertools
 import multiprocessing
 import os
+import re
+import stat
 import threading
 import urllib.parse
 from collections import deque
@@ -29,13 +34,13 @@ from sqlmodel import Session
 
 from certpilot import audit, keystore
 from certpilot.database import write_session
-from certpilot.errors import CertpilotError, KeyMismatchError, ParseError
+from certpilot.errors import CertpilotError, InvalidOptionError, KeyMismatchError, ParseError, TransientError
 from certpilot.formats import load_bundle
 from certpilot.inventory import Observation, upsert
 from certpilot.keys import public_key_sha256
 from certpilot.models import Certificate
 from certpilot.pem import looks_like_pem
-from certpilot.x509info import CertificateRecord, describe_certificate
+from certpilot.x509info import VENDOR_ERRORS, CertificateRecord, describe_certificate, vendor_reason
 
 # Files a directory walk considers; a file named on the command line is always read.
 CERTIFICATE_SUFFIXES = frozenset({".pem", ".crt", ".cer", ".cert", ".der", ".p7b", ".p7c", ".p7", ".p12",
@@ -61,6 +66,12 @@ class ImportOptions:
     source: str = "import"
     batch_size: int = 1000
     parse_processes: int | None = None  # worker processes that parse large imports; None: one per CPU but one; 0: none
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes <= 0:
+            raise InvalidOptionError("max_bytes", self.max_bytes, "a positive number of bytes")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise InvalidOptionError("batch_size", self.batch_size, "a positive number of certificates")
 
 
 @dataclass(frozen=True)
@@ -115,24 +126,65 @@ class _ParsedFile:
 
 
 def iter_files(paths: Sequence[str]) -> Iterator[tuple[str, str | None]]:
-    """(path, error) for every file to read: named files as given, directories walked for certificate files."""
+    """(path, error) for every file to read: named files as given, directories walked for certificate
+    files. A path that is not a regular file, or a directory that cannot be listed, comes with its error."""
     for raw in paths:
         if raw == STDIN:
             yield STDIN, None
             continue
-        path = Path(raw)
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    if Path(name).suffix.lower() in CERTIFICATE_SUFFIXES:
-                        yield os.path.join(root, name), None
-        elif path.is_file():
+        try:
+            mode = os.stat(raw).st_mode
+        except OSError as exc:
+            yield raw, "no such file or directory" if isinstance(exc, FileNotFoundError) else f"cannot read: {exc.strerror}"
+            continue
+        if stat.S_ISDIR(mode):
+            yield from _walk(raw)
+        elif stat.S_ISREG(mode):
             yield raw, None
-        elif path.exists():
-            yield raw, "not a regular file or directory"
         else:
-            yield raw, "no such file or directory"
+            yield raw, f"not a regular file or directory ({_kind(mode)})"
+
+
+def _walk(top: str) -> Iterator[tuple[str, str | None]]:
+    """The certificate files under ``top``, depth first in name order, with a stack rather than
+    recursion (no depth is too deep). Symbolic links to directories are not followed; a link to a
+    regular file is read. Entries are stat'ed, never opened: a FIFO would block an open."""
+    pending = [top]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as exc:
+            yield directory, f"directory cannot be listed: {exc.strerror}"
+            continue
+        subdirectories = []
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirectories.append(entry.path)
+                    continue
+            except OSError as exc:
+                yield entry.path, f"cannot read: {exc.strerror}"
+                continue
+            if Path(entry.name).suffix.lower() not in CERTIFICATE_SUFFIXES:
+                continue
+            try:
+                mode = entry.stat(follow_symlinks=True).st_mode
+            except OSError as exc:
+                what = "a symbolic link to nothing" if isinstance(exc, FileNotFoundError) else exc.strerror
+                yield entry.path, f"cannot read: {what}"
+                continue
+            yield entry.path, None if stat.S_ISREG(mode) else f"not a regular file ({_kind(mode)}): not read"
+        pending.extend(reversed(subdirectories))
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "an unknown file type"
 
 
 def read_input(source: str, max_bytes: int, stdin: Callable[[int], bytes] | None = None) -> bytes:
@@ -142,8 +194,14 @@ def read_input(source: str, max_bytes: int, stdin: Callable[[int], bytes] | None
         data = stdin(max_bytes + 1)
     else:
         try:
-            with open(source, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
+            # Non-blocking: a path that became a FIFO since the walk must not hang the open; then
+            # only a regular file is read.
+            descriptor = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            with open(descriptor, "rb") as handle:
+                status = os.fstat(handle.fileno())
+                if not stat.S_ISREG(status.st_mode):
+                    raise ParseError(f"not a regular file ({_kind(status.st_mode)}): not read", source)
+                size = status.st_size
                 if size > max_bytes:
                     raise ParseError(f"file is {size:,} bytes, more than the {max_bytes:,}-byte limit", source)
                 # Ask for what stat reported (asking for max_bytes allocates that much), then for the
@@ -162,17 +220,46 @@ def parse_file(data: bytes, source: str, options: ImportOptions, *,
                resolved_dirs: dict[str, str] | None = None) -> _ParsedFile:
     """Parse one file whole. Raises ParseError or KeyMismatchError; never returns half a file."""
     bundle = load_bundle(data, source=source, password=options.password)
-    records = [describe_certificate(c) for c in bundle.certificates]
+    records = []
+    for cert in bundle.certificates:
+        try:
+            records.append(describe_certificate(cert))
+        except ParseError as exc:
+            raise ParseError(exc.detail, source) from None
+        _check_fits(records[-1], source)
     notes = list(bundle.notes) + [f"certificate {r.fingerprint_sha256[:16]}: {n}" for r in records for n in r.notes]
     certificate_keys = {r.spki_sha256 for r in records}
-    for key in bundle.private_keys:
-        spki = public_key_sha256(key)
+    for number, key in enumerate(bundle.private_keys, start=1):
+        try:
+            spki = public_key_sha256(key)
+        except VENDOR_ERRORS as exc:
+            raise ParseError(f"private key {number}: its public key cannot be read ({vendor_reason(exc)})",
+                             source) from None
         if records and spki not in certificate_keys:
             raise KeyMismatchError(spki, [r.fingerprint_sha256 for r in records])
     if bundle.is_empty:
         notes.append("no certificate or private key in this file")
     locator = None if source == STDIN else _file_uri(source, resolved_dirs)
     return _ParsedFile(source, locator, records, list(bundle.private_keys), notes)
+
+
+# The inventory's limits on what a certificate record holds (the certificate table's string columns).
+_FIELD_LIMITS = tuple((column.name, column.type.length) for column in Certificate.__table__.columns
+                      if isinstance(getattr(column.type, "length", None), int))
+_FIELD_NAMES = {"serial_hex": "serial number", "key_type": "key type", "key_curve": "key curve",
+                "signature_algorithm": "signature algorithm", "subject_key_id": "subject key identifier",
+                "authority_key_id": "authority key identifier"}
+
+
+def _check_fits(record: CertificateRecord, source: str) -> None:
+    """A field longer than the inventory keeps is this file's error (checked here, not left to the
+    database: SQLite would keep it whole, PostgreSQL refuse it and with it the whole batch)."""
+    for name, limit in _FIELD_LIMITS:
+        value = getattr(record, name, None)
+        if isinstance(value, str) and len(value) > limit:
+            unit = "hex digits" if name in {"serial_hex", "subject_key_id", "authority_key_id"} else "characters"
+            raise ParseError(f"certificate {record.fingerprint_sha256[:16]}: its {_FIELD_NAMES.get(name, name)} is "
+                             f"{len(value):,} {unit}, more than the {limit:,} the inventory keeps", source)
 
 
 def _file_uri(source: str, resolved_dirs: dict[str, str] | None = None) -> str:
@@ -202,6 +289,17 @@ def _parse_here(source: str, options: ImportOptions, stdin: Callable[[int], byte
         return parse_file(read_input(source, options.max_bytes, stdin), source, options, resolved_dirs=resolved_dirs)
     except (ParseError, KeyMismatchError) as exc:
         return exc
+    except Exception as exc:  # noqa: BLE001 - whatever else one file raises is that file's error
+        return ParseError(f"cannot be parsed: unexpected {type(exc).__name__} ({_scrubbed(exc)})", source)
+
+
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{16,}")
+
+
+def _scrubbed(exc: BaseException) -> str:
+    """An unexpected exception's first line, short, with any long run of base64 (PEM text) cut out."""
+    text = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return _BASE64_RUN.sub("...", text)
 
 
 def _parsed_files(files: Iterator[tuple[str, str | None]], options: ImportOptions,
@@ -403,6 +501,8 @@ def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions
 
 def _write_batch(engine: sa.Engine, batch: list[_ParsedFile], options: ImportOptions, actor: audit.Actor,
                  ring: Callable[[], keystore.KeyRing], now: dt.datetime | None) -> list[FileResult]:
+    """One transaction for the batch. Should it fail for a reason other than a busy database, each file
+    is written on its own, so that a file the database refuses fails alone."""
     observations = [Observation(r, p.locator, options.source) for p in batch for r in p.records]
     try:
         with write_session(engine) as session:
@@ -411,8 +511,10 @@ def _write_batch(engine: sa.Engine, batch: list[_ParsedFile], options: ImportOpt
             if options.import_keys:
                 for parsed in batch:
                     stored[parsed.source] = _store_keys(session, parsed.keys, ring, actor, now)
-    except (CertpilotError, sa.exc.SQLAlchemyError) as exc:
-        message = f"not written: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}"
+    except (CertpilotError, sa.exc.SQLAlchemyError, *VENDOR_ERRORS) as exc:
+        if len(batch) > 1 and not isinstance(exc, TransientError):
+            return [result for parsed in batch for result in _write_batch(engine, [parsed], options, actor, ring, now)]
+        message = f"not written: {exc.__class__.__name__}: {_scrubbed(exc)}"
         return [FileResult(p.source, "failed", error=message) for p in batch]
     claimed: set[str] = set()
     results = []

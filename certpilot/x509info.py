@@ -1,8 +1,11 @@
 """Every field of a certificate that the inventory keeps, as one immutable record.
 
-``describe_certificate`` never raises for a certificate that cryptography could load: fields it
-cannot read are left empty and explained in ``notes``; unusual but legal encodings (a negative
-serial, unknown non-critical extensions, IDN and IP SANs) are described, not rejected.
+``describe_certificate`` describes every certificate that cryptography could load and whose
+identity (names, serial, validity) can be read: optional fields it cannot read are left empty and
+explained in ``notes``; unusual but legal encodings (a negative serial, a three-letter country,
+unknown non-critical extensions, IDN and IP SANs) are described, not rejected. cryptography decodes
+some fields only when they are read; a required one that fails then is a ParseError naming the
+certificate and the field, never cryptography's own exception.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import datetime as dt
 import hashlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -19,6 +23,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtensionOID
 
+from certpilot.errors import ParseError
+
+# What cryptography raises for a field it cannot decode: a wrong value (ValueError, year 0 and
+# other dates no datetime holds), a wrong type, a number out of range, an algorithm it lacks.
+VENDOR_ERRORS = (ValueError, TypeError, OverflowError, UnsupportedAlgorithm)
+
+_T = TypeVar("_T")
 _KEY_USAGES = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
                "key_agreement", "key_cert_sign", "crl_sign")
 
@@ -69,17 +80,39 @@ def spki_sha256(public_key: object) -> str:
 
 
 def describe_certificate(cert: x509.Certificate) -> CertificateRecord:
-    notes: list[str] = []
+    """Every field the inventory keeps. Raises ParseError (without a source: the caller names the
+    input) when the certificate's names, serial or validity cannot be read."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    fingerprint = hashlib.sha256(der).hexdigest()  # the same as cert.fingerprint(SHA256())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        serial = cert.serial_number
+        warnings.simplefilter("ignore")  # negative serials, three-letter countries: described, not fatal
+        return _describe(cert, der, fingerprint)
+
+
+def _required(fingerprint: str, what: str, read: Callable[[], _T]) -> _T:
+    try:
+        return read()
+    except VENDOR_ERRORS as exc:
+        raise ParseError(f"certificate {fingerprint[:16]}: {what} cannot be read ({vendor_reason(exc)})") from None
+
+
+def vendor_reason(exc: BaseException) -> str:
+    """What a cryptography exception says, short (its first line, at most 200 characters); its class
+    name when it says nothing. cryptography's messages never quote key material."""
+    text = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
+    return text or type(exc).__name__
+
+
+def _describe(cert: x509.Certificate, der: bytes, fingerprint: str) -> CertificateRecord:
+    notes: list[str] = []
+    serial = _required(fingerprint, "the serial number", lambda: cert.serial_number)
     if serial <= 0:
         notes.append("serial number is not positive (RFC 5280 requires a positive serial)")
     key_type, key_size, key_curve, spki = _describe_key(cert, notes)
     try:
         extensions = cert.extensions
-    except ValueError as exc:  # duplicate or malformed extension: keep the rest of the record
-        notes.append(f"extensions could not be parsed: {exc}")
+    except VENDOR_ERRORS as exc:  # duplicate or malformed extension: keep the rest of the record
+        notes.append(f"extensions could not be parsed: {vendor_reason(exc)}")
         extensions = x509.Extensions([])
     # One pass over the extensions (duplicates are refused when parsing, so each OID appears once).
     by_oid: dict[x509.ObjectIdentifier, Any] = {}
@@ -94,21 +127,27 @@ def describe_certificate(cert: x509.Certificate) -> CertificateRecord:
     aia = by_oid.get(ExtensionOID.AUTHORITY_INFORMATION_ACCESS)
     crl = by_oid.get(ExtensionOID.CRL_DISTRIBUTION_POINTS)
     eku = by_oid.get(ExtensionOID.EXTENDED_KEY_USAGE)
-    der = cert.public_bytes(serialization.Encoding.DER)
-    subject, issuer = cert.subject, cert.issuer  # each access builds the Name anew: fetch once
+    # Each access builds the Name anew: fetch once.
+    subject = _required(fingerprint, "the subject name", lambda: cert.subject)
+    issuer = _required(fingerprint, "the issuer name", lambda: cert.issuer)
+    not_before = _required(fingerprint, "the start of the validity period (not before)",
+                           lambda: cert.not_valid_before_utc)
+    not_after = _required(fingerprint, "the end of the validity period (not after)",
+                          lambda: cert.not_valid_after_utc)
     return CertificateRecord(
-        fingerprint_sha256=hashlib.sha256(der).hexdigest(),  # the same as cert.fingerprint(SHA256())
+        fingerprint_sha256=fingerprint,
         subject=_name(subject),
         issuer=_name(issuer),
         serial_hex=serial_hex(serial),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
+        not_before=not_before,
+        not_after=not_after,
         sans=_sans(by_oid.get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)),
         key_type=key_type,
         key_size=key_size,
         key_curve=key_curve,
         spki_sha256=spki,
-        signature_algorithm=_oid_name(cert.signature_algorithm_oid),
+        signature_algorithm=_oid_name(_required(fingerprint, "the signature algorithm",
+                                                lambda: cert.signature_algorithm_oid)),
         is_ca=bool(basic and basic.ca),
         path_length=basic.path_length if basic else None,
         key_usage=_key_usage(by_oid.get(ExtensionOID.KEY_USAGE)),
@@ -127,7 +166,10 @@ def describe_certificate(cert: x509.Certificate) -> CertificateRecord:
 
 def is_issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     """True when ``parent``'s subject is ``child``'s issuer and ``parent``'s key signed ``child``."""
-    if child.issuer != parent.subject:
+    try:
+        if child.issuer != parent.subject:
+            return False
+    except VENDOR_ERRORS:  # a name cryptography cannot decode links nothing
         return False
     return _signed_by(child, parent)
 
@@ -135,7 +177,7 @@ def is_issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
 def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     try:
         child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+    except (*VENDOR_ERRORS, InvalidSignature):
         return False
     return True
 
@@ -143,8 +185,9 @@ def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
 def _describe_key(cert: x509.Certificate, notes: list[str]) -> tuple[str, int | None, str | None, str | None]:
     try:
         key = cert.public_key()
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        notes.append(f"public key not readable: {exc}")
+        spki = spki_sha256(key)
+    except VENDOR_ERRORS as exc:
+        notes.append(f"public key not readable: {vendor_reason(exc)}")
         return "unknown", None, None, None
     if isinstance(key, rsa.RSAPublicKey):
         described: tuple[str, int | None, str | None] = ("RSA", key.key_size, None)
@@ -158,7 +201,7 @@ def _describe_key(cert: x509.Certificate, notes: list[str]) -> tuple[str, int | 
         described = ("DSA", key.key_size, None)
     else:
         described = (type(key).__name__, None, None)
-    return (*described, spki_sha256(key))
+    return (*described, spki)
 
 
 def _ext(extensions: x509.Extensions, oid: x509.ObjectIdentifier):  # noqa: ANN202 - value type varies
@@ -171,7 +214,7 @@ def _ext(extensions: x509.Extensions, oid: x509.ObjectIdentifier):  # noqa: ANN2
 def _name(name: x509.Name) -> str:
     try:
         return name.rfc4514_string()
-    except ValueError:
+    except VENDOR_ERRORS:
         return repr(name)
 
 

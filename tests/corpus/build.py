@@ -529,6 +529,104 @@ def _trusted(path: Path, pki: Pki) -> Case:
     return Case(path.name, certificates=(fp,), fields=((fp, "subject", subject_string("trusted.corpus.test")),))
 
 
+# --- loaded by cryptography, then failing (or warning) when a field is read
+
+def _leaf_der(pki: Pki, cn: str, *, not_after: dt.datetime | None = None,
+              extra_name: x509.NameAttribute | None = None) -> bytes:
+    """A leaf's DER, built here (not by Pki.leaf) where the surgery needs a date or a name it will patch."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([*_name(cn), *([extra_name] if extra_name else [])])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(pki.intermediate.certificate.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(pki.now - dt.timedelta(days=1))
+            .not_valid_after(not_after or pki.now + dt.timedelta(days=90))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
+            .sign(pki.intermediate.key, hashes.SHA256()))
+    return der(cert)
+
+
+def _patched(data: bytes, old: bytes, new: bytes) -> bytes:
+    """``data`` with its one ``old`` replaced by ``new`` of the same length (the signature no longer
+    verifies, which loading does not check)."""
+    assert data.count(old) == 1 and len(old) == len(new), old
+    return data.replace(old, new)
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    return bytes([tag]) + _der_length(len(body)) + body
+
+
+def with_serial(data: bytes, serial: bytes) -> bytes:
+    """A certificate's DER with its serial's contents replaced by ``serial`` (any length: the
+    TBSCertificate and Certificate lengths are re-encoded around it)."""
+    def contents(at: int) -> tuple[int, int]:  # (offset, length) of the contents of the TLV at ``at``
+        first = data[at + 1]
+        if first < 0x80:
+            return at + 2, first
+        count = first & 0x7F
+        return at + 2 + count, int.from_bytes(data[at + 2:at + 2 + count], "big")
+    body, body_length = contents(0)
+    tbs, tbs_length = contents(body)
+    version = data[tbs:tbs + 5]
+    assert version == bytes.fromhex("a003020102"), "a v3 certificate"
+    old_serial, old_length = contents(tbs + 5)
+    new_tbs = version + _tlv(0x02, serial) + data[old_serial + old_length:tbs + tbs_length]
+    return _tlv(0x30, _tlv(0x30, new_tbs) + data[tbs + tbs_length:body + body_length])
+
+
+@_case("unreadable-issuer.der")
+def _unreadable_issuer(path: Path, pki: Pki) -> Case:
+    data = _leaf_der(pki, "unreadable-issuer.corpus.test")
+    # The issuer's common name is a UTF8String; 0xff is never UTF-8. cryptography loads the
+    # certificate and raises (ValueError) only when the issuer is read.
+    data = _patched(data, b"Corpus Issuing CA", b"\xfforpus Issuing CA")
+    _write(path, data)
+    return Case(path.name, "the issuer name cannot be read", certificates=(hashlib.sha256(data).hexdigest(),))
+
+
+@_case("year-zero.pem")
+def _year_zero(path: Path, pki: Pki) -> Case:
+    far = dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)  # after 2049: a GeneralizedTime, four-digit year
+    data = _patched(_leaf_der(pki, "year-zero.corpus.test", not_after=far), b"21000101000000Z", b"00000101000000Z")
+    _write(path, pem_block("CERTIFICATE", data))  # year 0000: loads, then no datetime can hold it
+    return Case(path.name, "the end of the validity period (not after) cannot be read",
+                certificates=(hashlib.sha256(data).hexdigest(),))
+
+
+@_case("year-zero-in-chain.p7b")
+def _year_zero_in_chain(path: Path, pki: Pki) -> Case:
+    good, _ = pki.leaf("year-zero-neighbour.corpus.test")
+    far = dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)
+    bad = _patched(_leaf_der(pki, "year-zero-p7b.corpus.test", not_after=far), b"21000101000000Z", b"00000101000000Z")
+    signed_data = (_tlv(0x02, b"\x01") + _tlv(0x31, b"") + _tlv(0x30, bytes.fromhex("06092a864886f70d010701"))
+                   + _tlv(0xA0, der(good) + bad) + _tlv(0x31, b""))
+    _write(path, _tlv(0x30, bytes.fromhex("06092a864886f70d010702") + _tlv(0xA0, _tlv(0x30, signed_data))))
+    return Case(path.name, "the end of the validity period (not after) cannot be read",
+                certificates=(fingerprint(good), hashlib.sha256(bad).hexdigest()))
+
+
+@_case("oversized-serial.der")
+def _oversized_serial(path: Path, pki: Pki) -> Case:
+    # 100 octets (RFC 5280 allows 20); cryptography loads it, the inventory keeps 65 (130 hex digits).
+    data = with_serial(_leaf_der(pki, "oversized-serial.corpus.test"), b"\x01" + bytes(99))
+    _write(path, data)
+    return Case(path.name, "serial number is 200 hex digits, more than the 130 the inventory keeps",
+                certificates=(hashlib.sha256(data).hexdigest(),))
+
+
+@_case("three-letter-country.pem")
+def _three_letter_country(path: Path, pki: Pki) -> Case:
+    # countryName must be two letters; a CA that wrote three makes cryptography warn when the
+    # subject is read (an exception where warnings are errors). Legal enough to keep.
+    organization = x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "XYZ")
+    data = _leaf_der(pki, "three-letter-country.corpus.test", extra_name=organization)
+    data = _patched(data, bytes.fromhex("060355040b0c0358595a"), bytes.fromhex("06035504060c0358595a"))
+    _write(path, pem_block("CERTIFICATE", data))
+    fp = hashlib.sha256(data).hexdigest()
+    return Case(path.name, certificates=(fp,),
+                fields=((fp, "subject", "C=XYZ," + subject_string("three-letter-country.corpus.test")),))
+
+
 CASE_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
