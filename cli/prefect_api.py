@@ -1,0 +1,30 @@
+"""Whether the CLI has a Prefect API to run flows against, and Prefect's setup when it has none.
+
+With a Prefect API (PREFECT_API_URL from the environment, a Prefect profile or a test harness), the
+CLI runs flows there, so their runs appear in the operator's UI. Without one it runs the core
+directly: no flow run is created and the user's own Prefect database is never written to. Blocks
+are still read through Prefect (``Block.load``), which then starts a temporary local server; that
+server sends no analytics (its telemetry is what logged "database is locked" tracebacks).
+"""
+
+from __future__ import annotations
+
+import os
+
+ANALYTICS = "PREFECT_SERVER_ANALYTICS_ENABLED"
+NO_HISTORY = ("PREFECT_API_URL is not set: running directly, without Prefect run history; point it at your "
+              "Prefect server to keep the runs there")
+
+
+def quiet() -> None:
+    """Turn off the analytics of any Prefect server this process starts, unless the environment says
+    otherwise. Effective only before Prefect is first imported: ``configured()`` calls it first."""
+    os.environ.setdefault(ANALYTICS, "false")
+
+
+def configured() -> bool:
+    """True when a Prefect API is configured: the CLI then runs flows, and their runs are kept there."""
+    quiet()
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
