@@ -12,8 +12,13 @@ channel read or write ``operation_timeout``; every command its own ``timeout`` (
 default), enforced with a deadline, the channel is closed when it passes.
 
 Errors (all name ``user@host:port``, and the path or the command; none holds file contents):
-- SshUnavailableError (transient, a DeployError): refused, timed out, connection dropped;
-- SshHostKeyError, SshAuthError (permanent): unknown or changed host key, key not accepted;
+- SshUnavailableError (transient, a DeployError): a timeout or a dropped connection; its subclass
+  SshUnreachableError when the host could not be reached at all, with ``host``, ``port`` and ``cause``
+  ("dns", "refused", "timeout", "unreachable" or "handshake");
+- SshHostKeyError (permanent): known_hosts unreadable, or, as its subclass UntrustedHostKeyError, a host key
+  it does not vouch for, with ``host``, ``port``, ``problem`` ("unknown", "changed", "revoked"),
+  ``key_type``, the offered ``fingerprint`` and, for a changed key, ``expected_fingerprint``;
+- SshAuthError (permanent): the client key was not accepted;
 - RemotePathError (permanent): permission denied, no such file or directory, not a regular file, too big;
 - RemoteCommandError (permanent): a command exited non-zero (``run(check=True)``), with its trimmed stderr.
 They subclass certpilot.deployment's DeployError and PermanentDeployError because the Deployer role
@@ -62,8 +67,8 @@ from paramiko.sftp import (CMD_HANDLE, CMD_OPEN, SFTP_FLAG_CREATE, SFTP_FLAG_EXC
 from certpilot.deployment import DeployError, PermanentDeployError
 
 __all__ = ["CommandResult", "GlobResult", "RemoteCommandError", "RemotePathError", "SshAuthError", "SshError",
-           "SshConnection", "SshHostKeyError", "SshUnavailableError", "TEMP_MARKER", "is_temporary",
-           "parse_known_hosts", "trim_output"]
+           "SshConnection", "SshHostKeyError", "SshUnavailableError", "SshUnreachableError", "TEMP_MARKER",
+           "UntrustedHostKeyError", "is_temporary", "parse_known_hosts", "trim_output"]
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +112,38 @@ class SshUnavailableError(SshError, DeployError):
         super().__init__(self._init((where, reason), target, f"ssh {where}: {reason}"))
 
 
+class SshUnreachableError(SshUnavailableError):
+    """Nothing answered as an SSH server at ``host``:``port`` (worth a retry). ``cause`` says why: "dns"
+    (the name did not resolve), "refused", "timeout" (no TCP connection in time), "unreachable" (no route,
+    network down) or "handshake" (something answered but no SSH key exchange completed in time)."""
+
+    def __init__(self, where: str, host: str, port: int, cause: str, reason: str, *,
+                 target: str | None = None) -> None:
+        self.where, self.host, self.port, self.cause, self.reason = where, host, int(port), cause, reason
+        SshError.__init__(self, self._init((where, host, port, cause, reason), target, f"ssh {where}: {reason}"))
+
+
 class SshHostKeyError(SshError, PermanentDeployError):
-    """The host's key is not one known_hosts lists for it: unknown, changed or revoked."""
+    """The host's key is not one known_hosts lists for it: unknown, changed or revoked (UntrustedHostKeyError),
+    or known_hosts itself cannot be read."""
 
     def __init__(self, where: str, reason: str, *, target: str | None = None) -> None:
         self.where, self.reason = where, reason
         super().__init__(self._init((where, reason), target, f"ssh {where}: host key refused: {reason}"))
+
+
+class UntrustedHostKeyError(SshHostKeyError):
+    """The host at ``host``:``port`` offered a key known_hosts does not vouch for; ``problem`` is "unknown"
+    (no key listed for the host), "changed" (another key listed: ``expected_fingerprint``) or "revoked".
+    ``key_type`` and ``fingerprint`` (``SHA256:...``) are the offered key's."""
+
+    def __init__(self, where: str, host: str, port: int, problem: str, key_type: str, fingerprint: str, reason: str,
+                 expected_fingerprint: str | None = None, *, target: str | None = None) -> None:
+        self.where, self.reason = where, reason
+        self.host, self.port, self.problem = host, int(port), problem
+        self.key_type, self.fingerprint, self.expected_fingerprint = key_type, fingerprint, expected_fingerprint
+        SshError.__init__(self, self._init((where, host, port, problem, key_type, fingerprint, reason,
+                                            expected_fingerprint), target, f"ssh {where}: host key refused: {reason}"))
 
 
 class SshAuthError(SshError, PermanentDeployError):
@@ -292,7 +323,7 @@ class SshConnection:
             # Without TCP_NODELAY every command waits for a delayed ACK: 43 ms instead of 2 ms per `true`.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
-            raise SshUnavailableError(self.where, f"cannot connect ({_describe(exc)})") from None
+            raise self._unreachable(_connect_cause(exc), exc) from None
         try:
             transport = paramiko.Transport(sock)
         except Exception:
@@ -306,12 +337,18 @@ class SshConnection:
             known = self._host_keys.lookup(name)
             if known:
                 _prefer_key_type(transport, known.keys()[0])
-            transport.start_client(timeout=self.connect_timeout)
-            self._check_host_key(name, known, transport.get_remote_server_key())
+            try:
+                transport.start_client(timeout=self.connect_timeout)  # returns quietly when the timeout passes
+                if transport.is_active() and not transport.initial_kex_done:
+                    raise TimeoutError(f"no SSH key exchange within {self.connect_timeout:g} s")
+                offered = transport.get_remote_server_key()
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                raise self._unreachable("handshake", exc) from None
+            self._check_host_key(name, known, offered)
             transport.auth_publickey(self.user, self._pkey)
             if not transport.is_authenticated():
                 raise paramiko.AuthenticationException("the host asks for a further authentication method")
-        except SshHostKeyError:
+        except (SshHostKeyError, SshUnreachableError):
             transport.close()
             raise
         except paramiko.AuthenticationException as exc:
@@ -327,22 +364,29 @@ class SshConnection:
         log.debug("ssh %s connected in %.3f s", self.where, time.monotonic() - started)
         return transport
 
+    def _unreachable(self, cause: str, exc: BaseException) -> SshUnreachableError:
+        return SshUnreachableError(self.where, self.address, self.port, cause, f"cannot connect ({_describe(exc)})")
+
     def _check_host_key(self, name: str, known: Any, offered: paramiko.PKey) -> None:
         """Refuse a revoked key (whatever else known_hosts says), then an unknown or a changed one."""
+        key_type, fingerprint = offered.get_name(), key_sha256(offered)
+
+        def refused(problem: str, reason: str, expected: str | None = None) -> UntrustedHostKeyError:
+            return UntrustedHostKeyError(self.where, self.address, self.port, problem, key_type, fingerprint, reason,
+                                         expected)
+
         if any(offered == revoked for revoked in self._known.revoked):
-            raise SshHostKeyError(self.where, f"the host offered {offered.get_name()} {key_sha256(offered)}, "
-                                              "which known_hosts marks @revoked")
+            raise refused("revoked", f"the host offered {key_type} {fingerprint}, which known_hosts marks @revoked")
         if not known:
-            raise SshHostKeyError(self.where, f"known_hosts has no {offered.get_name()} key for {name}; the host "
-                                              f"offered {offered.get_name()} {key_sha256(offered)} (unknown host: "
-                                              "add its key to known_hosts after checking it out of band)")
-        expected = known.get(offered.get_name())
+            raise refused("unknown", f"known_hosts has no {key_type} key for {name}; the host offered {key_type} "
+                                     f"{fingerprint} (unknown host: add its key to known_hosts after checking it "
+                                     "out of band)")
+        expected = known.get(key_type)
         if expected != offered:
             expected = expected or list(known.values())[0]
-            raise SshHostKeyError(self.where, f"host key changed: known_hosts has {expected.get_name()} "
-                                              f"{key_sha256(expected)}, the host offered {offered.get_name()} "
-                                              f"{key_sha256(offered)} (possible man-in-the-middle; update "
-                                              "known_hosts only after checking)")
+            raise refused("changed", f"host key changed: known_hosts has {expected.get_name()} "
+                                     f"{key_sha256(expected)}, the host offered {key_type} {fingerprint} (possible "
+                                     "man-in-the-middle; update known_hosts only after checking)", key_sha256(expected))
 
     def _drop(self) -> None:
         sftp, connection = self._sftp, self._connection
@@ -701,6 +745,17 @@ def _create_exclusive(sftp: paramiko.SFTPClient, path: str, mode: int) -> parami
     if kind != CMD_HANDLE:
         raise paramiko.SFTPError(f"expected a handle for {path}")
     return paramiko.SFTPFile(sftp, message.get_binary(), "wb")
+
+
+def _connect_cause(exc: OSError) -> str:
+    """Why a TCP connection could not be made, in SshUnreachableError's terms."""
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timeout"
+    return "unreachable"
 
 
 def _prefer_key_type(transport: paramiko.Transport, key_type: str) -> None:
