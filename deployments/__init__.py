@@ -1,15 +1,21 @@
-"""Every deployment's name, entry point, parameters, schedule and tags, in one place.
+"""Every deployment's name, entry point, parameters, schedule and tags, read from ``prefect.yaml``.
 
-``prefect.yaml`` lists the same deployments for ``prefect deploy --all`` on a work pool (a test
-keeps the two in step); ``runner_deployments()`` builds them for ``flow.serve``/``prefect.serve``
-on one machine.
+``prefect.yaml`` at the top of the checkout is the one place they are written: ``prefect deploy
+--all`` reads it for a work pool, and ``runner_deployments()`` builds the same deployments from it for
+``prefect.serve`` on one machine. Entry points are paths in the checkout (``flows/renew.py:renew_due``),
+so both run from a checkout of certpilot.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
 
 
 @dataclass(frozen=True)
@@ -23,46 +29,26 @@ class DeploymentSpec:
     concurrency_limit: int | None = None
 
 
-DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
-    DeploymentSpec(
-        name="import-inventory",
-        entrypoint="flows/import_inventory.py:import_inventory",
-        description="Import certificates from files and directories on the worker's machine (ad hoc).",
-        tags=("certpilot", "inventory"),
-    ),
-    DeploymentSpec(
-        name="renew-due",
-        entrypoint="flows/renew.py:renew_due",
-        description="Renew every managed certificate that is due, one task run per certificate (hourly).",
-        tags=("certpilot", "renewal"),
-        cron="17 * * * *",
-        concurrency_limit=1,  # two overlapping runs would renew the same certificates twice
-    ),
-    DeploymentSpec(
-        name="renew-certificate",
-        entrypoint="flows/renew.py:renew_certificate",
-        description="Renew one managed certificate now, then deploy and verify it (ad hoc: give its name in the run form).",
-        tags=("certpilot", "renewal"),
-    ),
-    DeploymentSpec(
-        name="discover",
-        entrypoint="flows/discover.py:discover",
-        description="Discover certificates with the source blocks named in 'sources' (every 6 hours).",
-        tags=("certpilot", "discovery"),
-        parameters={"sources": []},
-        cron="23 */6 * * *",
-        concurrency_limit=1,
-    ),
-    DeploymentSpec(
-        name="deploy-certificate",
-        entrypoint="flows/deploy.py:deploy_certificate",
-        description="Deploy one managed certificate to its targets, canary first, verify, roll back on failure (ad hoc).",
-        tags=("certpilot", "deployment"),
-    ),
-)
+def _spec(entry: dict[str, Any]) -> DeploymentSpec:
+    crons = [schedule["cron"] for schedule in entry.get("schedules") or []]
+    if len(crons) > 1:
+        raise ValueError(f"{PREFECT_YAML}: deployment {entry['name']!r} has {len(crons)} schedules; certpilot's "
+                         "deployments have at most one")
+    return DeploymentSpec(name=entry["name"], entrypoint=entry["entrypoint"], description=entry.get("description", ""),
+                          tags=tuple(entry.get("tags") or ()), parameters=dict(entry.get("parameters") or {}),
+                          cron=crons[0] if crons else None, concurrency_limit=entry.get("concurrency_limit"))
 
 
-def load_flow(entrypoint: str):  # noqa: ANN201 - a prefect Flow
+def load_specs(path: Path = PREFECT_YAML) -> tuple[DeploymentSpec, ...]:
+    """The deployments ``prefect.yaml`` declares."""
+    return tuple(_spec(entry) for entry in yaml.safe_load(path.read_text())["deployments"])
+
+
+DEPLOYMENTS: tuple[DeploymentSpec, ...] = load_specs()
+
+
+def load_flow(entrypoint: str) -> Any:
+    """The flow object an entry point names (``flows/renew.py:renew_due``)."""
     path, _, name = entrypoint.partition(":")
     module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
     return getattr(module, name)
