@@ -61,8 +61,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from paramiko.hostkeys import HostKeyEntry
-from paramiko.sftp import (CMD_HANDLE, CMD_OPEN, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_TRUNC,
-                           SFTP_FLAG_WRITE)
+from paramiko.sftp import CMD_HANDLE, CMD_OPEN, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE
 
 from certpilot.deployment import DeployError, PermanentDeployError
 
@@ -383,7 +382,7 @@ class SshConnection:
                                      "out of band)")
         expected = known.get(key_type)
         if expected != offered:
-            expected = expected or list(known.values())[0]
+            expected = expected or next(iter(known.values()))
             raise refused("changed", f"host key changed: known_hosts has {expected.get_name()} "
                                      f"{key_sha256(expected)}, the host offered {key_type} {fingerprint} (possible "
                                      "man-in-the-middle; update known_hosts only after checking)", key_sha256(expected))
