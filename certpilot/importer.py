@@ -18,7 +18,6 @@ import gc
 import itertools
 import multiprocessing
 import os
-import re
 import stat
 import threading
 import urllib.parse
@@ -34,7 +33,8 @@ from sqlmodel import Session
 
 from certpilot import audit, keystore
 from certpilot.database import write_session
-from certpilot.errors import CertpilotError, InvalidOptionError, KeyMismatchError, ParseError, TransientError
+from certpilot.errors import (CertpilotError, InvalidOptionError, KeyMismatchError, ParseError, TransientError,
+                              redact)
 from certpilot.formats import load_bundle
 from certpilot.inventory import Observation, upsert
 from certpilot.keys import public_key_sha256
@@ -290,16 +290,7 @@ def _parse_here(source: str, options: ImportOptions, stdin: Callable[[int], byte
     except (ParseError, KeyMismatchError) as exc:
         return exc
     except Exception as exc:  # noqa: BLE001 - whatever else one file raises is that file's error
-        return ParseError(f"cannot be parsed: unexpected {type(exc).__name__} ({_scrubbed(exc)})", source)
-
-
-_BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{16,}")
-
-
-def _scrubbed(exc: BaseException) -> str:
-    """An unexpected exception's first line, short, with any long run of base64 (PEM text) cut out."""
-    text = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return _BASE64_RUN.sub("...", text)
+        return ParseError(f"cannot be parsed: unexpected {redact(exc)}", source)
 
 
 def _parsed_files(files: Iterator[tuple[str, str | None]], options: ImportOptions,
@@ -514,7 +505,7 @@ def _write_batch(engine: sa.Engine, batch: list[_ParsedFile], options: ImportOpt
     except (CertpilotError, sa.exc.SQLAlchemyError, *VENDOR_ERRORS) as exc:
         if len(batch) > 1 and not isinstance(exc, TransientError):
             return [result for parsed in batch for result in _write_batch(engine, [parsed], options, actor, ring, now)]
-        message = f"not written: {exc.__class__.__name__}: {_scrubbed(exc)}"
+        message = f"not written: {exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
         return [FileResult(p.source, "failed", error=message) for p in batch]
     claimed: set[str] = set()
     results = []

@@ -25,9 +25,11 @@ from cryptography.x509.oid import ExtensionOID
 
 from certpilot.errors import ParseError
 
-# What cryptography raises for a field it cannot decode: a wrong value (ValueError, year 0 and
-# other dates no datetime holds), a wrong type, a number out of range, an algorithm it lacks.
-VENDOR_ERRORS = (ValueError, TypeError, OverflowError, UnsupportedAlgorithm)
+# What cryptography raises for input it cannot decode: a wrong value (ValueError, year 0 and other
+# dates no datetime holds), a wrong type, a number out of range, an algorithm it lacks, and its x509
+# errors that derive from Exception alone (a version other than v1 or v3, an extension twice).
+VENDOR_ERRORS = (ValueError, TypeError, OverflowError, UnsupportedAlgorithm, x509.InvalidVersion,
+                 x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
 
 _T = TypeVar("_T")
 _KEY_USAGES = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",

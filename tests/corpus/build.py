@@ -642,6 +642,34 @@ def build_corpus(directory: Path) -> list[Case]:
     return cases
 
 
+def write_fuzz_seeds(directory: Path) -> list[Path]:
+    """The fuzz tests' seeds (tests/corpus/fuzz/seeds): one valid input per format the parsers read,
+    certificates only (no private key is ever checked in; the fuzz tests add key-bearing seeds made
+    at run time). Written once and committed, so that a crasher found from them replays."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pki = Pki()
+    leaf, _ = pki.leaf("seed.fuzz.test", sans=[x509.DNSName("seed.fuzz.test"),
+                                               x509.IPAddress(ipaddress.ip_address("192.0.2.7")),
+                                               x509.UniformResourceIdentifier("https://seed.fuzz.test/")])
+    chain = [leaf, pki.intermediate.certificate, pki.root.certificate]
+    seeds = {
+        "leaf.der": der(leaf),
+        "chain.pem": ("leaf:\n" + pem(*chain)).encode("ascii"),
+        "chain-crlf.pem": pem(leaf, pki.intermediate.certificate).replace("\n", "\r\n").encode("ascii"),
+        "chain-der.p7b": pkcs7.serialize_certificates(chain, serialization.Encoding.DER),
+        "chain-pem.p7b": pkcs7.serialize_certificates(chain[:2], serialization.Encoding.PEM),
+        "certificates-only.p12": pkcs12.serialize_key_and_certificates(
+            b"seed", None, None, chain, serialization.NoEncryption()),
+        "trusted.pem": pem_block("TRUSTED CERTIFICATE", der(leaf) + trust_aux()).encode("ascii"),
+        "negative-serial.der": with_negative_serial(pki.leaf("negative.fuzz.test", serial=0x05, self_signed=True)[0]),
+    }
+    written = []
+    for name, data in seeds.items():
+        (directory / name).write_bytes(data)
+        written.append(directory / name)
+    return written
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "corpus")
     for built in build_corpus(target):
