@@ -38,7 +38,7 @@ PASSWORD = b"fuzz-password"
 # In CI (CI set, as every CI service does) nothing is written; locally failures are remembered
 # under .hypothesis/ (git-ignored) and replayed first.
 _DATABASE = None if os.environ.get("CI") else DirectoryBasedExampleDatabase(str(REPO / ".hypothesis" / "examples"))
-FUZZ = settings(max_examples=150, deadline=dt.timedelta(seconds=2), database=_DATABASE, derandomize=False,
+FUZZ = settings(max_examples=400, deadline=dt.timedelta(seconds=2), database=_DATABASE, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
