@@ -41,9 +41,11 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 from sqlmodel import Session, select
 
 from certpilot import audit, inventory, keystore
-from certpilot.errors import NotFoundError, PermanentError
+from certpilot.clock import utcnow
+from certpilot.errors import InvalidDnsNameError, NotFoundError, PermanentError
 from certpilot.issuance import PROFILES, IssuedCertificate
 from certpilot.models import AuditEvent, Certificate, CertificateAuthority
+from certpilot.names import normalise_dns_name
 from certpilot.x509info import describe_certificate, fingerprint_sha256, is_issued_by, serial_hex
 
 ROOT_VALIDITY = dt.timedelta(days=3652)  # about ten years
@@ -59,7 +61,6 @@ SOURCE = "private-ca"  # the inventory source of certificates this CA issues
 _CABF_MAXIMUM = ((dt.date(2029, 3, 15), 47), (dt.date(2027, 3, 15), 100), (dt.date(2026, 3, 15), 200))
 _CABF_MAXIMUM_BEFORE = 398
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 # Revocation reasons a subscriber certificate may carry (Baseline Requirements 7.2.2), by CLI name.
 REASONS: dict[str, x509.ReasonFlags] = {
@@ -120,10 +121,6 @@ class CAUrls:
         return cls(f"{base}/issuing.crt", f"{base}/root.crt", f"{base}/issuing.crl", f"{base}/ocsp")
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
 def _second(value: dt.datetime) -> dt.datetime:
     if value.tzinfo is None:
         raise ValueError("use an aware UTC datetime")
@@ -150,7 +147,7 @@ def init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: 
     base = _check_base_url(base_url)
     if session.exec(select(CertificateAuthority.id).where(CertificateAuthority.name == name)).first() is not None:
         raise PermanentError(f"a CA named {name!r} already exists")
-    now = _second(now or _utcnow())
+    now = _second(now or utcnow())
     urls = CAUrls.of(base, name)
     root_key = ec.generate_private_key(ec.SECP384R1())
     issuing_key = ec.generate_private_key(ec.SECP256R1())
@@ -318,7 +315,7 @@ class CASigner:
         maximum on the issue date and by the issuing certificate's own expiry; counted inclusively."""
         if profile not in PROFILES:
             raise CertificateRequestError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-        now = _second(now or _utcnow())
+        now = _second(now or utcnow())
         public_key = _check_csr(csr, profile)
         sans = _check_sans(csr, profile)
         days = min(DEFAULT_VALIDITY_DAYS if validity_days is None else validity_days, max_validity_days(now))
@@ -357,7 +354,7 @@ class CASigner:
     def sign_crl(self, number: int, revoked: Sequence[tuple[int, dt.datetime, x509.ReasonFlags | None]], *,
                  now: dt.datetime | None = None) -> x509.CertificateRevocationList:
         """A full CRL: ``revoked`` as (serial, revocation time, reason), valid ``CRL_VALIDITY``."""
-        now = _second(now or _utcnow())
+        now = _second(now or utcnow())
         entries = []
         for serial, revoked_at, reason in revoked:
             entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_second(revoked_at))
@@ -386,7 +383,7 @@ class CASigner:
                       now: dt.datetime | None = None) -> ocsp.OCSPResponse:
         """A signed response for ``request``: good, revoked (with time and reason) or, with no status
         (a serial the CA never issued), unknown. Valid for ``OCSP_VALIDITY``; a nonce is echoed."""
-        now = _second(now or _utcnow())
+        now = _second(now or utcnow())
         if status is None:
             cert_status, revoked_at, reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
         elif status.revoked:
@@ -454,19 +451,15 @@ def _check_sans(csr: x509.CertificateSigningRequest, profile: str) -> list[x509.
             raise CertificateRequestError(f"{profile} certificates carry only "
                                           f"{', '.join(t.__name__ for t in allowed)} SANs, not {name!r}")
         if isinstance(name, x509.DNSName):
-            value = name.value.lower()
-            if not _valid_dns_name(value):
-                raise CertificateRequestError(f"SAN {name.value!r} is not a valid DNS name (letters, digits and "
-                                              "hyphens, A-labels for IDNs, an optional leading '*.')")
-            name = x509.DNSName(value)
+            try:
+                name = x509.DNSName(normalise_dns_name(name.value, wildcard=True))
+            except InvalidDnsNameError as exc:
+                raise CertificateRequestError(f"SAN {name.value!r} is not a valid DNS name: {exc.reason} (letters, "
+                                              "digits and hyphens, A-labels for IDNs, an optional leading "
+                                              "'*.')") from None
         if name not in sans:
             sans.append(name)
     return sans
-
-
-def _valid_dns_name(name: str) -> bool:
-    labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
-    return len(name) <= 253 and len(labels) >= 1 and all(_DNS_LABEL.match(label) for label in labels)
 
 
 def _common_name(csr: x509.CertificateSigningRequest, sans: list[x509.GeneralName]) -> str | None:
@@ -527,11 +520,24 @@ def store_issued(session: Session, actor: audit.Actor, signer: CASigner, certifi
         "replaces": replaced}) for r in records], now)
 
 
+def sign(session: Session, ring: keystore.KeyRing, name: str, csr: x509.CertificateSigningRequest, profile: str, *,
+         validity_days: int | None = None, now: dt.datetime | None = None) -> IssuedCertificate:
+    """Sign ``csr`` with CA ``name``; nothing is written (the Issuer role: whoever asked records the
+    certificate, and OCSP and CRLs know it once it is in the inventory). Returns the leaf and the
+    issuing CA certificate."""
+    signer = open_signer(session, ring, name)
+    cert = signer.sign(csr, profile, validity_days=validity_days, now=now)
+    return IssuedCertificate((cert.public_bytes(serialization.Encoding.DER),
+                              signer.certificate.public_bytes(serialization.Encoding.DER)))
+
+
 def issue(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: str,
           csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
           replaces: x509.Certificate | None = None, now: dt.datetime | None = None) -> IssuedCertificate:
-    """Sign ``csr`` with CA ``name`` and record the certificate in the inventory (caller's write
-    transaction). Returns the leaf and the issuing CA certificate."""
+    """Sign ``csr`` with CA ``name`` and record the certificate in the inventory, with one
+    certificate.issued event (caller's write transaction): `certpilot ca issue`, a CSR from a file.
+    A renewal signs only (``sign``) and records through certpilot.renewing. Returns the leaf and the
+    issuing CA certificate."""
     signer = open_signer(session, ring, name)
     cert = signer.sign(csr, profile, validity_days=validity_days, now=now)
     store_issued(session, actor, signer, [cert], profile, replaces=replaces, now=now)
@@ -572,7 +578,7 @@ def revoke(session: Session, ring: keystore.KeyRing, actor: audit.Actor, fingerp
     if reason not in REASONS.values():
         raise PermanentError(f"revocation reason {reason.value} is not allowed for subscriber certificates; "
                              f"choose one of {', '.join(REASONS)}")
-    now = now or _utcnow()
+    now = now or utcnow()
     row = inventory.resolve(session, fingerprint)
     ca = ca_of(session, row)
     if ca_name is not None and ca.name != ca_name:
@@ -636,7 +642,7 @@ def publish_crl(session: Session, ring: keystore.KeyRing, actor: audit.Actor, na
                 now: dt.datetime | None = None) -> x509.CertificateRevocationList:
     """Issue a new full CRL for CA ``name`` now (caller's write transaction)."""
     ca = get_ca(session, name)
-    return _publish_crl(session, actor, ca, open_signer(session, ring, name), now or _utcnow())
+    return _publish_crl(session, actor, ca, open_signer(session, ring, name), now or utcnow())
 
 
 def crl_due(ca: CertificateAuthority, now: dt.datetime, margin: dt.timedelta = CRL_REFRESH_MARGIN) -> bool:
@@ -650,7 +656,7 @@ def refresh_crls(engine: sa.Engine, ring: keystore.KeyRing, actor: audit.Actor, 
     callers issue one CRL, not two. Returns the names of the CAs that got a new CRL."""
     from certpilot.database import read_session, write_session
 
-    now = now or _utcnow()
+    now = now or utcnow()
     with read_session(engine) as session:
         query = select(CertificateAuthority)
         if names is not None:
@@ -672,7 +678,7 @@ def current_crl(engine: sa.Engine, key_ring: Callable[[], keystore.KeyRing], act
     called and the issuing key decrypted)."""
     from certpilot.database import read_session
 
-    now = now or _utcnow()
+    now = now or utcnow()
     with read_session(engine) as session:
         ca = get_ca(session, name)
         if not crl_due(ca, now) and ca.crl_der is not None:

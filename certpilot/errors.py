@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import traceback
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 REDACTED_LENGTH = 600  # the longest message redact() returns
 # What may be key material: PEM armour, the words of a key's PEM label, or a long unbroken run of
@@ -186,3 +186,112 @@ class RateLimitedError(_AcmeProblem, TransientError):
         if retry_after is not None:
             text += f" (retry after {retry_after:.0f} s)"
         super().__init__(text)
+
+
+# Causes. Each names what went wrong and carries its data as attributes; the role that met it (a
+# source, a deployer, a renewal) wraps it or lets it through. Connectors subclass these for their own
+# transport (connectors.tls_verify.TlsUnreachableError is an EndpointUnreachableError).
+
+
+def endpoint_label(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class InvalidNameError(PermanentError, ValueError):
+    """A DNS name or an IP address that breaks certpilot's name rules (certpilot.names): ``value`` as
+    given, ``reason`` what is wrong with it."""
+
+    what = "a valid name"
+
+    def __init__(self, value: str, reason: str) -> None:
+        self.value, self.reason = value, reason
+        super().__init__(f"{value!r} is not {self.what}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.value, self.reason))
+
+
+class InvalidDnsNameError(InvalidNameError):
+    what = "a valid DNS name"
+
+
+class InvalidIpAddressError(InvalidNameError):
+    what = "an IP address"
+
+
+class EndpointError(CertpilotError):
+    """Talking to the network endpoint ``host``:``port`` failed."""
+
+    host: str
+    port: int
+
+
+class EndpointUnreachableError(EndpointError, TransientError):
+    """No connection to ``host``:``port``. ``cause``: refused (nothing listening), unresolved (the name
+    does not resolve), reset, or unreachable (no route, network down); ``detail`` says more."""
+
+    def __init__(self, host: str, port: int, cause: str, detail: str = "") -> None:
+        self.host, self.port, self.cause, self.detail = host, port, cause, detail
+        super().__init__(f"{endpoint_label(host, port)}: cannot connect ({cause})" + (f": {detail}" if detail else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.host, self.port, self.cause, self.detail))
+
+
+class EndpointTimeoutError(EndpointError, TransientError):
+    """``host``:``port`` did not connect or answer within ``timeout`` seconds; ``detail`` says at which stage."""
+
+    def __init__(self, host: str, port: int, timeout: float, detail: str = "") -> None:
+        self.host, self.port, self.timeout, self.detail = host, port, timeout, detail
+        super().__init__(f"{endpoint_label(host, port)}: no answer within {timeout:g} s"
+                         + (f": {detail}" if detail else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.host, self.port, self.timeout, self.detail))
+
+
+class HandshakeFailedError(EndpointError, TransientError):
+    """``host``:``port`` answered, but the TLS (or other protocol) handshake failed: ``reason`` (a TLS
+    alert, not TLS at all, closed mid-handshake, an oversized chain)."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host, self.port, self.reason = host, port, reason
+        super().__init__(f"{endpoint_label(host, port)}: handshake failed: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.host, self.port, self.reason))
+
+
+class ServiceError(CertpilotError):
+    """A cloud API (AWS, Azure...) did not do what was asked. ``service`` (acm, elbv2, keyvault...),
+    ``operation`` (its API call), ``code`` (the service's error code, or the client's error type),
+    ``detail`` (the service's message, without request values), ``where`` (service, operation, region
+    and resource as one phrase, for the message)."""
+
+    def __init__(self, service: str, operation: str, code: str, detail: str = "", where: str | None = None) -> None:
+        self.service, self.operation, self.code, self.detail, self.where = service, operation, code, detail, where
+        super().__init__(f"{where or f'{service} {operation}'}: {code}" + (f": {detail}" if detail else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service, self.operation, self.code, self.detail, self.where))
+
+
+class ServiceRefusedError(ServiceError, PermanentError):
+    """The API refused the request and will refuse it again: access denied, invalid, not found."""
+
+
+class ServiceUnavailableError(ServiceError, TransientError):
+    """The API could not answer now: throttled, failing (5xx), not reached, or an answer not its own."""
+
+
+class BlockNotFoundError(PermanentError):
+    """A Prefect block that a target, source or managed certificate refers to does not exist (or the
+    reference is malformed). ``block`` is the reference as given (``<block-type-slug>/<name>``)."""
+
+    def __init__(self, block: str, detail: str = "") -> None:
+        self.block, self.detail = block, detail
+        super().__init__(f"block {block!r} not found" + (f": {detail}" if detail else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.block, self.detail))

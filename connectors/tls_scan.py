@@ -42,7 +42,6 @@ import datetime as dt
 import ipaddress
 import os
 import queue
-import re
 import socket
 import ssl
 import threading
@@ -51,8 +50,10 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from certpilot.clock import utcnow
 from certpilot.discovery import Found, Problem
-from certpilot.errors import PermanentError
+from certpilot.errors import InvalidDnsNameError, PermanentError
+from certpilot.names import is_ip_address, normalise_dns_name, parse_ip_address
 from connectors.tls_verify import (MAX_HANDSHAKE_BYTES, ClientHandshake, Presented, TlsProbeError, check_hostname,
                                    client_context)
 
@@ -63,7 +64,6 @@ MAX_CHAIN_CERTIFICATES = 16
 BATCH_SIZE, BATCH_SECONDS = 100, 0.05  # results go to the consumer in batches
 LOOPS = min(2, os.cpu_count() or 1)  # threads, each with its own asyncio loop
 _RECV = 16 * 1024 + 64
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 
 class TargetError(PermanentError):
@@ -85,10 +85,10 @@ class Probe:
 
 
 def _dns_name(text: str, what: str) -> str:
-    name = text.strip().rstrip(".").lower()
-    if not name or len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
-        raise TargetError(f"{what} {text!r} is not a host name, an IP address or a CIDR range")
-    return name
+    try:
+        return normalise_dns_name(text)
+    except InvalidDnsNameError as exc:
+        raise TargetError(f"{what} {text!r} is not a host name, an IP address or a CIDR range: {exc.reason}") from None
 
 
 def _port(text: str | int, target: str) -> int:
@@ -126,12 +126,9 @@ def expand_targets(targets: Iterable[str], ports: Sequence[int] = (443,), sni: S
         raise TargetError("no ports to scan")
     sni_names: list[str | None] = []
     for name in sni:
-        try:
-            ipaddress.ip_address(name)
-        except ValueError:
-            sni_names.append(_dns_name(name, "SNI name"))
-        else:
+        if is_ip_address(name):
             raise TargetError(f"SNI name {name!r} is an IP address: SNI carries host names only")
+        sni_names.append(_dns_name(name, "SNI name"))
     probes: dict[Probe, None] = {}
     for raw in targets:
         target = raw.strip()
@@ -156,9 +153,10 @@ def expand_targets(targets: Iterable[str], ports: Sequence[int] = (443,), sni: S
                                   "split the range or scan fewer ports")
             hosts = (str(a) for a in (network.hosts() if network.version == 4 else network))
         else:
-            try:
-                hosts = [str(ipaddress.ip_address(host_part))]
-            except ValueError:
+            address = parse_ip_address(host_part)
+            if address is not None:
+                hosts = [str(address)]
+            else:
                 hosts = [_dns_name(host_part, "target")]
                 is_name = True
         for host in hosts:
@@ -312,17 +310,18 @@ class TlsScanSource:
                 return presented, hs.verify_error
         except TimeoutError:
             if hs is None:
-                raise TlsProbeError(host, port, sni, "timeout",
-                                    f"no TCP connection within {timeout:g} s") from None
+                raise TlsProbeError.of(host, port, sni, "timeout",
+                                       f"no TCP connection within {timeout:g} s", timeout) from None
             raise hs.timeout(timeout) from None
         except socket.gaierror as exc:
-            raise TlsProbeError(host, port, sni, "unresolved", f"cannot resolve {host}: {exc.strerror}") from None
+            raise TlsProbeError.of(host, port, sni, "unresolved", f"cannot resolve {host}: {exc.strerror}") from None
         except ConnectionRefusedError:
-            raise TlsProbeError(host, port, sni, "refused", "connection refused (nothing listening)") from None
+            raise TlsProbeError.of(host, port, sni, "refused", "connection refused (nothing listening)") from None
         except ConnectionResetError:
-            raise TlsProbeError(host, port, sni, "reset", "connection reset by the server") from None
+            raise TlsProbeError.of(host, port, sni, "reset", "connection reset by the server") from None
         except OSError as exc:
-            raise TlsProbeError(host, port, sni, "unreachable", f"connection failed: {exc.strerror or exc}") from None
+            raise TlsProbeError.of(host, port, sni, "unreachable",
+                                   f"connection failed: {exc.strerror or exc}") from None
         finally:
             if sock is not None:
                 sock.close()
@@ -351,7 +350,7 @@ class TlsScanSource:
         return Found(chain, probe.locator, details)
 
 
-def _explain(verify_error: str, chain: Sequence[bytes]) -> str:
+def _explain(verify_error: str, chain: Sequence[bytes], now: dt.datetime | None = None) -> str:
     """OpenSSL's verdict, with the certificate it is about: 'unable to get local issuer certificate: CN=X
     (the issuer of the last presented certificate) is neither presented nor trusted'."""
     try:
@@ -363,7 +362,7 @@ def _explain(verify_error: str, chain: Sequence[bytes]) -> str:
                 break
             seen.add(step)
             top = certs[step]
-        now = dt.datetime.now(dt.timezone.utc)
+        now = now or utcnow()
         if "issuer certificate" in verify_error:
             return f"{verify_error}: {_name(top.issuer)} is neither presented nor trusted"
         if "self-signed" in verify_error or "self signed" in verify_error:
@@ -389,11 +388,7 @@ def _name(name: x509.Name) -> str:
 
 
 def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    return is_ip_address(host)
 
 
 async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> tuple[int, tuple]:

@@ -5,7 +5,8 @@ presented), the TLS version and the cipher. It verifies nothing: deciding trust 
 The handshake runs over memory BIOs on a plain socket, so that one deadline covers connect, handshake and
 read (a server that drip-feeds bytes cannot stretch it) and the bytes read are capped (a server sending an
 absurd chain costs at most ``max_bytes``). Every failure is a TlsProbeError (transient) naming host:port,
-the SNI and what happened: refused, timed out, not TLS, a TLS alert, closed, too large.
+the SNI and what happened (refused, timed out, not TLS, a TLS alert, closed, too large), raised as the
+subclass named by its cause: TlsUnreachableError, TlsTimeoutError or TlsHandshakeError.
 
 ``wait_until_served`` proves a deployment on the wire: it handshakes until the leaf's SHA-256 equals the
 expected fingerprint on ``consecutive`` handshakes in a row (nginx's old workers keep serving the old
@@ -18,10 +19,10 @@ certificate for 100 to 200 ms after a reload), then checks
     presented CA certificate (an intermediate, whose root clients are assumed to hold). A leaf presented
     alone is incomplete unless it is self-signed; give ``trust`` to accept a leaf issued directly by a root;
 - the hostname (``hostname``, else ``sni``; no check when neither is given) matches the leaf's
-  subjectAltName (RFC 6125 / RFC 9525): DNS names compared case-insensitively as A-labels, a wildcard only
-  as the whole left-most label, matching exactly one label (``*.a.b`` matches ``x.a.b``, not ``a.b`` nor
-  ``y.x.a.b``), never a wildcard over fewer than two labels; IP addresses against IP SANs only; the
-  subject CN is never used.
+  subjectAltName (RFC 6125 / RFC 9525, by ``certpilot.names.check_hostname``, re-exported here): DNS
+  names compared case-insensitively as A-labels, a wildcard only as the whole left-most label, matching
+  exactly one label (``*.a.b`` matches ``x.a.b``, not ``a.b`` nor ``y.x.a.b``), never a wildcard over
+  fewer than two labels; IP addresses against IP SANs only; the subject CN is never used.
 
 Validity dates are not checked here (the scanner's verification and the monitor flow look at them).
 It returns a Verification(method="tls") or raises VerificationError with the precise reason.
@@ -30,24 +31,23 @@ It returns a Verification(method="tls") or raises VerificationError with the pre
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import socket
 import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import idna
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
 from certpilot.deployment import Verification, VerificationError
-from certpilot.errors import TransientError
+from certpilot.errors import EndpointTimeoutError, EndpointUnreachableError, HandshakeFailedError, TransientError
+from certpilot.names import check_hostname
 from certpilot.x509info import fingerprint_sha256, is_issued_by
 
-__all__ = ["MAX_HANDSHAKE_BYTES", "ClientHandshake", "Presented", "TlsProbeError", "check_chain", "check_hostname",
-           "client_context", "endpoint_label", "fetch_chain", "wait_until_served"]
+__all__ = ["MAX_HANDSHAKE_BYTES", "ClientHandshake", "Presented", "TlsHandshakeError", "TlsProbeError", "TlsTimeoutError",
+           "TlsUnreachableError", "check_chain", "check_hostname", "client_context", "endpoint_label", "fetch_chain",
+           "wait_until_served"]
 
 MAX_HANDSHAKE_BYTES = 64 * 1024  # a server's flight with a sane chain is a few KiB; OpenSSL's own cap is 100 KiB
 _RECV = 16 * 1024 + 64
@@ -70,14 +70,48 @@ class Presented:
 
 class TlsProbeError(TransientError):
     """One handshake failed. ``kind`` is one of: refused, timeout, silent, slow, not-tls, alert, closed,
-    reset, too-large, unresolved, unreachable, tls-error; ``detail`` says exactly what happened."""
+    reset, too-large, unresolved, unreachable, tls-error; ``detail`` says exactly what happened.
 
-    def __init__(self, host: str, port: int, sni: str | None, kind: str, detail: str) -> None:
+    Raised as the subclass named by its cause (``TlsProbeError.of`` picks it): TlsUnreachableError
+    (an EndpointUnreachableError: refused, reset, unresolved, unreachable), TlsTimeoutError (an
+    EndpointTimeoutError: timeout, silent, slow; ``timeout`` in seconds) or TlsHandshakeError (a
+    HandshakeFailedError: not-tls, alert, closed, too-large, tls-error)."""
+
+    def __init__(self, host: str, port: int, sni: str | None, kind: str, detail: str,
+                 timeout: float | None = None) -> None:
         self.host, self.port, self.sni, self.kind, self.detail = host, port, sni, kind, detail
-        super().__init__(f"{endpoint_label(host, port, sni)}: {detail}")
+        self.timeout = timeout
+        self.cause, self.reason = kind, detail  # the cause classes' fields (the message stays the probe's own)
+        Exception.__init__(self, f"{endpoint_label(host, port, sni)}: {detail}")
 
     def __reduce__(self):  # noqa: ANN204 - pickling for Prefect results
-        return (type(self), (self.host, self.port, self.sni, self.kind, self.detail))
+        return (type(self), (self.host, self.port, self.sni, self.kind, self.detail, self.timeout))
+
+    @staticmethod
+    def of(host: str, port: int, sni: str | None, kind: str, detail: str,
+           timeout: float | None = None) -> TlsProbeError:
+        """The error of this ``kind``, as the class named by its cause."""
+        cls = _PROBE_ERRORS.get(kind, TlsHandshakeError)
+        return cls(host, port, sni, kind, detail, timeout)
+
+
+class TlsUnreachableError(TlsProbeError, EndpointUnreachableError):
+    """No TCP connection: refused, reset, unresolved or unreachable (``kind``, also as ``cause``)."""
+
+
+class TlsTimeoutError(TlsProbeError, EndpointTimeoutError):
+    """No connection, or no complete handshake, within ``timeout`` seconds (timeout, silent, slow)."""
+
+
+class TlsHandshakeError(TlsProbeError, HandshakeFailedError):
+    """Connected, but no TLS handshake: not TLS, a TLS alert, closed, too large (``detail``, also as ``reason``)."""
+
+
+_PROBE_ERRORS: dict[str, type[TlsProbeError]] = {
+    **dict.fromkeys(("refused", "reset", "unresolved", "unreachable"), TlsUnreachableError),
+    **dict.fromkeys(("timeout", "silent", "slow"), TlsTimeoutError),
+    **dict.fromkeys(("not-tls", "alert", "closed", "too-large", "tls-error"), TlsHandshakeError),
+}
 
 
 def endpoint_label(host: str, port: int, sni: str | None = None) -> str:
@@ -135,8 +169,8 @@ class ClientHandshake:
         self.first_bytes = b""
         self.verify_error: str | None = None  # set when the context verifies and the chain did not
 
-    def error(self, kind: str, detail: str) -> TlsProbeError:
-        return TlsProbeError(self.host, self.port, self.sni, kind, detail)
+    def error(self, kind: str, detail: str, timeout: float | None = None) -> TlsProbeError:
+        return TlsProbeError.of(self.host, self.port, self.sni, kind, detail, timeout)
 
     def step(self) -> bool:
         """Advance the handshake with what was fed; True when it is complete. Raises TlsProbeError."""
@@ -175,11 +209,12 @@ class ClientHandshake:
 
     def timeout(self, seconds: float) -> TlsProbeError:
         if self.received == 0:
-            return self.error("silent", f"no answer to the TLS ClientHello within {seconds:g} s (connected, silent)")
+            return self.error("silent", f"no answer to the TLS ClientHello within {seconds:g} s (connected, silent)",
+                              seconds)
         if not self._looks_like_tls():
             return self.not_tls()
         return self.error("slow", f"handshake not complete within {seconds:g} s: {self.received} bytes received "
-                                  "(slow or stalled server)")
+                                  "(slow or stalled server)", seconds)
 
     def not_tls(self) -> TlsProbeError:
         return self.error("not-tls", f"not TLS: the server answered {self.first_bytes!r}")
@@ -252,12 +287,12 @@ def _alert_name(reason: str) -> str | None:
 
 def _os_error(host: str, port: int, sni: str | None, exc: OSError) -> TlsProbeError:
     if isinstance(exc, ConnectionRefusedError):
-        return TlsProbeError(host, port, sni, "refused", "connection refused (nothing listening)")
+        return TlsProbeError.of(host, port, sni, "refused", "connection refused (nothing listening)")
     if isinstance(exc, ConnectionResetError):
-        return TlsProbeError(host, port, sni, "reset", "connection reset by the server")
+        return TlsProbeError.of(host, port, sni, "reset", "connection reset by the server")
     if isinstance(exc, socket.gaierror):
-        return TlsProbeError(host, port, sni, "unresolved", f"cannot resolve {host}: {exc.strerror}")
-    return TlsProbeError(host, port, sni, "unreachable", f"connection failed: {exc.strerror or exc}")
+        return TlsProbeError.of(host, port, sni, "unresolved", f"cannot resolve {host}: {exc.strerror}")
+    return TlsProbeError.of(host, port, sni, "unreachable", f"connection failed: {exc.strerror or exc}")
 
 
 def fetch_chain(host: str, port: int, *, sni: str | None = None, timeout: float = 5.0,
@@ -270,7 +305,7 @@ def fetch_chain(host: str, port: int, *, sni: str | None = None, timeout: float 
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except TimeoutError:
-        raise TlsProbeError(host, port, sni, "timeout", f"no TCP connection within {timeout:g} s") from None
+        raise TlsProbeError.of(host, port, sni, "timeout", f"no TCP connection within {timeout:g} s", timeout) from None
     except OSError as exc:
         raise _os_error(host, port, sni, exc) from None
     with sock:
@@ -350,57 +385,6 @@ def check_chain(chain: Sequence[x509.Certificate], trust: Sequence[x509.Certific
             return f"chain incomplete: no intermediate for issuer {issuer}"
         used.add(fingerprint_sha256(parent))
         current = parent
-
-
-def _dns_label_form(name: str) -> str | None:
-    text = name.strip().rstrip(".").lower()
-    try:
-        text.encode("ascii")
-        return text
-    except UnicodeEncodeError:
-        try:
-            return idna.encode(text, uts46=True).decode("ascii")
-        except idna.IDNAError:
-            return None
-
-
-def _wildcard_matches(pattern: str, host: str) -> bool:
-    if not pattern.startswith("*."):
-        return False
-    suffix = pattern[2:]
-    if "*" in suffix or suffix.count(".") < 1:  # never "*.com" or a wildcard below the left-most label
-        return False
-    first, _, rest = host.partition(".")
-    return bool(first) and rest == suffix
-
-
-def check_hostname(cert: x509.Certificate, hostname: str) -> str | None:
-    """None when ``hostname`` (a DNS name or an IP address) matches the leaf's subjectAltName, else why not."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        shown = f" (CN={cn[0].value!s} is not used)" if cn else ""
-        return f"hostname {hostname} not in SANs []: the certificate has no subjectAltName{shown}"
-    dns_names = san.get_values_for_type(x509.DNSName)
-    ips = san.get_values_for_type(x509.IPAddress)
-    shown = "[" + ", ".join([*dns_names, *(str(i) for i in ips)]) + "]"
-    try:
-        address = ipaddress.ip_address(hostname.strip("[]"))
-    except ValueError:
-        address = None
-    if address is not None:
-        if address in ips:
-            return None
-        return f"IP address {address} not in SANs {shown}"
-    host = _dns_label_form(hostname)
-    if host is None:
-        return f"hostname {hostname!r} is not a valid DNS name"
-    for name in dns_names:
-        pattern = _dns_label_form(name)
-        if pattern is not None and (pattern == host or _wildcard_matches(pattern, host)):
-            return None
-    return f"hostname {hostname} not in SANs {shown}"
 
 
 # --- proof on the wire --------------------------------------------------------------------------------------

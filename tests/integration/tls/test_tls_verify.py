@@ -3,6 +3,7 @@ certificate while the verifier handshakes with it."""
 
 from __future__ import annotations
 
+import pickle
 import ssl
 import time
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from certpilot.deployment import Verification, VerificationError
-from connectors.tls_verify import TlsProbeError, fetch_chain, wait_until_served
+from certpilot.errors import EndpointTimeoutError, EndpointUnreachableError, HandshakeFailedError, TransientError
+from connectors.tls_verify import (TlsHandshakeError, TlsProbeError, TlsTimeoutError, TlsUnreachableError, fetch_chain,
+                                   wait_until_served)
 from lab.tls_farm import TlsFarm
 from tests.integration.tls.conftest import Identity, SwitchingServer, unused_port
 
@@ -49,6 +52,25 @@ def test_fetch_chain_says_what_went_wrong(farm: TlsFarm, kind: str, error_kind: 
     assert time.monotonic() - started < 1.0
     assert caught.value.kind == error_kind
     assert str(caught.value).startswith(f"127.0.0.1:{endpoint.port} sni=x.test: {message}")
+    _named_by_cause(caught.value, endpoint.port)
+
+
+def _named_by_cause(error: TlsProbeError, port: int) -> None:
+    """The error is the class of its cause, carries host and port (and the cause's own field) as attributes,
+    is transient, and survives pickling (Prefect persists a failed task's exception) unchanged."""
+    cause = {"refused": EndpointUnreachableError, "silent": EndpointTimeoutError, "slow": EndpointTimeoutError,
+             "not-tls": HandshakeFailedError, "too-large": HandshakeFailedError, "alert": HandshakeFailedError}
+    assert isinstance(error, cause[error.kind]) and isinstance(error, TransientError)
+    assert (error.host, error.port) == ("127.0.0.1", port)
+    if isinstance(error, EndpointTimeoutError):
+        assert isinstance(error, TlsTimeoutError) and error.timeout == 0.5
+    elif isinstance(error, EndpointUnreachableError):
+        assert isinstance(error, TlsUnreachableError) and error.cause == error.kind
+    else:
+        assert isinstance(error, TlsHandshakeError) and error.reason == error.detail
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)
+    assert vars(copy) == vars(error)
 
 
 def test_fetch_chain_on_a_closed_port_is_refused() -> None:
@@ -56,6 +78,7 @@ def test_fetch_chain_on_a_closed_port_is_refused() -> None:
     with pytest.raises(TlsProbeError, match=rf"^127\.0\.0\.1:{port}: connection refused") as caught:
         fetch_chain("127.0.0.1", port, timeout=1.0)
     assert caught.value.kind == "refused"
+    _named_by_cause(caught.value, port)
 
 
 def test_fetch_chain_reports_a_handshake_alert(identities: dict[str, Identity]) -> None:
@@ -72,6 +95,7 @@ def test_fetch_chain_reports_a_handshake_alert(identities: dict[str, Identity]) 
                            ) as caught:
             fetch_chain("127.0.0.1", server.port, sni="other.test")
     assert caught.value.kind == "alert"
+    _named_by_cause(caught.value, server.port)
 
 
 # --- wait_until_served ---------------------------------------------------------------------------------------
