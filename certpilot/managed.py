@@ -14,19 +14,18 @@ No Prefect, no network here: the issuer is handed in (a connector built from its
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import re
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import idna
 import sqlalchemy as sa
 from cryptography import x509
 from sqlmodel import Session, select
 
 from certpilot import audit, inventory
+from certpilot import names as name_rules
 from certpilot.database import read_session, write_session
 from certpilot.errors import CertpilotError, NotFoundError, PermanentError, TransientError
 from certpilot.issuance import PROFILES, IssuedCertificate, Issuer, build_csr
@@ -126,28 +125,12 @@ class ManagedSpec:
 
 
 def normalise_dns_name(name: str) -> str:
-    """Lower-case, IDN U-labels as A-labels (xn--...), a leading wildcard kept."""
-    text = name.strip().rstrip(".").lower()
-    prefix = "*." if text.startswith("*.") else ""
-    body = text[len(prefix):]
-    try:
-        body.encode("ascii")
-    except UnicodeEncodeError:
-        try:
-            body = idna.encode(body, uts46=True).decode("ascii")
-        except idna.IDNAError as exc:
-            raise PermanentError(f"{name!r} is not a valid DNS name: {exc}") from None
-    labels = body.split(".")
-    if not body or any(not label or len(label) > 63 or not re.fullmatch(r"[a-z0-9_-]+", label) for label in labels):
-        raise PermanentError(f"{name!r} is not a valid DNS name")
-    return prefix + body
+    """Lower-case, IDN U-labels as A-labels (xn--...), a leading wildcard kept: certpilot.names' one rule."""
+    return name_rules.normalise_dns_name(name, wildcard=True)
 
 
 def _normalise_ip(value: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value.strip()))
-    except ValueError:
-        raise PermanentError(f"{value!r} is not an IP address") from None
+    return name_rules.normalise_ip_address(value)
 
 
 def _check_spec(spec: ManagedSpec) -> ManagedSpec:
