@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,10 +19,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from certpilot.errors import AuditChainError
+from certpilot.errors import AuditChainError, InvalidOptionError
 from certpilot.models import AuditEvent
 
 GENESIS = "0" * 64
+HASH = re.compile(r"^[0-9a-f]{64}$")  # an event's hash: SHA-256, lower-case hex
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,11 @@ def verify(session: Session, expected_head: str | None = None, batch: int = 5000
     """Walk the whole chain in order. Raises AuditChainError naming the first broken or missing link.
 
     The chain alone cannot show that its newest events were cut off; ``expected_head``, a head hash
-    recorded earlier (``audit verify`` prints it), can: it must still be in the chain.
+    recorded earlier (``audit verify`` prints it), can: it must still be in the chain. A value that is
+    not a hash at all is an InvalidOptionError, not a broken chain.
     """
+    if expected_head is not None and not HASH.match(expected_head):
+        raise InvalidOptionError("expected_head", expected_head, "an event hash: 64 lower-case hex digits")
     expected_seq, prev = 1, GENESIS
     last_seq = 0
     while True:

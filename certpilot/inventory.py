@@ -302,13 +302,16 @@ class CertificateQuery:
     is_ca: bool | None = None  # None: both
     in_service: bool = False  # neither revoked nor superseded (expired ones included)
     limit: int | None = None
+    include_expired: bool = False  # with expiring_within: those already expired too
 
 
 def _where(q: CertificateQuery, now: dt.datetime) -> list[Any]:
     c = Certificate
     clauses: list[Any] = []
     if q.expiring_within is not None:
-        clauses += [c.not_after >= now, c.not_after <= now + q.expiring_within, c.status == "active"]
+        clauses += [c.not_after <= now + q.expiring_within, c.status == "active"]
+        if not q.include_expired:
+            clauses.append(c.not_after >= now)
     if q.expired or q.status == "expired":
         clauses += [c.not_after < now, c.status == "active"]
     elif q.status == "active":

@@ -1,45 +1,80 @@
-"""The ca commands: certpilot's private CA (init, list, serve, issue, revoke, CRLs, the root key)."""
+"""The ca commands: certpilot's private CA (init, its issuer block, list, serve, issue, revoke, CRLs,
+the root key)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from certpilot import inventory
 from certpilot.database import get_engine, read_session, write_session
-from cli.console import JsonOption, err, out, print_json
-from cli.options import PasswordEnv, PasswordFile, actor, read_password, ring
+from certpilot.errors import NotFoundError, PermanentError
+from cli import issuer_blocks, prefect_api
+from cli.console import JsonOption, cell, err, line, note, out, print_json, usage_error, warn
+from cli.files import refuse_existing, write_new_file
+from cli.options import (CrlFormat, PasswordEnv, PasswordFile, PlaintextKey, Profile, RevocationReason, actor,
+                         key_password, ring)
 
 app = typer.Typer(help="certpilot's private CA: issue, revoke, CRLs and OCSP.", no_args_is_help=True)
+
+CaName = Annotated[str, typer.Argument(metavar="NAME", help="The CA's name.")]
 
 
 @app.command("init")
 def ca_init_command(
-    name: Annotated[str, typer.Argument(help="The CA's name: letters, digits, '.', '_', '-' (it becomes part of its URLs).")],
-    base_url: Annotated[str, typer.Option(help="Where `certpilot ca serve` is reached, e.g. http://pki.internal:8180; "
-                                               "the AIA, CRL and OCSP URLs in certificates derive from it.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help=(
+        "The CA's name: letters, digits, '.', '_', '-' (it becomes part of its URLs)."))],
+    base_url: Annotated[str, typer.Option(metavar="URL", help=(
+        "Where `certpilot ca serve` is reached, e.g. http://pki.internal:8180; the AIA, CRL and OCSP URLs in "
+        "certificates derive from it."))],
     as_json: JsonOption = False,
 ) -> None:
-    """Create a private CA: a root (EC P-384, 10 years) and an issuing CA (EC P-256, 5 years)."""
+    """Create a private CA: a root (EC P-384, 10 years) and an issuing CA (EC P-256, 5 years); with a
+    Prefect API (PREFECT_API_URL), save its issuer block private-ca/NAME too."""
     from certpilot import ca
 
     with write_session(get_engine()) as session:
         ca.init_ca(session, ring(), actor(), name, base_url)
         info = next(i for i in ca.list_cas(session) if i["name"] == name)
+    registered = prefect_api.configured()
+    if registered:
+        issuer_blocks.register_private_ca(name)
+    issuer = issuer_blocks.private_ca_issuer(name)
     if as_json:
-        print_json(info)
+        print_json({**info, "issuer_block": issuer, "issuer_block_saved": registered,
+                    "register_command": None if registered else issuer_blocks.register_command(name)})
         return
-    out.print(f"created CA {name}\n  root     {info['root_fingerprint']}  {info['root_subject']} (until {info['root_not_after']})"
-              f"\n  issuing  {info['issuing_fingerprint']}  {info['issuing_subject']} (until {info['issuing_not_after']})")
+    out.print(line(f"created CA {name}\n  root     {info['root_fingerprint']}  {info['root_subject']} "
+                   f"(until {info['root_not_after']})"))
+    out.print(line(f"  issuing  {info['issuing_fingerprint']}  {info['issuing_subject']} (until {info['issuing_not_after']})"))
     for label, url in info["urls"].items():
-        out.print(f"  {label:<20} {url}")
-    out.print("Serve these with `certpilot ca serve`; export the root key (`ca export-root-key`) and then remove it "
-              "(`ca remove-root-key`) to keep it offline.")
+        out.print(line(f"  {label:<20} {url}"))
+    if registered:
+        out.print(line(f"saved its issuer block {issuer}: managed certificates name it with --issuer {issuer}"))
+    else:
+        note(f"PREFECT_API_URL is not set: its issuer block was not saved. Point PREFECT_API_URL at your Prefect "
+             f"server and run `{issuer_blocks.register_command(name)}`; managed certificates then name it with "
+             f"--issuer {issuer}", out)
+    out.print(line("Serve these with `certpilot ca serve`; export the root key (`ca export-root-key`) and then remove "
+                   "it (`ca remove-root-key`) to keep it offline."))
+
+
+@app.command("register-block")
+def ca_register_block_command(name: CaName, as_json: JsonOption = False) -> None:
+    """Save CA NAME's issuer block (private-ca/NAME) in Prefect (PREFECT_API_URL), replacing one of that name."""
+    from certpilot import ca
+
+    with read_session(get_engine()) as session:
+        ca.get_ca(session, name)  # a CA that exists
+    issuer = issuer_blocks.register_private_ca(name)
+    if as_json:
+        print_json({"ca": name, "issuer_block": issuer})
+        return
+    out.print(line(f"saved CA {name}'s issuer block {issuer}: managed certificates name it with --issuer {issuer}"))
 
 
 @app.command("list")
@@ -56,16 +91,18 @@ def ca_list_command(as_json: JsonOption = False) -> None:
     for column in ("name", "root key", "issuing CA until", "issued", "revoked", "CRL", "next update", "base URL"):
         table.add_column(column, no_wrap=column != "base URL")
     for r in rows:
-        table.add_row(r["name"], r["root_key"], (r["issuing_not_after"] or "")[:10], str(r["issued"]), str(r["revoked"]),
-                      f"#{r['crl_number']}", (r["crl_next_update"] or "")[:16], r["base_url"])
+        table.add_row(cell(r["name"]), cell(r["root_key"]), cell((r["issuing_not_after"] or "")[:10]), cell(r["issued"]),
+                      cell(r["revoked"]), cell(f"#{r['crl_number']}"), cell((r["crl_next_update"] or "")[:16]),
+                      cell(r["base_url"]))
     out.print(table)
-    out.print(f"{len(rows)} CA(s)")
+    out.print(line(f"{len(rows)} CA(s)"))
 
 
 @app.command("serve")
 def ca_serve_command(
-    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:8180",
-    timeout: Annotated[float, typer.Option(help="Socket timeout per connection, in seconds.")] = 10.0,
+    listen: Annotated[str, typer.Option(metavar="HOST:PORT", help="Where to listen.")] = "127.0.0.1:8180",
+    timeout: Annotated[float, typer.Option(metavar="SECONDS", min=0.001,
+                                           help="Socket timeout per connection.")] = 10.0,
 ) -> None:
     """Serve every CA's CRL, CA certificates and OCSP over HTTP, until interrupted."""
     import logging
@@ -75,7 +112,7 @@ def ca_serve_command(
     try:
         address = parse_listen(listen)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--listen") from None
+        raise usage_error(str(exc), "--listen") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     engine = get_engine()
     from certpilot import ca
@@ -85,11 +122,10 @@ def ca_serve_command(
     try:
         server = CAHTTPServer(engine, ring, address, actor=actor(), timeout=timeout)
     except OSError as exc:
-        err.print(f"[red]error:[/] cannot listen on {listen}: {exc.strerror or exc}")
-        raise typer.Exit(1) from None
-    err.print(f"serving {len(cas)} CA(s) on {server.url} (Ctrl+C to stop)")
+        raise PermanentError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    err.print(line(f"serving {len(cas)} CA(s) on {server.url} (Ctrl+C to stop)"))
     for info in cas:
-        err.print(f"  {info['name']}: OCSP {info['urls']['ocsp']}, CRL {info['urls']['crl']}")
+        err.print(line(f"  {info['name']}: OCSP {info['urls']['ocsp']}, CRL {info['urls']['crl']}"))
     server.refresh_crls()
     try:
         server.serve_forever()
@@ -99,11 +135,14 @@ def ca_serve_command(
 
 @app.command("issue")
 def ca_issue_command(
-    name: Annotated[str, typer.Argument(help="The CA's name.")],
-    csr: Annotated[Path, typer.Option("--csr", help="The CSR (PEM or DER), or - for stdin.", allow_dash=True)],
-    profile: Annotated[str, typer.Option(help="tls-server or tls-client.")] = "tls-server",
-    days: Annotated[Optional[int], typer.Option(help="Validity in days (default 90; capped by the CA/B Forum maximum).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the chain (leaf, issuing CA) as PEM here instead of stdout.")] = None,
+    name: CaName,
+    csr: Annotated[Path, typer.Option("--csr", metavar="FILE", help="The CSR (PEM or DER), or - for stdin.", allow_dash=True)],
+    profile: Annotated[Profile, typer.Option(help="What the certificate is for.")] = Profile.TLS_SERVER,
+    days: Annotated[Optional[int], typer.Option(metavar="DAYS", min=1, help=(
+        "Validity in days (default 90; capped by the CA/B Forum maximum)."))] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE", help=(
+        "Write the chain (leaf, issuing CA) as PEM here instead of stdout."))] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Issue a certificate from a CSR; the private key never comes near the CA."""
     from cryptography import x509
@@ -117,48 +156,68 @@ def ca_issue_command(
     except ValueError as exc:
         raise ca.CertificateRequestError(f"{csr} is not a CSR in PEM or DER: {exc}") from None
     with write_session(get_engine()) as session:
-        issued = ca.issue(session, ring(), actor(), name, request, profile, validity_days=days)
+        issued = ca.issue(session, ring(), actor(), name, request, profile.value, validity_days=days)
     chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issued.chain)
     leaf = issued.leaf
+    if output is not None:
+        output.write_bytes(chain)
+    result = {"fingerprint_sha256": leaf.fingerprint(hashes.SHA256()).hex(), "serial": format(leaf.serial_number, "x"),
+              "not_after": inventory.iso(leaf.not_valid_after_utc), "ca": name, "profile": profile.value,
+              "output": str(output) if output else None, "chain_pem": chain.decode("ascii")}
+    if as_json:
+        print_json(result)
+        return
     if output is None:
         sys.stdout.buffer.write(chain)
-    else:
-        output.write_bytes(chain)
-    err.print(f"issued {leaf.fingerprint(hashes.SHA256()).hex()} "
-              f"serial {leaf.serial_number:x}, valid until {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
-              + (f"; wrote {output}" if output else ""))
+    err.print(line(f"issued {result['fingerprint_sha256']} serial {result['serial']}, valid until "
+                   f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC" + (f"; wrote {output}" if output else "")))
 
 
 @app.command("revoke")
 def ca_revoke_command(
-    fingerprint: Annotated[str, typer.Argument(help="SHA-256 fingerprint of the certificate, or a unique prefix.")],
-    reason: Annotated[str, typer.Option(help="unspecified, key-compromise, superseded, affiliation-changed, "
-                                             "cessation-of-operation or privilege-withdrawn.")] = "unspecified",
+    fingerprint: Annotated[str, typer.Argument(metavar="FINGERPRINT", help=(
+        "SHA-256 fingerprint of the certificate, or a unique prefix."))],
+    reason: Annotated[RevocationReason, typer.Option(help="Why (RFC 5280).")] = RevocationReason.UNSPECIFIED,
     as_json: JsonOption = False,
 ) -> None:
-    """Revoke a certificate a private CA issued; a new CRL is published at once and OCSP answers revoked."""
+    """Revoke a certificate a private CA issued; a new CRL is published at once and OCSP answers revoked.
+    Revoking it again changes nothing (only key-compromise replaces an earlier reason)."""
     from certpilot import ca
 
-    flag = ca.parse_reason(reason)
+    flag = ca.parse_reason(reason.value)
     with write_session(get_engine()) as session:
+        before = inventory.resolve(session, fingerprint)
+        was = (before.status, before.revocation_reason)
         row = ca.revoke(session, ring(), actor(), fingerprint, flag)
         authority = ca.ca_of(session, row)
-        result = {"fingerprint_sha256": row.fingerprint_sha256, "serial": row.serial_hex, "ca": authority.name,
-                  "reason": ca.reason_name(row.revocation_reason), "revoked_at": inventory.iso(row.revoked_at),
-                  "crl_number": authority.crl_number}
+        already = was[0] == "revoked" and was[1] == row.revocation_reason
+        result: dict[str, Any] = {
+            "fingerprint_sha256": row.fingerprint_sha256, "serial": row.serial_hex, "ca": authority.name,
+            "reason": ca.reason_name(row.revocation_reason), "revoked_at": inventory.iso(row.revoked_at),
+            "crl_number": authority.crl_number, "already_revoked": already}
     if as_json:
         print_json(result)
         return
-    out.print(f"revoked {result['fingerprint_sha256']} (serial {result['serial']}, {result['reason']}) at "
-              f"{result['revoked_at']}; CA {result['ca']} published CRL #{result['crl_number']}")
+    if already:
+        out.print(line(f"{result['fingerprint_sha256']} (serial {result['serial']}) was already revoked at "
+                       f"{result['revoked_at']} ({result['reason']}): nothing changed; CA {result['ca']}'s "
+                       f"CRL #{result['crl_number']} lists it"))
+    elif was[0] == "revoked":
+        out.print(line(f"{result['fingerprint_sha256']} (serial {result['serial']}) was already revoked at "
+                       f"{result['revoked_at']}; its reason is now {result['reason']}; CA {result['ca']} published "
+                       f"CRL #{result['crl_number']}"))
+    else:
+        out.print(line(f"revoked {result['fingerprint_sha256']} (serial {result['serial']}, {result['reason']}) at "
+                       f"{result['revoked_at']}; CA {result['ca']} published CRL #{result['crl_number']}"))
 
 
 @app.command("crl")
 def ca_crl_command(
-    name: Annotated[str, typer.Argument(help="The CA's name.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="der or pem.")] = "der",
+    name: CaName,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE", help="Write here instead of stdout.")] = None,
+    format: Annotated[CrlFormat, typer.Option("--format", "-f", help="The file format.")] = CrlFormat.DER,
     refresh: Annotated[bool, typer.Option("--refresh", help="Issue a new CRL now, even if the current one is not due.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """The CA's current CRL (reissued first when it is due)."""
     from cryptography import x509
@@ -166,8 +225,8 @@ def ca_crl_command(
 
     from certpilot import ca
 
-    if format not in ("der", "pem"):
-        raise typer.BadParameter("choose der or pem", param_hint="--format")
+    if as_json and output is None:
+        raise usage_error("--json describes the CRL written: give --output FILE", "--json")
     engine = get_engine()
     if refresh:
         with write_session(engine) as session:
@@ -175,66 +234,71 @@ def ca_crl_command(
     else:
         der = ca.current_crl(engine, ring, actor(), name)
     crl = x509.load_der_x509_crl(der)
-    data = der if format == "der" else crl.public_bytes(serialization.Encoding.PEM)
+    data = der if format is CrlFormat.DER else crl.public_bytes(serialization.Encoding.PEM)
     if output is None:
         sys.stdout.buffer.write(data)
     else:
         output.write_bytes(data)
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    err.print(f"CRL #{number} of CA {name}: {len(crl)} revoked, next update {crl.next_update_utc:%Y-%m-%d %H:%M} UTC"
-              + (f"; wrote {output}" if output else ""))
+    if as_json:
+        print_json({"ca": name, "crl_number": number, "revoked": len(crl), "this_update": inventory.iso(crl.last_update_utc),
+                    "next_update": inventory.iso(crl.next_update_utc), "format": format.value, "output": str(output)})
+        return
+    err.print(line(f"CRL #{number} of CA {name}: {len(crl)} revoked, next update {crl.next_update_utc:%Y-%m-%d %H:%M} UTC"
+                   + (f"; wrote {output}" if output else "")))
 
 
 @app.command("export-root-key")
 def ca_export_root_key_command(
-    name: Annotated[str, typer.Argument(help="The CA's name.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The file to create (mode 0600; never overwritten).")],
+    name: CaName,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="The file to create (mode 0600; never overwritten).")],
     password_file: PasswordFile = None,
     password_env: PasswordEnv = None,
+    plaintext_key: PlaintextKey = False,
+    as_json: JsonOption = False,
 ) -> None:
-    """Export the root certificate and key (PEM) to keep offline; an audit event."""
+    """Export the root certificate and key (PEM) to keep offline; an audit event. The key is encrypted
+    with a password from --password-file, --password-env or a prompt, unless --plaintext-key."""
     from certpilot import ca
 
-    password = read_password(password_file, password_env)
-    try:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        err.print(f"[red]error:[/] {output} exists: refusing to overwrite it")
-        raise typer.Exit(1) from None
-    try:
-        os.fchmod(fd, 0o600)
-        with write_session(get_engine()) as session:
-            data = ca.export_root_key(session, ring(), actor(), name, password=password)
-        with os.fdopen(fd, "wb") as handle:
-            fd = -1
-            handle.write(data)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        output.unlink(missing_ok=True)
-        raise
-    err.print(f"wrote CA {name}'s root certificate and {'encrypted ' if password else ''}key to {output} (mode 0600). "
-              "Keep it offline; then `certpilot ca remove-root-key` takes it out of the inventory.")
+    refuse_existing(output)
+    with read_session(get_engine()) as session:
+        if ca.get_ca(session, name).root_key_id is None:  # before asking for a password
+            raise NotFoundError(f"CA {name}'s root key was removed from the inventory: only exported copies remain")
+    password = key_password(password_file, password_env, plaintext_key, f"CA {name}'s root key")
+    with write_session(get_engine()) as session:
+        data = ca.export_root_key(session, ring(), actor(), name, password=password)
+        write_new_file(output, data, secret=True, force=False)  # inside the transaction: no file, no audit event
+    if as_json:
+        print_json({"ca": name, "output": str(output), "encrypted": password is not None})
+        return
+    err.print(line(f"wrote CA {name}'s root certificate and {'encrypted ' if password else 'UNENCRYPTED '}key to "
+                   f"{output} (mode 0600). Keep it offline; then `certpilot ca remove-root-key` takes it out of the "
+                   "inventory."))
 
 
 @app.command("remove-root-key")
 def ca_remove_root_key_command(
-    name: Annotated[str, typer.Argument(help="The CA's name.")],
+    name: CaName,
     yes: Annotated[bool, typer.Option("--yes", help="Confirm: the inventory's copy is destroyed for good.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Crypto-shred the root key in the inventory (keep an exported copy offline). Issuance goes on."""
     from certpilot import ca
 
     if not yes:
-        raise typer.BadParameter("removing the root key cannot be undone: add --yes")
+        raise usage_error("removing the root key cannot be undone: add --yes")
     engine = get_engine()
     with read_session(engine) as session:
         exported = ca.root_key_exported(session, name)
-    if not ca.remove_root_key(engine, actor(), name):
-        out.print(f"CA {name}'s root key was already removed")
+    removed = ca.remove_root_key(engine, actor(), name)
+    if as_json:
+        print_json({"ca": name, "removed": removed, "already_removed": not removed, "export_recorded": exported})
         return
-    out.print(f"removed CA {name}'s root key from the inventory (crypto-shredded); issuance continues with the issuing key")
+    if not removed:
+        out.print(line(f"CA {name}'s root key was already removed"))
+        return
+    out.print(line(f"removed CA {name}'s root key from the inventory (crypto-shredded); issuance continues with the "
+                   "issuing key"))
     if not exported:
-        err.print("[yellow]warning:[/] no export of this root key was recorded: without a copy, no new issuing CA "
-                  "can be signed under this root")
-
+        warn("no export of this root key was recorded: without a copy, no new issuing CA can be signed under this root")

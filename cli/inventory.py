@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -13,21 +12,23 @@ from rich.table import Table
 from certpilot import inventory
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.timespan import parse_timespan
-from cli.console import JsonOption, err, out, print_json, short_name
-from cli.options import PasswordEnv, PasswordFile, actor, parse_tags, read_password, ring
+from cli.console import JsonOption, cell, err, line, out, print_json, short_name, usage_error
+from cli.files import refuse_existing, write_new_file
+from cli.options import (CertificateStatus, ExportFormat, PasswordEnv, PasswordFile, PlaintextKey, actor, key_password,
+                         parse_tags, read_password, ring)
 
 app = typer.Typer(help="The certificate inventory.", no_args_is_help=True)
 
 
 @app.command("import")
 def import_command(
-    paths: Annotated[list[str], typer.Argument(help="Files, directories (walked recursively) or - for stdin.")],
-    owner: Annotated[Optional[str], typer.Option(help="Owner to record on every certificate imported.")] = None,
-    tag: Annotated[Optional[list[str]], typer.Option(help="key=value tag, repeatable.")] = None,
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Files, directories (walked recursively) or - for stdin.")],
+    owner: Annotated[Optional[str], typer.Option(metavar="TEAM", help="Owner to record on every certificate imported.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUE", help="A tag, repeatable.")] = None,
     import_keys: Annotated[bool, typer.Option("--import-keys", help="Store private keys found, encrypted under the master key.")] = False,
     password_file: PasswordFile = None,
     password_env: PasswordEnv = None,
-    max_size: Annotated[int, typer.Option(help="Largest file to read, in MiB.")] = 16,
+    max_size: Annotated[int, typer.Option(metavar="MIB", min=1, help="Largest file to read, in MiB.")] = 16,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Report only the files that failed.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -57,42 +58,49 @@ def import_command(
     else:
         for f in report.files:
             if f.status == "failed":
-                out.print(f"[red]FAILED[/]   {f.source}: {f.error}")
+                out.print(line(("FAILED", "red"), f"   {f.source}: {f.error}"))
             elif not quiet:
                 found = f"{len(f.certificates)} certificate(s), {f.new_certificates} new"
                 if f.keys_found:
                     found += f", {f.keys_found} key(s), {f.keys_stored} stored"
-                label = "[green]imported[/]" if f.status == "imported" else "[dim]skipped[/] "
-                out.print(f"{label} {f.source}: {found}" + "".join(f"\n           note: {n}" for n in f.notes))
+                label = ("imported", "green") if f.status == "imported" else ("skipped ", "dim")
+                out.print(line(label, f" {f.source}: {found}"))
+                for n in f.notes:
+                    out.print(line(f"           note: {n}"))
         s = report.summary()
-        out.print(f"{s['files']} file(s): {s['certificates']} certificate(s), {s['new_certificates']} new, "
-                  f"{s['keys_stored']} key(s) stored, {s['failed']} file(s) failed")
+        out.print(line(f"{s['files']} file(s): {s['certificates']} certificate(s), {s['new_certificates']} new, "
+                       f"{s['keys_stored']} key(s) stored, {s['failed']} file(s) failed"))
     if report.failed:
         raise typer.Exit(1)
 
 
 @app.command("list")
 def list_command(
-    expiring_within: Annotated[Optional[str], typer.Option(help="Only certificates expiring within this time, e.g. 30d, 12h.")] = None,
+    expiring_within: Annotated[Optional[str], typer.Option(metavar="DURATION", help=(
+        "Only certificates expiring within this time, e.g. 30d, 12h; those already expired are left out "
+        "unless --include-expired."))] = None,
+    include_expired: Annotated[bool, typer.Option("--include-expired", help=(
+        "With --expiring-within: certificates already expired too."))] = False,
     expired: Annotated[bool, typer.Option("--expired", help="Only expired certificates.")] = False,
-    issuer: Annotated[Optional[str], typer.Option(help="Issuer DN contains this text (case-insensitive).")] = None,
-    san: Annotated[Optional[str], typer.Option(help="Has this SAN; .example.com matches any name below it.")] = None,
-    owner: Annotated[Optional[str], typer.Option(help="Owned by.")] = None,
-    tag: Annotated[Optional[list[str]], typer.Option(help="key=value, repeatable; all must match.")] = None,
-    status: Annotated[Optional[str], typer.Option(help="active, expired, superseded or revoked.")] = None,
+    issuer: Annotated[Optional[str], typer.Option(metavar="TEXT", help="Issuer DN contains this text (case-insensitive).")] = None,
+    san: Annotated[Optional[str], typer.Option(metavar="NAME", help="Has this SAN; .example.com matches any name below it.")] = None,
+    owner: Annotated[Optional[str], typer.Option(metavar="TEAM", help="Owned by.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUE", help="A tag, repeatable; all must match.")] = None,
+    status: Annotated[Optional[CertificateStatus], typer.Option(help="Only certificates in this state.")] = None,
     unmanaged: Annotated[bool, typer.Option("--unmanaged", help="Only certificates nothing manages.")] = False,
-    limit: Annotated[Optional[int], typer.Option(help="At most this many, soonest expiry first.")] = None,
+    limit: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="At most this many, soonest expiry first.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """List certificates, soonest expiry first."""
     try:
         within = parse_timespan(expiring_within) if expiring_within else None
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--expiring-within") from None
-    if status and status not in inventory.STATUSES:
-        raise typer.BadParameter(f"choose one of {', '.join(inventory.STATUSES)}", param_hint="--status")
-    query = inventory.CertificateQuery(expiring_within=within, expired=expired, issuer=issuer, san=san, owner=owner,
-                                       tags=parse_tags(tag), status=status, unmanaged=unmanaged, limit=limit)
+        raise usage_error(str(exc), "--expiring-within") from None
+    if include_expired and within is None:
+        raise usage_error("--include-expired goes with --expiring-within", "--include-expired")
+    query = inventory.CertificateQuery(expiring_within=within, include_expired=include_expired, expired=expired,
+                                       issuer=issuer, san=san, owner=owner, tags=parse_tags(tag),
+                                       status=status.value if status else None, unmanaged=unmanaged, limit=limit)
     with read_session(get_engine()) as session:
         rows = inventory.list_certificates(session, query)
     if as_json:
@@ -103,15 +111,15 @@ def list_command(
         table.add_column(column, no_wrap=column != "name", min_width=22 if column == "name" else None)
     for r in rows:
         color = "red" if r["days_left"] < 7 else "yellow" if r["days_left"] < 30 else ""
-        days = f"{r['days_left']:.0f}"
-        table.add_row(r["fingerprint_sha256"][:12], short_name(r), r["not_after"][:10],
-                      f"[{color}]{days}[/]" if color else days, r["status"], r["owner"] or "", str(len(r["locations"])))
+        table.add_row(cell(r["fingerprint_sha256"][:12]), cell(short_name(r)), cell(r["not_after"][:10]),
+                      cell(f"{r['days_left']:.0f}", color), cell(r["status"]), cell(r["owner"] or ""),
+                      cell(len(r["locations"])))
     out.print(table)
-    out.print(f"{len(rows)} certificate(s)")
+    out.print(line(f"{len(rows)} certificate(s)"))
 
 
 @app.command("show")
-def show_command(ident: Annotated[str, typer.Argument(help="SHA-256 fingerprint or a unique prefix.")],
+def show_command(ident: Annotated[str, typer.Argument(metavar="FINGERPRINT", help="SHA-256 fingerprint or a unique prefix.")],
                  as_json: JsonOption = False) -> None:
     """Every field of one certificate, its chain, locations and history."""
     with read_session(get_engine()) as session:
@@ -122,47 +130,69 @@ def show_command(ident: Annotated[str, typer.Argument(help="SHA-256 fingerprint 
     skip = {"chain", "locations", "history"}
     for key, value in detail.items():
         if key not in skip and value not in (None, [], {}):
-            out.print(f"[bold]{key:>22}[/]  {', '.join(map(str, value)) if isinstance(value, list) else value}")
-    out.print("[bold]chain[/]" + ("" if detail["chain_complete"] else " (incomplete: the issuer is not in the inventory)"))
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            out.print(line((f"{key:>22}", "bold"), f"  {shown}"))
+    out.print(line(("chain", "bold"), "" if detail["chain_complete"] else " (incomplete: the issuer is not in the inventory)"))
     for depth, link in enumerate(detail["chain"]):
-        out.print(f"  {'  ' * depth}{link['fingerprint_sha256'][:16]}  {link['subject']}  (until {link['not_after']})")
-    out.print("[bold]locations[/]")
+        out.print(line(f"  {'  ' * depth}{link['fingerprint_sha256'][:16]}  {link['subject']}  (until {link['not_after']})"))
+    out.print(line(("locations", "bold")))
     for loc in detail["locations"]:
-        ghost = " [yellow]ghost[/]" if loc["ghost"] else ""
-        out.print(f"  {loc['locator']}  ({loc['source']}, first {loc['first_seen']}, last {loc['last_seen']}){ghost}")
-    out.print("[bold]history[/]")
+        out.print(line(f"  {loc['locator']}  ({loc['source']}, first {loc['first_seen']}, last {loc['last_seen']})",
+                       (" ghost", "yellow") if loc["ghost"] else ""))
+    out.print(line(("history", "bold")))
     for event in detail["history"]:
         run = f"  flow run {event['flow_run_id']}" if event["flow_run_id"] else ""
-        out.print(f"  #{event['seq']} {event['at']}  {event['action']}  by {event['actor']}{run}")
+        out.print(line(f"  #{event['seq']} {event['at']}  {event['action']}  by {event['actor']}{run}"))
 
 
 @app.command("export")
 def export_command(
-    ident: Annotated[str, typer.Argument(help="SHA-256 fingerprint or a unique prefix.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="pem, der, pkcs12 or json.")] = "pem",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here (mode 0600 with a key) instead of stdout.")] = None,
-    include_key: Annotated[bool, typer.Option("--include-key", help="Include the private key (an audit event).")] = False,
+    ident: Annotated[str, typer.Argument(metavar="FINGERPRINT", help="SHA-256 fingerprint or a unique prefix.")],
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="The file format.")] = ExportFormat.PEM,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE",
+                                                   help="Write here (mode 0600 with a key) instead of stdout; an "
+                                                        "existing file only with --force.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --output: replace an existing file.")] = False,
+    include_key: Annotated[bool, typer.Option("--include-key", help=(
+        "Include the private key (an audit event), encrypted with a password from --password-file, "
+        "--password-env or a prompt, or unencrypted with --plaintext-key."))] = False,
+    plaintext_key: PlaintextKey = False,
     no_chain: Annotated[bool, typer.Option("--no-chain", help="The certificate alone, without its issuers.")] = False,
     password_file: PasswordFile = None,
     password_env: PasswordEnv = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Export a certificate; its private key only with --include-key."""
-    from certpilot.export import FORMATS, ExportRequest, export_certificate
+    """Export a certificate; its private key only with --include-key, encrypted unless --plaintext-key."""
+    from certpilot.export import ExportRequest, export_certificate
 
-    if format not in FORMATS:
-        raise typer.BadParameter(f"choose one of {', '.join(FORMATS)}", param_hint="--format")
+    if include_key and format in (ExportFormat.DER, ExportFormat.JSON):
+        raise usage_error(f"a private key cannot go in {format.value}: use pem or pkcs12", "--include-key")
+    if plaintext_key and not include_key:
+        raise usage_error("--plaintext-key goes with --include-key", "--plaintext-key")
     if include_key and output is None and sys.stdout.isatty():
-        raise typer.BadParameter("refusing to print a private key to a terminal: use --output FILE")
-    request = ExportRequest(ident, format, not no_chain, include_key, read_password(password_file, password_env))
+        raise usage_error("refusing to print a private key to a terminal: use --output FILE")
+    if as_json and output is None:
+        raise usage_error("--json describes the file written: give --output FILE (or use --format json)", "--json")
+    if force and output is None:
+        raise usage_error("--force goes with --output", "--force")
+    if output is not None and not force:
+        refuse_existing(output)
+    if include_key:
+        password = key_password(password_file, password_env, plaintext_key, "the private key")
+    else:
+        password = read_password(password_file, password_env)
+    request = ExportRequest(ident, format.value, not no_chain, include_key, password)
     with write_session(get_engine()) as session:
+        fingerprint = inventory.resolve(session, ident).fingerprint_sha256
         data = export_certificate(session, request, actor(), ring() if include_key else None)
     if output is None:
         sys.stdout.buffer.write(data)
         return
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if include_key else 0o644)
-    if include_key:
-        os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file: an existing one keeps its own
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    err.print(f"wrote {output}")
-
+    write_new_file(output, data, secret=include_key, force=force)
+    result: dict[str, Any] = {"fingerprint_sha256": fingerprint, "format": format.value, "output": str(output),
+                              "bytes": len(data), "chain": not no_chain, "private_key": include_key,
+                              "encrypted": include_key and password is not None}
+    if as_json:
+        print_json(result)
+    else:
+        err.print(line(f"wrote {output}"))

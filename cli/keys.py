@@ -10,7 +10,7 @@ import typer
 from certpilot import inventory, keystore
 from certpilot.database import get_engine, read_session
 from certpilot.settings import load_settings
-from cli.console import JsonOption, out, print_json
+from cli.console import JsonOption, line, note, out, print_json, usage_error
 from cli.options import actor
 
 app = typer.Typer(help="Private keys at rest and the master key.", no_args_is_help=True)
@@ -18,7 +18,8 @@ app = typer.Typer(help="Private keys at rest and the master key.", no_args_is_he
 
 @app.command("rotate-master")
 def rotate_master_command(
-    new_key_file: Annotated[Optional[Path], typer.Option(help="Where to write the new master key (required when it comes from CERTPILOT_MASTER_KEY).")] = None,
+    new_key_file: Annotated[Optional[Path], typer.Option(metavar="FILE", help=(
+        "Where to write the new master key (required when it comes from CERTPILOT_MASTER_KEY)."))] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Generate a new master key and re-seal every stored private key under it."""
@@ -27,9 +28,10 @@ def rotate_master_command(
     if as_json:
         print_json({"old": rotation.old_id, "new": rotation.new_id, "keys": rotation.keys, "key_file": str(rotation.key_file)})
         return
-    out.print(f"master key {rotation.old_id} -> {rotation.new_id}: {rotation.keys} key(s) re-sealed; new key in {rotation.key_file}")
+    out.print(line(f"master key {rotation.old_id} -> {rotation.new_id}: {rotation.keys} key(s) re-sealed; "
+                   f"new key in {rotation.key_file}"))
     if settings.master_key:
-        out.print(f"[yellow]now set CERTPILOT_MASTER_KEY_FILE={rotation.key_file} (or CERTPILOT_MASTER_KEY to its contents)[/]")
+        note(f"now set CERTPILOT_MASTER_KEY_FILE={rotation.key_file} (or CERTPILOT_MASTER_KEY to its contents)", out)
 
 
 @app.command("list")
@@ -48,15 +50,19 @@ def keys_list_command(as_json: JsonOption = False) -> None:
         return
     for row in rows:
         state = f"destroyed {row['destroyed_at']}" if row["destroyed_at"] else f"sealed by {row['master_key_id']}"
-        out.print(f"{row['ref']}  {row['algorithm']:<9} spki {row['spki_sha256'][:16]}  {row['origin']:<9} {state}")
+        out.print(line(f"{row['ref']}  {row['algorithm']:<9} spki {(row['spki_sha256'] or '')[:16]}  "
+                       f"{row['origin']:<9} {state}"))
 
 
 @app.command("destroy")
-def keys_destroy_command(ref: Annotated[str, typer.Argument(help="key:<id> as shown by `keys list`.")],
-                         yes: Annotated[bool, typer.Option("--yes", help="Confirm: this cannot be undone.")] = False) -> None:
+def keys_destroy_command(ref: Annotated[str, typer.Argument(metavar="KEY", help="key:ID as shown by `keys list`.")],
+                         yes: Annotated[bool, typer.Option("--yes", help="Confirm: this cannot be undone.")] = False,
+                         as_json: JsonOption = False) -> None:
     """Crypto-shred a private key: its ciphertext and data key are erased."""
     if not yes:
-        raise typer.BadParameter("destroying a key cannot be undone: add --yes")
+        raise usage_error("destroying a key cannot be undone: add --yes")
     keystore.shred(get_engine(), keystore.KeyRef(ref.removeprefix("key:")), actor())
-    out.print(f"destroyed {ref}")
-
+    if as_json:
+        print_json({"ref": ref if ref.startswith("key:") else f"key:{ref}", "destroyed": True})
+        return
+    out.print(line(f"destroyed {ref}"))

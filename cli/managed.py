@@ -2,48 +2,61 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from certpilot import inventory
+from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
+from certpilot.status import next_renewal
 from certpilot.timespan import parse_timespan
 from cli import fleet
-from cli.console import JsonOption, err, out, print_json
-from cli.options import actor, parse_tags, whole_days
+from cli.console import JsonOption, cell, err, line, out, print_json
+from cli.issuer_blocks import check_issuer_block
+from cli.options import KeyAlgorithm, Profile, actor, parse_tags, whole_days
 
 app = typer.Typer(help="Managed certificates: what should exist, and when it renews.", no_args_is_help=True)
 
 
-def schedule_rows(scheduled: list[Any]) -> list[dict[str, Any]]:
-    return [{
-        "name": s.managed.name, "dns_names": s.managed.dns_names, "ip_addresses": s.managed.ip_addresses,
-        "issuer": s.managed.issuer, "profile": s.managed.profile, "key_algorithm": s.managed.key_algorithm,
-        "validity_days": s.managed.validity_days, "owner": s.managed.owner, "tags": s.managed.tags or {},
-        "renew_before_days": s.managed.renew_before_days, "use_ari": s.managed.use_ari,
-        "current": None if s.current is None else {
-            "fingerprint_sha256": s.current.fingerprint_sha256, "serial": s.current.serial_hex,
-            "not_before": inventory.iso(s.current.not_before), "not_after": inventory.iso(s.current.not_after)},
-        "due": s.decision.due, "next_renewal": inventory.iso(s.decision.renew_at), "reason": s.decision.reason,
-        "last_attempt_at": inventory.iso(s.managed.last_attempt_at), "last_error": s.managed.last_error,
-    } for s in scheduled]
+def schedule_rows(scheduled: list[Any], now: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """The --json shape of a schedule. ``next_renewal`` is stable: for a certificate already due, when
+    it fell due (certpilot.status.due_at), never the moment of asking."""
+    now = now or utcnow()
+    rows = []
+    for s in scheduled:
+        when = next_renewal(s, now)
+        rows.append({
+            "name": s.managed.name, "dns_names": s.managed.dns_names, "ip_addresses": s.managed.ip_addresses,
+            "issuer": s.managed.issuer, "profile": s.managed.profile, "key_algorithm": s.managed.key_algorithm,
+            "validity_days": s.managed.validity_days, "owner": s.managed.owner, "tags": s.managed.tags or {},
+            "renew_before_days": s.managed.renew_before_days, "use_ari": s.managed.use_ari,
+            "current": None if s.current is None else {
+                "fingerprint_sha256": s.current.fingerprint_sha256, "serial": s.current.serial_hex,
+                "not_before": inventory.iso(s.current.not_before), "not_after": inventory.iso(s.current.not_after)},
+            "due": when.due, "next_renewal": inventory.iso(when.at), "reason": when.reason,
+            "last_attempt_at": inventory.iso(s.managed.last_attempt_at), "last_error": s.managed.last_error,
+        })
+    return rows
 
 
 @app.command("add")
 def managed_add_command(
-    name: Annotated[str, typer.Argument(help="The managed certificate's name: letters, digits, '.', '_', '-'.")],
-    dns: Annotated[Optional[list[str]], typer.Option("--dns", help="A DNS name, repeatable (the first is the CN).")] = None,
-    ip: Annotated[Optional[list[str]], typer.Option("--ip", help="An IP address, repeatable.")] = None,
-    issuer: Annotated[str, typer.Option(help="The issuer block, <block-type-slug>/<block-name>, e.g. private-ca/internal.")] = ...,  # type: ignore[assignment]
-    profile: Annotated[str, typer.Option(help="tls-server or tls-client.")] = "tls-server",
-    key_algorithm: Annotated[str, typer.Option(help="ec-p256, ec-p384, rsa-2048, rsa-3072, rsa-4096 or ed25519.")] = "ec-p256",
-    validity_days: Annotated[Optional[int], typer.Option(help="Lifetime to ask for (default: the issuer's).")] = None,
-    owner: Annotated[Optional[str], typer.Option(help="Who owns it.")] = None,
-    tag: Annotated[Optional[list[str]], typer.Option(help="key=value tag, repeatable.")] = None,
-    renew_before: Annotated[Optional[str], typer.Option(help="Renew at the latest this long before expiry, e.g. 30d "
-                                                             "(default: at two thirds of the lifetime).")] = None,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The managed certificate's name: letters, digits, '.', '_', '-'.")],
+    dns: Annotated[Optional[list[str]], typer.Option("--dns", metavar="NAME", help="A DNS name, repeatable (the first is the CN).")] = None,
+    ip: Annotated[Optional[list[str]], typer.Option("--ip", metavar="ADDRESS", help="An IP address, repeatable.")] = None,
+    issuer: Annotated[str, typer.Option(metavar="BLOCK", help=(
+        "The issuer block, BLOCK-TYPE/NAME, e.g. private-ca/internal; it must exist in Prefect "
+        "(`certpilot ca register-block` saves a private CA's)."))] = ...,  # type: ignore[assignment]
+    profile: Annotated[Profile, typer.Option(help="What the certificate is for.")] = Profile.TLS_SERVER,
+    key_algorithm: Annotated[KeyAlgorithm, typer.Option(help="The key to generate at each renewal.")] = KeyAlgorithm.EC_P256,
+    validity_days: Annotated[Optional[int], typer.Option(metavar="DAYS", min=1, help="Lifetime to ask for (default: the issuer's).")] = None,
+    owner: Annotated[Optional[str], typer.Option(metavar="TEAM", help="Who owns it.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUE", help="A tag, repeatable.")] = None,
+    renew_before: Annotated[Optional[str], typer.Option(metavar="DURATION", help=(
+        "Renew at the latest this long before expiry, e.g. 30d (default: at two thirds of the lifetime)."))] = None,
     no_ari: Annotated[bool, typer.Option("--no-ari", help="Ignore the CA's renewal window (ARI) even if it offers one.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -51,9 +64,10 @@ def managed_add_command(
     from certpilot import managed
 
     spec = managed.ManagedSpec(name=name, dns_names=tuple(dns or ()), ip_addresses=tuple(ip or ()), issuer=issuer,
-                               profile=profile, key_algorithm=key_algorithm, validity_days=validity_days, owner=owner,
-                               tags=parse_tags(tag), renew_before_days=whole_days(renew_before, "--renew-before"),
+                               profile=profile.value, key_algorithm=key_algorithm.value, validity_days=validity_days,
+                               owner=owner, tags=parse_tags(tag), renew_before_days=whole_days(renew_before, "--renew-before"),
                                use_ari=not no_ari)
+    check_issuer_block(issuer)
     engine = get_engine()
     with write_session(engine) as session:
         managed.add(session, spec, actor())
@@ -63,7 +77,7 @@ def managed_add_command(
         print_json(row)
         return
     names = ", ".join(row["dns_names"] + row["ip_addresses"])
-    out.print(f"added managed certificate {name} ({names}) from {row['issuer']}: {row['reason']}")
+    out.print(line(f"added managed certificate {name} ({names}) from {row['issuer']}: {row['reason']}"))
 
 
 @app.command("list")
@@ -81,11 +95,11 @@ def managed_list_command(as_json: JsonOption = False) -> None:
         table.add_column(column, no_wrap=column not in ("why", "last error"))
     for r in rows:
         expires = r["current"]["not_after"][:16].replace("T", " ") if r["current"] else "-"
-        when = "[yellow]due now[/]" if r["due"] else r["next_renewal"][:16].replace("T", " ")
-        table.add_row(r["name"], r["issuer"], expires, when, r["reason"],
-                      f"[red]{r['last_error']}[/]" if r["last_error"] else "")
+        when = cell("due now", "yellow") if r["due"] else cell(r["next_renewal"][:16].replace("T", " "))
+        table.add_row(cell(r["name"]), cell(r["issuer"]), cell(expires), when, cell(r["reason"]),
+                      cell(r["last_error"] or "", "red"))
     out.print(table)
-    out.print(f"{len(rows)} managed certificate(s), {sum(r['due'] for r in rows)} due")
+    out.print(line(f"{len(rows)} managed certificate(s), {sum(r['due'] for r in rows)} due"))
 
 
 def renew_command(

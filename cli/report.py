@@ -9,13 +9,14 @@ from rich.table import Table
 
 from certpilot import inventory
 from certpilot.database import get_engine, read_session
-from cli.console import JsonOption, out, print_json, short_name
+from cli.console import JsonOption, cell, line, out, print_json, short_name
 
 app = typer.Typer(help="Reports.", no_args_is_help=True)
 
 
 @app.command("expiry")
-def report_expiry_command(show: Annotated[int, typer.Option(help="How many of the soonest to list.")] = 20,
+def report_expiry_command(show: Annotated[int, typer.Option(metavar="N", min=0, help=(
+                              "How many of the soonest to list (0: only the counts)."))] = 20,
                           include_ca: Annotated[bool, typer.Option("--include-ca", help="Count CA certificates too.")] = False,
                           as_json: JsonOption = False) -> None:
     """How many certificates expire in each band, and the soonest of them."""
@@ -26,14 +27,18 @@ def report_expiry_command(show: Annotated[int, typer.Option(help="How many of th
     if as_json:
         print_json(report.as_dict())
         return
-    out.print(f"[bold]Expiry report[/] at {inventory.iso(report.generated_at)}")
-    out.print("  " + "   ".join(f"{label}: [bold]{count}[/]" for label, count in report.bands.items()))
+    out.print(line(("Expiry report", "bold"), f" at {inventory.iso(report.generated_at)}"))
+    counts = line("  ")
+    for i, (label, count) in enumerate(report.bands.items()):
+        counts.append_text(line("   " if i else "", f"{label}: ", (count, "bold")))
+    out.print(counts)
+    if not report.soonest:
+        return
     table = Table(show_edge=False, pad_edge=False)
     for column in ("band", "days", "expires (UTC)", "name", "owner", "places"):
         table.add_column(column, no_wrap=column != "name")
     for r in report.soonest:
         color = {"expired": "red", "7 days": "red", "30 days": "yellow"}.get(r["band"], "")
-        table.add_row(f"[{color}]{r['band']}[/]" if color else r["band"], f"{r['days_left']:.0f}",
-                      r["not_after"][:10], short_name(r), r["owner"] or "", str(len(r["locations"])))
+        table.add_row(cell(r["band"], color), cell(f"{r['days_left']:.0f}"), cell(r["not_after"][:10]),
+                      cell(short_name(r)), cell(r["owner"] or ""), cell(len(r["locations"])))
     out.print(table)
-

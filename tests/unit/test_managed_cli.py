@@ -24,7 +24,7 @@ runner = CliRunner()
 def _ok(*args: str) -> str:
     result = runner.invoke(app, list(args))
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 def test_managed_add_and_list(engine: sa.Engine) -> None:

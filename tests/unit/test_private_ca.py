@@ -330,7 +330,7 @@ def test_root_key_export_and_removal(engine: sa.Engine, tmp_path: Path) -> None:
         root_key_id = row.root_key_id
         root_cert, _ = ca.ca_certificates(session, row)
     target = tmp_path / "corp-root.pem"
-    result = CliRunner().invoke(app, ["ca", "export-root-key", "corp", "-o", str(target)])
+    result = CliRunner().invoke(app, ["ca", "export-root-key", "corp", "-o", str(target), "--plaintext-key"])
     assert result.exit_code == 0, result.output
     assert "PRIVATE KEY" not in result.output
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
@@ -411,7 +411,8 @@ def test_ca_commands(engine: sa.Engine, tmp_path: Path) -> None:
     fp = leaf.fingerprint(hashes.SHA256()).hex()
     revoked = json.loads(cli("ca", "revoke", fp[:12], "--reason", "key-compromise", "--json"))
     assert revoked == {"fingerprint_sha256": fp, "serial": format(leaf.serial_number, "x").zfill(len(revoked["serial"])),
-                       "ca": "corp", "reason": "key-compromise", "revoked_at": revoked["revoked_at"], "crl_number": 2}
+                       "ca": "corp", "reason": "key-compromise", "revoked_at": revoked["revoked_at"], "crl_number": 2,
+                       "already_revoked": False}
     cli("ca", "crl", "corp", "-o", str(tmp_path / "corp.crl"))
     crl = x509.load_der_x509_crl((tmp_path / "corp.crl").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
@@ -433,7 +434,7 @@ def test_ca_commands(engine: sa.Engine, tmp_path: Path) -> None:
     assert not any("PRIVATE KEY" in text for text in outputs)
 
     bad_reason = runner.invoke(app, ["ca", "revoke", fp, "--reason", "on-a-whim"])
-    assert bad_reason.exit_code == 1 and "unknown revocation reason" in bad_reason.stderr
+    assert bad_reason.exit_code == 2 and "'on-a-whim' is not one of 'unspecified', 'key-compromise'" in bad_reason.stderr
 
 
 @SQLITE_ONLY
