@@ -1,7 +1,7 @@
 """The AWS account block: credentials and regions of one account, as operators configure it in the
 Prefect UI, with the two factories every connector block has: ``source()`` (ACM, ELBv2 listeners and
 IAM server certificates, connectors/aws_source.py) and ``deployer(name, kind, settings, lookup)`` for
-the target kinds aws-acm, aws-elbv2 and aws-iam-elbv2 (their settings: connectors/aws_deploy.py).
+the target kinds aws-acm, aws-elbv2 and aws-iam-elbv2 (their settings: certpilot/target_kinds.py).
 
 Block secrets are encrypted in the Prefect database with a key kept in the same database unless the
 server sets PREFECT_SERVER_ENCRYPTION_KEY, and any API client may read them with include_secrets:
@@ -12,6 +12,7 @@ ModifyListener/AddListenerCertificates/RemoveListenerCertificates, iam:*ServerCe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
@@ -75,9 +76,10 @@ deployer = aws.deployer("web-alb", "aws-elbv2", {"listener_arn": "arn:aws:elasti
         return AwsSource(self.account(), self.account_alias, acm=self.discover_acm, elbv2=self.discover_elbv2,
                          iam=self.discover_iam)
 
-    def deployer(self, name: str, kind: str, settings: dict[str, Any],
+    def deployer(self, name: str, kind: str, settings: Mapping[str, Any],
                  lookup: BundleLookup | None = None) -> Deployer:
-        """A deployer for target ``name`` of ``kind`` aws-acm, aws-elbv2 or aws-iam-elbv2."""
-        from connectors.aws_deploy import deployer_for
+        """A deployer for target ``name`` of ``kind`` aws-acm, aws-elbv2 or aws-iam-elbv2, through the kind
+        registry (blocks.targets)."""
+        from blocks.targets import deployer
 
-        return deployer_for(self.account(), name, kind, settings, lookup)
+        return deployer(self, name, kind, settings, lookup)

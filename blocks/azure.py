@@ -1,5 +1,5 @@
 """The Azure Key Vault block: one vault, its credential and TLS trust; it builds the vault's Source and
-its deployers (kind ``azure-kv``, settings documented in connectors/azure_kv.py).
+its deployers (kind ``azure-kv``, settings in certpilot/target_kinds.py).
 
 Real Azure: vault_url ``https://<name>.vault.azure.net``, and a service principal (tenant_id, client_id,
 client_secret; authority_host for sovereign clouds) with the certificates get/list/import/delete
@@ -13,12 +13,13 @@ protect the Prefect API accordingly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, model_validator
 
-from certpilot.deployment import BundleLookup, Deployer, PermanentDeployError
+from certpilot.deployment import BundleLookup, Deployer
 from certpilot.discovery import Source
 
 DOCS = "https://github.com/certpilot/certpilot/blob/main/README.md#azure-key-vault"
@@ -101,10 +102,9 @@ deployer = vault.deployer("web-cert", "azure-kv", {"certificate_name": "web"})
 
         return AzureKeyVaultSource(self.connection())
 
-    def deployer(self, name: str, kind: str, settings: dict[str, Any],
+    def deployer(self, name: str, kind: str, settings: Mapping[str, Any],
                  lookup: BundleLookup | None = None) -> Deployer:
-        from connectors.azure_kv import KIND, AzureKeyVaultDeployer
+        """A deployer for target ``name`` of kind ``azure-kv``, through the kind registry (blocks.targets)."""
+        from blocks.targets import deployer
 
-        if kind != KIND:
-            raise PermanentDeployError(f"{name}: the Azure Key Vault block deploys kind {KIND!r}, not {kind!r}")
-        return AzureKeyVaultDeployer(name, self.connection(), settings, lookup)
+        return deployer(self, name, kind, settings, lookup)

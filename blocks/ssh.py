@@ -1,8 +1,8 @@
 """The SSH host block: one server reached over SSH, as a discovery source and as a deploy destination.
 
 A Target names it as ``ssh-host/<block name>`` with kind ``ssh-nginx`` or ``ssh-haproxy`` and the
-settings documented in connectors/ssh_deploy.py. Discovery reads the files ``discovery_globs`` match
-(connectors/ssh_source.py). The block holds configuration and secrets (SecretStr, shown masked); the
+settings in certpilot/target_kinds.py (NginxSettings, HaproxySettings). Discovery reads the files
+``discovery_globs`` match (connectors/ssh_source.py). The block holds configuration and secrets (SecretStr, shown masked); the
 connection is built from them when a connector is made, and one connection is shared by everything
 made from the same block object (many targets of one host cost one SSH login).
 
@@ -17,12 +17,13 @@ protect the Prefect API accordingly.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, PrivateAttr, SecretStr
 
-from certpilot.deployment import BundleLookup, Deployer, PermanentDeployError
+from certpilot.deployment import BundleLookup, Deployer
 from certpilot.discovery import Source
 
 DOCS = "https://github.com/certpilot/certpilot/blob/main/README.md#ssh-hosts"
@@ -102,13 +103,11 @@ deployer = ssh_host_block.deployer("web-1", "ssh-nginx", {"certificate_path": ".
                          import_keys=self.import_keys, pkcs12_passwords=self._passwords(), max_files=self.max_files,
                          max_file_bytes=self.max_file_bytes)
 
-    def deployer(self, name: str, kind: str, settings: dict[str, Any],
+    def deployer(self, name: str, kind: str, settings: Mapping[str, Any],
                  lookup: BundleLookup | None = None) -> Deployer:
-        """The connector for one target: NginxDeployer (``ssh-nginx``) or HaproxyDeployer (``ssh-haproxy``).
-        ``lookup`` is not needed: rollback restores the backups kept on the host."""
-        from connectors.ssh_deploy import SSH_KINDS
+        """The connector for one target: NginxDeployer (``ssh-nginx``) or HaproxyDeployer (``ssh-haproxy``),
+        through the kind registry (blocks.targets). ``lookup`` is not needed: rollback restores the backups
+        kept on the host."""
+        from blocks.targets import deployer
 
-        if kind not in SSH_KINDS:
-            raise PermanentDeployError(f"{name}: an SSH host deploys kinds {', '.join(sorted(SSH_KINDS))}, "
-                                       f"not {kind!r}")
-        return SSH_KINDS[kind](name, self.connection(), settings)
+        return deployer(self, name, kind, settings, lookup)

@@ -9,6 +9,10 @@ there. ``current`` says which certificate the target holds now, for reconciling 
 
 Secrets: a DeployBundle carries the key only as a function that unseals it; a deployer calls it at
 the moment it writes the key and keeps nothing. Receipts, errors and logs never hold key material.
+
+A bundle whose key is not its certificate's cannot be built (KeyMismatchError): building one unseals
+the key once to check it (certpilot.keys.key_matches_certificate), so no deployer checks it again and a
+mismatched pair never reaches a target.
 """
 
 from __future__ import annotations
@@ -17,13 +21,18 @@ import datetime as dt
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from certpilot.errors import PermanentError, TransientError
+from certpilot.clock import utcnow
+from certpilot.errors import KeyMismatchError, PermanentError, TransientError
+from certpilot.keys import key_matches_certificate, public_key_sha256
+
+if TYPE_CHECKING:
+    from certpilot.target_kinds import TargetKind
 
 
 def fingerprint(certificate: x509.Certificate) -> str:
@@ -39,12 +48,27 @@ def key_to_pem(key: PrivateKeyTypes) -> bytes:
 @dataclass(frozen=True)
 class DeployBundle:
     """What a deployer installs: a certificate, the intermediates that chain it (issuer first, no
-    root), and a function returning the private key as PKCS#8 PEM, called only when it is written."""
+    root), and a function returning the private key as PKCS#8 PEM, called only when it is written.
+
+    Building one checks, once, that the key is the certificate's: KeyMismatchError if not, and
+    PermanentDeployError if the key cannot be read. The key is dropped right after the check."""
 
     name: str  # the managed certificate's name (used for default file names and store entries)
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]
     key_pem: Callable[[], bytes] = field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            key = serialization.load_pem_private_key(self.key_pem(), password=None)
+        except (ValueError, TypeError):
+            raise PermanentDeployError(f"deploy bundle {self.name}: the private key of {self.fingerprint[:16]} is "
+                                       "not a readable unencrypted PEM key") from None
+        try:
+            if not key_matches_certificate(key, self.certificate):
+                raise KeyMismatchError(public_key_sha256(key), [self.fingerprint])
+        finally:
+            del key
 
     @property
     def fingerprint(self) -> str:
@@ -84,7 +108,7 @@ class Receipt:
     fingerprint: str  # what was deployed
     previous_fingerprint: str | None  # what the target held before, if known
     undo: dict[str, Any] = field(default_factory=dict)
-    at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    at: dt.datetime = field(default_factory=utcnow)
 
     def as_dict(self) -> dict[str, Any]:
         return {"target": self.target, "kind": self.kind, "fingerprint": self.fingerprint,
@@ -112,7 +136,7 @@ class DeployError(TransientError):
 
 class PermanentDeployError(PermanentError):
     """Installing failed for a reason retrying will not fix (unknown host key, permission denied,
-    bad configuration, a key that does not match the certificate)."""
+    bad configuration). A key that does not match its certificate never gets this far: see DeployBundle."""
 
 
 class VerificationError(PermanentError):
@@ -134,7 +158,7 @@ class Deployer(Protocol):
     ``close()``; whoever built it calls it when done."""
 
     name: str  # the target's name
-    kind: str  # ssh-nginx, ssh-haproxy, aws-acm, aws-elbv2, aws-iam-elbv2, azure-kv
+    kind: TargetKind
 
     def deploy(self, bundle: DeployBundle) -> Receipt: ...
 

@@ -45,6 +45,8 @@ def public_key_sha256(key: PrivateKeyTypes) -> str:
 
 
 def key_matches_certificate(key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
+    """THE key-to-certificate match: the key's SubjectPublicKeyInfo is the certificate's. False for a
+    key or certificate whose public key cannot be compared (an unsupported algorithm)."""
     try:
         return public_key_sha256(key) == spki_sha256(cert.public_key())
     except (ValueError, TypeError):

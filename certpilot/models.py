@@ -179,7 +179,7 @@ class Target(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     managed_certificate_id: int = Field(foreign_key="managed_certificate.id", index=True)
     name: str
-    kind: str = Field(max_length=32)  # ssh-nginx, ssh-haproxy, aws-acm, aws-elbv2, azure-kv, ...
+    kind: str = Field(max_length=32)  # a certpilot.target_kinds.TargetKind value
     block: str | None = None  # the Prefect block document that configures the connector
     settings: dict[str, Any] = _json({})  # paths, reload command, listener ARN, vault name...
     desired_fingerprint: str | None = Field(default=None, max_length=64)

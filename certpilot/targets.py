@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,63 +20,70 @@ from cryptography import x509
 from sqlmodel import Session, select
 
 from certpilot import audit, keystore
+from certpilot.clock import utcnow
 from certpilot.database import read_session
 from certpilot.deployment import DeployBundle, key_to_pem
 from certpilot.errors import NotFoundError, PermanentError
 from certpilot.keystore import KeyRing
 from certpilot.managed import current_certificate, get
 from certpilot.models import Certificate, ManagedCertificate, Target
+from certpilot.target_kinds import TargetKind, TargetSettingsError, parse_kind, unknown_keys
 
-KINDS = ("ssh-nginx", "ssh-haproxy", "aws-acm", "aws-elbv2", "aws-iam-elbv2", "azure-kv")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def public_settings(settings: dict[str, Any]) -> dict[str, Any]:
+def public_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Settings as the audit trail keeps them: PEM text (a trust bundle) shown by its digest only."""
     return {key: (f"<PEM sha256:{hashlib.sha256(value.encode()).hexdigest()[:16]}>"
                   if isinstance(value, str) and "-----BEGIN" in value else value) for key, value in settings.items()}
 
 
-def add(session: Session, managed_name: str, name: str, kind: str, block: str, settings: dict[str, Any],
-        actor: audit.Actor, now: dt.datetime | None = None) -> Target:
+def _checked(name: str, kind: TargetKind | str, settings: Mapping[str, Any]) -> TargetKind:
+    """The kind, checked (UnknownTargetKindError), and settings whose every key the kind has
+    (TargetSettingsError). Whether they are complete depends on the block (a deployment-target block
+    holds the rest): certpilot.target_kinds.validate_settings checks them whole when a deployer is built."""
+    kind = parse_kind(kind)
+    unknown = unknown_keys(kind, settings)
+    if unknown:
+        raise TargetSettingsError(kind, unknown=unknown, target=name)
+    return kind
+
+
+def add(session: Session, managed_name: str, name: str, kind: TargetKind | str, block: str,
+        settings: Mapping[str, Any], actor: audit.Actor, now: dt.datetime | None = None) -> Target:
     """Add a target to managed certificate ``managed_name``. ``block`` is the Prefect block document
-    (``block-type-slug/document-name``) that builds its connector; ``settings`` its target settings."""
+    (``block-type-slug/document-name``) that builds its connector; ``settings`` its target settings, whose
+    keys must be the kind's."""
     if not _NAME.match(name):
         raise PermanentError(f"target name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
-    if kind not in KINDS:
-        raise PermanentError(f"target {name}: unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    kind = _checked(name, kind, settings)
     if "/" not in block:
         raise PermanentError(f"target {name}: block {block!r} must be 'block-type-slug/document-name'")
     managed = get(session, managed_name)
     if session.exec(select(Target).where(Target.managed_certificate_id == managed.id, Target.name == name)).first():
         raise PermanentError(f"managed certificate {managed_name} already has a target named {name}")
     now = now or utcnow()
-    target = Target(managed_certificate_id=managed.id, name=name, kind=kind, block=block, settings=dict(settings),
-                    updated_at=now)  # type: ignore[arg-type]
+    target = Target(managed_certificate_id=managed.id, name=name, kind=kind.value, block=block,
+                    settings=dict(settings), updated_at=now)  # type: ignore[arg-type]
     session.add(target)
     session.flush()
     audit.append(session, actor, [audit.Change("target.added", f"managed:{managed_name}",
-                                               {"target": name, "kind": kind, "block": block,
+                                               {"target": name, "kind": kind.value, "block": block,
                                                 "settings": public_settings(settings)})], now)
     return target
 
 
-def configure(session: Session, managed_name: str, name: str, kind: str, block: str, settings: dict[str, Any],
-              actor: audit.Actor, now: dt.datetime | None = None) -> Target:
+def configure(session: Session, managed_name: str, name: str, kind: TargetKind | str, block: str,
+              settings: Mapping[str, Any], actor: audit.Actor, now: dt.datetime | None = None) -> Target:
     """Add the target, or change its kind, block and settings when it exists (its records are kept)."""
     try:
         target = get_target(session, managed_name, name)
     except NotFoundError:
         return add(session, managed_name, name, kind, block, settings, actor, now)
-    if (target.kind, target.block, target.settings) != (kind, block, settings):
-        if kind not in KINDS:
-            raise PermanentError(f"target {name}: unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    if (target.kind, target.block, target.settings) != (kind, block, dict(settings)):
+        kind = _checked(name, kind, settings)
         _update(session, target, actor, "target.changed", {"block": block, "settings": public_settings(settings)}, now,
-                kind=kind, block=block, settings=dict(settings))
+                kind=kind.value, block=block, settings=dict(settings))
         session.refresh(target)
     return target
 
@@ -191,8 +198,9 @@ def chain_of(session: Session, fingerprint: str) -> tuple[Certificate, list[Cert
 
 
 def bundle(engine: sa.Engine, name: str, fingerprint: str, key_ring: Callable[[], KeyRing]) -> DeployBundle | None:
-    """The deployable bundle of ``fingerprint``, or None when its key is not in the keystore. The key
-    is unsealed only when the deployer calls ``key_pem()``, in a session of its own."""
+    """The deployable bundle of ``fingerprint``, or None when its key is not in the keystore. Building it
+    checks that the stored key is the certificate's (KeyMismatchError: see DeployBundle); after that the
+    key is unsealed only when the deployer calls ``key_pem()``, each time in a session of its own."""
     with read_session(engine) as session:
         leaf, chain = chain_of(session, fingerprint)
         if leaf.spki_sha256 is None:

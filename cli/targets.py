@@ -1,4 +1,11 @@
-"""The target commands: where a managed certificate is served (its deployment targets)."""
+"""The target commands: where a managed certificate is served (its deployment targets).
+
+``target add`` checks everything before it writes: the kind (one of certpilot.target_kinds.TargetKind),
+the settings (every key the kind's, the required ones there, values of the right type), and the block,
+loaded through Prefect: a connection block of the kind (an SSH host for ssh-nginx...) or a
+deployment-target block of the same kind, whose settings the target's own override key by key. Any of
+them wrong is bad usage (exit 2), and the message names what is valid.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,14 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from certpilot import targets
 from certpilot.database import get_engine, read_session, write_session
-from cli.console import out
+from certpilot.errors import PermanentError
+from certpilot.models import Target
+from certpilot.target_kinds import TargetKind, merged_settings, unknown_keys, valid_keys, validate_settings
+from cli.console import JsonOption, out, print_json
 from cli.options import actor
 
 app = typer.Typer(help="Where a managed certificate is served: its deployment targets.", no_args_is_help=True)
@@ -36,44 +47,101 @@ def _settings(values: list[str] | None, as_json: str | None) -> dict[str, Any]:
     return settings
 
 
+def _load_block(reference: str) -> Any:
+    """The block ``reference`` names, loaded through Prefect; a usage error when there is none."""
+    import blocks.targets  # noqa: F401  (registers the block types a target may name, so Block.load knows them)
+    from prefect.blocks.core import Block
+
+    slug, sep, name = reference.partition("/")
+    if not sep or not slug or not name:
+        raise typer.BadParameter(f"{reference!r} must be <block-type-slug>/<block-name>", param_hint="--block")
+    try:
+        return Block.load(reference)
+    except (ValueError, KeyError) as exc:  # Prefect: "Unable to find block document named ..."
+        raise typer.BadParameter(f"no block {reference!r} ({exc})", param_hint="--block") from None
+
+
+def check(kind: TargetKind, reference: str, settings: dict[str, Any], name: str) -> None:
+    """Raise a usage error unless ``settings`` and the block ``reference`` make a target of ``kind``."""
+    unknown = unknown_keys(kind, settings)
+    if unknown:
+        raise typer.BadParameter(f"unknown {kind} setting(s) {', '.join(unknown)}; valid keys: "
+                                 f"{', '.join(valid_keys(kind))}", param_hint="--set")
+    from blocks.targets import CONNECTIONS, KINDS, DeploymentTargetBlock
+
+    block = _load_block(reference)
+    spec = KINDS[kind]
+    try:
+        if isinstance(block, DeploymentTargetBlock):
+            if block.kind != kind:
+                raise typer.BadParameter(f"{reference} is a deployment target of kind {block.kind}, not {kind}",
+                                         param_hint="--block")
+            merged_settings(kind, block.settings, settings, name)
+        elif isinstance(block, spec.connection):
+            validate_settings(kind, settings, name)
+        else:
+            raise typer.BadParameter(f"{reference} is a {type(block).__name__}; a {kind} target goes through "
+                                     f"{CONNECTIONS[spec.connection]} block ({spec.connection.__name__}) or a "
+                                     f"deployment-target block of kind {kind}", param_hint="--block")
+    except PermanentError as exc:  # TargetSettingsError: names what is wrong and the valid keys
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
+
+
+def _row(target: Target) -> dict[str, Any]:
+    return {"name": target.name, "kind": target.kind, "block": target.block, "settings": target.settings,
+            "desired": target.desired_fingerprint, "verified": target.verified_fingerprint,
+            "verified_at": target.verified_at.isoformat() if target.verified_at else None,
+            "last_error": target.last_error}
+
+
 @app.command("add")
 def target_add_command(
     managed_name: Annotated[str, typer.Argument(help="The managed certificate.")],
     name: Annotated[str, typer.Argument(help="The target's name, e.g. web1-nginx.")],
-    kind: Annotated[str, typer.Option(help=f"One of: {', '.join(targets.KINDS)}.")],
-    block: Annotated[str, typer.Option(help="The Prefect block document that connects to it: block-type-slug/name.")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="A target setting, key=value (repeatable).")] = None,
-    settings_json: Annotated[Optional[str], typer.Option(help="Target settings as a JSON object.")] = None,
+    kind: Annotated[TargetKind, typer.Option(help="What the target is.")],
+    block: Annotated[str, typer.Option(help="The Prefect block it goes through, <block-type-slug>/<block-name>: a "
+                                            "connection block of the kind (ssh-host, aws-account, azure-key-vault) "
+                                            "or a deployment-target block of the same kind.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
+                                                      help="A target setting (repeatable).")] = None,
+    settings_json: Annotated[Optional[str], typer.Option(metavar="JSON", help="Target settings as a JSON object.")]
+    = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Add a deployment target to a managed certificate."""
+    """Add a deployment target to a managed certificate (its settings and block are checked first)."""
     settings = _settings(set_, settings_json)
+    check(kind, block, settings, name)
     with write_session(get_engine()) as session:
-        targets.add(session, managed_name, name, kind, block, settings, actor())
-    out.print(f"added target {name} ({kind} via {block}) to {managed_name}")
+        row = _row(targets.add(session, managed_name, name, kind, block, settings, actor()))
+    if as_json:
+        print_json({"managed": managed_name, **row})
+        return
+    out.print(Text(f"added target {name} ({kind} via {block}) to {managed_name}"))
 
 
 @app.command("list")
 def target_list_command(
     managed_name: Annotated[str, typer.Argument(help="The managed certificate.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """A managed certificate's targets: what each should serve, what was last verified there, and when."""
     with read_session(get_engine()) as session:
-        rows = [{"name": t.name, "kind": t.kind, "block": t.block, "settings": t.settings,
-                 "desired": t.desired_fingerprint, "verified": t.verified_fingerprint,
-                 "verified_at": t.verified_at.isoformat() if t.verified_at else None, "last_error": t.last_error}
-                for t in targets.list_targets(session, managed_name)]
+        rows = [_row(t) for t in targets.list_targets(session, managed_name)]
     if as_json:
-        out.print_json(json.dumps(rows, default=str))
+        print_json(rows)
         return
     table = Table(show_edge=False, pad_edge=False)
     for column in ("target", "kind", "block", "should serve", "verified", "verified at (UTC)", "last error"):
         table.add_column(column, no_wrap=column != "last error")
     for r in rows:
-        state = "[green]" if r["desired"] and r["desired"] == r["verified"] else "[yellow]"
-        table.add_row(r["name"], r["kind"], r["block"] or "", (r["desired"] or "-")[:16],
-                      f"{state}{(r['verified'] or '-')[:16]}[/]", (r["verified_at"] or "-")[:19].replace("T", " "),
-                      f"[red]{r['last_error']}[/]" if r["last_error"] else "")
+        state = "green" if r["desired"] and r["desired"] == r["verified"] else "yellow"
+        table.add_row(Text(r["name"]), Text(r["kind"]), Text(r["block"] or ""), Text((r["desired"] or "-")[:16]),
+                      Text((r["verified"] or "-")[:16], style=state),
+                      Text((r["verified_at"] or "-")[:19].replace("T", " ")),
+                      Text(r["last_error"] or "", style="red"))
     out.print(table)
     mixed = sum(1 for r in rows if r["desired"] != r["verified"])
-    out.print(f"{len(rows)} target(s)" + (f", [yellow]{mixed} not verified serving what they should[/]" if mixed else ""))
+    summary = Text(f"{len(rows)} target(s)")
+    if mixed:
+        summary.append(f", {mixed} not verified serving what they should", style="yellow")
+    out.print(summary)

@@ -1,30 +1,24 @@
 """Deployers (certpilot.deployment.Deployer) for AWS: an ACM certificate, and an ELBv2 listener's
 certificate stored in ACM or in IAM.
 
-Kinds and their settings (a Target's settings dict; unknown keys are refused):
+Kinds and their settings (typed models in certpilot.target_kinds; a dict is validated through them):
 
-``aws-acm``: re-import into one ACM certificate ARN.
-    region            the ACM region (optional when certificate_arn is given: taken from the ARN).
-    certificate_arn   the ACM certificate to re-import into (optional: when absent, the first deploy
-                      imports a new certificate tagged ``certpilot:target=<target name>``, and later
-                      calls find it by that tag; the receipt's undo holds the ARN).
+``aws-acm`` (AcmSettings): re-import into one ACM certificate ARN (``certificate_arn``), or, without
+    one, import a new certificate tagged ``certpilot:target=<target name>`` that later calls find by
+    that tag (the receipt's undo holds the ARN).
 
-``aws-elbv2``: import a new ACM certificate and put it on a load balancer listener.
-    listener_arn      the HTTPS or TLS listener (required).
-    role              ``default`` (the listener's default certificate, swapped with modify_listener) or
-                      ``sni`` (an additional certificate: the new one is added, and the SNI entry this
-                      target put there before, or one for exactly the same DNS names, is removed).
-    region            optional; must be the listener's region when given.
+``aws-elbv2`` (ListenerSettings): import a new ACM certificate and put it on a load balancer listener,
+    as its default certificate or as an SNI certificate (``role``).
 
-``aws-iam-elbv2``: the same listener swap, with the certificate uploaded as an IAM server certificate
-    named ``<managed certificate name>-<first 16 hex of the fingerprint>`` under the path
-    ``/certpilot/<target name>/``. Settings as for aws-elbv2.
+``aws-iam-elbv2`` (ListenerSettings): the same listener swap, with the certificate uploaded as an IAM
+    server certificate named ``<managed certificate name>-<first 16 hex of the fingerprint>`` under the
+    path ``/certpilot/<target name>/``.
 
 What certpilot checks itself because moto does not (and so that AWS refusals are not the only guard):
-the private key matches the certificate and the chain links by signature, before any call that
-changes state; a certificate is deleted only when no listener holds it (scanned, not trusted to the
-store); the chain read back is kept only where it links (moto appends a fake root); expiry is read
-from the certificate (moto invents IAM's).
+the private key matches the certificate (when the DeployBundle is built: a mismatched pair never gets
+here) and the chain links by signature, before any call that changes state; a certificate is deleted
+only when no listener holds it (scanned, not trusted to the store); the chain read back is kept only
+where it links (moto appends a fake root); expiry is read from the certificate (moto invents IAM's).
 
 Rollback: ``aws-acm`` re-imports the previous certificate with its key, which certpilot can only get
 from its own keystore through the BundleLookup (ACM never exports an imported key): without it,
@@ -38,10 +32,10 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from certpilot.deployment import (
     BundleLookup,
@@ -52,11 +46,11 @@ from certpilot.deployment import (
     VerificationError,
 )
 from certpilot.errors import CertpilotError
-from certpilot.keys import key_matches_certificate
-from connectors.aws import AwsAccount, Listener, chain_links, is_acm_arn, is_iam_arn, region_of
+from certpilot.target_kinds import AcmSettings, ListenerSettings, TargetKind, validate_settings
+from connectors.aws import AwsAccount, Listener, chain_links, is_acm_arn, is_iam_arn
 from connectors.aws_source import ACM_KEY_TYPES, ACM_STATUSES
 
-__all__ = ["AcmDeployer", "ElbListenerDeployer", "IamListenerDeployer", "TARGET_TAG", "deployer_for"]
+__all__ = ["TARGET_TAG", "AcmDeployer", "ElbListenerDeployer", "IamListenerDeployer"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,31 +63,10 @@ def _safe_name(text: str, limit: int) -> str:
     return _UNSAFE.sub("_", text)[:limit] or "_"
 
 
-def _check_settings(kind: str, settings: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(settings) - allowed)
-    if unknown:
-        raise PermanentDeployError(f"{kind}: unknown settings {', '.join(unknown)} "
-                                   f"(known: {', '.join(sorted(allowed))})")
-
-
 def _check_chain(bundle: DeployBundle, where: str) -> None:
     if not chain_links(bundle.certificate, bundle.chain):
         raise PermanentDeployError(f"{where}: the chain given with {bundle.fingerprint[:16]} does not link by "
                                    "signature (each certificate must sign the one before it): nothing was changed")
-
-
-def _unsealed_key(bundle: DeployBundle, where: str) -> bytes:
-    """The bundle's key as PEM, unsealed at the moment it is sent, after checking it is the certificate's."""
-    pem = bundle.key_pem()
-    try:
-        key = load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError):
-        raise PermanentDeployError(f"{where}: the private key of {bundle.fingerprint[:16]} cannot be read: "
-                                   "nothing was changed") from None
-    if not key_matches_certificate(key, bundle.certificate):
-        raise PermanentDeployError(f"{where}: the private key does not match certificate {bundle.fingerprint[:16]}: "
-                                   "nothing was changed")
-    return pem
 
 
 def _pem_kwargs(bundle: DeployBundle, key_pem: bytes) -> dict[str, Any]:
@@ -114,21 +87,14 @@ def _dns_names(certificate: x509.Certificate) -> frozenset[str]:
 class AcmDeployer:
     """One ACM certificate ARN, re-imported in place (see the module docstring for settings)."""
 
-    kind = "aws-acm"
+    kind = TargetKind.AWS_ACM
 
-    def __init__(self, account: AwsAccount, name: str, settings: dict[str, Any],
+    def __init__(self, account: AwsAccount, name: str, settings: AcmSettings | Mapping[str, Any],
                  lookup: BundleLookup | None = None) -> None:
-        _check_settings(self.kind, settings, {"region", "certificate_arn"})
+        self.settings = cast(AcmSettings, validate_settings(self.kind, settings, name))
         self.account, self.name, self.lookup = account, name, lookup
-        self.certificate_arn: str | None = settings.get("certificate_arn") or None
-        if self.certificate_arn and not is_acm_arn(self.certificate_arn):
-            raise PermanentDeployError(f"{name}: certificate_arn {self.certificate_arn!r} is not an ACM ARN")
-        region = settings.get("region") or (region_of(self.certificate_arn) if self.certificate_arn else None)
-        if not region:
-            raise PermanentDeployError(f"{name}: aws-acm needs a region (or a certificate_arn)")
-        if self.certificate_arn and region_of(self.certificate_arn) != region:
-            raise PermanentDeployError(f"{name}: certificate_arn is in {region_of(self.certificate_arn)}, not {region}")
-        self.region: str = region
+        self.certificate_arn: str | None = self.settings.certificate_arn
+        self.region: str = self.settings.acm_region
         self._given_arn = self.certificate_arn is not None
 
     @property
@@ -149,7 +115,7 @@ class AcmDeployer:
 
     def _import(self, bundle: DeployBundle, arn: str | None) -> str:
         _check_chain(bundle, self._where)
-        key_pem = _unsealed_key(bundle, self._where)
+        key_pem = bundle.key_pem()
         kwargs = _pem_kwargs(bundle, key_pem)
         del key_pem
         if arn:
@@ -230,21 +196,15 @@ class AcmDeployer:
 class _ListenerDeployer:
     """A listener's default or SNI certificate; subclasses store the certificate in ACM or IAM."""
 
-    kind = ""
+    kind: TargetKind
 
-    def __init__(self, account: AwsAccount, name: str, settings: dict[str, Any],
+    def __init__(self, account: AwsAccount, name: str, settings: ListenerSettings | Mapping[str, Any],
                  lookup: BundleLookup | None = None) -> None:
-        _check_settings(self.kind, settings, {"region", "listener_arn", "role"})
+        self.settings = cast(ListenerSettings, validate_settings(self.kind, settings, name))
         self.account, self.name, self.lookup = account, name, lookup
-        self.listener_arn = str(settings.get("listener_arn") or "")
-        if ":elasticloadbalancing:" not in self.listener_arn or ":listener/" not in self.listener_arn:
-            raise PermanentDeployError(f"{name}: {self.kind} needs listener_arn, an ELBv2 listener ARN")
-        self.region = region_of(self.listener_arn)
-        if settings.get("region") and settings["region"] != self.region:
-            raise PermanentDeployError(f"{name}: the listener is in {self.region}, not {settings['region']}")
-        self.role = settings.get("role", "default")
-        if self.role not in ("default", "sni"):
-            raise PermanentDeployError(f"{name}: role must be 'default' or 'sni', not {self.role!r}")
+        self.listener_arn = self.settings.listener_arn
+        self.region = self.settings.listener_region
+        self.role = self.settings.role
 
     @property
     def _where(self) -> str:
@@ -388,10 +348,10 @@ class _ListenerDeployer:
 class ElbListenerDeployer(_ListenerDeployer):
     """A listener's certificate, imported into ACM in the listener's region and tagged with the target."""
 
-    kind = "aws-elbv2"
+    kind = TargetKind.AWS_ELBV2
 
     def _store(self, bundle: DeployBundle) -> str:
-        key_pem = _unsealed_key(bundle, self._where)
+        key_pem = bundle.key_pem()
         kwargs = _pem_kwargs(bundle, key_pem)
         del key_pem
         tags = [{"Key": TARGET_TAG, "Value": _safe_name(self.name, 256)},
@@ -411,7 +371,7 @@ class ElbListenerDeployer(_ListenerDeployer):
 class IamListenerDeployer(_ListenerDeployer):
     """A listener's certificate, uploaded as an IAM server certificate under ``/certpilot/<target>/``."""
 
-    kind = "aws-iam-elbv2"
+    kind = TargetKind.AWS_IAM_ELBV2
 
     @property
     def _path(self) -> str:
@@ -424,7 +384,7 @@ class IamListenerDeployer(_ListenerDeployer):
                                        PathPrefix=self._path):
             if meta["ServerCertificateName"] == name and self.account.fingerprint_at(meta["Arn"]) == bundle.fingerprint:
                 return str(meta["Arn"])  # uploaded by an earlier attempt
-        key_pem = _unsealed_key(bundle, self._where)
+        key_pem = bundle.key_pem()
         kwargs: dict[str, Any] = {"CertificateBody": bundle.certificate_pem().decode(), "PrivateKey": key_pem.decode()}
         del key_pem
         if bundle.chain:
@@ -441,16 +401,3 @@ class IamListenerDeployer(_ListenerDeployer):
                                                           "list_server_certificates",
                                                           "ServerCertificateMetadataList", PathPrefix=self._path)
                 if self._is_mine(str(m["Arn"]))]
-
-
-_KINDS: dict[str, type[AcmDeployer] | type[_ListenerDeployer]] = {
-    AcmDeployer.kind: AcmDeployer, ElbListenerDeployer.kind: ElbListenerDeployer,
-    IamListenerDeployer.kind: IamListenerDeployer}
-
-
-def deployer_for(account: AwsAccount, name: str, kind: str, settings: dict[str, Any],
-                 lookup: BundleLookup | None = None) -> AcmDeployer | _ListenerDeployer:
-    """The deployer of ``kind`` (aws-acm, aws-elbv2, aws-iam-elbv2) for target ``name``."""
-    if kind not in _KINDS:
-        raise PermanentDeployError(f"{name}: unknown AWS target kind {kind!r} (known: {', '.join(_KINDS)})")
-    return _KINDS[kind](account, name, dict(settings), lookup)

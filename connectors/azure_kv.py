@@ -23,17 +23,14 @@ reads: private keys are never read by the source), locator ``azure-kv://<vault h
 and details version, enabled, current (is the latest version), content_type, tags. A certificate whose
 versions cannot be read becomes a Problem; a vault that cannot be listed raises.
 
-Deployer, kind ``azure-kv``. Settings:
-    certificate_name  (required) the Key Vault certificate to import into: 1 to 127 letters, digits
-                      and dashes. Each deploy imports a new version (PEM: leaf, chain, PKCS#8 key, with
-                      the policy's content type application/x-pem-file); the key is checked against the
-                      certificate locally first, so a mismatched key changes nothing in the vault.
-    tags              (optional) a dict of str to str set on every version imported.
-    purge_deleted     (optional, default False) after a rollback deletes a certificate that certpilot
-                      created (there was no previous version), purge it too, so the name can be used
-                      again at once; needs the certificates/purge permission and a vault without purge
-                      protection. Without it the name stays soft-deleted for the vault's retention
-                      (7 to 90 days) and a new import under that name is refused (409 Conflict).
+Deployer, kind ``azure-kv``, settings certpilot.target_kinds.KeyVaultSettings: ``certificate_name``,
+the Key Vault certificate each deploy imports a new version into (PEM: leaf, chain, PKCS#8 key, with the
+policy's content type application/x-pem-file; the key was checked against the certificate when the
+DeployBundle was built, so a mismatched key never reaches the vault); ``tags`` set on every version;
+``purge_deleted``: after a rollback deletes a certificate that certpilot created (there was no previous
+version), purge it too, so the name can be used again at once; it needs the certificates/purge
+permission and a vault without purge protection. Without it the name stays soft-deleted for the
+vault's retention (7 to 90 days) and a new import under that name is refused (409 Conflict).
 verify() reads the latest version back through the API (method "api"): its ``cer`` must have the expected
 fingerprint and it must be enabled. rollback() re-imports the previous version's secret (its key and
 chain, read with GET /secrets/{name}/{version} and kept only inside that function) as a new version, so
@@ -47,14 +44,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import re
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
@@ -75,7 +71,6 @@ from azure.keyvault.certificates import (
     WellKnownIssuerNames,
 )
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from certpilot.deployment import (
     BundleLookup,
@@ -88,12 +83,10 @@ from certpilot.deployment import (
 )
 from certpilot.discovery import Found, Problem
 from certpilot.errors import CertpilotError, PermanentError, TransientError
+from certpilot.target_kinds import KeyVaultSettings, TargetKind, validate_settings
 
 log = logging.getLogger(__name__)
 
-KIND = "azure-kv"
-SETTINGS = {"certificate_name", "tags", "purge_deleted"}
-_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 _T = TypeVar("_T")
 
 
@@ -337,26 +330,16 @@ class AzureKeyVaultSource:
 class AzureKeyVaultDeployer:
     """One Key Vault certificate as a deploy target (kind ``azure-kv``; settings in the module docstring)."""
 
-    kind = KIND
+    kind = TargetKind.AZURE_KV
 
-    def __init__(self, name: str, connection: KeyVaultConnection, settings: dict[str, Any],
+    def __init__(self, name: str, connection: KeyVaultConnection, settings: KeyVaultSettings | Mapping[str, Any],
                  lookup: BundleLookup | None = None) -> None:
         self.name = name
         self.connection = connection
-        unknown = set(settings) - SETTINGS
-        if unknown:
-            raise PermanentDeployError(f"{name}: unknown azure-kv settings {sorted(unknown)} "
-                                       f"(known: {sorted(SETTINGS)})")
-        certificate_name = settings.get("certificate_name")
-        if not isinstance(certificate_name, str) or not _NAME.match(certificate_name):
-            raise PermanentDeployError(f"{name}: azure-kv setting certificate_name must be 1 to 127 letters, digits "
-                                       f"and dashes, got {certificate_name!r}")
-        tags = settings.get("tags") or {}
-        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
-            raise PermanentDeployError(f"{name}: azure-kv setting tags must map strings to strings")
-        self.certificate_name = certificate_name
-        self.tags: dict[str, str] = dict(tags)
-        self.purge_deleted = bool(settings.get("purge_deleted", False))
+        self.settings = cast(KeyVaultSettings, validate_settings(self.kind, settings, name))
+        self.certificate_name = self.settings.certificate_name
+        self.tags: dict[str, str] = dict(self.settings.tags)
+        self.purge_deleted = self.settings.purge_deleted
         self.lookup = lookup  # not needed: the previous version's key is in the vault itself
         self._calls = _Calls(connection, DeployError, PermanentDeployError)
 
@@ -392,7 +375,6 @@ class AzureKeyVaultDeployer:
                                        content_type=CertificateContentType.pem)
         key_pem = bundle.key_pem()
         try:
-            _check_key(key_pem, bundle.certificate, self.where)
             imported = self._import(bundle.fullchain_pem() + key_pem, policy)
         except CertpilotError as exc:
             traceback.clear_frames(exc.__traceback__)  # the finished frames that held the PEM body
@@ -499,19 +481,3 @@ class AzureKeyVaultDeployer:
             self._calls.run(self.where, "purging the deleted certificate",
                             lambda: client.purge_deleted_certificate(self.certificate_name), absent_ok=True)
         log.info("%s: deleted%s", self.where, " and purged" if purge else " (soft-deleted)")
-
-
-def _check_key(key_pem: bytes, certificate: x509.Certificate, where: str) -> None:
-    """The key must be the certificate's: refused here, before the vault is asked anything that changes it."""
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError):
-        raise PermanentDeployError(f"{where}: the bundle's private key could not be read") from None
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    key_public = key.public_key().public_bytes(serialization.Encoding.DER, spki)
-    del key
-    if key_public != certificate.public_key().public_bytes(serialization.Encoding.DER, spki):
-        certificate_sha256 = hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
-        raise PermanentDeployError(f"{where}: the private key (public key sha256 "
-                                   f"{hashlib.sha256(key_public).hexdigest()[:16]}) does not match the certificate "
-                                   f"{certificate_sha256[:16]}")

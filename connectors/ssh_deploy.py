@@ -26,7 +26,8 @@ server is reloaded, because its configuration still names the removed files: tak
 configuration first, or give ``remove_command`` (run after the files are gone, e.g. a script that
 disables the site and reloads).
 
-Settings of kind ``ssh-nginx`` (NginxDeployer):
+Settings (typed models in certpilot.target_kinds, NginxSettings and HaproxySettings, which hold the
+keys, defaults and rules; a dict is validated through them). In short, of kind ``ssh-nginx`` (NginxDeployer):
   certificate_path   required; the file nginx's ssl_certificate names: the leaf then its intermediates (PEM)
   key_path           required; the file ssl_certificate_key names (PKCS#8 PEM, written 0600)
   certificate_mode   mode of the certificate file, default "0644" (a string of octal digits, or an int)
@@ -67,29 +68,26 @@ from __future__ import annotations
 import functools
 import logging
 import shlex
-import stat as stat_module
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from certpilot.deployment import (DeployBundle, DeployError, PermanentDeployError, Receipt, Verification,
                                   fingerprint)
 from certpilot.errors import ParseError
 from certpilot.formats import load_bundle
+from certpilot.target_kinds import HaproxySettings, NginxSettings, SshSettings, TargetKind, validate_settings
 from connectors.ssh import RemoteCommandError, SshConnection, SshError, SshUnavailableError, trim_output
 from connectors.tls_verify import wait_until_served
 
-__all__ = ["BACKUP_SUFFIX", "HaproxyDeployer", "NginxDeployer", "SSH_KINDS"]
+__all__ = ["BACKUP_SUFFIX", "HaproxyDeployer", "NginxDeployer"]
 
 log = logging.getLogger(__name__)
 
 BACKUP_SUFFIX = ".certpilot-previous"
 MAX_CERTIFICATE_FILE = 1024 * 1024
-_COMMON = {"verify_host", "verify_port", "verify_sni", "verify_hostname", "verify_trust", "trust_pem", "verify_timeout",
-           "verify_consecutive", "remove_previous", "remove_command", "command_timeout"}
 
 
 _R = TypeVar("_R")
@@ -120,49 +118,24 @@ class Endpoint:
 
 
 class _SshDeployer:
-    kind = ""
-    _keys: frozenset[str] = frozenset()
-    _required: tuple[str, ...] = ()
+    kind: TargetKind
 
-    def __init__(self, name: str, connection: SshConnection, settings: Mapping[str, Any]) -> None:
+    def __init__(self, name: str, connection: SshConnection, settings: SshSettings | Mapping[str, Any]) -> None:
         self.name = name
         self.ssh = connection
-        unknown = set(settings) - self._keys - _COMMON
-        if unknown:
-            raise PermanentDeployError(f"{name}: unknown {self.kind} setting(s) {', '.join(sorted(unknown))}; "
-                                       f"known: {', '.join(sorted(self._keys | _COMMON))}")
-        missing = [key for key in self._required if not settings.get(key)]
-        if missing:
-            raise PermanentDeployError(f"{name}: {self.kind} needs the setting(s) {', '.join(missing)}")
-        self.settings = dict(settings)
-        try:
-            self.command_timeout = float(settings.get("command_timeout") or 60.0)
-        except (TypeError, ValueError):
-            raise PermanentDeployError(f"{name}: command_timeout {settings['command_timeout']!r} "
-                                       "is not a number") from None
-        self.endpoint = self._endpoint(settings)
+        self.settings = cast(SshSettings, validate_settings(self.kind, settings, name))
+        self.command_timeout = self.settings.command_timeout
+        self.endpoint = self._endpoint(self.settings)
 
     def close(self) -> None:
         """Close the SSH connection (shared by deployers built from one block object)."""
         self.ssh.close()
 
-    def _endpoint(self, settings: Mapping[str, Any]) -> Endpoint:
-        trust: tuple[x509.Certificate, ...] = ()
-        text = settings.get("verify_trust") or settings.get("trust_pem")
-        if text:
-            try:
-                trust = load_bundle(text.encode() if isinstance(text, str) else bytes(text),
-                                    source=f"{self.name} verify_trust").certificates
-            except ParseError as exc:
-                raise PermanentDeployError(f"{self.name}: verify_trust: {exc}") from None
-        sni = settings.get("verify_sni") or None
-        try:
-            return Endpoint(str(settings.get("verify_host") or self.ssh.address),
-                            int(settings.get("verify_port") or 443), sni, settings.get("verify_hostname") or sni, trust,
-                            float(settings.get("verify_timeout") or 10.0), int(settings.get("verify_consecutive") or 5))
-        except (TypeError, ValueError) as exc:
-            raise PermanentDeployError(f"{self.name}: verify_port, verify_timeout or verify_consecutive is not a "
-                                       f"number ({exc})") from None
+    def _endpoint(self, settings: SshSettings) -> Endpoint:
+        sni = settings.verify_sni or None
+        return Endpoint(settings.verify_host or self.ssh.address, settings.verify_port, sni,
+                        settings.verify_hostname or sni, settings.trust(), settings.verify_timeout,
+                        settings.verify_consecutive)
 
     # the Deployer role, common parts -----------------------------------------------------------------
     def verify(self, fingerprint: str) -> Verification:
@@ -190,19 +163,6 @@ class _SshDeployer:
         self.ssh.run(command, timeout=self.command_timeout, check=True)
         log.debug("%s: %s ok", self.name, what)
 
-    def _check_key(self, bundle: DeployBundle, key_pem: bytes) -> None:
-        try:
-            key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError):
-            raise PermanentDeployError(f"{self.name}: the bundle's private key for {bundle.fingerprint[:16]} "
-                                       "is not a readable unencrypted PEM key") from None
-        spki = serialization.PublicFormat.SubjectPublicKeyInfo
-        ours = key.public_key().public_bytes(serialization.Encoding.DER, spki)
-        theirs = bundle.certificate.public_key().public_bytes(serialization.Encoding.DER, spki)
-        if ours != theirs:
-            raise PermanentDeployError(f"{self.name}: the bundle's private key does not match certificate "
-                                       f"{bundle.fingerprint[:16]}; nothing was written")
-
     def _refuse_links(self, paths: list[str]) -> None:
         """RemotePathError for the first of ``paths`` that is a symbolic link or not a regular file."""
         for path in paths:
@@ -212,10 +172,10 @@ class _SshDeployer:
         for path in paths:
             self.ssh.remove_stale_temporaries(path)
             self.ssh.remove(path)
-            if self.settings.get("remove_previous"):
+            if self.settings.remove_previous:
                 self.ssh.remove(path + BACKUP_SUFFIX)
-        if self.settings.get("remove_command"):
-            self._run(str(self.settings["remove_command"]), "remove command")
+        if self.settings.remove_command:
+            self._run(self.settings.remove_command, "remove command")
         log.info("%s: removed %s", self.name, ", ".join(paths))
 
     def _fail(self, what: str, exc: Exception, restored: str) -> PermanentDeployError | DeployError:
@@ -228,19 +188,16 @@ class _SshDeployer:
 class NginxDeployer(_SshDeployer):
     """An nginx site on an SSH host: certificate and key files, test, reload, verify on the wire."""
 
-    kind = "ssh-nginx"
-    _keys = frozenset({"certificate_path", "key_path", "certificate_mode", "test_command", "reload_command"})
-    _required = ("certificate_path", "key_path")
+    kind = TargetKind.SSH_NGINX
 
-    def __init__(self, name: str, connection: SshConnection, settings: Mapping[str, Any]) -> None:
+    def __init__(self, name: str, connection: SshConnection, settings: NginxSettings | Mapping[str, Any]) -> None:
         super().__init__(name, connection, settings)
-        self.certificate_path = str(settings["certificate_path"])
-        self.key_path = str(settings["key_path"])
-        if self.key_path == self.certificate_path:
-            raise PermanentDeployError(f"{name}: certificate_path and key_path are the same file; give nginx two files")
-        self.certificate_mode = _mode(settings.get("certificate_mode", 0o644), name)
-        self.test_command = str(settings.get("test_command") or "nginx -t")
-        self.reload_command = str(settings.get("reload_command") or "nginx -s reload")
+        nginx = cast(NginxSettings, self.settings)
+        self.certificate_path = nginx.certificate_path
+        self.key_path = nginx.key_path
+        self.certificate_mode = nginx.file_mode
+        self.test_command = nginx.test_command
+        self.reload_command = nginx.reload_command
 
     @_named
     def current(self) -> str | None:
@@ -264,7 +221,6 @@ class NginxDeployer(_SshDeployer):
         had_previous = previous is not None and all(kept.values())
         key_pem = bundle.key_pem()
         try:
-            self._check_key(bundle, key_pem)
             key_temporary = ssh.upload_temporary(key_path, key_pem, 0o600)
         finally:
             del key_pem
@@ -356,24 +312,17 @@ class NginxDeployer(_SshDeployer):
 class HaproxyDeployer(_SshDeployer):
     """A haproxy ``crt`` on an SSH host: one PEM file, swapped in memory through the runtime API."""
 
-    kind = "ssh-haproxy"
-    _keys = frozenset({"pem_path", "runtime_socket", "runtime_client", "reload_command"})
-    _required = ("pem_path",)
+    kind = TargetKind.SSH_HAPROXY
 
-    def __init__(self, name: str, connection: SshConnection, settings: Mapping[str, Any]) -> None:
+    def __init__(self, name: str, connection: SshConnection, settings: HaproxySettings | Mapping[str, Any]) -> None:
         super().__init__(name, connection, settings)
-        self.pem_path = str(settings["pem_path"])
-        self.runtime_socket = settings.get("runtime_socket") or None
-        self.runtime_client = str(settings.get("runtime_client") or "auto")
-        self.reload_command = settings.get("reload_command") or None
-        if self.runtime_client not in ("auto", "socat", "python3"):
-            raise PermanentDeployError(f"{name}: runtime_client must be auto, socat or python3, "
-                                       f"not {self.runtime_client!r}")
-        if not self.runtime_socket and not self.reload_command:
-            raise PermanentDeployError(f"{name}: ssh-haproxy needs runtime_socket or reload_command")
+        haproxy = cast(HaproxySettings, self.settings)
+        self.pem_path = haproxy.pem_path
+        self.runtime_socket = haproxy.runtime_socket or None
+        self.runtime_client = haproxy.runtime_client
+        self.reload_command = haproxy.reload_command or None
         self._cert_argument = _runtime_argument(self.pem_path, "pem_path", name)
         if self.runtime_socket:
-            self.runtime_socket = str(self.runtime_socket)
             _refuse_control_characters(self.runtime_socket, "runtime_socket", name)
             if self.runtime_client == "socat" and not _socat_can_take(self.runtime_socket):
                 raise PermanentDeployError(f"{name}: runtime_socket {self.runtime_socket!r} holds one of "
@@ -402,7 +351,6 @@ class HaproxyDeployer(_SshDeployer):
             ssh.copy(path, path + BACKUP_SUFFIX, mode=0o600)
         key_pem = bundle.key_pem()
         try:
-            self._check_key(bundle, key_pem)
             payload = _pem_payload(bundle.fullchain_pem() + key_pem)
         finally:
             del key_pem
@@ -505,8 +453,6 @@ class HaproxyDeployer(_SshDeployer):
         self._remove_files([self.pem_path])
 
 
-SSH_KINDS = {NginxDeployer.kind: NginxDeployer, HaproxyDeployer.kind: HaproxyDeployer}
-
 # Sent to the stats socket by python3 on the host when socat is missing: stdin in, answer out, 10 s timeout.
 _PY_SOCKET_CLIENT = (
     "import socket,sys\n"
@@ -552,14 +498,3 @@ def _pem_payload(pem: bytes) -> bytes:
     LF line ends, one final newline."""
     lines = [line for line in pem.replace(b"\r\n", b"\n").split(b"\n") if line.strip()]
     return b"\n".join(lines) + b"\n"
-
-
-def _mode(value: Any, name: str) -> int:
-    try:
-        mode = int(value, 8) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
-        raise PermanentDeployError(f"{name}: certificate_mode {value!r} is not an octal file mode") from None
-    if mode != stat_module.S_IMODE(mode):
-        raise PermanentDeployError(f"{name}: certificate_mode {value!r} is not a file mode")
-    return mode
-

@@ -10,6 +10,7 @@ import pytest
 from cryptography import x509
 
 from certpilot.deployment import DeployBundle, PermanentDeployError, VerificationError, fingerprint
+from certpilot.errors import KeyMismatchError
 from certpilot.sample_estate import make_ca
 from connectors.aws import AwsAccount
 from connectors.aws_deploy import AcmDeployer
@@ -83,13 +84,11 @@ def test_a_key_that_does_not_match_is_refused_before_anything_changes(
     arn, old = existing
     new = leaves.bundle("shop", "shop.example.test")
     other = leaves.bundle("other", "other.example.test")
-    mismatched = DeployBundle(new.name, new.certificate, new.chain, other.key_pem)  # moto would accept it
-
     for deployer in (AcmDeployer(account, "shop-acm", {"certificate_arn": arn}),
                      AcmDeployer(account, "fresh-acm", {"region": REGION})):
-        with pytest.raises(PermanentDeployError, match="private key does not match") as refused:
-            deployer.deploy(mismatched)
-        assert "nothing was changed" in str(refused.value)
+        with pytest.raises(KeyMismatchError, match="matches none of the certificates") as refused:
+            deployer.deploy(DeployBundle(new.name, new.certificate, new.chain, other.key_pem))  # moto would take it
+        assert new.fingerprint[:16] in str(refused.value)
         assert leaks(str(refused.value).encode(), leaves.keys) == []
 
     assert _held(moto, arn) == old.fingerprint and _arns(moto) == [arn]
@@ -157,7 +156,7 @@ def test_no_key_in_receipts_or_errors(moto: MotoServer, account: AwsAccount, lea
     texts = [json.dumps(deployer.deploy(new).as_dict()), repr(deployer), repr(new)]
     for bad_key in (b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n", leaves.bundles[
             next(iter(leaves.bundles))].key_pem()):
-        with pytest.raises(PermanentDeployError) as refused:
+        with pytest.raises((PermanentDeployError, KeyMismatchError)) as refused:
             deployer.deploy(DeployBundle(new.name, leaves.bundle("x", "x.test").certificate, new.chain,
                                          lambda k=bad_key: k))
         texts.append(str(refused.value))

@@ -12,6 +12,7 @@ from pydantic import SecretStr
 from blocks.aws import AwsAccountBlock
 from certpilot.deployment import DeployError, Deployer, PermanentDeployError
 from certpilot.discovery import Source, split
+from certpilot.target_kinds import UnknownTargetKindError
 from connectors.aws import AwsAccount
 from connectors.aws_deploy import AcmDeployer, ElbListenerDeployer
 from lab.moto import ACCESS_KEY_ID, SECRET_ACCESS_KEY, MotoServer, free_port
@@ -77,8 +78,11 @@ def test_the_block_builds_a_source_and_each_kind_of_deployer(moto: MotoServer, l
     for kind in ("aws-elbv2", "aws-iam-elbv2"):
         deployer = block.deployer("web-lb", kind, {"listener_arn": LISTENER, "role": "sni"})
         assert isinstance(deployer, Deployer) and deployer.kind == kind
-    with pytest.raises(PermanentDeployError, match="unknown AWS target kind 'ssh-nginx'"):
+    with pytest.raises(PermanentDeployError, match="an AWS account deploys kinds aws-acm, aws-elbv2, aws-iam-elbv2, "
+                                                   "not 'ssh-nginx'"):
         block.deployer("x", "ssh-nginx", {})
+    with pytest.raises(UnknownTargetKindError, match="unknown target kind 'aws-s3'"):
+        block.deployer("x", "aws-s3", {})
 
 
 def test_request_values_never_reach_an_error_message(account: AwsAccount, leaves: Leaves) -> None:

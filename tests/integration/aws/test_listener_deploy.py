@@ -10,6 +10,8 @@ import pytest
 from cryptography import x509
 
 from certpilot.deployment import DeployBundle, PermanentDeployError, VerificationError, fingerprint
+from certpilot.errors import KeyMismatchError
+from certpilot.target_kinds import TargetSettingsError
 from connectors.aws import AwsAccount
 from connectors.aws_deploy import ElbListenerDeployer, IamListenerDeployer
 from lab.moto import MotoServer, make_listener, make_load_balancer
@@ -161,9 +163,9 @@ def test_a_mismatched_key_changes_neither_listener_nor_stores(moto: MotoServer, 
     new, other = leaves.bundle("web", "web.example.test"), leaves.bundle("x", "x.example.test")
     before = (_certificates(moto, listener), _acm_arns(moto), _iam_arns(moto))
     for deployer_class in (ElbListenerDeployer, IamListenerDeployer):
-        with pytest.raises(PermanentDeployError, match="private key does not match"):
-            deployer_class(account, "web-lb", {"listener_arn": listener}).deploy(
-                DeployBundle(new.name, new.certificate, new.chain, other.key_pem))
+        deployer = deployer_class(account, "web-lb", {"listener_arn": listener})
+        with pytest.raises(KeyMismatchError, match="matches none of the certificates"):  # moto would take it
+            deployer.deploy(DeployBundle(new.name, new.certificate, new.chain, other.key_pem))
     assert (_certificates(moto, listener), _acm_arns(moto), _iam_arns(moto)) == before
 
 
@@ -171,9 +173,10 @@ def test_settings_are_checked(account: AwsAccount) -> None:
     listener = "arn:aws:elasticloadbalancing:eu-west-1:123456789012:listener/app/web/1/2"
     with pytest.raises(PermanentDeployError, match="role must be"):
         ElbListenerDeployer(account, "t", {"listener_arn": listener, "role": "both"})
-    with pytest.raises(PermanentDeployError, match="unknown settings certificate_arn"):
+    with pytest.raises(TargetSettingsError, match="unknown aws-elbv2 setting.s. certificate_arn") as unknown:
         ElbListenerDeployer(account, "t", {"listener_arn": listener, "certificate_arn": "x"})
+    assert unknown.value.valid_keys == ("listener_arn", "region", "role")
     with pytest.raises(PermanentDeployError, match="not us-east-2"):
         IamListenerDeployer(account, "t", {"listener_arn": listener, "region": "us-east-2"})
-    with pytest.raises(PermanentDeployError, match="needs listener_arn"):
+    with pytest.raises(PermanentDeployError, match=r"needs the setting\(s\) listener_arn"):
         IamListenerDeployer(account, "t", {})

@@ -46,7 +46,7 @@ def test_lab_block_builds_a_source_and_a_deployer_that_work(
     found = list(source.discover())
     assert len(found) == 1 and isinstance(found[0], Found)
     assert found[0].locator.startswith(f"azure-kv://{keyvault.host}/web/")
-    with pytest.raises(PermanentDeployError, match="deploys kind 'azure-kv', not 'ssh-nginx'"):
+    with pytest.raises(PermanentDeployError, match="an Azure Key Vault deploys kind azure-kv, not 'ssh-nginx'"):
         block.deployer("kv-web", "ssh-nginx", {"certificate_name": "web"})
 
 

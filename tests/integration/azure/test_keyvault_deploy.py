@@ -24,7 +24,9 @@ from certpilot.deployment import (
     VerificationError,
     fingerprint,
 )
+from certpilot.errors import KeyMismatchError
 from certpilot.sample_estate import Authority, issue_leaf
+from certpilot.target_kinds import TargetSettingsError
 from connectors.azure_kv import AzureKeyVaultDeployer
 from lab.keyvault import KeyVaultServer
 
@@ -133,10 +135,9 @@ def test_mismatched_key_is_refused_before_the_vault_changes(
     target.deploy(current)
     keyvault.requests.clear()
     good, _ = issue()
-    wrong = DeployBundle.from_key("web", good.certificate, good.chain, ec.generate_private_key(ec.SECP256R1()))
-    with pytest.raises(PermanentDeployError) as caught:
-        target.deploy(wrong)
-    assert "does not match the certificate" in str(caught.value) and "kv-web" in str(caught.value)
+    with pytest.raises(KeyMismatchError) as caught:
+        target.deploy(DeployBundle.from_key("web", good.certificate, good.chain, ec.generate_private_key(ec.SECP256R1())))
+    assert "matches none of the certificates" in str(caught.value) and good.fingerprint[:16] in str(caught.value)
     assert [m for m, _ in keyvault.requests if m != "GET"] == []  # only the read of the current version
     assert keyvault.version_count("web") == 1
     assert fingerprint(keyvault.latest("web")) == current.fingerprint  # type: ignore[arg-type]
@@ -165,5 +166,8 @@ def test_remove_deletes_and_tolerates_absence(
 def test_settings_are_checked(deployer: MakeDeployer) -> None:
     with pytest.raises(PermanentDeployError, match="certificate_name must be"):
         deployer("not a name!")
-    with pytest.raises(PermanentDeployError, match=r"unknown azure-kv settings \['vault'\]"):
+    with pytest.raises(TargetSettingsError, match=r"unknown azure-kv setting\(s\) vault") as unknown:
         deployer("web", vault="x")
+    assert unknown.value.valid_keys == ("certificate_name", "purge_deleted", "tags") and "kv-web" in str(unknown.value)
+    with pytest.raises(TargetSettingsError, match="tags.a must be a valid string"):
+        deployer("web", tags={"a": 1})

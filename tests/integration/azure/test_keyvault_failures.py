@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from certpilot.deployment import DeployBundle, DeployError, PermanentDeployError, Receipt, VerificationError
+from certpilot.errors import KeyMismatchError
 from certpilot.sample_estate import Authority, issue_leaf
 from connectors.azure_kv import AzureKeyVaultDeployer, KeyVaultConnection, StaticTokenCredential
 from lab.keyvault import KeyVaultServer
@@ -115,9 +116,8 @@ def test_keys_never_reach_receipts_logs_or_errors(
     texts += [repr(r.as_dict()).encode() for r in receipts] + [repr(target).encode(), repr(first).encode()]
 
     errors: list[BaseException] = []
-    wrong = DeployBundle.from_key("web", first.certificate, first.chain, second_key)  # type: ignore[arg-type]
-    with pytest.raises(PermanentDeployError) as mismatch:
-        target.deploy(wrong)
+    with pytest.raises(KeyMismatchError) as mismatch:
+        target.deploy(DeployBundle.from_key("web", first.certificate, first.chain, second_key))
     errors.append(mismatch.value)
     # A key the vault refuses (Ed25519: Key Vault certificates take RSA and EC only): the 400 comes back
     # from the import request, whose body held the key.

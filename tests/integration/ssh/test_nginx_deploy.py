@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from certpilot.deployment import DeployBundle, DeployError, PermanentDeployError, Receipt
+from certpilot.errors import KeyMismatchError
 from certpilot.formats import load_bundle
 from connectors.ssh import SshConnection, SshHostKeyError, is_temporary
 from connectors.ssh_deploy import BACKUP_SUFFIX, NginxDeployer
@@ -232,9 +233,8 @@ def test_a_key_that_does_not_match_is_refused_before_anything_is_written(
     files_before = final_files(nginx, "mismatch.test")
     cert, _ = pki.leaf("mismatch.test")
     _, other_key = pki.leaf("mismatch.test")
-    bundle = DeployBundle.from_key("mismatch.test", cert, [pki.issuing.certificate], other_key)
-    with pytest.raises(PermanentDeployError, match="does not match certificate"):
-        target.deploy(bundle)
+    with pytest.raises(KeyMismatchError, match="matches none of the certificates"):  # checked as the bundle is built
+        target.deploy(DeployBundle.from_key("mismatch.test", cert, [pki.issuing.certificate], other_key))
     after = final_files(nginx, "mismatch.test")
     assert after["fullchain.pem"] == files_before["fullchain.pem"]
     assert after["privkey.pem"] == files_before["privkey.pem"]
