@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from sqlmodel import Session, select
 
 from certpilot import audit
+from certpilot.clock import utcnow
 from certpilot.errors import NotFoundError
 from certpilot.keys import generate_private_key
 from certpilot.keystore import KeyRef, KeyRing, store_private_key
@@ -64,7 +65,7 @@ def record_account(session: Session, *, name: str, directory_url: str, account_u
                    now: dt.datetime | None = None) -> AccountRecord:
     """Seal the account key into the keystore and record the account, in the caller's transaction.
     Call it inside a write session after checking find_account in that same session."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or utcnow()
     ref = store_private_key(session, key, ring, actor, KEY_ORIGIN, now)
     row = AcmeAccount(name=name, directory_url=directory_url, account_url=account_url, key_id=ref.id,
                       contact=list(contact), eab_key_id=eab_key_id, created_at=now)

@@ -7,7 +7,6 @@ the private key stays in the keystore, referred to by a KeyRef.
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,7 +68,3 @@ def build_csr(key: PrivateKeyTypes, dns_names: Sequence[str], ip_addresses: Sequ
                .add_extension(x509.SubjectAlternativeName(names), critical=False))
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     return builder.sign(key, algorithm)  # type: ignore[arg-type]
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

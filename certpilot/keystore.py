@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlmodel import Session, select
 
 from certpilot import audit
+from certpilot.clock import utcnow
 from certpilot.errors import MasterKeyError, NotFoundError
 from certpilot.keys import key_algorithm, private_key_der, public_key_sha256
 from certpilot.models import PrivateKey
@@ -162,7 +163,7 @@ def store_private_key(session: Session, key: PrivateKeyTypes, ring: KeyRing, act
     existing = find_key(session, spki)
     if existing:
         return existing
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or utcnow()
     key_id = uuid.uuid4().hex
     data_key = AESGCM.generate_key(bit_length=256)
     row = PrivateKey(id=key_id, algorithm=key_algorithm(key), spki_sha256=spki, origin=origin,
@@ -199,7 +200,7 @@ def destroy_private_key(session: Session, ref: KeyRef, actor: audit.Actor, now: 
         raise NotFoundError(f"no private key {ref}")
     if row.destroyed_at is not None:
         return
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or utcnow()
     row.ciphertext = None
     row.wrapped_data_key = None
     row.destroyed_at = now

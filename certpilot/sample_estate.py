@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from certpilot.clock import utcnow
+
 # Days from now to each leaf's expiry: already expired, inside every alert band, and comfortable.
 EXPIRY_SPREAD_DAYS = (-12, 2, 6, 13, 24, 45, 80, 150, 190)
 
@@ -37,7 +39,7 @@ def _name(common_name: str, org: str = "certpilot sample estate") -> x509.Name:
 
 def make_ca(common_name: str, parent: Authority | None = None, now: dt.datetime | None = None,
             days: int = 3650) -> Authority:
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or utcnow()
     key = ec.generate_private_key(ec.SECP384R1())
     issuer_cert = parent.certificate if parent else None
     subject = _name(common_name)
@@ -57,7 +59,7 @@ def make_ca(common_name: str, parent: Authority | None = None, now: dt.datetime 
 
 def issue_leaf(ca: Authority, dns_names: list[str], not_after: dt.datetime, now: dt.datetime | None = None,
                key: PrivateKeyTypes | None = None, lifetime_days: int = 90) -> tuple[x509.Certificate, PrivateKeyTypes]:
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or utcnow()
     key = key or ec.generate_private_key(ec.SECP256R1())
     not_before = min(now, not_after) - dt.timedelta(days=lifetime_days)
     cert = (x509.CertificateBuilder().subject_name(_name(dns_names[0])).issuer_name(ca.certificate.subject)
@@ -96,7 +98,7 @@ class Estate:
 
 def write_estate(root: Path, now: dt.datetime | None = None) -> Estate:
     """Write a sample estate under ``root``: hosts with nginx and haproxy directories, shared certificates."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or utcnow()
     ca_root = make_ca("Sample Root CA", now=now)
     issuing = make_ca("Sample Issuing CA", parent=ca_root, now=now, days=1825)
     files = 0
@@ -126,7 +128,7 @@ def write_estate(root: Path, now: dt.datetime | None = None) -> Estate:
 def mint_leaves(count: int, now: dt.datetime | None = None, spread_days: tuple[int, int] = (-30, 400),
                 ca: Authority | None = None) -> Iterator[x509.Certificate]:
     """``count`` distinct leaf certificates with expiries spread evenly over ``spread_days`` from now."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or utcnow()
     ca = ca or make_ca("Bench Issuing CA", now=now)
     low, high = spread_days
     for index in range(count):

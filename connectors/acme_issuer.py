@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from requests.utils import parse_header_links
 
 from certpilot import acme_accounts, audit
+from certpilot.clock import Clock, utcnow
 from certpilot.database import read_session, write_session
 from certpilot.errors import (
     ACME_ERROR_PREFIX,
@@ -109,7 +110,7 @@ def retry_after_seconds(value: str | None, now: Callable[[], dt.datetime] | None
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
-    current = now() if now else dt.datetime.now(dt.timezone.utc)
+    current = (now or utcnow)()
     return max(0.0, (when - current).total_seconds())
 
 
@@ -214,7 +215,8 @@ class AcmeIssuer:
     the chains the CA offers, the one whose topmost certificate was issued by that common name;
     ``timeout`` bounds every HTTP request (seconds), ``order_timeout`` a whole order or revocation,
     ``max_rate_limit_wait`` the total Retry-After waited out in place before RateLimitedError;
-    ``bad_nonce_retries`` how often one request is re-sent after badNonce.
+    ``bad_nonce_retries`` how often one request is re-sent after badNonce; ``now`` the clock that
+    decides whether a certificate has expired.
     """
 
     def __init__(self, engine: sa.Engine, name: str, directory_url: str, *, key_ring: Callable[[], KeyRing],
@@ -222,7 +224,7 @@ class AcmeIssuer:
                  ca_bundle: str | Path | None = None, preferred_chain: str | None = None, timeout: float = 30.0,
                  account_key_algorithm: str = "ec-p256", order_timeout: float = 120.0,
                  max_rate_limit_wait: float = 30.0, bad_nonce_retries: int = 10,
-                 actor: audit.Actor | None = None) -> None:
+                 actor: audit.Actor | None = None, now: Clock = utcnow) -> None:
         if account_key_algorithm not in acme_accounts.ACCOUNT_KEY_ALGORITHMS:
             raise ValueError(f"account_key_algorithm must be one of {', '.join(acme_accounts.ACCOUNT_KEY_ALGORITHMS)}")
         self.engine = engine
@@ -245,7 +247,8 @@ class AcmeIssuer:
         self._directory: messages.Directory | None = None
         self._account: _Account | None = None
         self._ari_cache: dict[str, tuple[RenewalWindow | None, float]] = {}
-        self._clock: Callable[[], float] = time.monotonic
+        self._clock: Callable[[], float] = time.monotonic  # for deadlines and the ARI cache
+        self._now = now  # wall time, for decisions about certificates
         self._sleep: Callable[[float], None] = time.sleep
 
     def __repr__(self) -> str:
@@ -290,7 +293,7 @@ class AcmeIssuer:
         """The CA's suggested renewal window (RFC 9773), or None when the CA has no renewalInfo, does
         not know the certificate, or the certificate has expired. A window is not fetched again before
         the Retry-After the CA sent with it has passed."""
-        if certificate.not_valid_after_utc <= dt.datetime.now(dt.timezone.utc):
+        if certificate.not_valid_after_utc <= self._now():
             return None
         cert_id = ari_cert_id(certificate)
         with self._lock:

@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 
 from certpilot import audit, ca, keystore
+from certpilot.clock import utcnow
 from certpilot.database import read_session
 from certpilot.errors import CertpilotError, NotFoundError
 
@@ -140,7 +141,7 @@ class CAHTTPServer:
         self.refresh_interval = refresh_interval
         self._key_ring = key_ring
         self._actor = actor or audit.Actor("ca-server")
-        self._clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+        self._clock = clock or utcnow
         self._signers: dict[str, ca.CASigner] = {}
         self._certificates: dict[tuple[str, str], bytes] = {}
         self._lock = threading.Lock()

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from certpilot.clock import utcnow
 from certpilot.errors import PermanentError, TransientError
 
 HTTP_01 = "http-01"
@@ -256,9 +257,9 @@ def _sni_name(identifier: str) -> str:
         return identifier.lower().rstrip(".")
 
 
-def _alpn_context(challenge: Challenge) -> ssl.SSLContext:
+def _alpn_context(challenge: Challenge, now: dt.datetime | None = None) -> ssl.SSLContext:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = now or utcnow()
     try:
         san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(challenge.identifier))
     except ValueError:

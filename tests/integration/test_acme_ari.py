@@ -67,6 +67,20 @@ def test_unknown_certificate_has_no_window(front_issuer: AcmeIssuer, acme_front:
     assert acme_front.renewal_info_requests == [ari_cert_id(issued.leaf)]
 
 
+def test_an_expired_certificate_has_no_window_by_the_issuers_clock(
+        front_issuer: AcmeIssuer, acme_front: AcmeFront, sqlite_engine: sa.Engine, pebble: Pebble,
+        key_ring: Callable[[], KeyRing], http01_responder: Http01Responder) -> None:
+    """The clock is passed in: an issuer whose time is past the certificate's expiry does not ask the CA."""
+    issued = _issue(front_issuer, "ari-expired.certpilot.test")
+    acme_front.windows[ari_cert_id(issued.leaf)] = (NOW, NOW + dt.timedelta(days=1), None)
+    later = issued.leaf.not_valid_after_utc + dt.timedelta(seconds=1)
+    in_the_future = AcmeIssuer(sqlite_engine, "pebble-ari", acme_front.directory_url, key_ring=key_ring,
+                               solver=http01_responder, ca_bundle=pebble.ca_bundle, now=lambda: later)
+    assert in_the_future.renewal_info(issued.leaf) is None
+    assert acme_front.renewal_info_requests == []
+    assert front_issuer.renewal_info(issued.leaf) is not None  # by today's clock it has one
+
+
 def test_renewal_order_sends_replaces_and_pebble_accepts_it(front_issuer: AcmeIssuer, acme_front: AcmeFront,
                                                             pebble: Pebble) -> None:
     old = _issue(front_issuer, "ari-renew.certpilot.test")
