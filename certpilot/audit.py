@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
+from certpilot.clock import utcnow
 from certpilot.errors import AuditChainError, InvalidOptionError
 from certpilot.models import AuditEvent
 
@@ -62,7 +63,7 @@ def append(session: Session, actor: Actor, changes: Iterable[Change], now: dt.da
         return 0
     head = session.exec(select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
     seq, prev = (head[0], head[1]) if head else (0, GENESIS)
-    at = now or dt.datetime.now(dt.timezone.utc)
+    at = now or utcnow()
     rows = []
     for change in changes:
         seq += 1

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from sqlmodel import Session
 
 from certpilot import audit, inventory, keystore
+from certpilot.clock import utcnow
 from certpilot.database import write_session
 from certpilot.inventory import Observation
 from certpilot.keys import key_matches_certificate, public_key_sha256
@@ -115,7 +116,7 @@ def record(engine: sa.Engine, source: Source, actor: audit.Actor, *,
     The run is ``actor.flow_run_id`` (a fresh id without Prefect). If the source fails part-way,
     what was found is kept and nothing is flagged: ghosts are judged only by a complete run.
     """
-    clock = now or (lambda: dt.datetime.now(dt.timezone.utc))
+    clock = now or utcnow
     run_id = actor.flow_run_id or f"scan-{uuid.uuid4().hex}"
     actor = audit.Actor(actor.name, run_id)
     report = DiscoveryReport(source.name, run_id)

@@ -13,14 +13,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import idna
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from certpilot import audit
+from certpilot.clock import utcnow  # also imported from here (certpilot.report)
 from certpilot.errors import AmbiguousError, NotFoundError
 from certpilot.models import (AuditEvent, Certificate, Location, ManagedCertificate, PrivateKey, SubjectAltName,
                               UTCDateTime)
+from certpilot.names import normalise_dns_name
 from certpilot.x509info import CertificateRecord
 
 _CHUNK = 500  # bound on parameters per IN (...) list
@@ -49,10 +50,6 @@ class UpsertResult:
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 def upsert(session: Session, observations: Sequence[Observation], actor: audit.Actor, *,
@@ -341,13 +338,11 @@ def _where(q: CertificateQuery, now: dt.datetime) -> list[Any]:
 
 
 def _normalise_name(name: str) -> str:
-    """IDN U-labels are stored as A-labels (xn--...): accept either."""
-    try:
-        name.encode("ascii")
+    """IDN U-labels are stored as A-labels (xn--...): accept either (certpilot.names converts them)."""
+    if name.isascii():
         return name.lower()
-    except UnicodeEncodeError:
-        prefix = "*." if name.startswith("*.") else ("." if name.startswith(".") else "")
-        return prefix + idna.encode(name[len(prefix):], uts46=True).decode("ascii")
+    prefix = "*." if name.startswith("*.") else ("." if name.startswith(".") else "")
+    return prefix + normalise_dns_name(name[len(prefix):])
 
 
 def effective_status(status: str, not_after: dt.datetime, now: dt.datetime) -> str:
