@@ -8,7 +8,7 @@ tests/integration/acme_servers.py), no validation sleeps, no rejected nonces, no
 reuse (every renewal validates every name). http-01 on 127.0.0.1:5002.
 
 certpilot: 50 managed certificates (one DNS name each, EC P-256), first issued, then renewed with
-certpilot.managed.renew_one, the code path of the renew flows: a new key sealed into the keystore, a
+certpilot.renewing.renew_one, the code path of the renew flows: a new key sealed into the keystore, a
 CSR, the ACME order through connectors.acme_issuer.AcmeIssuer (the account registered once, reused),
 the chain checked and recorded in the inventory (SQLite), the old certificate superseded. The
 headline figure renews the 50 one after another, as certbot does; a second pass with a few worker
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from cryptography import x509  # noqa: E402
 from sqlmodel import select  # noqa: E402
 
-from certpilot import audit, database, keystore, managed  # noqa: E402
+from certpilot import audit, database, keystore, managed, renewing  # noqa: E402
 from certpilot.database import read_session, write_session  # noqa: E402
 from certpilot.models import Certificate  # noqa: E402
 from certpilot.settings import load_settings  # noqa: E402
@@ -87,8 +87,8 @@ def certpilot_run(pebble: Pebble, home: Path, count: int, http_port: int, worker
                             ca_bundle=pebble.ca_bundle)
         issuer.account()  # register before timing, as certbot registers before its certonly runs
 
-        def renew(index: int) -> managed.Renewal:
-            return managed.renew_one(engine, f"bench-{index:03d}", issuer, key_ring, actor)
+        def renew(index: int) -> renewing.Renewal:
+            return renewing.renew_one(engine, f"bench-{index:03d}", issuer, key_ring, actor)
 
         started = time.perf_counter()
         first = [renew(i) for i in range(count)]
@@ -105,7 +105,7 @@ def certpilot_run(pebble: Pebble, home: Path, count: int, http_port: int, worker
     return issued, sequential, concurrent
 
 
-def check_certpilot(engine: object, pebble: Pebble, dns_names: list[str], *passes: list[managed.Renewal]) -> None:
+def check_certpilot(engine: object, pebble: Pebble, dns_names: list[str], *passes: list[renewing.Renewal]) -> None:
     fingerprints = [r.fingerprint_sha256 for renewals in passes for r in renewals]
     if len(set(fingerprints)) != len(fingerprints):
         raise SystemExit("certpilot: a renewal returned a certificate seen before")

@@ -11,7 +11,7 @@ What it does, all on this machine (root: the lab user certpilot-lab runs nginx a
    the N sites (server blocks on their own ports), serving at first a certificate the same CA issued
    (so a deploy replaces a real certificate). N managed certificates, one per site, each with one
    ssh-nginx Target naming its site, and a current certificate issued through PrivateCAIssuer with its
-   key sealed in the keystore (certpilot.managed.renew_one).
+   key sealed in the keystore (certpilot.renewing.renew_one).
 2. Timed, concurrent: for every managed certificate, what the deploy-target task does without Prefect:
    read the target and the plan, build the deployer from an SshHostBlock (one block object per nginx,
    so one SSH login per target), and certpilot.rollout.bring_to: record the desired fingerprint,
@@ -67,7 +67,7 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 
 from blocks.ssh import SshHostBlock  # noqa: E402
-from certpilot import audit, ca, keystore, managed, rollout, targets  # noqa: E402
+from certpilot import audit, ca, keystore, managed, renewing, rollout, targets  # noqa: E402
 from certpilot.database import get_engine, read_session, write_session  # noqa: E402
 from certpilot.deployment import DeployBundle, Deployer, Receipt, Verification, key_to_pem  # noqa: E402
 from certpilot.errors import NotFoundError  # noqa: E402
@@ -166,7 +166,7 @@ class Lab:
         """A new current certificate for every managed certificate: key sealed in the keystore, CA-signed."""
         issuer = PrivateCAIssuer(self.engine, CA_NAME, self.key_ring, actor=ACTOR)
         for site in self.sites:
-            managed.renew_one(self.engine, site.managed, issuer, self.key_ring, ACTOR)
+            renewing.renew_one(self.engine, site.managed, issuer, self.key_ring, ACTOR)
 
     def server_pids(self) -> list[int]:
         """The sshd and nginx master processes (for CPU accounting)."""

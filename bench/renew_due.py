@@ -21,7 +21,7 @@ What it does, all on this machine:
    the CA's signature, the checks on what came back and the inventory update; the run must complete
    with N renewed and N certificates superseded.
 4. Without Prefect: N other managed certificates seeded the same way, then certpilot.managed.due()
-   and renew_one() for each on a thread pool of the same size, with the same PrivateCAIssuer.
+   and certpilot.renewing.renew_one() for each on a thread pool of the same size, with the same PrivateCAIssuer.
 
 The output ends with `figure renew_due_1000_prefect: S s` and `figure renew_due_1000_plain: S s`
 (the name says 1000 whatever N is with --quick; the line before says N). Goal: <= 90 s.
@@ -57,7 +57,7 @@ import sqlalchemy as sa  # noqa: E402
 from prefect.settings import (PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY,  # noqa: E402
                               temporary_settings)
 
-from certpilot import audit, ca, keystore, managed  # noqa: E402
+from certpilot import audit, ca, keystore, managed, renewing  # noqa: E402
 from certpilot.database import get_engine, read_session, write_session  # noqa: E402
 from certpilot.issuance import IssuedCertificate, build_csr  # noqa: E402
 from certpilot.keys import generate_private_key  # noqa: E402
@@ -121,9 +121,8 @@ def define_and_seed(engine: sa.Engine, prefix: str, count: int) -> None:
                 key = generate_private_key(row.key_algorithm)
                 ref = keystore.store_private_key(session, key, the_ring, ACTOR, "generated")
                 cert = signer.sign(build_csr(key, row.dns_names), "tls-server", validity_days=30, now=back)
-                ca.store_issued(session, ACTOR, signer, [cert], "tls-server")
                 issued = IssuedCertificate((cert.public_bytes(Encoding.DER), signer.certificate.public_bytes(Encoding.DER)))
-                managed.record_issued(session, row, issued, ref, ACTOR)
+                renewing.record_issued(session, row, issued, ref, ACTOR)
 
 
 def count_completed(url: str, run_id: str) -> int:
@@ -153,7 +152,7 @@ def bench_prefect(engine: sa.Engine, url: str, count: int, workers: int) -> floa
     if not state.is_completed():
         raise RuntimeError(f"renew-due did not complete: {state.message}")
     result = state.result()
-    assert result["renewed"] == count and result["failed"] == 0, result
+    assert result.renewed == count and result.failed == 0, result
     run_id = str(state.state_details.flow_run_id)
     expected = count + 4  # refresh-renewal-info, select-due, ensure-issuer-limits, publish-renewal-report
     seen = 0
@@ -179,13 +178,13 @@ def bench_plain(engine: sa.Engine, count: int, workers: int) -> float:
 
     define_and_seed(engine, "pl", count)
     issuer = PrivateCAIssuer(engine, CA_NAME, ring)
-    log(f"plain: due() and renew_one() over {count} due certificates, {workers} threads ...")
+    log(f"plain: due() and renewing.renew_one() over {count} due certificates, {workers} threads ...")
     start = time.perf_counter()
     with read_session(engine) as session:
         names = [m.name for m, _ in managed.due(session)]
     assert len(names) == count, len(names)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(lambda n: managed.renew_one(engine, n, issuer, ring, ACTOR), names))
+        results = list(pool.map(lambda n: renewing.renew_one(engine, n, issuer, ring, ACTOR), names))
     elapsed = time.perf_counter() - start
     assert len(results) == count and superseded(engine, "pl") == count
     log(f"plain: {count} renewed in {elapsed:.1f} s")

@@ -13,8 +13,7 @@ from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.status import next_renewal
 from certpilot.timespan import parse_timespan
-from cli import fleet
-from cli.console import JsonOption, cell, err, line, out, print_json
+from cli.console import JsonOption, cell, line, out, print_json
 from cli.issuer_blocks import check_issuer_block
 from cli.options import KeyAlgorithm, Profile, actor, parse_tags, whole_days
 
@@ -109,10 +108,10 @@ def renew_command(
     within: Annotated[Optional[str], typer.Option(help="With --due: also what falls due within this time, e.g. 7d.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Renew one managed certificate (renew-certificate flow), or all that are due (renew-due flow)."""
-    import datetime as dt
-
+    """Renew one managed certificate, or all that are due. With PREFECT_API_URL set the renew-certificate
+    or renew-due flow runs there; without it the renewal runs directly, with no Prefect run history."""
     from certpilot import managed
+    from cli import renewals
 
     if (name is None) == (not due):
         raise typer.BadParameter("give a managed certificate's NAME, or --due")
@@ -125,43 +124,28 @@ def renew_command(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--within") from None
     if dry_run:
-        with read_session(get_engine()) as session:
-            rows = [r for r in schedule_rows(managed.schedule(session, managed.utcnow() + ahead)) if r["due"]]
+        at = utcnow() + ahead
+        with read_session(get_engine()) as session:  # next_renewal of a due one: when it fell due, stable
+            rows = [r for r in schedule_rows(managed.schedule(session, at), at) if r["due"]]
         if as_json:
             print_json(rows)
             return
         for r in rows:
             current = f"replaces {r['current']['fingerprint_sha256'][:12]} (expires {r['current']['not_after']})" \
                 if r["current"] else "first certificate"
-            out.print(f"{r['name']}  {r['issuer']}  {r['reason']}; {current}")
-        out.print(f"{len(rows)} managed certificate(s) due; dry run: nothing renewed")
+            out.print(line(f"{r['name']}  {r['issuer']}  {r['reason']}; {current}"))
+        out.print(line(f"{len(rows)} managed certificate(s) due; dry run: nothing renewed"))
         return
-    from prefect import tags
-
-    fleet.prefect_note()
     if name is not None:
-        from flows.renew import renew_certificate
-
-        with read_session(get_engine()) as session:
-            managed.get(session, name)  # fail fast, before starting Prefect, on a name that does not exist
-        with tags(managed.certificate_tag(name)):
-            state = renew_certificate(name=name, return_state=True)
-    else:
-        from flows.renew import renew_due
-
-        state = renew_due(within_days=ahead.total_seconds() / 86400, return_state=True)
-    if not state.is_completed():
+        renewal = renewals.renew_now(name)
         if as_json:
-            print_json({"ok": False, "error": state.message})
+            print_json(renewal.as_dict())
         else:
-            err.print(f"[red]renewal failed:[/] {state.message}")
-        raise typer.Exit(1)
-    result = state.result()
+            renewals.print_renewal(renewal)
+        return
+    summary = renewals.renew_due_now(ahead)
     if as_json:
-        print_json({"ok": True, **result})
-    elif name is not None:
-        out.print(f"renewed {name}: certificate {result['fingerprint_sha256'][:16]} (serial {result['serial']}), "
-                  f"expires {result['not_after']}" + (f", replaces {result['replaces'][:16]}" if result["replaces"] else ""))
+        print_json(summary.as_dict())
     else:
-        out.print(f"{result['due']} due: {result['renewed']} renewed, {result['failed']} failed")
+        renewals.print_summary(summary)
 

@@ -1,9 +1,11 @@
 """certpilot's own private CA as an Issuer (certpilot.issuance.Issuer).
 
-The CA lives in the inventory (certpilot.ca): this connector opens a write transaction per call,
-decrypts the issuing key inside a signer for that one call, records what it issued or revoked, and
-lets the key go. Revoking publishes a new CRL at once; OCSP answers from the inventory, so both
-reflect a revocation as soon as the transaction commits.
+The CA lives in the inventory (certpilot.ca): this connector decrypts the issuing key inside a
+signer for one call and lets it go. Issuing only signs: like any issuer, it returns the chain and
+writes nothing; the renewal's store step records the certificate (one certificate.issued event), and
+from then on OCSP and the CRL know its serial. Revoking marks the inventory row and publishes a new
+CRL at once; OCSP answers from the inventory, so both reflect a revocation as soon as the
+transaction commits.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sqlalchemy as sa
 from cryptography import x509
 
 from certpilot import audit, ca, keystore
-from certpilot.database import write_session
+from certpilot.database import read_session, write_session
 from certpilot.issuance import IssuedCertificate
 from certpilot.renewal import RenewalWindow
 from certpilot.x509info import fingerprint_sha256
@@ -39,12 +41,11 @@ class PrivateCAIssuer:
 
     def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
               replaces: x509.Certificate | None = None) -> IssuedCertificate:
-        """Sign ``csr`` (tls-server or tls-client) and record the certificate; the chain is the leaf
+        """Sign ``csr`` (tls-server or tls-client); nothing is recorded here. The chain is the leaf
         and the issuing CA certificate. Raises certpilot.ca.CertificateRequestError for a CSR the CA
-        refuses (bad signature, no SAN, a weak key)."""
-        with write_session(self.engine) as session:
-            return ca.issue(session, self._key_ring(), self._actor, self.ca_name, csr, profile,
-                            validity_days=validity_days, replaces=replaces)
+        refuses (bad signature, no SAN, a weak key). ``replaces`` is not needed: the CA offers no ARI."""
+        with read_session(self.engine) as session:
+            return ca.sign(session, self._key_ring(), self.ca_name, csr, profile, validity_days=validity_days)
 
     def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags) -> None:
         """Mark ``certificate`` revoked in the inventory and publish a new CRL."""

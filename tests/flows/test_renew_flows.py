@@ -25,7 +25,7 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from blocks.issuers import AcmeIssuerBlock, PrivateCABlock
-from certpilot import audit, ca, inventory, keystore, managed
+from certpilot import audit, ca, inventory, keystore, managed, renewing
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.keys import key_matches_certificate
 from certpilot.models import AuditEvent, Certificate, ManagedCertificate, PrivateKey
@@ -75,13 +75,14 @@ def _add(engine: sa.Engine, name: str, issuer: str = ISSUER, **kw: Any) -> None:
 
 def _seed(engine: sa.Engine, name: str, age_days: int, validity_days: int = 30) -> str:
     """Give ``name`` a certificate from the private CA issued ``age_days`` ago. Returns its fingerprint."""
-    ref = managed.new_key(engine, name, _ring, ACTOR)
-    csr = managed.new_csr(engine, name, ref, _ring)
+    plan = renewing.plan(engine, name)
+    ref = renewing.new_key(engine, plan, _ring, ACTOR)
+    csr = renewing.new_csr(engine, plan, ref, _ring).csr
     with write_session(engine) as session:
-        issued = ca.issue(session, _ring(), ACTOR, CA_NAME, csr, "tls-server", validity_days=validity_days,
-                          now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=age_days))
+        issued = ca.sign(session, _ring(), CA_NAME, csr, "tls-server", validity_days=validity_days,
+                         now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=age_days))
         row = managed.get(session, name)
-        return managed.record_issued(session, row, issued, ref, ACTOR).fingerprint_sha256
+        return renewing.record_issued(session, row, issued, ref, ACTOR).fingerprint_sha256
 
 
 def _current(engine: sa.Engine, name: str) -> Certificate | None:
@@ -148,12 +149,12 @@ def test_renew_certificate_end_to_end_with_the_private_ca(pki: sa.Engine) -> Non
     # Started plainly, as a deployment run would be: the flow tags its own run.
     first = renew_certificate(name="web-1", return_state=True)
     assert first.is_completed(), first.message
-    first_fp = first.result()["fingerprint_sha256"]
+    first_fp = first.result().renewal.fingerprint_sha256
     # Started inside prefect.tags(...): the run is created with the tag.
     with tags("certificate:web-1", "manual"):
         second = renew_certificate(name="web-1", return_state=True)
     assert second.is_completed(), second.message
-    renewal = second.result()
+    renewal = second.result().renewal
     run_ids = [first.state_details.flow_run_id, second.state_details.flow_run_id]
 
     for run_id in run_ids:
@@ -167,26 +168,27 @@ def test_renew_certificate_end_to_end_with_the_private_ca(pki: sa.Engine) -> Non
 
     # The inventory: the new certificate is current, carries its key and names, replaces the first.
     current = _current(pki, "web-1")
-    assert current is not None and current.fingerprint_sha256 == renewal["fingerprint_sha256"]
-    assert current.replaces_fingerprint == first_fp and renewal["replaces"] == first_fp
+    assert current is not None and current.fingerprint_sha256 == renewal.fingerprint_sha256
+    assert current.replaces_fingerprint == first_fp and renewal.replaces == first_fp
     assert current.owner == "team-web" and current.tags == {"env": "prod"}
     with read_session(pki) as session:
         old = session.get(Certificate, first_fp)
         assert old is not None and old.status == "superseded"
         key_row = session.exec(select(PrivateKey).where(PrivateKey.spki_sha256 == current.spki_sha256)).one()
         key = keystore.load_private_key(session, keystore.KeyRef(key_row.id), _ring())
-        assert renewal["key_ref"] == f"key:{key_row.id}"
+        assert renewal.key_ref == f"key:{key_row.id}"
         shown = managed.uncovered_names(x509_of(current), managed.get(session, "web-1"))
         assert shown == []
         assert audit.verify(session).events > 0
     assert key_matches_certificate(key, x509_of(current))
     assert _row(pki, "web-1").last_error is None
 
-    # Audit: each run's events carry its flow run id, the CA's record of the issuance too.
-    issued = [(json.loads(e.details), e.flow_run_id, e.actor) for e in _events(pki, "certificate.issued")]
-    assert [(d["managed"], run) for d, run, _ in issued if "managed" in d] == [("web-1", str(r)) for r in run_ids]
-    assert [run for d, run, _ in issued if "ca" in d] == [str(r) for r in run_ids]
-    assert {actor for _, _, actor in issued} == {"prefect:renew-certificate"}
+    # Audit: each run's events carry its flow run id; one certificate.issued event per issuance (the
+    # private CA only signs; the store step records it).
+    issued = [(json.loads(e.details), e.flow_run_id, e.actor, e.object) for e in _events(pki, "certificate.issued")]
+    assert [(d["managed"], run) for d, run, _, _ in issued] == [("web-1", str(r)) for r in run_ids]
+    assert [o for _, _, _, o in issued] == [f"certificate:{first_fp}", f"certificate:{renewal.fingerprint_sha256}"]
+    assert {actor for _, _, actor, _ in issued} == {"prefect:renew-certificate"}
     superseded = _events(pki, "certificate.superseded")
     assert [(e.object, e.flow_run_id) for e in superseded] == [(f"certificate:{first_fp}", str(run_ids[1]))]
     stored = [e for e in _events(pki, "key.stored") if e.flow_run_id]
@@ -330,7 +332,7 @@ def test_no_private_key_byte_reaches_prefect(pki: sa.Engine, prefect_files) -> N
         for artifact in _artifacts(run_id, "renewals"):
             haystacks[f"artifact {artifact.key}"] = str(artifact.data).encode()
     haystacks["state messages"] = f"{one.message} {due.message}".encode()
-    haystacks["results"] = json.dumps(one.result(), default=str).encode()
+    haystacks["results"] = json.dumps(one.result().as_dict(), default=str).encode()
     APILogHandler().flush()
     haystacks.update(prefect_files())
     for where, data in haystacks.items():
@@ -396,10 +398,10 @@ def test_acme_renewal_through_the_flows(pki: sa.Engine, acme_ca: tuple[Any, int]
     assert first.is_completed(), first.message
     due = renew_due(within_days=25, return_state=True)  # a 30-day certificate is due within 25 days
     assert due.is_completed(), due.message
-    assert due.result()["renewed"] == 1
+    assert due.result().renewed == 1
 
     current = _current(pki, "shop")
-    assert current is not None and current.replaces_fingerprint == first.result()["fingerprint_sha256"]
+    assert current is not None and current.replaces_fingerprint == first.result().renewal.fingerprint_sha256
     with read_session(pki) as session:
         chain = [x509.load_der_x509_certificate(c.der) for c in inventory.chain_of(session, current)]
         [account] = session.exec(select(AcmeAccount)).all()

@@ -1,5 +1,6 @@
 """Managed certificates on SQLite and PostgreSQL: definitions, the renewal schedule, the checks on
-what an issuer returns, failures that keep the certificate in service, and renew_one without Prefect.
+what an issuer returns, failures that keep the certificate in service, and the renewal steps
+(certpilot.renewing) run directly, without Prefect.
 
 Issuers here are real signers: a small CA from certpilot.sample_estate (a test seam we own) and
 certpilot's own private CA; what they return is parsed and checked like anything else."""
@@ -13,14 +14,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlmodel import select
 
-from certpilot import audit, ca, keystore, managed
+from certpilot import audit, ca, keystore, managed, renewing
 from certpilot.database import read_session, write_session
-from certpilot.errors import NotFoundError, PermanentError, TransientError
+from certpilot.errors import NotFoundError, PermanentError, TransientError, redact
 from certpilot.keys import key_matches_certificate
 from certpilot.models import AuditEvent, Certificate, ManagedCertificate, PrivateKey
 from certpilot.renewal import RenewalWindow
@@ -116,7 +117,7 @@ def test_schedule_new_renewed_policy_ari_and_changed_names(engine: sa.Engine, au
     add(engine, "no-ari", validity_days=90, use_ari=False)
     issuer = SampleIssuer(authority)
     for name in ("plain", "strict", "ari", "no-ari"):
-        managed.renew_one(engine, name, issuer, ring, ACTOR)
+        renewing.renew_one(engine, name, issuer, ring, ACTOR)
     now = dt.datetime.now(UTC)
     window = RenewalWindow(now - dt.timedelta(hours=2), now - dt.timedelta(hours=1))
     with write_session(engine) as session:
@@ -153,16 +154,17 @@ def test_schedule_new_renewed_policy_ari_and_changed_names(engine: sa.Engine, au
 # ---------------------------------------------------------------------------------- record_issued
 
 def _csr_and_key(engine: sa.Engine, name: str) -> tuple[keystore.KeyRef, x509.CertificateSigningRequest]:
-    ref = managed.new_key(engine, name, ring, ACTOR)
-    return ref, managed.new_csr(engine, name, ref, ring)
+    plan = renewing.plan(engine, name)
+    ref = renewing.new_key(engine, plan, ring, ACTOR)
+    return ref, renewing.new_csr(engine, plan, ref, ring).csr
 
 
 def test_record_issued_links_supersedes_and_audits(engine: sa.Engine, authority: Authority) -> None:
     add(engine, "web", dns_names=("web.example.test", "www.example.test"), ip_addresses=("192.0.2.7",),
         owner="team-web", tags={"env": "prod"})
-    first = managed.renew_one(engine, "web", SampleIssuer(authority), ring, ACTOR)
+    first = renewing.renew_one(engine, "web", SampleIssuer(authority), ring, ACTOR)
     issuer = SampleIssuer(authority)
-    second = managed.renew_one(engine, "web", issuer, ring, ACTOR)
+    second = renewing.renew_one(engine, "web", issuer, ring, ACTOR)
 
     assert issuer.calls[0]["replaces"] is not None  # the issuer is told what it renews (ARI)
     assert managed_fp(issuer.calls[0]["replaces"]) == first.fingerprint_sha256
@@ -195,7 +197,7 @@ def test_record_issued_refuses_a_certificate_for_another_key(engine: sa.Engine, 
     before = count(engine, Certificate)
     with pytest.raises(PermanentError, match=rf"carries public key sha256 \w{{16}}\.\.\., not that of {ref}"):
         with write_session(engine) as session:
-            managed.record_issued(session, managed.get(session, "web"), issued, ref, ACTOR)
+            renewing.record_issued(session, managed.get(session, "web"), issued, ref, ACTOR)
     assert count(engine, Certificate) == before and current(engine, "web") is None
 
 
@@ -209,8 +211,8 @@ def test_record_issued_refuses_a_certificate_missing_a_name(engine: sa.Engine, a
                 .not_valid_after(dt.datetime.now(UTC) + dt.timedelta(days=30))
                 .add_extension(x509.SubjectAlternativeName([x509.DNSName("web.example.test")]), critical=False))
 
-    with pytest.raises(managed.PermanentRenewalError) as caught:
-        managed.renew_one(engine, "web", SampleIssuer(authority, tamper=drop_names), ring, ACTOR)
+    with pytest.raises(renewing.PermanentRenewalError) as caught:
+        renewing.renew_one(engine, "web", SampleIssuer(authority, tamper=drop_names), ring, ACTOR)
     assert caught.value.step == "store"
     assert "does not cover DNS:api.example.test, IP:192.0.2.9: refusing to store it" in str(caught.value)
     assert current(engine, "web") is None
@@ -221,10 +223,10 @@ def test_record_issued_refuses_a_certificate_missing_a_name(engine: sa.Engine, a
 def test_transient_failure_is_recorded_keeps_the_old_certificate_and_shreds_the_new_key(engine: sa.Engine,
                                                                                         authority: Authority) -> None:
     add(engine, "web")
-    kept = managed.renew_one(engine, "web", SampleIssuer(authority), ring, ACTOR)
+    kept = renewing.renew_one(engine, "web", SampleIssuer(authority), ring, ACTOR)
     busy = SampleIssuer(authority, error=TransientError("CA answered 503, try later"))
-    with pytest.raises(managed.TransientRenewalError) as caught:
-        managed.renew_one(engine, "web", busy, ring, ACTOR)
+    with pytest.raises(renewing.TransientRenewalError) as caught:
+        renewing.renew_one(engine, "web", busy, ring, ACTOR)
     error = caught.value
     assert isinstance(error, TransientError) and error.step == "issue" and error.kept == kept.fingerprint_sha256
     assert str(error) == (f"renewal of 'web' failed at step 'issue' (issuer sample/ca): CA answered 503, try later; "
@@ -240,7 +242,7 @@ def test_transient_failure_is_recorded_keeps_the_old_certificate_and_shreds_the_
     assert json.loads(failed.details) == {"step": "issue", "error": "CA answered 503, try later",
                                           "issuer": "sample/ca", "kept": kept.fingerprint_sha256}
     # The next success clears the error.
-    managed.renew_one(engine, "web", SampleIssuer(authority), ring, ACTOR)
+    renewing.renew_one(engine, "web", SampleIssuer(authority), ring, ACTOR)
     with read_session(engine) as session:
         assert managed.get(session, "web").last_error is None
 
@@ -248,14 +250,14 @@ def test_transient_failure_is_recorded_keeps_the_old_certificate_and_shreds_the_
 def test_unexpected_errors_are_permanent_and_sanitised(engine: sa.Engine, authority: Authority) -> None:
     add(engine, "web")
     leaky = SampleIssuer(authority, error=ValueError("-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMG\n-----END PRIVATE KEY-----"))
-    with pytest.raises(managed.PermanentRenewalError) as caught:
-        managed.renew_one(engine, "web", leaky, ring, ACTOR)
+    with pytest.raises(renewing.PermanentRenewalError) as caught:
+        renewing.renew_one(engine, "web", leaky, ring, ACTOR)
     assert "BEGIN" not in str(caught.value) and "MIGHAgEA" not in str(caught.value)
-    assert "ValueError (its message held PEM text and was withheld) (at tests/sample_issuer.py:" in caught.value.reason
+    assert "ValueError (its message may hold key material and was withheld) (at tests/sample_issuer.py:" in caught.value.reason
     with pytest.raises(NotFoundError):
-        managed.renew_one(engine, "nope", SampleIssuer(authority), ring, ACTOR)
-    assert managed.safe_reason(RuntimeError("x" * 5000)).endswith("...")
-    assert len(managed.safe_reason(RuntimeError("x" * 5000))) <= 600
+        renewing.renew_one(engine, "nope", SampleIssuer(authority), ring, ACTOR)
+    assert redact(RuntimeError("x " * 5000)).endswith("...")  # the one redaction: bounded
+    assert len(redact(RuntimeError("x " * 5000))) <= 600
 
 
 def test_renew_one_with_the_private_ca(engine: sa.Engine) -> None:
@@ -266,8 +268,8 @@ def test_renew_one_with_the_private_ca(engine: sa.Engine) -> None:
     add(engine, "intranet", dns_names=("intranet.corp.test",), issuer="private-ca/unit-ca", validity_days=30,
         key_algorithm="rsa-2048")
     issuer = PrivateCAIssuer(engine, "unit-ca", ring)
-    first = managed.renew_one(engine, "intranet", issuer, ring, ACTOR)
-    second = managed.renew_one(engine, "intranet", issuer, ring, ACTOR)
+    first = renewing.renew_one(engine, "intranet", issuer, ring, ACTOR)
+    second = renewing.renew_one(engine, "intranet", issuer, ring, ACTOR)
     cur = current(engine, "intranet")
     assert cur is not None and cur.fingerprint_sha256 == second.fingerprint_sha256
     assert cur.replaces_fingerprint == first.fingerprint_sha256 and cur.key_type == "RSA" and cur.key_size == 2048
@@ -275,5 +277,100 @@ def test_renew_one_with_the_private_ca(engine: sa.Engine) -> None:
     with read_session(engine) as session:
         assert [m.name for m, _ in managed.due(session)] == []
     add(engine, "edwards", issuer="private-ca/unit-ca", key_algorithm="ed25519")
-    with pytest.raises(managed.PermanentRenewalError, match="Ed25519PublicKey keys are not accepted for tls-server"):
-        managed.renew_one(engine, "edwards", issuer, ring, ACTOR)
+    with pytest.raises(renewing.PermanentRenewalError, match="Ed25519PublicKey keys are not accepted for tls-server"):
+        renewing.renew_one(engine, "edwards", issuer, ring, ACTOR)
+
+
+# ------------------------------------------------------------------- the one sequence, one record
+
+def test_the_steps_run_in_order_and_an_issuer_that_cannot_be_had_fails_before_a_key_is_made(
+        engine: sa.Engine, authority: Authority) -> None:
+    assert [str(s) for s in renewing.Step] == ["load", "key", "csr", "issue", "store"]
+    add(engine, "web")
+    seen: list[str] = []
+
+    class Recorded(renewing.DirectSteps):
+        def load(self, name: str) -> renewing.RenewalPlan:
+            seen.append("load")
+            return super().load(name)
+
+        def issuer(self, plan: renewing.RenewalPlan) -> Any:
+            seen.append("issuer")
+            return super().issuer(plan)
+
+        def key(self, plan: renewing.RenewalPlan) -> keystore.KeyRef:
+            seen.append("key")
+            return super().key(plan)
+
+        def csr(self, plan: renewing.RenewalPlan, key: keystore.KeyRef) -> renewing.SigningRequest:
+            seen.append("csr")
+            return super().csr(plan, key)
+
+        def issue(self, plan: renewing.RenewalPlan, request: renewing.SigningRequest, issuer: Any) -> Any:
+            seen.append("issue")
+            return super().issue(plan, request, issuer)
+
+        def store(self, plan: renewing.RenewalPlan, issued: Any, key: keystore.KeyRef) -> renewing.Renewal:
+            seen.append("store")
+            return super().store(plan, issued, key)
+
+    renewal = renewing.renew(Recorded(engine, lambda block: SampleIssuer(authority), ring, ACTOR), "web")
+    assert seen == ["load", "issuer", "key", "csr", "issue", "store"]
+    assert isinstance(renewal, renewing.Renewal) and renewal.issuer == "sample/ca"
+
+    def missing(block: str) -> Any:
+        raise PermanentError(f"issuer block {block!r} cannot be loaded: no such block")
+
+    keys_before = count(engine, PrivateKey)
+    with pytest.raises(renewing.PermanentRenewalError) as caught:
+        renewing.renew(renewing.DirectSteps(engine, missing, ring, ACTOR), "web")
+    assert caught.value.step is renewing.Step.ISSUE and caught.value.kept == renewal.fingerprint_sha256
+    assert "issuer block 'sample/ca' cannot be loaded" in caught.value.reason
+    assert count(engine, PrivateKey) == keys_before  # no key was made for an order that could not be placed
+    with read_session(engine) as session:
+        assert managed.get(session, "web").last_error == "issue: issuer block 'sample/ca' cannot be loaded: no such block"
+
+
+def test_one_audit_event_per_issuance_and_the_ca_still_answers_for_it(engine: sa.Engine) -> None:
+    """The private CA only signs; the renewal's store step records the certificate once. OCSP and the
+    CRL know it from the inventory: good, then revoked."""
+    from cryptography.x509 import ocsp
+
+    from connectors.private_ca import PrivateCAIssuer
+
+    with write_session(engine) as session:
+        ca.init_ca(session, ring(), ACTOR, "unit-ca", "http://127.0.0.1:8888")
+    add(engine, "intranet", dns_names=("intranet.corp.test",), issuer="private-ca/unit-ca")
+    issuer = PrivateCAIssuer(engine, "unit-ca", ring)
+
+    # Signing alone writes nothing: no certificate row, no audit event.
+    ref, csr = _csr_and_key(engine, "intranet")
+    certificates, events_before = count(engine, Certificate), count(engine, AuditEvent)
+    signed = issuer.issue(csr, "tls-server")
+    assert (count(engine, Certificate), count(engine, AuditEvent)) == (certificates, events_before)
+    with read_session(engine) as session:
+        assert session.get(Certificate, managed_fp(signed.leaf)) is None
+
+    first = renewing.renew_one(engine, "intranet", issuer, ring, ACTOR)
+    second = renewing.renew_one(engine, "intranet", issuer, ring, ACTOR)
+    for renewal in (first, second):
+        issued = [e for e in events(engine, "certificate.issued") if e.object == f"certificate:{renewal.fingerprint_sha256}"]
+        assert len(issued) == 1, issued
+        assert json.loads(issued[0].details)["managed"] == "intranet"
+
+    with read_session(engine) as session:
+        leaf = x509.load_der_x509_certificate(session.get(Certificate, second.fingerprint_sha256).der)  # type: ignore[union-attr]
+        signer = ca.open_signer(session, ring(), "unit-ca")
+        request = ocsp.OCSPRequestBuilder().add_certificate(leaf, signer.certificate, hashes.SHA1()).build()
+        answer = ocsp.load_der_ocsp_response(ca.respond_ocsp(session, signer, request.public_bytes(
+            serialization.Encoding.DER)))
+    assert answer.certificate_status == ocsp.OCSPCertStatus.GOOD
+    with write_session(engine) as session:
+        ca.revoke(session, ring(), ACTOR, second.fingerprint_sha256, x509.ReasonFlags.key_compromise)
+    with read_session(engine) as session:
+        signer = ca.open_signer(session, ring(), "unit-ca")
+        answer = ocsp.load_der_ocsp_response(ca.respond_ocsp(session, signer, request.public_bytes(
+            serialization.Encoding.DER)))
+        crl = x509.load_der_x509_crl(ca.get_ca(session, "unit-ca").crl_der)  # type: ignore[arg-type]
+    assert answer.certificate_status == ocsp.OCSPCertStatus.REVOKED
+    assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None

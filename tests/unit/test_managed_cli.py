@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from certpilot import audit, keystore, managed
+from certpilot import audit, keystore, managed, renewing
 from cli.main import app
 from certpilot.sample_estate import make_ca
 from certpilot.settings import load_settings
@@ -34,7 +34,7 @@ def test_managed_add_and_list(engine: sa.Engine) -> None:
     assert out.strip() == "added managed certificate web (web.example.test, www.example.test, 192.0.2.1) from " \
                           "private-ca/internal: no certificate issued yet"
     _ok("managed", "add", "api", "--dns", "api.example.test", "--issuer", "acme-issuer/letsencrypt", "--no-ari")
-    managed.renew_one(engine, "api", SampleIssuer(make_ca("CLI CA"), name="acme-issuer/letsencrypt"),
+    renewing.renew_one(engine, "api", SampleIssuer(make_ca("CLI CA"), name="acme-issuer/letsencrypt"),
                       lambda: keystore.load_key_ring(load_settings()), audit.Actor("test"))
 
     rows = json.loads(_ok("managed", "list", "--json"))
@@ -55,7 +55,7 @@ def test_managed_add_and_list(engine: sa.Engine) -> None:
 def test_renew_due_dry_run_lists_what_is_due_and_changes_nothing(engine: sa.Engine) -> None:
     _ok("managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/internal")
     _ok("managed", "add", "api", "--dns", "api.example.test", "--issuer", "private-ca/internal")
-    managed.renew_one(engine, "api", SampleIssuer(make_ca("CLI CA")), lambda: keystore.load_key_ring(load_settings()),
+    renewing.renew_one(engine, "api", SampleIssuer(make_ca("CLI CA")), lambda: keystore.load_key_ring(load_settings()),
                       audit.Actor("test"))
     out = _ok("renew", "--due", "--dry-run")
     assert "web  private-ca/internal  no certificate issued yet; first certificate" in out

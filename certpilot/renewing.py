@@ -1,0 +1,531 @@
+"""Renewing a managed certificate: one ordered, typed sequence of steps and one failure mapping.
+
+The steps, in order (``Step``): load the plan (``RenewalPlan``: which issuer, what it replaces),
+generate and seal a new key (a ``KeyRef`` leaves, never the key), build the CSR with it
+(``SigningRequest``), have the issuer sign it (``IssuedCertificate``, the chain), and store what came
+back after checking it (``Renewal``). The issuer is resolved before a key is made; failing to resolve
+it is a failure of the issue step.
+
+``renew(steps, name)`` runs the sequence through ``steps``, the seam (``Steps``): ``DirectSteps``
+calls the plain functions below (the CLI, and renew-due's one task run per certificate); the
+renew-certificate flow passes an implementation that runs each step as its own Prefect task. Either
+way a failure is mapped once (``failure``): which step failed, transient or permanent, the reason
+redacted (certpilot.errors.redact), recorded on the managed certificate and in the audit trail, the
+unused key destroyed, the certificate in service kept, and a RenewalError raised.
+
+The issuer only signs; ``store`` is the one place that records an issued certificate, with one
+``certificate.issued`` audit event per issuance. No Prefect and no network here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlmodel import Session, select
+
+from certpilot import audit, inventory, managed, targets
+from certpilot.clock import Clock, utcnow
+from certpilot.database import read_session, write_session
+from certpilot.errors import CertpilotError, NotFoundError, PermanentError, TransientError, redact
+from certpilot.issuance import IssuedCertificate, Issuer, build_csr
+from certpilot.keys import generate_private_key
+from certpilot.keystore import KeyRef, destroy_private_key, load_private_key, store_private_key
+from certpilot.managed import KeyRingSource
+from certpilot.models import Certificate, ManagedCertificate, PrivateKey
+from certpilot.rollout import DeploymentReport
+from certpilot.x509info import describe_certificate, serial_hex, spki_sha256
+
+__all__ = ["Step", "RenewalPlan", "SigningRequest", "Renewal", "Failure", "DueCertificate", "RenewalOutcome",
+           "RenewDueSummary", "RenewDueFailed", "CertificateRenewal", "RenewalError", "TransientRenewalError", "PermanentRenewalError", "Steps",
+           "DirectSteps", "renew", "renew_one", "failure", "step_error", "is_transient", "plan", "new_key",
+           "new_csr", "issue", "store", "record_issued", "record_failure", "due_certificates"]
+
+_MAX_ERROR = 632  # the longest last_error stored on a managed certificate ("<step>: <reason>")
+
+
+class Step(enum.StrEnum):
+    """The steps of a renewal, in the order they run."""
+
+    LOAD = "load"
+    KEY = "key"
+    CSR = "csr"
+    ISSUE = "issue"
+    STORE = "store"
+
+
+# ------------------------------------------------------------------------------------------ records
+
+@dataclass(frozen=True)
+class RenewalPlan:
+    """What renewing ``name`` needs, read once at its start: public facts only."""
+
+    name: str
+    issuer: str  # the issuer block, <block-type-slug>/<block-name>
+    profile: str
+    key_algorithm: str
+    validity_days: int | None
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    current: str | None  # the fingerprint of the certificate in service, if any
+    current_not_after: dt.datetime | None
+    targets: int  # how many targets it is deployed to
+
+
+@dataclass(frozen=True)
+class SigningRequest:
+    """A CSR, as PEM (public: it carries the new key's public half and the names)."""
+
+    pem: str
+
+    @classmethod
+    def of(cls, csr: x509.CertificateSigningRequest) -> SigningRequest:
+        return cls(csr.public_bytes(serialization.Encoding.PEM).decode("ascii"))
+
+    @property
+    def csr(self) -> x509.CertificateSigningRequest:
+        return x509.load_pem_x509_csr(self.pem.encode("ascii"))
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What one renewal produced: public facts only."""
+
+    name: str
+    issuer: str
+    fingerprint_sha256: str
+    serial_hex: str
+    not_after: dt.datetime
+    replaces: str | None
+    key_ref: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "issuer": self.issuer, "fingerprint_sha256": self.fingerprint_sha256,
+                "serial": self.serial_hex, "not_after": inventory.iso(self.not_after), "replaces": self.replaces,
+                "key_ref": self.key_ref}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A renewal that failed at ``step``, to be recorded: ``reason`` is redacted already, and
+    ``unused_key`` (the key made for this attempt, if any) is destroyed when it is recorded."""
+
+    name: str
+    step: Step
+    issuer: str
+    reason: str
+    unused_key: KeyRef | None = None
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+class RenewalError(CertpilotError):
+    """A renewal that failed at ``step``; the certificate in service (``kept``, a fingerprint) stays.
+
+    The message says what failed where and that nothing in service changed; it never holds key
+    material (``reason`` is redacted), so it is safe in logs, state messages and result storage.
+    """
+
+    def __init__(self, name: str, step: Step | str, issuer: str, reason: str, kept: str | None) -> None:
+        self.name = name
+        self.step = Step(step)
+        self.issuer = issuer
+        self.reason = reason
+        self.kept = kept
+        still = (f"certificate {kept[:16]} stays in service" if kept
+                 else "no certificate was in service before, and none is now")
+        super().__init__(f"renewal of {name!r} failed at step {str(self.step)!r} (issuer {issuer}): {reason}; {still}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled into Prefect's result storage
+        return (type(self), (self.name, str(self.step), self.issuer, self.reason, self.kept))
+
+
+class TransientRenewalError(RenewalError, TransientError):
+    """A renewal that may succeed if tried again (a busy CA or database, a timeout)."""
+
+
+class PermanentRenewalError(RenewalError, PermanentError):
+    """A renewal that cannot succeed as configured (a refused request, a wrong certificate back)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, (TransientError, TimeoutError, ConnectionError))
+
+
+def step_error(name: str, step: Step, issuer: str, exc: BaseException, kept: str | None = None) -> RenewalError:
+    """``exc`` as the RenewalError of ``step`` (transient or permanent as ``exc`` is), its reason
+    redacted; a RenewalError already is one. Tasks raise this so that Prefect sees nothing else."""
+    if isinstance(exc, RenewalError):
+        return exc
+    kind = TransientRenewalError if is_transient(exc) else PermanentRenewalError
+    return kind(name, step, issuer, redact(exc), kept)
+
+
+# ------------------------------------------------------------------------------------------ the steps
+
+def plan(engine: sa.Engine, name: str) -> RenewalPlan:
+    """Step load: the managed certificate ``name`` and what it replaces. NotFoundError if none."""
+    with read_session(engine) as session:
+        row = managed.get(session, name)
+        current = managed.current_certificate(session, row)
+        count = len(targets.list_targets(session, name))
+    return RenewalPlan(row.name, row.issuer, row.profile, row.key_algorithm, row.validity_days,
+                       tuple(row.dns_names), tuple(row.ip_addresses),
+                       current.fingerprint_sha256 if current else None, current.not_after if current else None,
+                       count)
+
+
+def new_key(engine: sa.Engine, plan: RenewalPlan, key_ring: KeyRingSource, actor: audit.Actor,
+            now: dt.datetime | None = None) -> KeyRef:
+    """Step key: generate the next key and store it encrypted; only its reference leaves."""
+    key = generate_private_key(plan.key_algorithm)  # outside the write transaction: an RSA key takes a while
+    with write_session(engine) as session:
+        return store_private_key(session, key, key_ring(), actor, origin="generated", now=now)
+
+
+def new_csr(engine: sa.Engine, plan: RenewalPlan, key_ref: KeyRef, key_ring: KeyRingSource) -> SigningRequest:
+    """Step csr: a CSR for the plan's names, signed with the stored key ``key_ref`` (decrypted here only)."""
+    with read_session(engine) as session:
+        key = load_private_key(session, key_ref, key_ring())
+    return SigningRequest.of(build_csr(key, plan.dns_names, plan.ip_addresses))
+
+
+def issue(engine: sa.Engine, plan: RenewalPlan, request: SigningRequest, issuer: Issuer) -> IssuedCertificate:
+    """Step issue: the issuer signs the CSR; it is told which certificate this one replaces (ARI)."""
+    replaces = None
+    if plan.current is not None:
+        with read_session(engine) as session:
+            row = session.get(Certificate, plan.current)
+        replaces = x509.load_der_x509_certificate(row.der) if row is not None else None
+    return issuer.issue(request.csr, plan.profile, validity_days=plan.validity_days, replaces=replaces)
+
+
+def store(engine: sa.Engine, plan: RenewalPlan, issued: IssuedCertificate, key_ref: KeyRef, actor: audit.Actor,
+          now: dt.datetime | None = None) -> Renewal:
+    """Step store: check what the issuer returned and make it the current certificate."""
+    with write_session(engine) as session:
+        return record_issued(session, managed.get(session, plan.name), issued, key_ref, actor, now)
+
+
+def record_issued(session: Session, row: ManagedCertificate, issued: IssuedCertificate, key_ref: KeyRef,
+                  actor: audit.Actor, now: dt.datetime | None = None) -> Renewal:
+    """Check what the issuer returned and, only if it is right, make it the current certificate.
+
+    The leaf must carry the public key of ``key_ref`` and every managed name; anything else is refused
+    (PermanentError) and the inventory is left as it was. Then the leaf and its chain are upserted,
+    the leaf is linked to the managed certificate and to the one it replaces, which is superseded,
+    and the issuance is audited: one ``certificate.issued`` event (the issuer records nothing).
+    """
+    now = now or utcnow()
+    if not issued.chain_der:
+        raise PermanentError(f"the issuer returned no certificate for {row.name!r}")
+    leaf = issued.leaf
+    serial = serial_hex(leaf.serial_number)
+    key_row = session.get(PrivateKey, key_ref.id)
+    if key_row is None or key_row.destroyed_at is not None:
+        raise PermanentError(f"the key {key_ref} that the certificate for {row.name!r} was requested with is "
+                             "missing or destroyed: refusing to store a certificate without its key")
+    leaf_spki = spki_sha256(leaf.public_key())
+    if leaf_spki != key_row.spki_sha256:
+        raise PermanentError(f"the certificate issued for {row.name!r} (serial {serial}) carries public key "
+                             f"sha256 {leaf_spki[:16]}..., not that of {key_ref} ({key_row.spki_sha256[:16]}...) "
+                             "whose CSR was sent: refusing to store it")
+    missing = managed.uncovered_names(leaf, row)
+    if missing:
+        raise PermanentError(f"the certificate issued for {row.name!r} (serial {serial}) does not cover "
+                             f"{', '.join(missing)}: refusing to store it")
+    if leaf.not_valid_after_utc <= now:
+        raise PermanentError(f"the certificate issued for {row.name!r} (serial {serial}) expired at "
+                             f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: refusing to store it")
+    records = [describe_certificate(c) for c in issued.chain]
+    fp = records[0].fingerprint_sha256
+    existing = session.get(Certificate, fp)
+    if existing is not None and existing.managed_certificate_id == row.id:  # recorded already (a retried store)
+        return Renewal(row.name, row.issuer, fp, existing.serial_hex, existing.not_after,
+                       existing.replaces_fingerprint, str(key_ref))
+    previous = [c for c, in session.execute(sa.select(Certificate.fingerprint_sha256).where(
+        Certificate.managed_certificate_id == row.id, Certificate.status == "active",
+        Certificate.fingerprint_sha256 != fp).order_by(Certificate.not_before.desc()))]  # type: ignore[attr-defined]
+    replaces = previous[0] if previous else None
+    if len(records) > 1:
+        inventory.upsert(session, [inventory.Observation(r, None, "issued") for r in records[1:]], actor, now=now)
+    inventory.upsert(session, [inventory.Observation(records[0], None, "issued")], actor,
+                     owner=row.owner, tags=row.tags or None, now=now)
+    session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256 == fp).values(
+        managed_certificate_id=row.id, replaces_fingerprint=replaces, status="active"))
+    if previous:
+        session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256.in_(previous))  # type: ignore[attr-defined]
+                        .values(status="superseded"))
+    row.last_attempt_at = now
+    row.last_error = None
+    row.ari_start = row.ari_end = row.ari_checked_at = None  # the window was for the certificate replaced
+    session.add(row)
+    session.flush()
+    changes = [audit.Change("certificate.issued", f"certificate:{fp}", {
+        "managed": row.name, "issuer": row.issuer, "serial": serial, "not_after": leaf.not_valid_after_utc.isoformat(),
+        "key": str(key_ref), "replaces": replaces, "profile": row.profile})]
+    changes += [audit.Change("certificate.superseded", f"certificate:{old}", {"managed": row.name, "by": fp})
+                for old in previous]
+    audit.append(session, actor, changes, now)
+    return Renewal(row.name, row.issuer, fp, serial, leaf.not_valid_after_utc, replaces, str(key_ref))
+
+
+def record_failure(session: Session, failure: Failure, actor: audit.Actor, now: dt.datetime | None = None) -> str | None:
+    """Record a failed renewal on the row and in the audit trail; the current certificate stays active.
+
+    The failure's ``unused_key``, made for this attempt and carried by no certificate, is destroyed:
+    the next attempt makes its own. Returns the fingerprint of the certificate that stays in service.
+    """
+    now = now or utcnow()
+    row = managed.get(session, failure.name)
+    kept = managed.current_certificate(session, row)
+    row.last_attempt_at = now
+    row.last_error = f"{failure.step}: {failure.reason}"[:_MAX_ERROR]
+    session.add(row)
+    session.flush()
+    audit.append(session, actor, [audit.Change("renewal.failed", f"managed:{failure.name}", {
+        "step": str(failure.step), "error": failure.reason, "issuer": row.issuer,
+        "kept": kept.fingerprint_sha256 if kept else None})], now)
+    if failure.unused_key is not None:
+        key_row = session.get(PrivateKey, failure.unused_key.id)
+        in_use = key_row is not None and session.exec(select(Certificate.fingerprint_sha256).where(
+            Certificate.spki_sha256 == key_row.spki_sha256).limit(1)).first() is not None
+        if key_row is not None and key_row.destroyed_at is None and not in_use:
+            destroy_private_key(session, failure.unused_key, actor, now)
+    return kept.fingerprint_sha256 if kept else None
+
+
+# ------------------------------------------------------------------------------------------ the sequence
+
+class Steps(Protocol):
+    """How each step runs: directly (DirectSteps) or, in the renew-certificate flow, as a task each."""
+
+    def load(self, name: str) -> RenewalPlan: ...
+
+    def issuer(self, plan: RenewalPlan) -> Issuer: ...
+
+    def key(self, plan: RenewalPlan) -> KeyRef: ...
+
+    def csr(self, plan: RenewalPlan, key: KeyRef) -> SigningRequest: ...
+
+    def issue(self, plan: RenewalPlan, request: SigningRequest, issuer: Issuer) -> IssuedCertificate: ...
+
+    def store(self, plan: RenewalPlan, issued: IssuedCertificate, key: KeyRef) -> Renewal: ...
+
+    def record_failure(self, failure: Failure) -> str | None:
+        """Record ``failure``; return the fingerprint of the certificate kept in service."""
+        ...
+
+
+IssuerSource = Callable[[str], Issuer]  # the issuer of an issuer block name
+
+
+@dataclass(frozen=True)
+class DirectSteps:
+    """Every step a plain call, in this process (the CLI without a Prefect API; renew-due's task run
+    per certificate). ``issuers`` builds the issuer a plan names."""
+
+    engine: sa.Engine
+    issuers: IssuerSource
+    key_ring: KeyRingSource
+    actor: audit.Actor
+    clock: Clock = utcnow
+
+    def load(self, name: str) -> RenewalPlan:
+        return plan(self.engine, name)
+
+    def issuer(self, plan: RenewalPlan) -> Issuer:
+        return self.issuers(plan.issuer)
+
+    def key(self, plan: RenewalPlan) -> KeyRef:
+        return new_key(self.engine, plan, self.key_ring, self.actor, self.clock())
+
+    def csr(self, plan: RenewalPlan, key: KeyRef) -> SigningRequest:
+        return new_csr(self.engine, plan, key, self.key_ring)
+
+    def issue(self, plan: RenewalPlan, request: SigningRequest, issuer: Issuer) -> IssuedCertificate:
+        return issue(self.engine, plan, request, issuer)
+
+    def store(self, plan: RenewalPlan, issued: IssuedCertificate, key: KeyRef) -> Renewal:
+        return store(self.engine, plan, issued, key, self.actor, self.clock())
+
+    def record_failure(self, failure: Failure) -> str | None:
+        with write_session(self.engine) as session:
+            return record_failure(session, failure, self.actor, self.clock())
+
+
+def failure(steps: Steps, name: str, step: Step, exc: BaseException, plan: RenewalPlan | None,
+            unused_key: KeyRef | None) -> RenewalError:
+    """THE failure mapping: ``exc`` ended the renewal of ``name`` at ``step``. Records it through
+    ``steps`` (the row's last error, a renewal.failed event, the unused key destroyed) and returns
+    the error to raise: transient or permanent as ``exc`` is, its reason redacted, naming the
+    certificate that stays in service."""
+    reason = exc.reason if isinstance(exc, RenewalError) else redact(exc)
+    issuer = plan.issuer if plan is not None else exc.issuer if isinstance(exc, RenewalError) else "?"
+    try:
+        kept = steps.record_failure(Failure(name, step, issuer, reason, unused_key))
+    except Exception as record_exc:  # the renewal failed either way: say so, and why it is not recorded
+        kept = plan.current if plan is not None else None
+        recorded = record_exc.reason if isinstance(record_exc, RenewalError) else redact(record_exc)
+        reason += f" (recording this failure also failed: {recorded})"
+    kind = TransientRenewalError if is_transient(exc) else PermanentRenewalError
+    return kind(name, step, issuer, reason, kept)
+
+
+def renew(steps: Steps, name: str) -> Renewal:
+    """Renew managed certificate ``name``: every step in order, through ``steps``.
+
+    A managed certificate that does not exist raises NotFoundError. Any other failure is recorded
+    (``failure``) and raised as a TransientRenewalError or PermanentRenewalError naming the step; the
+    certificate in service is untouched then.
+    """
+    step, loaded, key = Step.LOAD, None, None
+    try:
+        loaded = steps.load(name)
+        step = Step.ISSUE  # resolved before a key is made: an issuer that cannot be had fails the issue step
+        issuer = steps.issuer(loaded)
+        step = Step.KEY
+        key = steps.key(loaded)
+        step = Step.CSR
+        request = steps.csr(loaded, key)
+        step = Step.ISSUE
+        issued = steps.issue(loaded, request, issuer)
+        step = Step.STORE
+        return steps.store(loaded, issued, key)
+    except Exception as exc:
+        if step is Step.LOAD and isinstance(exc, NotFoundError):
+            raise
+        raise failure(steps, name, step, exc, loaded, key) from None
+
+
+def renew_one(engine: sa.Engine, name: str, issuer: Issuer, key_ring: KeyRingSource, actor: audit.Actor,
+              clock: Clock = utcnow) -> Renewal:
+    """Renew ``name`` with ``issuer`` (whatever issuer the managed certificate names), every step
+    directly, no Prefect."""
+    return renew(DirectSteps(engine, lambda _: issuer, key_ring, actor, clock), name)
+
+
+# ------------------------------------------------------------------------------------------ renew-due
+
+@dataclass(frozen=True)
+class DueCertificate:
+    """A managed certificate due for renewal, and since when (stable: not the time of asking)."""
+
+    name: str
+    issuer: str
+    reason: str
+    due_since: dt.datetime
+    current: str | None
+    current_not_after: dt.datetime | None
+    has_targets: bool
+
+
+def due_certificates(session: Session, at: dt.datetime, limit: int | None = None) -> list[DueCertificate]:
+    """The managed certificates due for renewal at ``at``, most overdue first, at most ``limit``."""
+    rows = [s for s in managed.schedule(session, at) if s.decision.due]
+    deployed = targets.managed_with_targets(session)
+    if limit is not None:
+        rows = rows[:limit]
+    return [DueCertificate(s.managed.name, s.managed.issuer, s.decision.reason, s.decision.renew_at,
+                           s.current.fingerprint_sha256 if s.current else None,
+                           s.current.not_after if s.current else None, s.managed.id in deployed) for s in rows]
+
+
+FailedAt = Step | Literal["deploy"]
+
+
+@dataclass(frozen=True)
+class CertificateRenewal:
+    """One certificate renewed and, when it has targets, deployed (``deployment``; None: not deployed,
+    having no targets or not asked to)."""
+
+    renewal: Renewal
+    deployment: DeploymentReport | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.renewal.as_dict(),
+                "deployment": self.deployment.as_dict() if self.deployment is not None else None}
+
+
+@dataclass(frozen=True)
+class RenewalOutcome:
+    """How renewing one due certificate ended in renew-due: ``renewal`` when it was renewed (and
+    deployed, if it has targets); else the step it failed at (None: unknown, a crashed run), why,
+    and the certificate kept in service."""
+
+    name: str
+    issuer: str
+    why: str  # why it was due
+    renewal: Renewal | None = None
+    step: FailedAt | None = None
+    reason: str | None = None
+    kept: str | None = None
+
+    @classmethod
+    def of(cls, due: DueCertificate, renewal: Renewal | None, error: BaseException | None) -> RenewalOutcome:
+        """The outcome of renewing ``due``: ``renewal``, or the ``error`` it ended with."""
+        if error is None and renewal is not None:
+            return cls(due.name, due.issuer, due.reason, renewal=renewal)
+        if isinstance(error, RenewalError):
+            return cls(due.name, due.issuer, due.reason, step=error.step, reason=error.reason, kept=error.kept)
+        reason = redact(error) if error is not None else "ended without a result"
+        return cls(due.name, due.issuer, due.reason, step=None, reason=reason, kept=due.current)
+
+    def not_deployed(self, why: str) -> RenewalOutcome:
+        """This renewal, failed at its deployment: its targets still serve the certificate it replaces."""
+        fingerprint = self.renewal.fingerprint_sha256[:16] if self.renewal else "?"
+        return dataclasses.replace(self, step="deploy", kept=self.renewal.replaces if self.renewal else self.kept,
+                                   reason=f"renewed as {fingerprint} but not deployed: {why}")
+
+    @property
+    def ok(self) -> bool:
+        return self.renewal is not None and self.reason is None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "issuer": self.issuer, "why": self.why, "ok": self.ok}
+        if self.ok and self.renewal is not None:
+            return {**out, **self.renewal.as_dict()}
+        return {**out, "step": str(self.step) if self.step is not None else None, "reason": self.reason,
+                "kept": self.kept}
+
+
+@dataclass(frozen=True)
+class RenewDueSummary:
+    """What a renew-due run did: how many were due, renewed and failed, and each failure."""
+
+    due: int
+    renewed: int
+    failed: int
+    failures: tuple[RenewalOutcome, ...]
+
+    @classmethod
+    def of(cls, outcomes: Sequence[RenewalOutcome]) -> RenewDueSummary:
+        failed = tuple(o for o in outcomes if not o.ok)
+        return cls(len(outcomes), len(outcomes) - len(failed), len(failed), failed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"due": self.due, "renewed": self.renewed, "failed": self.failed,
+                "failures": [{"name": f.name, "issuer": f.issuer, "step": str(f.step) if f.step else None,
+                              "reason": f.reason, "kept": f.kept} for f in self.failures]}
+
+
+class RenewDueFailed(PermanentError):
+    """Some due renewals failed (after all that could be done was done); ``summary`` says which, at
+    which step and why. The certificates in service were kept."""
+
+    def __init__(self, summary: RenewDueSummary) -> None:
+        self.summary = summary
+        shown = "; ".join(f"{o.name} at {o.step or '?'} ({o.issuer}): {o.reason}" for o in summary.failures[:10])
+        more = f"; and {summary.failed - 10} more" if summary.failed > 10 else ""
+        super().__init__(f"{summary.failed} of {summary.due} renewal(s) failed, the certificates in service were "
+                         f"kept ({summary.renewed} renewed): {shown}{more}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled into Prefect's result storage
+        return (type(self), (self.summary,))

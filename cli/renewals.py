@@ -1,0 +1,131 @@
+"""`certpilot renew`: one managed certificate now, or every one that is due.
+
+With a Prefect API configured (cli.prefect_api) the renew-certificate and renew-due flows run there,
+so their runs are in the operator's history. Without one the same steps of certpilot.renewing run
+directly in this process: no flow run is created and nothing is written to the user's own Prefect
+database; the issuer block is still read through Prefect (Block.load, analytics off). A renewed
+certificate that has targets is then deployed directly too. Either way the result is the same typed
+record (``--json`` prints it) and a failure is a CertpilotError (exit 1, one error style).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+from certpilot import managed, renewing, rollout
+from certpilot.database import get_engine, read_session
+from certpilot.errors import CertpilotError, PermanentError, redact
+from certpilot.issuance import Issuer
+from certpilot.renewing import CertificateRenewal, RenewalOutcome, RenewDueFailed, RenewDueSummary
+from cli import fleet, prefect_api
+from cli.console import line, out
+from cli.options import actor
+
+
+def renew_now(name: str) -> CertificateRenewal:
+    """Renew ``name`` (and deploy it, if it has targets): the flow with a Prefect API, else directly."""
+    with read_session(get_engine()) as session:
+        managed.get(session, name)  # fail fast on a name that does not exist
+    if prefect_api.configured():
+        from prefect import tags
+
+        from flows.renew import renew_certificate
+
+        with tags(managed.certificate_tag(name)):
+            result: CertificateRenewal = fleet._flow_result(renew_certificate(name=name, return_state=True),
+                                                            renewing.RenewalError)
+        return result
+    fleet.no_history_note()
+    return _Direct().renew(name)
+
+
+def renew_due_now(ahead: dt.timedelta) -> RenewDueSummary:
+    """Renew every managed certificate due now (or within ``ahead``): renew-due with a Prefect API,
+    else directly, one after the other. RenewDueFailed (after all that could be done) if any failed."""
+    if prefect_api.configured():
+        from flows.renew import renew_due
+
+        summary: RenewDueSummary = fleet._flow_result(
+            renew_due(within_days=ahead.total_seconds() / 86400, return_state=True), RenewDueFailed)
+        return summary
+    fleet.no_history_note()
+    return _Direct().renew_due(ahead)
+
+
+class _Direct:
+    """The renewal steps run in this process, each issuer block loaded once for this command."""
+
+    def __init__(self) -> None:
+        from tasks.renewal import key_ring, load_issuer, retry_delays
+
+        self.engine, self.actor = get_engine(), actor()
+        self.issuers: dict[str, Issuer] = {}
+        self.delays = retry_delays()
+        self.steps = renewing.DirectSteps(self.engine, self._issuer, key_ring(), self.actor)
+        self._load = load_issuer
+
+    def _issuer(self, block: str) -> Issuer:
+        if block not in self.issuers:
+            self.issuers[block] = self._load(block, self.engine, self.steps.key_ring, self.actor)
+        return self.issuers[block]
+
+    def _renewed(self, name: str) -> renewing.Renewal:
+        """Renew ``name``; a transient failure is tried again after the renew task's delays."""
+        for delay in [*self.delays, None]:
+            try:
+                return renewing.renew(self.steps, name)
+            except renewing.TransientRenewalError:
+                if delay is None:
+                    raise
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _deploy(self, renewal: renewing.Renewal) -> rollout.DeploymentReport:
+        with read_session(self.engine) as session:
+            plan = rollout.plan(session, renewal.name, renewal.fingerprint_sha256)
+        return fleet._deploy_directly(plan, None, 4)
+
+    def renew(self, name: str) -> CertificateRenewal:
+        renewal = self._renewed(name)
+        if not renewing.plan(self.engine, name).targets:
+            return CertificateRenewal(renewal)
+        try:
+            return CertificateRenewal(renewal, self._deploy(renewal))
+        except CertpilotError as exc:
+            raise PermanentError(f"renewed {name} ({renewal.fingerprint_sha256[:16]}) but its deployment failed, "
+                                 f"so its targets serve the previous certificate: {redact(exc)}") from None
+
+    def renew_due(self, ahead: dt.timedelta) -> RenewDueSummary:
+        from certpilot.clock import utcnow
+
+        with read_session(self.engine) as session:
+            due = renewing.due_certificates(session, utcnow() + ahead)
+        outcomes = []
+        for item in due:
+            try:
+                outcome = RenewalOutcome.of(item, self._renewed(item.name), None)
+            except renewing.RenewalError as exc:
+                outcome = RenewalOutcome.of(item, None, exc)
+            if outcome.ok and outcome.renewal is not None and item.has_targets:
+                try:
+                    self._deploy(outcome.renewal)
+                except CertpilotError as exc:
+                    outcome = outcome.not_deployed(redact(exc))
+            outcomes.append(outcome)
+        summary = RenewDueSummary.of(outcomes)
+        if summary.failures:
+            raise RenewDueFailed(summary)
+        return summary
+
+
+def print_renewal(result: CertificateRenewal) -> None:
+    r = result.renewal
+    out.print(line(f"renewed {r.name}: certificate {r.fingerprint_sha256[:16]} (serial {r.serial_hex}), "
+                   f"expires {r.as_dict()['not_after']}" + (f", replaces {r.replaces[:16]}" if r.replaces else "")))
+    if result.deployment is not None:
+        out.print(line(f"deployed to {len(result.deployment.outcomes)} target(s) and verified there"))
+
+
+def print_summary(summary: RenewDueSummary) -> None:
+    out.print(line(f"{summary.due} due: {summary.renewed} renewed, {summary.failed} failed"))
