@@ -161,11 +161,10 @@ class DeploymentTargetBlock(Block):
     def _consistent(self) -> DeploymentTargetBlock:
         spec = KINDS[self.kind]
         if not isinstance(self.settings, spec.settings):
-            raise ValueError(f"a {self.kind} target's settings are {spec.settings.__name__}, "
-                             f"not {type(self.settings).__name__}")
+            raise ValueError(f"kind {self.kind} takes {spec.settings.__name__}, not {type(self.settings).__name__}")
         if not isinstance(self.connection, spec.connection):
-            raise ValueError(f"a {self.kind} target needs a {spec.connection.__name__} connection, "
-                             f"not a {type(self.connection).__name__}")
+            raise ValueError(f"kind {self.kind} goes through {CONNECTIONS[spec.connection]} "
+                             f"({spec.connection.__name__}), not a {type(self.connection).__name__}")
         return self
 
     def deployer(self, name: str, kind: str, settings: Mapping[str, Any],

@@ -80,8 +80,8 @@ def check(kind: TargetKind, reference: str, settings: dict[str, Any], name: str)
         elif isinstance(block, spec.connection):
             validate_settings(kind, settings, name)
         else:
-            raise typer.BadParameter(f"{reference} is a {type(block).__name__}; a {kind} target goes through "
-                                     f"{CONNECTIONS[spec.connection]} block ({spec.connection.__name__}) or a "
+            raise typer.BadParameter(f"{reference} is a {type(block).__name__}; kind {kind} goes through "
+                                     f"{CONNECTIONS[spec.connection]} ({spec.connection.__name__}) or a "
                                      f"deployment-target block of kind {kind}", param_hint="--block")
     except PermanentError as exc:  # TargetSettingsError: names what is wrong and the valid keys
         raise typer.BadParameter(str(exc), param_hint="--set") from None
