@@ -27,7 +27,7 @@ def redact(exc: BaseException) -> str:
     """
     message = " ".join(str(exc).split())
     ours = isinstance(exc, CertpilotError)
-    if _SECRET.search(message):
+    if may_hold_secret(message):
         text = f"{type(exc).__name__} (its message may hold key material and was withheld)"
     elif ours:
         text = message or type(exc).__name__
@@ -38,6 +38,13 @@ def redact(exc: BaseException) -> str:
         if frames:
             text += f" (at {'/'.join(frames[-1].filename.split('/')[-2:])}:{frames[-1].lineno})"
     return text if len(text) <= REDACTED_LENGTH else text[:REDACTED_LENGTH - 3] + "..."
+
+
+def may_hold_secret(text: str) -> bool:
+    """True when ``text`` may hold key material (PEM armour, a key's PEM label, a long base64 or hex
+    run): the one test, used by ``redact`` and by connectors deciding whether a vendor's message may be
+    kept in an error at all."""
+    return bool(_SECRET.search(text))
 
 
 class CertpilotError(Exception):

@@ -4,10 +4,15 @@ and the certificate facts that both the source (connectors/aws_source.py) and th
 listeners use a certificate, and a chain kept only where it links by signature.
 
 Every call goes through ``AwsAccount.call``: a botocore Config with connect and read timeouts and a
-bounded number of attempts, and errors turned into certpilot's: throttling, 5xx answers, unparseable
-answers and connection failures are DeployError (transient); access denied, validation and not-found
-are PermanentDeployError. Each message names the service, operation, region and ARN, and never holds
-request parameters (a private key is one).
+bounded number of attempts, and errors turned into certpilot's, named by their cause and carrying
+``service``, ``operation``, ``code``, ``region`` and ``arn`` as attributes: throttling, 5xx answers,
+unparseable answers and connection failures are AwsUnavailableError (a ServiceUnavailableError,
+transient); access denied, validation and a parameter of the wrong type are AwsRefusedError (a
+ServiceRefusedError, permanent), not-found its subclass AwsNotFoundError. Each message names the
+service, operation, region and ARN, and never holds request values (a private key is one): botocore's
+quoted values are cut out, and a message that may still hold key material
+(certpilot.errors.may_hold_secret) is not kept. Until the deployers wrap them, these errors are also
+DeployError and PermanentDeployError, which the deployers' callers expect.
 
 moto is looser than AWS, so nothing here relies on the store to refuse: whether a certificate is in
 use is found by scanning the listeners ourselves, and moto's fake root appended to every
@@ -26,10 +31,11 @@ from cryptography import x509
 
 from certpilot.chain import build_chain
 from certpilot.deployment import DeployError, PermanentDeployError, fingerprint
-from certpilot.errors import ParseError
+from certpilot.errors import (ParseError, ServiceError, ServiceRefusedError, ServiceUnavailableError,
+                              may_hold_secret)
 from certpilot.formats import load_bundle
 
-__all__ = ["AwsAccount", "AwsNotFoundError", "Listener", "StoredCertificate", "region_of", "is_acm_arn", "is_iam_arn",
+__all__ = ["AwsAccount", "AwsNotFoundError", "AwsRefusedError", "AwsUnavailableError", "Listener", "StoredCertificate", "region_of", "is_acm_arn", "is_iam_arn",
            "iam_name_of", "linked_chain", "TLS_PROTOCOLS"]
 
 TLS_PROTOCOLS = ("HTTPS", "TLS")  # ELBv2 listeners that hold certificates
@@ -44,8 +50,30 @@ _ELBV2_RESOURCE = re.compile(r":elasticloadbalancing:.*:(loadbalancer|listener)/
 _REDACT_VALUE = re.compile(r"value: .*?, type:", re.DOTALL)
 
 
-class AwsNotFoundError(PermanentDeployError):
+class _AwsCall(ServiceError):
+    """An AWS API call that failed: ``region`` ("" for IAM's global endpoint) and ``arn`` besides the
+    service's fields."""
+
+    def __init__(self, service: str, operation: str, code: str, detail: str = "", region: str = "",
+                 arn: str | None = None) -> None:
+        self.region, self.arn = region, arn
+        where = f"aws {service} {operation} in {region or 'global'}" + (f" on {arn}" if arn else "")
+        super().__init__(service, operation, code, detail, where)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service, self.operation, self.code, self.detail, self.region, self.arn))
+
+
+class AwsRefusedError(_AwsCall, ServiceRefusedError, PermanentDeployError):
+    """AWS refused the request: access denied, invalid, a parameter of the wrong type (``code``)."""
+
+
+class AwsNotFoundError(AwsRefusedError):
     """The ARN, name or listener asked for does not exist."""
+
+
+class AwsUnavailableError(_AwsCall, ServiceUnavailableError, DeployError):
+    """AWS could not answer now: throttled, failing (5xx), not reached, or an answer not the API's."""
 
 
 def region_of(arn: str) -> str:
@@ -83,12 +111,13 @@ def chain_links(leaf: x509.Certificate, chain: Iterable[x509.Certificate]) -> bo
     return linked_chain(leaf, chain) == chain
 
 
-def _safe(text: str) -> str:
-    """An error text with request values cut out and nothing that looks like PEM, at most 400 characters."""
-    text = _REDACT_VALUE.sub("value: [redacted], type:", text)
-    if "-----BEGIN" in text or "PRIVATE KEY" in text:
-        text = text.split("-----BEGIN", 1)[0].split("PRIVATE KEY", 1)[0] + "[redacted]"
-    return " ".join(text.split())[:400]
+def _vendor_message(text: str, limit: int = 400) -> str:
+    """botocore's error text as an error may carry it: the request values it quotes cut out, and
+    nothing at all when what is left may still hold key material."""
+    text = " ".join(_REDACT_VALUE.sub("value: [redacted], type:", text).split())
+    if may_hold_secret(text):
+        return "(the message was not kept: it may hold key material)"
+    return text[:limit]
 
 
 @dataclass(frozen=True)
@@ -176,26 +205,25 @@ class AwsAccount:
         from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
         from botocore.parsers import ResponseParserError  # noqa: PLC0415 (not a BotoCoreError)
 
-        where = f"aws {service} {operation} in {region or 'global'}" + (f" on {arn}" if arn else "")
         try:
             return getattr(self.client(service, region), operation)(**kwargs)
         except ClientError as exc:
             error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            text = f"{where}: {code or status}: {_safe(str(error.get('Message', '')))}"
+            code = str(error.get("Code", "")) or str(status)
+            cause: type[_AwsCall] = AwsRefusedError
             if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-                raise DeployError(text) from exc
-            if code in _NOT_FOUND_CODES:
-                raise AwsNotFoundError(text) from exc
-            raise PermanentDeployError(text) from exc
+                cause = AwsUnavailableError
+            elif code in _NOT_FOUND_CODES:
+                cause = AwsNotFoundError
+            raise cause(service, operation, code, _vendor_message(str(error.get("Message", ""))), region,
+                        arn) from exc
         except ResponseParserError as exc:  # an HTML error page instead of the API's answer
-            raise DeployError(f"{where}: the endpoint's answer is not the API's: {_safe(str(exc))[:200]}") from exc
+            raise AwsUnavailableError(service, operation, type(exc).__name__, "the endpoint's answer is not the "
+                                      f"API's: {_vendor_message(str(exc), 200)}", region, arn) from exc
         except BotoCoreError as exc:
-            text = f"{where}: {type(exc).__name__}: {_safe(str(exc))}"
-            if _is_transient(exc):
-                raise DeployError(text) from exc
-            raise PermanentDeployError(text) from exc
+            cause = AwsUnavailableError if _is_transient(exc) else AwsRefusedError
+            raise cause(service, operation, type(exc).__name__, _vendor_message(str(exc)), region, arn) from exc
 
     def pages(self, service: str, region: str, operation: str, key: str, **kwargs: Any) -> Iterator[Any]:
         """Every item under ``key`` over all pages of a Marker/NextMarker or NextToken operation."""
@@ -256,7 +284,8 @@ class AwsAccount:
         found = self.call("elbv2", region, "describe_listeners", arn=listener_arn, ListenerArns=[listener_arn])
         listeners = found.get("Listeners", [])
         if not listeners:
-            raise PermanentDeployError(f"aws elbv2 describe_listeners in {region} on {listener_arn}: no such listener")
+            raise AwsNotFoundError("elbv2", "describe_listeners", "ListenerNotFound", "no such listener", region,
+                                   listener_arn)
         return self._listener(region, listeners[0], None)
 
     def listeners(self, region: str) -> Iterator[Listener]:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from cryptography.hazmat.primitives import serialization
 
 from certpilot.discovery import Found, Problem
-from certpilot.errors import CertpilotError
+from certpilot.errors import CertpilotError, redact
 from connectors.aws import AwsAccount, StoredCertificate
 
 __all__ = ["AwsSource", "ACM_STATUSES", "ACM_KEY_TYPES"]
@@ -66,7 +66,7 @@ class AwsSource:
         try:
             yield from produce()
         except CertpilotError as exc:
-            yield Problem(locator, str(exc))
+            yield Problem(locator, redact(exc))
 
     def _stored(self, arn: str, cache: dict[str, StoredCertificate | None]) -> StoredCertificate | None:
         if arn not in cache:
@@ -85,7 +85,7 @@ class AwsSource:
                                               CertificateArn=arn)["Certificate"]
                 stored = self._stored(arn, cache)
             except CertpilotError as exc:
-                yield Problem(locator, str(exc))
+                yield Problem(locator, redact(exc))
                 continue
             if stored is None:
                 yield Problem(locator, f"{arn}: deleted while it was being read")
@@ -101,7 +101,7 @@ class AwsSource:
                 try:
                     stored = self._stored(cert_arn, cache)
                 except CertpilotError as exc:
-                    yield Problem(locator, str(exc))
+                    yield Problem(locator, redact(exc))
                     continue
                 if stored is None:
                     yield Problem(locator, f"listener {listener.arn} names {cert_arn}, which does not exist")
@@ -123,7 +123,7 @@ class AwsSource:
                 stored = self.account.parse_stored(arn, answer.get("CertificateBody", ""),
                                                    answer.get("CertificateChain"))
             except CertpilotError as exc:
-                yield Problem(locator, str(exc))
+                yield Problem(locator, redact(exc))
                 continue
             yield Found(_der(stored), locator, {
                 "arn": arn, "name": name, "path": meta.get("Path", "/"),

@@ -1,8 +1,9 @@
-"""Errors at the edge (transient versus permanent, naming operation, region and ARN, quickly) and the
-AWS account block building working connectors against the moto server."""
+"""Errors at the edge (transient versus permanent, named by cause, carrying service, operation, code,
+region and ARN, quickly) and the AWS account block building working connectors against the moto server."""
 
 from __future__ import annotations
 
+import pickle
 import time
 import uuid
 
@@ -13,7 +14,8 @@ from blocks.aws import AwsAccountBlock
 from certpilot.deployment import DeployError, Deployer, PermanentDeployError
 from certpilot.discovery import Source, split
 from certpilot.target_kinds import UnknownTargetKindError
-from connectors.aws import AwsAccount
+from certpilot.errors import ServiceError, ServiceRefusedError, ServiceUnavailableError
+from connectors.aws import AwsAccount, AwsNotFoundError, AwsRefusedError, AwsUnavailableError
 from connectors.aws_deploy import AcmDeployer, ElbListenerDeployer
 from lab.moto import ACCESS_KEY_ID, SECRET_ACCESS_KEY, MotoServer, free_port
 from tests.integration.aws.conftest import REGIONS, Leaves
@@ -36,6 +38,16 @@ def test_a_closed_port_is_a_transient_error_within_the_timeouts(leaves: Leaves) 
         assert time.monotonic() - started < 5
         assert f"{operation} in {REGIONS[0]}" in str(failed.value)
         assert "EndpointConnectionError" in str(failed.value)
+        _carries(failed.value, AwsUnavailableError, ServiceUnavailableError, operation=operation,
+                 code="EndpointConnectionError", region=REGIONS[0])
+
+
+def _carries(error: BaseException, cls: type[ServiceError], cause: type[ServiceError], **fields: object) -> None:
+    """Named by its cause, with its data as attributes, the same after pickling (Prefect persists it)."""
+    assert isinstance(error, cls) and isinstance(error, cause)
+    assert {k: getattr(error, k) for k in fields} == fields
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error) and vars(copy) == vars(error)
 
 
 def test_server_errors_are_transient_and_missing_resources_permanent(moto: MotoServer, account: AwsAccount,
@@ -43,16 +55,20 @@ def test_server_errors_are_transient_and_missing_resources_permanent(moto: MotoS
     # moto answers 500 in a region it does not know: a 5xx is worth retrying.
     broken = AwsAccount(regions=("xx-nowhere-1",), access_key_id=ACCESS_KEY_ID, secret_access_key=SECRET_ACCESS_KEY,
                         endpoint_url=moto.url, max_attempts=1)
-    with pytest.raises(DeployError, match="acm list_certificates in xx-nowhere-1"):
+    with pytest.raises(DeployError, match="acm list_certificates in xx-nowhere-1") as failing:
         AcmDeployer(broken, "t", {"region": "xx-nowhere-1"}).current()
+    _carries(failing.value, AwsUnavailableError, ServiceUnavailableError, service="acm",
+             operation="list_certificates", region="xx-nowhere-1")
 
     missing = f"arn:aws:acm:{REGIONS[0]}:123456789012:certificate/00000000-0000-0000-0000-000000000000"
     with pytest.raises(PermanentDeployError, match="does not exist") as gone:
         AcmDeployer(account, "t", {"certificate_arn": missing}).deploy(leaves.bundle("a", "a.example.test"))
     assert missing in str(gone.value) and not isinstance(gone.value, DeployError)
     with pytest.raises(PermanentDeployError,
-                       match=f"describe_listeners in {REGIONS[0]} on {LISTENER}: ListenerNotFound"):
+                       match=f"describe_listeners in {REGIONS[0]} on {LISTENER}: ListenerNotFound") as unknown:
         ElbListenerDeployer(account, "t", {"listener_arn": LISTENER}).current()
+    _carries(unknown.value, AwsNotFoundError, ServiceRefusedError, service="elbv2", operation="describe_listeners",
+             code="ListenerNotFound", region=REGIONS[0], arn=LISTENER)
 
 
 def test_the_block_builds_a_source_and_each_kind_of_deployer(moto: MotoServer, leaves: Leaves) -> None:
@@ -93,3 +109,5 @@ def test_request_values_never_reach_an_error_message(account: AwsAccount, leaves
                      CertificateBody=bundle.certificate_pem().decode(), PrivateKey=bundle.key_pem())  # bytes, not str
     assert leaks(str(refused.value).encode(), leaves.keys) == []
     assert "BEGIN" not in str(refused.value)
+    _carries(refused.value, AwsRefusedError, ServiceRefusedError, service="iam", operation="upload_server_certificate",
+             code="ParamValidationError")
