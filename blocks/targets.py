@@ -139,8 +139,8 @@ class DeploymentTargetBlock(Block):
 
     kind: TargetKind = Field(description="What the target is; it decides which connection and settings apply.")
     connection: SshHostBlock | AwsAccountBlock | AzureKeyVaultBlock = Field(
-        description="The SSH host (ssh-nginx, ssh-haproxy), AWS account (aws-acm, aws-elbv2, aws-iam-elbv2) or "
-                    "Key Vault (azure-kv) the target is reached through.")
+        description="The block the target is reached through: " + "; ".join(
+            f"{label} for {', '.join(kinds_of(block_type))}" for block_type, label in CONNECTIONS.items()) + ".")
     settings: NginxSettings | HaproxySettings | AcmSettings | ListenerSettings | KeyVaultSettings = Field(
         description="The target's settings, those of its kind: paths, reload and test commands, listener ARN, "
                     "certificate name, verify endpoint...")

@@ -387,7 +387,9 @@ def validate_settings(kind: TargetKind | str, settings: Mapping[str, Any] | Targ
     try:
         return model.model_validate(dict(settings))
     except ValidationError as exc:
-        unknown, missing, invalid = [], [], {}
+        unknown: list[str] = []
+        missing: list[str] = []
+        invalid: dict[str, str] = {}
         for error in exc.errors():
             key = ".".join(str(part) for part in error["loc"])
             if error["type"] == "extra_forbidden":

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from cryptography import x509
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from certpilot import audit, keystore
 from certpilot.clock import utcnow
@@ -63,8 +63,9 @@ def add(session: Session, managed_name: str, name: str, kind: TargetKind | str, 
     if session.exec(select(Target).where(Target.managed_certificate_id == managed.id, Target.name == name)).first():
         raise PermanentError(f"managed certificate {managed_name} already has a target named {name}")
     now = now or utcnow()
+    assert managed.id is not None  # a stored row
     target = Target(managed_certificate_id=managed.id, name=name, kind=kind.value, block=block,
-                    settings=dict(settings), updated_at=now)  # type: ignore[arg-type]
+                    settings=dict(settings), updated_at=now)
     session.add(target)
     session.flush()
     audit.append(session, actor, [audit.Change("target.added", f"managed:{managed_name}",
@@ -91,7 +92,7 @@ def configure(session: Session, managed_name: str, name: str, kind: TargetKind |
 def list_targets(session: Session, managed_name: str) -> list[Target]:
     managed = get(session, managed_name)
     return list(session.exec(select(Target).where(Target.managed_certificate_id == managed.id)
-                             .order_by(Target.name)))  # type: ignore[arg-type]
+                             .order_by(col(Target.name))))
 
 
 def managed_with_targets(session: Session) -> set[int]:
@@ -109,7 +110,7 @@ def get_target(session: Session, managed_name: str, name: str) -> Target:
 def _update(session: Session, target: Target, actor: audit.Actor, action: str, details: dict[str, Any],
             now: dt.datetime | None, **values: Any) -> None:
     now = now or utcnow()
-    session.execute(sa.update(Target).where(Target.id == target.id).values(updated_at=now, **values))
+    session.execute(sa.update(Target).where(col(Target.id) == target.id).values(updated_at=now, **values))
     managed = session.get(ManagedCertificate, target.managed_certificate_id)
     managed_name = managed.name if managed else target.managed_certificate_id
     audit.append(session, actor, [audit.Change(action, f"target:{managed_name}/{target.name}",
