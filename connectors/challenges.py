@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from certpilot.clock import utcnow
-from certpilot.errors import PermanentError, TransientError
+from certpilot.errors import ServiceRefusedError, ServiceUnavailableError, TransientError
 
 HTTP_01 = "http-01"
 DNS_01 = "dns-01"
@@ -328,9 +328,11 @@ class ChallTestSrvDns:
         try:
             response = httpx.post(self.management_url + path, json=body, timeout=self.timeout)
         except httpx.HTTPError as exc:
-            raise TransientError(f"challtestsrv at {self.management_url} unreachable: {exc}") from exc
+            raise ServiceUnavailableError("challtestsrv", path, type(exc).__name__, f"unreachable: {exc}",
+                                          f"challtestsrv at {self.management_url}") from exc
         if response.status_code != 200:
-            raise TransientError(f"challtestsrv {path} answered {response.status_code}: {response.text[:200]}")
+            raise ServiceUnavailableError("challtestsrv", path, str(response.status_code), response.text[:200],
+                                          f"challtestsrv {path} answered")
 
     def set_txt(self, name: str, value: str) -> None:
         with self._lock:
@@ -365,17 +367,19 @@ class Route53Dns:
     def _call(self, operation: str, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415 (boto only when used)
 
+        where = f"route53 {operation} in zone {self.hosted_zone_id}"
         try:
             return getattr(self.client, operation)(**kwargs)
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            message = exc.response.get("Error", {}).get("Message", "")
-            text = f"route53 {operation} in zone {self.hosted_zone_id}: {code}: {message}"
-            if code in ("Throttling", "ThrottlingException", "PriorRequestNotComplete", "ServiceUnavailable"):
-                raise TransientError(text) from exc
-            raise PermanentError(text) from exc
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            message = str(exc.response.get("Error", {}).get("Message", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if code in ("Throttling", "ThrottlingException", "PriorRequestNotComplete", "ServiceUnavailable") \
+                    or status >= 500:
+                raise ServiceUnavailableError("route53", operation, code, message, where) from exc
+            raise ServiceRefusedError("route53", operation, code, message, where) from exc
         except BotoCoreError as exc:  # connection refused, timeouts, no credentials
-            raise TransientError(f"route53 {operation}: {exc}") from exc
+            raise ServiceUnavailableError("route53", operation, type(exc).__name__, str(exc), where) from exc
 
     def _current(self, fqdn: str) -> dict[str, Any] | None:
         found = self._call("list_resource_record_sets", HostedZoneId=self.hosted_zone_id,

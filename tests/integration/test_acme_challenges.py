@@ -4,6 +4,7 @@ challtestsrv's DNS, and Route53 on a real moto server."""
 from __future__ import annotations
 
 import hashlib
+import pickle
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from acme import challenges as acme_challenges
 from botocore.config import Config
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from certpilot.errors import PermanentError, TransientError
+from certpilot.errors import PermanentError, ServiceRefusedError, ServiceUnavailableError, TransientError
 from connectors.challenges import (
     ACME_IDENTIFIER_OID,
     DNS_01,
@@ -100,8 +101,11 @@ def test_challtestsrv_dns_keeps_other_values_of_a_name(challtestsrv: ChallTestSr
 
 
 def test_challtestsrv_unreachable_is_transient() -> None:
-    with pytest.raises(TransientError):
+    with pytest.raises(TransientError) as failed:
         ChallTestSrvDns(f"http://127.0.0.1:{free_port()}", timeout=1).set_txt("_acme-challenge.x.test", "v")
+    assert isinstance(failed.value, ServiceUnavailableError)
+    assert (failed.value.service, failed.value.operation, failed.value.code) == ("challtestsrv", "/set-txt",
+                                                                                 "ConnectError")
 
 
 # Route53 on moto ----------------------------------------------------------------------------------
@@ -148,8 +152,14 @@ def test_route53_upsert_and_delete_of_txt_values(route53: tuple[Any, str]) -> No
 def test_route53_unknown_zone_is_permanent(route53: tuple[Any, str]) -> None:
     client, _ = route53
     provider = Route53Dns(client, "/hostedzone/ZNOSUCHZONE", propagation_timeout=5)
-    with pytest.raises(PermanentError, match="NoSuchHostedZone"):
+    with pytest.raises(PermanentError, match="NoSuchHostedZone") as refused:
         provider.set_txt("_acme-challenge.x.certpilot.test", "v")
+    error = refused.value  # named by its cause, with the data as attributes, intact after pickling
+    assert isinstance(error, ServiceRefusedError)
+    assert (error.service, error.code) == ("route53", "NoSuchHostedZone")
+    assert str(error).startswith(f"route53 {error.operation} in zone /hostedzone/ZNOSUCHZONE: NoSuchHostedZone")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and vars(copy) == vars(error) and str(copy) == str(error)
 
 
 def test_route53_waits_for_insync_with_a_deadline(route53: tuple[Any, str]) -> None:
