@@ -13,8 +13,9 @@ Locators: ``tls://host:port?sni=name``, ``ssh://user@host:port/path``, ``aws-acm
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -26,6 +27,7 @@ from sqlmodel import Session
 from certpilot import audit, inventory, keystore
 from certpilot.clock import utcnow
 from certpilot.database import write_session
+from certpilot.errors import PermanentError, redact
 from certpilot.inventory import Observation
 from certpilot.keys import key_matches_certificate, public_key_sha256
 from certpilot.keystore import KeyRing
@@ -73,10 +75,11 @@ def split(items: Iterable[Found | Problem]) -> tuple[list[Found], list[Problem]]
 # ----------------------------------------------------------------------------- recording a source's run
 
 BATCH = 500  # observations per write transaction
+_log = logging.getLogger(__name__)
 
 
-@dataclass
-class DiscoveryReport:
+@dataclass(frozen=True)
+class SourceSummary:
     """What one source's run found: counts and problems, public facts only (a task returns it)."""
 
     source: str
@@ -87,13 +90,92 @@ class DiscoveryReport:
     new_locations: int = 0
     keys_stored: int = 0
     ghosts: int = 0  # locations of this source flagged as ghosts by this run
-    problems: list[Problem] = field(default_factory=list)
+    problems: tuple[Problem, ...] = ()
 
-    def summary(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "run_id": self.run_id, "places": self.places,
                 "certificates": self.certificates, "new_certificates": self.new_certificates,
                 "new_locations": self.new_locations, "keys_stored": self.keys_stored, "ghosts": self.ghosts,
                 "problems": [{"locator": p.locator, "reason": p.reason} for p in self.problems]}
+
+
+@dataclass
+class DiscoveryReport:
+    """The counts of one source's run as ``record`` makes them; ``summary()`` is the frozen result."""
+
+    source: str
+    run_id: str
+    places: int = 0
+    certificates: int = 0
+    new_certificates: int = 0
+    new_locations: int = 0
+    keys_stored: int = 0
+    ghosts: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    def summary(self) -> SourceSummary:
+        return SourceSummary(self.source, self.run_id, self.places, self.certificates, self.new_certificates,
+                             self.new_locations, self.keys_stored, self.ghosts, tuple(self.problems))
+
+
+@dataclass(frozen=True)
+class SourceFailure:
+    """A source (block document ``block``) whose run failed, and why (redacted)."""
+
+    block: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DiscoveryResult:
+    """A discovery run: each completed source's summary, each failed source, and the inventory's expiry
+    bands after it (band label to count)."""
+
+    sources: tuple[SourceSummary, ...] = ()
+    failed: tuple[SourceFailure, ...] = ()
+    bands: Mapping[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sources": [s.as_dict() for s in self.sources],
+                "failed": {f.block: f.reason for f in self.failed}, "bands": dict(self.bands)}
+
+
+class DiscoveryFailed(PermanentError):
+    """Some sources of a discovery run failed; the others were recorded (``result``)."""
+
+    def __init__(self, result: DiscoveryResult) -> None:
+        self.result = result
+        total = len(result.sources) + len(result.failed)
+        super().__init__(f"{len(result.failed)} of {total} source(s) failed (the others were recorded): "
+                         + "; ".join(f"{f.block}: {f.reason}" for f in result.failed))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.result,))
+
+
+RunSources = Callable[[Sequence[str]], Sequence[SourceSummary | BaseException]]
+"""Runs the sources named (block documents) at once and returns, in order, each one's summary or the
+error it ended with. It never raises for a source."""
+
+
+def discover_all(blocks: Sequence[str], run_sources: RunSources,
+                 log: logging.Logger | logging.LoggerAdapter[Any] = _log) -> DiscoveryResult:
+    """Run every source in ``blocks`` through ``run_sources`` and gather what each ended with. The
+    result's ``failed`` says which failed (``DiscoveryFailed(result)`` is the run's error); its bands
+    are left for the caller, who reads them from the inventory after every source was recorded."""
+    if not blocks:
+        log.warning("no sources given: name source block documents in the 'sources' parameter "
+                    "(e.g. tls-scan-source/lab); nothing discovered")
+        return DiscoveryResult()
+    summaries: list[SourceSummary] = []
+    failed: list[SourceFailure] = []
+    for block, ended in zip(blocks, run_sources(blocks), strict=True):
+        if isinstance(ended, SourceSummary):
+            summaries.append(ended)
+            continue
+        failed.append(SourceFailure(block, redact(ended)))
+        log.error("DISCOVERY FAILED for %s: %s", block, failed[-1].reason)
+    return DiscoveryResult(tuple(summaries), tuple(failed))
 
 
 def observations(found: Found, source: str) -> list[Observation]:

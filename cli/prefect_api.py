@@ -12,14 +12,18 @@ from __future__ import annotations
 import os
 
 ANALYTICS = "PREFECT_SERVER_ANALYTICS_ENABLED"
+STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"  # Prefect's default, 20 s, is too short
+# for a new database on a busy machine (30 s measured on 2 cores under load)
 NO_HISTORY = ("PREFECT_API_URL is not set: running directly, without Prefect run history; point it at your "
               "Prefect server to keep the runs there")
 
 
 def quiet() -> None:
-    """Turn off the analytics of any Prefect server this process starts, unless the environment says
-    otherwise. Effective only before Prefect is first imported: ``configured()`` calls it first."""
+    """Turn off the analytics of any Prefect server this process starts, and give it time to start,
+    unless the environment says otherwise. Effective only before Prefect is first imported:
+    ``configured()`` calls it first."""
     os.environ.setdefault(ANALYTICS, "false")
+    os.environ.setdefault(STARTUP_TIMEOUT, "120")
 
 
 def configured() -> bool:

@@ -153,8 +153,8 @@ def main() -> int:
         if web:
             step(f"deploy {MANAGED} to every target, canary first (reconciles what this new lab serves)")
             result = deploy_certificate(MANAGED)
-            for o in result["outcomes"]:
-                out.print(f"  {o['target']:<14} {o['kind']:<12} {o['action']:<15} {o['detail']}")
+            for o in result.outcomes:
+                out.print(f"  {o.target:<14} {o.kind:<12} {o.action:<15} {o.detail}")
         step("discover again: the new certificate is seen where it is served; what is gone becomes a ghost")
         discover(sources)
 

@@ -1,12 +1,14 @@
 """Deployment tasks: thin retryable units over certpilot.rollout and the connector blocks.
 
 Each target names a block document (``block-type-slug/document-name``) whose ``deployer()`` builds
-the connector for it. The deploy-target task reconciles, deploys and verifies one target and rolls it
-back itself if its verification fails; the flow rolls back the targets other tasks changed.
+the connector for it. ``deploy_one`` reconciles, deploys and verifies one target and rolls it back
+itself if its verification fails; ``roll_back_one`` undoes what a run changed on one target. They are
+plain functions: the deploy-target and rollback-target tasks wrap them for the deploy-certificate
+flow, and the CLI calls them directly when there is no Prefect API.
 
 Secrets: the private key is unsealed inside the deployer's write, from the keystore, never a task
-argument or result. Receipts (task results) hold file names, ARNs and fingerprints only. Errors
-leaving a task carry certpilot's own messages (see certpilot.rollout.safe).
+argument or result. Receipts and outcomes (task results) hold file names, ARNs and fingerprints only.
+Errors leaving a task carry messages that certpilot.errors.redact lets through.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ import blocks.aws  # noqa: F401  (registers the connector block types, so Block.
 import blocks.azure  # noqa: F401
 import blocks.ssh  # noqa: F401
 import blocks.targets  # noqa: F401
-from certpilot import keystore, rollout, targets
+from certpilot import audit, keystore, rollout, targets
 from certpilot.database import get_engine, read_session
-from certpilot.deployment import Deployer, Receipt
+from certpilot.deployment import DeployBundle, Deployer, Receipt
 from certpilot.errors import NotFoundError
+from certpilot.rollout import Action, DeploymentPlan, DeploymentReport, Log, Outcome
 from certpilot.settings import load_settings
 from tasks.inventory import retry_transient_only, run_actor
 
-RETRIES = 2
+RETRY_DELAYS: list[float] = [2, 10]  # seconds before the first and the second retry of a target's step
 
 
 def close(connector: Any) -> None:
@@ -52,53 +55,81 @@ def deployer_for(name: str, target_name: str) -> tuple[Any, Deployer]:
                                   lookup=targets.lookup(engine, name, key_ring))
 
 
-@task(name="plan-deployment")
-def plan_deployment(name: str, fingerprint: str | None) -> dict[str, Any]:
+def plan(name: str, fingerprint: str | None) -> DeploymentPlan:
     """Which certificate goes to which targets (public facts)."""
     with read_session(get_engine()) as session:
-        plan = targets.plan(session, name, fingerprint)
-    return {"name": plan.name, "fingerprint": plan.fingerprint, "targets": plan.targets}
+        return rollout.plan(session, name, fingerprint)
 
 
-@task(name="deploy-target", retries=RETRIES, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient_only)
-def deploy_target(name: str, target_name: str, fingerprint: str) -> dict[str, Any]:
-    """Bring one target to serve ``fingerprint``: reconcile, deploy, verify (rolled back here if that fails)."""
-    logger = get_run_logger()
+def deploy_one(name: str, target_name: str, fingerprint: str, actor: audit.Actor, log: Log) -> Outcome:
+    """Bring one target to serve ``fingerprint``: reconcile, deploy, verify (rolled back here if that
+    fails). Raises rollout.TargetFailed with the outcome."""
     settings = load_settings()
     engine = get_engine(settings)
     target, deployer = deployer_for(name, target_name)
 
-    def bundle():  # noqa: ANN202
+    def bundle() -> DeployBundle:
         found = targets.bundle(engine, name, fingerprint, lambda: keystore.load_key_ring(settings))
         if found is None:
             raise NotFoundError(f"the key of certificate {fingerprint[:16]} is not in the keystore: cannot deploy it")
         return found
 
     try:
-        outcome = rollout.bring_to(engine, target, deployer, bundle, fingerprint, run_actor())
+        outcome = rollout.bring_to(engine, target, deployer, bundle, fingerprint, actor)
     except rollout.TargetFailed as exc:
-        logger.error("target %s: %s: %s", target_name, exc.outcome.action, exc.outcome.detail)
+        log.error("target %s: %s: %s", target_name, exc.outcome.action, exc.outcome.detail)
         raise
     finally:
         close(deployer)
-    logger.info("target %s: %s (%s)", target_name, outcome.action, outcome.detail)
-    return outcome.as_dict()
+    log.info("target %s: %s (%s)", target_name, outcome.action, outcome.detail)
+    return outcome
 
 
-@task(name="rollback-target", retries=RETRIES, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient_only)
-def rollback_target(name: str, target_name: str, receipt: dict[str, Any]) -> dict[str, Any]:
+def roll_back_one(name: str, target_name: str, receipt: Receipt, actor: audit.Actor, log: Log) -> Outcome:
     """Undo what this run's deploy changed on one target and prove the previous certificate is served."""
     target, deployer = deployer_for(name, target_name)
     try:
-        outcome = rollout.roll_back(get_engine(), target, deployer, Receipt.from_dict(receipt), run_actor())
+        outcome = rollout.roll_back(get_engine(), target, deployer, receipt, actor)
     finally:
         close(deployer)
-    (get_run_logger().warning if outcome.action == "rolled-back" else get_run_logger().error)(
+    (log.warning if outcome.action is Action.ROLLED_BACK else log.error)(
         "target %s: %s (%s)", target_name, outcome.action, outcome.detail)
-    return outcome.as_dict()
+    return outcome
+
+
+@task(name="plan-deployment")
+def plan_deployment(name: str, fingerprint: str | None) -> DeploymentPlan:
+    """Which certificate goes to which targets (public facts)."""
+    return plan(name, fingerprint)
+
+
+@task(name="deploy-target", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_transient_only)
+def deploy_target(name: str, target_name: str, fingerprint: str) -> Outcome:
+    """Bring one target to serve ``fingerprint``: reconcile, deploy, verify (rolled back here if that fails)."""
+    return deploy_one(name, target_name, fingerprint, run_actor(), get_run_logger())
+
+
+@task(name="rollback-target", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient_only)
+def rollback_target(name: str, target_name: str, receipt: Receipt) -> Outcome:
+    """Undo what this run's deploy changed on one target and prove the previous certificate is served."""
+    return roll_back_one(name, target_name, receipt, run_actor(), get_run_logger())
+
+
+def report_markdown(report: DeploymentReport) -> str:
+    """The deployment report artifact: the run's verdict, then one row per target."""
+    head = "FAILED: every changed target was rolled back" if report.failed else "all targets serve it"
+    lines = [f"# Deployment of {report.name}", "", f"Certificate `{report.fingerprint[:16]}`: {head}.", "",
+             "| target | kind | outcome | serving | detail |", "|---|---|---|---|---|"]
+    for o in report.outcomes:
+        lines.append(f"| {o.target} | {o.kind} | {o.action} | {(o.fingerprint or '?')[:16]} | "
+                     f"{o.detail.replace('|', '/')} |")
+    lines += [f"| {t} | | not attempted | | stopped after a failure |" for t in report.not_attempted]
+    return "\n".join(lines)
 
 
 @task(name="publish-deployment-report")
-def publish_deployment_report(name: str, markdown: str) -> None:
-    key = "deployment-" + "".join(c if c.isalnum() else "-" for c in name.lower())
-    create_markdown_artifact(key=key[:100], markdown=markdown, description=f"Deployment of {name}: outcome per target")
+def publish_deployment_report(report: DeploymentReport) -> None:
+    key = "deployment-" + "".join(c if c.isalnum() else "-" for c in report.name.lower())
+    create_markdown_artifact(key=key[:100], markdown=report_markdown(report),
+                             description=f"Deployment of {report.name}: outcome per target")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import PermanentError
 from certpilot.keys import key_matches_certificate
 from certpilot.models import Certificate, PrivateKey
+from certpilot.rollout import Action, DeploymentReport
 from certpilot.sample_estate import Authority, issue_leaf, key_pem, pem
 from certpilot.settings import load_settings
 from connectors.private_ca import PrivateCAIssuer
@@ -145,8 +147,9 @@ def test_canary_first_then_all_verified_on_the_wire(fleet: Fleet) -> None:
     state = deploy_certificate(NAME, concurrency=2, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert [o["target"] for o in result["outcomes"]][0] == "web1"  # the canary, alone in the first wave
-    assert {o["action"] for o in result["outcomes"]} == {"deployed"}
+    assert isinstance(result, DeploymentReport)
+    assert [o.target for o in result.outcomes][0] == "web1"  # the canary, alone in the first wave
+    assert {o.action for o in result.outcomes} == {Action.DEPLOYED}
     assert fleet.served() == [new] * 5 and new not in old
     assert fleet.rows() == {name: (new, new) for name in fleet.names}
     assert fleet.pairs_match()
@@ -156,7 +159,7 @@ def test_canary_first_then_all_verified_on_the_wire(fleet: Fleet) -> None:
     assert report and "all targets serve it" in report[0].data
     # Run again: nothing to change, each target only verified where it stands.
     again = deploy_certificate(NAME)
-    assert {o["action"] for o in again["outcomes"]} == {"already-served"}
+    assert {o.action for o in again.outcomes} == {Action.ALREADY_SERVED}
 
 
 def test_one_of_five_failing_verification_rolls_back_every_changed_target(fleet: Fleet) -> None:
@@ -182,7 +185,7 @@ def test_one_of_five_failing_verification_rolls_back_every_changed_target(fleet:
 
 def test_killed_mid_fleet_then_the_next_run_converges(fleet: Fleet) -> None:
     first = _renew(fleet.engine)
-    assert deploy_certificate(NAME)["fingerprint"] == first
+    assert deploy_certificate(NAME).fingerprint == first
     second = _renew(fleet.engine)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     code = ("import sys; from flows.deploy import deploy_certificate; "
@@ -212,8 +215,8 @@ def test_killed_mid_fleet_then_the_next_run_converges(fleet: Fleet) -> None:
     assert fleet.served() == [second] * 5
     assert fleet.pairs_match()
     assert fleet.rows() == {name: (second, second) for name in fleet.names}
-    actions = {o["target"]: o["action"] for o in result["outcomes"]}
-    assert "already-served" in actions.values() and "deployed" in actions.values(), actions
+    actions = {o.target: o.action for o in result.outcomes}
+    assert Action.ALREADY_SERVED in actions.values() and Action.DEPLOYED in actions.values(), actions
 
 
 def test_renew_certificate_deploys_and_verifies(fleet: Fleet) -> None:
@@ -240,7 +243,8 @@ def test_no_key_byte_reaches_prefect(fleet: Fleet, prefect_files: Any) -> None:
         keys = [keystore.load_private_key(session, keystore.KeyRef(r.id), _ring()) for r in rows]
     assert len(keys) >= 4  # the CA's two and the two leaves'
     haystacks: dict[str, bytes] = {"state messages": f"{ok.message} {failed.message}".encode(),
-                                   "result": json.dumps(ok.result(), default=str).encode()}
+                                   "result": json.dumps(ok.result().as_dict()).encode() + pickle.dumps(ok.result()),
+                                   "failure": pickle.dumps(failed.result(raise_on_failure=False))}
     for state in (ok, failed):
         run_id = state.state_details.flow_run_id
         haystacks[f"flow run {run_id}"] = _flow_run(run_id).model_dump_json().encode()
@@ -296,7 +300,7 @@ def test_target_settings_from_a_deployment_target_block(fleet: Fleet) -> None:
                           settings={**settings, "verify_timeout": 0.001}).save("fleet-web4", overwrite=True)
     new = _renew(fleet.engine)
     result = deploy_certificate(NAME)
-    assert {o["target"]: o["action"] for o in result["outcomes"]}["web4"] == "deployed"
+    assert {o.target: o.action for o in result.outcomes}["web4"] == Action.DEPLOYED
     assert fleet.served() == [new] * 5
     loaded = DeploymentTargetBlock.load("fleet-web4")
     assert isinstance(loaded.connection, SshHostBlock)

@@ -86,7 +86,7 @@ def test_discover_records_every_source_then_flags_ghosts(sources: list[str], far
     # The farm's scope shrinks: the next complete run flags the endpoints it no longer sees, and only those.
     TlsScanBlock(targets=[f"127.0.0.1:{e.port}" for e in good[:2]], timeout_seconds=1.0).save("farm", overwrite=True)
     second = discover(sources)
-    assert [s["ghosts"] for s in second["sources"] if s["source"] == "tls-scan:farm"] == [4]
+    assert [s.ghosts for s in second.sources if s.source == "tls-scan:farm"] == [4]
     ghosts = {k for k, v in _locations().items() if v.ghost}
     assert ghosts == {e.locator for e in good[2:]}
 
