@@ -110,6 +110,8 @@ def test_rate_limit_beyond_the_bound_fails_at_once_with_retry_after(front_issuer
     assert error.typ == RATE_LIMITED and error.retry_after == 3600 and error.status == 429
     assert "50 certificates per week" in str(error) and "retry after 3600 s" in str(error)
     assert [path for path, _, _ in acme_front.posts].count("/order-plz") == 1
+    copy = pickle.loads(pickle.dumps(error))  # retry_after is a field, kept through Prefect's result storage
+    assert type(copy) is RateLimitedError and (copy.retry_after, copy.typ, str(copy)) == (3600, RATE_LIMITED, str(error))
 
 
 def test_rate_limit_with_an_http_date(front_issuer: AcmeIssuer, acme_front: AcmeFront) -> None:
