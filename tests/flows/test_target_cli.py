@@ -115,3 +115,37 @@ def test_target_list_shows_data_as_text_never_as_markup(engine: sa.Engine, web: 
     assert listed.exit_code == 0, listed.output
     assert "ssh-host/[bold]x[/]" in listed.stdout and "deploy: [red]CN=[/]x[/] failed" in listed.stdout
     assert "1 target(s), 1 not verified serving what they should" in listed.stdout
+
+
+def test_a_deployment_target_made_as_the_ui_makes_it_loads_with_its_kinds_settings(saved_blocks: None) -> None:
+    """The server keeps the block's schema (its form: kind a select, connection a picker of saved blocks,
+    settings one of the kinds' models); a document posted as the UI posts it (plain data, the connection
+    as a reference) loads with the settings of its kind, and one whose settings are not its kind's fails."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import BlockDocumentCreate
+
+    from certpilot.target_kinds import HaproxySettings
+
+    host = SshHostBlock.load("cli-web-host")
+    with get_client(sync_client=True) as client:
+        block_type = client.read_block_type_by_slug("deployment-target")
+        schema = client.read_block_schema_by_checksum(DeploymentTargetBlock._calculate_schema_checksum())
+        fields = schema.fields
+        assert fields["required"] == ["kind", "connection", "settings"]
+        assert fields["definitions"]["TargetKind"]["enum"][:2] == ["ssh-nginx", "ssh-haproxy"]
+        assert {ref["block_type_slug"] for ref in fields["block_schema_references"]["connection"]} == {
+            "ssh-host", "aws-account", "azure-key-vault"}
+        assert [option["$ref"].rsplit("/", 1)[-1] for option in fields["properties"]["settings"]["anyOf"]] == [
+            "NginxSettings", "HaproxySettings", "AcmSettings", "ListenerSettings", "KeyVaultSettings"]
+        for name, settings in (("cli-ui-lb", {"pem_path": "/p.pem", "runtime_socket": "/s"}),
+                               ("cli-ui-wrong", {"pem_path": "/p.pem", "runtime_socket": "/s", "key_path": "/k"})):
+            client.create_block_document(BlockDocumentCreate(
+                name=name, block_type_id=block_type.id, block_schema_id=schema.id,
+                data={"kind": "ssh-haproxy", "connection": {"$ref": {"block_document_id": str(host._block_document_id)}},
+                      "settings": settings}))
+    loaded = DeploymentTargetBlock.load("cli-ui-lb")
+    assert isinstance(loaded.settings, HaproxySettings) and loaded.settings.runtime_client == "auto"
+    assert isinstance(loaded.connection, SshHostBlock) and loaded.connection.address == "127.0.0.1"
+    with pytest.raises(RuntimeError, match="Unable to load 'cli-ui-wrong'") as refused:  # Prefect's wrapping
+        DeploymentTargetBlock.load("cli-ui-wrong")
+    assert "unknown ssh-haproxy setting(s) key_path" in str(refused.value.__cause__)
