@@ -98,6 +98,11 @@ def read_password(password_file: Path | None, password_env: str | None) -> bytes
     return None
 
 
+def stdin_is_terminal() -> bool:
+    """Whether a person can be asked (a password, a confirmation) on standard input."""
+    return sys.stdin.isatty()
+
+
 def key_password(password_file: Path | None, password_env: str | None, plaintext: bool, what: str) -> bytes | None:
     """The password that encrypts a private key leaving certpilot (``what`` names it), or None when the
     user asked for it in plaintext with --plaintext-key. From --password-file or --password-env; else,
@@ -108,7 +113,7 @@ def key_password(password_file: Path | None, password_env: str | None, plaintext
     if plaintext:
         return None
     if password is None:
-        if not sys.stdin.isatty():
+        if not stdin_is_terminal():
             raise usage_error(f"{what} is encrypted with a password: give --password-file FILE or --password-env VAR "
                               "(or --plaintext-key to write it unencrypted)")
         password = typer.prompt(f"Password to encrypt {what}", hide_input=True, confirmation_prompt=True,
