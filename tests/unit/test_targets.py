@@ -18,6 +18,7 @@ from cli.main import app
 from certpilot.database import read_session, write_session
 from certpilot.errors import KeyMismatchError, NotFoundError, PermanentError
 from certpilot.models import AuditEvent, PrivateKey
+from certpilot.renewing import renew_one
 from certpilot.clock import utcnow
 from certpilot.deployment import DeployBundle, PermanentDeployError, fingerprint
 from certpilot.keys import public_key_sha256
@@ -25,11 +26,6 @@ from certpilot.sample_estate import issue_leaf, make_ca
 from certpilot.settings import load_settings
 from certpilot.target_kinds import TargetKind, TargetSettingsError, UnknownTargetKindError
 from tests.sample_issuer import SampleIssuer
-
-try:
-    from certpilot.renewing import renew_one
-except ImportError:  # until the renewal steps have moved out of certpilot.managed
-    renew_one = managed.renew_one  # type: ignore[attr-defined]
 
 runner = CliRunner()
 ACTOR = audit.Actor("test")
