@@ -24,7 +24,7 @@ import datetime as dt
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import sqlalchemy as sa
 from cryptography import x509
@@ -40,8 +40,10 @@ from certpilot.keys import generate_private_key
 from certpilot.keystore import KeyRef, destroy_private_key, load_private_key, store_private_key
 from certpilot.managed import KeyRingSource
 from certpilot.models import Certificate, ManagedCertificate, PrivateKey
-from certpilot.rollout import DeploymentReport
 from certpilot.x509info import describe_certificate, serial_hex, spki_sha256
+
+if TYPE_CHECKING:
+    from certpilot.rollout import DeploymentReport
 
 __all__ = ["Step", "RenewalPlan", "SigningRequest", "Renewal", "Failure", "DueCertificate", "RenewalOutcome",
            "RenewDueSummary", "RenewDueFailed", "CertificateRenewal", "RenewalError", "TransientRenewalError", "PermanentRenewalError", "Steps",
