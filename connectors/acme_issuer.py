@@ -20,7 +20,6 @@ import base64
 import contextlib
 import datetime as dt
 import email.utils
-import ipaddress
 import logging
 import threading
 import time
@@ -56,6 +55,7 @@ from certpilot.errors import (
 )
 from certpilot.issuance import IssuedCertificate
 from certpilot.keystore import KeyRing, load_private_key
+from certpilot.names import parse_ip_address
 from certpilot.renewal import RenewalWindow
 from certpilot.x509info import spki_sha256
 from connectors.challenges import Challenge, ChallengeSolver
@@ -683,14 +683,12 @@ def _identifiers(csr: x509.CertificateSigningRequest) -> list[messages.Identifie
         dns_names, ips = [], []
     for attribute in csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME):
         value = str(attribute.value)
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
+        address = parse_ip_address(value)
+        if address is None:
             if value.lower() not in (n.lower() for n in dns_names):
                 dns_names.insert(0, value)
-        else:
-            if value not in ips:
-                ips.append(value)
+        elif str(address) not in ips:
+            ips.append(str(address))
     return ([messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in dict.fromkeys(dns_names)]
             + [messages.Identifier(typ=messages.IDENTIFIER_IP, value=ip) for ip in dict.fromkeys(ips)])
 

@@ -17,7 +17,6 @@ import base64
 import datetime as dt
 import hashlib
 import http.server
-import ipaddress
 import os
 import socket
 import socketserver
@@ -36,7 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from certpilot.clock import utcnow
-from certpilot.errors import ServiceRefusedError, ServiceUnavailableError, TransientError
+from certpilot.errors import InvalidDnsNameError, ServiceRefusedError, ServiceUnavailableError, TransientError
+from certpilot.names import normalise_dns_name, parse_ip_address
 
 HTTP_01 = "http-01"
 DNS_01 = "dns-01"
@@ -251,19 +251,20 @@ class TlsAlpn01Responder(_ThreadedResponder):
 
 def _sni_name(identifier: str) -> str:
     """The SNI a CA sends for an identifier: the name itself, or an IP's reverse-DNS name (RFC 8738)."""
+    address = parse_ip_address(identifier)
+    if address is not None:
+        return address.reverse_pointer.lower()
     try:
-        return ipaddress.ip_address(identifier).reverse_pointer.lower()
-    except ValueError:
-        return identifier.lower().rstrip(".")
+        return normalise_dns_name(identifier)
+    except InvalidDnsNameError:
+        return identifier.lower().rstrip(".")  # the CA validates identifiers; the responder only looks them up
 
 
 def _alpn_context(challenge: Challenge, now: dt.datetime | None = None) -> ssl.SSLContext:
     key = ec.generate_private_key(ec.SECP256R1())
     now = now or utcnow()
-    try:
-        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(challenge.identifier))
-    except ValueError:
-        san = x509.DNSName(challenge.identifier)
+    address = parse_ip_address(challenge.identifier)
+    san: x509.GeneralName = x509.IPAddress(address) if address is not None else x509.DNSName(challenge.identifier)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "certpilot tls-alpn-01")]))
             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "certpilot tls-alpn-01")]))

@@ -125,10 +125,10 @@ def expand_targets(targets: Iterable[str], ports: Sequence[int] = (443,), sni: S
     if not port_list:
         raise TargetError("no ports to scan")
     sni_names: list[str | None] = []
-    for name in sni:
-        if is_ip_address(name):
-            raise TargetError(f"SNI name {name!r} is an IP address: SNI carries host names only")
-        sni_names.append(_dns_name(name, "SNI name"))
+    for sni_name in sni:
+        if is_ip_address(sni_name):
+            raise TargetError(f"SNI name {sni_name!r} is an IP address: SNI carries host names only")
+        sni_names.append(_dns_name(sni_name, "SNI name"))
     probes: dict[Probe, None] = {}
     for raw in targets:
         target = raw.strip()

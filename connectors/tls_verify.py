@@ -102,6 +102,8 @@ class TlsUnreachableError(TlsProbeError, EndpointUnreachableError):
 class TlsTimeoutError(TlsProbeError, EndpointTimeoutError):
     """No connection, or no complete handshake, within ``timeout`` seconds (timeout, silent, slow)."""
 
+    timeout: float
+
 
 class TlsHandshakeError(TlsProbeError, HandshakeFailedError):
     """Connected, but no TLS handshake: not TLS, a TLS alert, closed, too large (``detail``, also as ``reason``)."""
@@ -230,7 +232,7 @@ class ClientHandshake:
     def presented(self) -> Presented:
         obj = self._obj
         if hasattr(obj, "get_unverified_chain"):  # public from Python 3.13, as DER bytes
-            raw = obj.get_unverified_chain()  # type: ignore[attr-defined]
+            raw = obj.get_unverified_chain()
         else:
             raw = obj._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
         chain = tuple(c if isinstance(c, bytes) else c.public_bytes(_ENCODING_DER) for c in raw or ())
