@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.text import Text
@@ -83,15 +83,15 @@ def in_threads(run_one: Callable[[T], R]) -> Callable[[Sequence[T]], list[R | Ba
     return run
 
 
-def _flow_result(state: Any, error_type: type[CertpilotError]) -> Any:
-    """A flow run's result, or the error it failed with: its own typed error when it has one."""
+def _flow_result(state: Any) -> Any:
+    """A flow run's result, or the error it failed with (certpilot's own, typed, when it is one)."""
     if state.is_completed():
         return state.result()
     try:
         error = state.result(raise_on_failure=False)
     except BaseException as raised:  # noqa: BLE001 - a crashed run may raise instead
         error = raised
-    if isinstance(error, error_type):
+    if isinstance(error, CertpilotError):
         raise error
     raise PermanentError(f"{state.name}: {state.message or 'the flow run ended without a result'}")
 
@@ -124,8 +124,8 @@ def _print_outcomes(report: DeploymentReport) -> None:
 
 def deploy_command(
     managed_name: Annotated[str, typer.Argument(help="The managed certificate to deploy.")],
-    fingerprint: Annotated[Optional[str], typer.Option(help="Deploy this certificate instead of the current one.")] = None,
-    canary: Annotated[Optional[str], typer.Option(help="The target to deploy first (default: the first by name).")] = None,
+    fingerprint: Annotated[str | None, typer.Option(help="Deploy this certificate instead of the current one.")] = None,
+    canary: Annotated[str | None, typer.Option(help="The target to deploy first (default: the first by name).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Targets deployed at once after the canary.")] = 4,
     as_json: JsonOption = False,
 ) -> None:
@@ -141,7 +141,7 @@ def deploy_command(
             from flows.deploy import deploy_certificate
 
             report = _flow_result(deploy_certificate(managed_name, fingerprint, canary, concurrency,
-                                                     return_state=True), DeploymentFailed)
+                                                     return_state=True))
         else:
             no_history_note()
             report = _deploy_directly(plan, canary, concurrency)
@@ -187,7 +187,7 @@ def discover_command(
         if prefect_api.configured():
             from flows.discover import discover
 
-            result = _flow_result(discover(sources, batch_size, return_state=True), DiscoveryFailed)
+            result = _flow_result(discover(sources, batch_size, return_state=True))
         else:
             no_history_note()
             result = _discover_directly(sources, batch_size)

@@ -20,8 +20,15 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from certpilot.managed import certificate_tag
-from certpilot.rollout import (MAX_CONCURRENCY, DeploymentFailed, DeploymentReport, DeployStep, Outcome, Step,
-                               deploy_everywhere)
+from certpilot.rollout import (
+    MAX_CONCURRENCY,
+    DeploymentFailed,
+    DeploymentReport,
+    DeployStep,
+    Outcome,
+    Step,
+    deploy_everywhere,
+)
 from flows.settling import settle
 from flows.tagging import tag_flow_run
 from tasks.deployment import deploy_target, plan_deployment, publish_deployment_report, rollback_target

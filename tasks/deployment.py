@@ -13,7 +13,7 @@ Errors leaving a task carry messages that certpilot.errors.redact lets through.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -49,9 +49,9 @@ def deployer_for(name: str, target_name: str) -> tuple[Any, Deployer]:
         target = targets.get_target(session, name, target_name)
     if not target.block:
         raise NotFoundError(f"target {target_name} of {name} names no block")
-    block = Block.load(target.block)
+    block = cast(Any, Block.load(target.block))  # a connection or deployment-target block: it builds the deployer
     key_ring = lambda: keystore.load_key_ring(settings)  # noqa: E731
-    return target, block.deployer(target.name, target.kind, dict(target.settings),  # type: ignore[attr-defined]
+    return target, block.deployer(target.name, target.kind, dict(target.settings),
                                   lookup=targets.lookup(engine, name, key_ring))
 
 
