@@ -4,7 +4,9 @@ A source (a TLS scan, an SSH host, an AWS account, a Key Vault) yields Found ite
 certificate as presented (leaf first, then the chain as given) at one locator with public details
 (TLS version, whether the chain verified, the file's format...), and Problems for places it could
 not read. ``record`` writes them to the inventory in batches and, after a source finished, flags as
-ghosts its locations that this run did not see again.
+ghosts its locations that this run did not see again; its frozen ``SourceSummary`` is a task result.
+``discover_all`` gathers a run of several sources, each run by the caller's seam (a task run per
+source in the discover flow, a thread per source in the CLI), into one ``DiscoveryResult``.
 
 Locators: ``tls://host:port?sni=name``, ``ssh://user@host:port/path``, ``aws-acm://region/arn``,
 ``aws-elbv2://region/listener-arn``, ``aws-iam://name``, ``azure-kv://vault/name/version``.

@@ -13,8 +13,18 @@ import pytest
 
 from certpilot.deployment import Receipt
 from certpilot.errors import PermanentError, TransientError
-from certpilot.rollout import (Action, DeploymentFailed, DeploymentPlan, DeployStep, Outcome, PlannedTarget,
-                               RollbackStep, Step, TargetFailed, deploy_everywhere)
+from certpilot.rollout import (
+    Action,
+    DeploymentFailed,
+    DeploymentPlan,
+    DeployStep,
+    Outcome,
+    PlannedTarget,
+    RollbackStep,
+    Step,
+    TargetFailed,
+    deploy_everywhere,
+)
 
 OLD, NEW = "a" * 64, "b" * 64
 
