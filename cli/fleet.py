@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.text import Text
@@ -21,26 +21,15 @@ from rich.text import Text
 from certpilot import rollout
 from certpilot.database import get_engine, read_session
 from certpilot.discovery import DiscoveryFailed, DiscoveryResult, SourceSummary, discover_all
-from certpilot.errors import CertpilotError, InvalidOptionError, PermanentError, TransientError
+from certpilot.errors import InvalidOptionError, TransientError
 from certpilot.rollout import DeploymentFailed, DeploymentReport, DeployStep, Outcome, Step
 from cli import prefect_api
 from cli.console import JsonOption, err, out, print_json
 from cli.options import actor
+from cli.prefect_api import flow_result, no_history_note
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def prefect_note() -> None:
-    """For ``certpilot renew``, which still runs its flows on a temporary local Prefect without an API."""
-    if not prefect_api.configured():
-        err.print("[yellow]note:[/] PREFECT_API_URL is not set: starting a temporary local Prefect for this run "
-                  "(10 to 20 s); point it at your Prefect server to keep the run history there")
-
-
-def no_history_note() -> None:
-    """Say on stderr that this run keeps no Prefect run history (there is no Prefect API)."""
-    err.print(Text.assemble(("note: ", "yellow"), prefect_api.NO_HISTORY))
 
 
 def _stderr_log(level: int) -> logging.Logger:
@@ -83,17 +72,8 @@ def in_threads(run_one: Callable[[T], R]) -> Callable[[Sequence[T]], list[R | Ba
     return run
 
 
-def _flow_result(state: Any) -> Any:
-    """A flow run's result, or the error it failed with (certpilot's own, typed, when it is one)."""
-    if state.is_completed():
-        return state.result()
-    try:
-        error = state.result(raise_on_failure=False)
-    except BaseException as raised:  # noqa: BLE001 - a crashed run may raise instead
-        error = raised
-    if isinstance(error, CertpilotError):
-        raise error
-    raise PermanentError(f"{state.name}: {state.message or 'the flow run ended without a result'}")
+# cli/renewals.py reaches these two through this module; they live in cli.prefect_api.
+_flow_result = flow_result
 
 
 # -------------------------------------------------------------------------------------------- deploy
@@ -140,8 +120,8 @@ def deploy_command(
         if prefect_api.configured():
             from flows.deploy import deploy_certificate
 
-            report = _flow_result(deploy_certificate(managed_name, fingerprint, canary, concurrency,
-                                                     return_state=True))
+            report = flow_result(deploy_certificate(managed_name, fingerprint, canary, concurrency,
+                                                    return_state=True))
         else:
             no_history_note()
             report = _deploy_directly(plan, canary, concurrency)
@@ -187,7 +167,7 @@ def discover_command(
         if prefect_api.configured():
             from flows.discover import discover
 
-            result = _flow_result(discover(sources, batch_size, return_state=True))
+            result = flow_result(discover(sources, batch_size, return_state=True))
         else:
             no_history_note()
             result = _discover_directly(sources, batch_size)

@@ -10,6 +10,12 @@ server sends no analytics (its telemetry is what logged "database is locked" tra
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from rich.text import Text
+
+from certpilot.errors import CertpilotError, PermanentError
+from cli.console import err
 
 ANALYTICS = "PREFECT_SERVER_ANALYTICS_ENABLED"
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"  # Prefect's default, 20 s, is too short
@@ -32,3 +38,23 @@ def configured() -> bool:
     from prefect.settings import PREFECT_API_URL
 
     return bool(PREFECT_API_URL.value())
+
+
+def no_history_note() -> None:
+    """Say on stderr that this run keeps no Prefect run history (there is no Prefect API)."""
+    err.print(Text.assemble(("note: ", "yellow"), NO_HISTORY))
+
+
+def flow_result(state: Any, error_type: type[CertpilotError] = CertpilotError) -> Any:
+    """The result of a flow run the CLI ran (``return_state=True``), or the error it failed with when
+    that is an ``error_type`` (certpilot's own, typed, by default); else a PermanentError with the
+    run's state message."""
+    if state.is_completed():
+        return state.result()
+    try:
+        error = state.result(raise_on_failure=False)
+    except BaseException as raised:  # noqa: BLE001 - a crashed run may raise instead
+        error = raised
+    if isinstance(error, error_type):
+        raise error
+    raise PermanentError(f"{state.name}: {state.message or 'the flow run ended without a result'}")
