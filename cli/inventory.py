@@ -165,8 +165,6 @@ def export_command(
     """Export a certificate; its private key only with --include-key, encrypted unless --plaintext-key."""
     from certpilot.export import ExportRequest, export_certificate
 
-    if include_key and format in (ExportFormat.DER, ExportFormat.JSON):
-        raise usage_error(f"a private key cannot go in {format.value}: use pem or pkcs12", "--include-key")
     if plaintext_key and not include_key:
         raise usage_error("--plaintext-key goes with --include-key", "--plaintext-key")
     if include_key and output is None and sys.stdout.isatty():
@@ -177,7 +175,7 @@ def export_command(
         raise usage_error("--force goes with --output", "--force")
     if output is not None and not force:
         refuse_existing(output)
-    if include_key:
+    if include_key and format in (ExportFormat.PEM, ExportFormat.PKCS12):  # the core refuses a key in der or json
         password = key_password(password_file, password_env, plaintext_key, "the private key")
     else:
         password = read_password(password_file, password_env)

@@ -406,7 +406,8 @@ def test_export_with_key_writes_mode_0600_and_is_audited(engine: sa.Engine, data
 
     out = tmp_path / "out" / "rsa-with-key.pem"
     out.parent.mkdir()
-    proc = run_cli(database_url, certpilot_home, "inventory", "export", fp[:20], "--include-key", "-o", str(out))
+    proc = run_cli(database_url, certpilot_home, "inventory", "export", fp[:20], "--include-key", "--plaintext-key",
+                   "-o", str(out))
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == b""  # the key went to the file, nowhere else
     assert_no_secret(proc.stderr, "export stderr", estate.needles)
@@ -419,11 +420,12 @@ def test_export_with_key_writes_mode_0600_and_is_audited(engine: sa.Engine, data
     assert leaf.fingerprint(hashes.SHA256()).hex() == fp
     assert public_key_sha256(exported_key) == public_key_sha256_of_cert(leaf)
 
-    # Exporting over an existing, world-readable file still leaves it 0600.
+    # Exporting over an existing, world-readable file (told to, with --force) still leaves it 0600.
     existing = tmp_path / "out" / "existing.pem"
     existing.write_text("old contents\n")
     os.chmod(existing, 0o644)
-    proc = run_cli(database_url, certpilot_home, "inventory", "export", fp, "--include-key", "-o", str(existing))
+    proc = run_cli(database_url, certpilot_home, "inventory", "export", fp, "--include-key", "--plaintext-key",
+                   "--force", "-o", str(existing))
     assert proc.returncode == 0, proc.stderr.decode()
     assert stat.S_IMODE(existing.stat().st_mode) == 0o600
     assert existing.read_bytes().endswith(blocks[-1].text.encode())
@@ -480,6 +482,6 @@ def test_export_with_key_as_der_is_refused(engine: sa.Engine, database_url: str,
     assert proc.stdout == b"" and not out.exists()
     result = CliRunner().invoke(app, ["inventory", "export", estate.leaf_fingerprint, "--include-key", "--format", "json"])
     assert result.exit_code == 1 and result.stdout == ""
-    assert str(result.exception) == "a private key cannot go in json: use pem or pkcs12"
+    assert result.stderr == "error: a private key cannot go in json: use pem or pkcs12\n"
     with read_session(engine) as session:
         assert audit.list_events(session, action="certificate.exported_with_key") == []
