@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from blocks.issuers import PrivateCABlock
 from blocks.ssh import SshHostBlock
 from blocks.targets import DeploymentTargetBlock
-from certpilot import audit, keystore, managed, targets
+from certpilot import audit, keystore, managed, renewing, targets
 from certpilot import ca as ca_module
 from cli.main import app
 from certpilot.database import get_engine, read_session, write_session
@@ -72,7 +72,7 @@ def _ring() -> keystore.KeyRing:
 
 def _renew(engine: sa.Engine) -> str:
     """A new certificate for NAME from the private CA (no Prefect); its fingerprint."""
-    return managed.renew_one(engine, NAME, PrivateCAIssuer(engine, CA_NAME, _ring, actor=ACTOR), _ring,
+    return renewing.renew_one(engine, NAME, PrivateCAIssuer(engine, CA_NAME, _ring, actor=ACTOR), _ring,
                              ACTOR).fingerprint_sha256
 
 
@@ -223,8 +223,8 @@ def test_renew_certificate_deploys_and_verifies(fleet: Fleet) -> None:
     state = renew_certificate(NAME, return_state=True)
     assert state.is_completed(), state.message
     renewal = state.result()
-    new = renewal["fingerprint_sha256"]
-    assert renewal["deployment"]["fingerprint"] == new
+    new = renewal.renewal.fingerprint_sha256
+    assert renewal.deployment is not None and renewal.deployment.fingerprint == new
     assert fleet.served() == [new] * 5
     assert fleet.rows() == {name: (new, new) for name in fleet.names}
 
@@ -273,7 +273,7 @@ def test_cli_deploy_and_target_list(fleet: Fleet) -> None:
 def test_renew_due_deploys_what_it_renews(fleet: Fleet) -> None:
     old = fleet.served()
     summary = renew_due()  # NAME has no certificate yet: due
-    assert (summary["due"], summary["renewed"], summary["failed"]) == (1, 1, 0)
+    assert (summary.due, summary.renewed, summary.failed) == (1, 1, 0)
     new = fleet.rows()["web1"][1]
     assert new is not None and new not in old
     assert fleet.served() == [new] * 5

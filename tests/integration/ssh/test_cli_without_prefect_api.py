@@ -52,7 +52,7 @@ def _ring() -> keystore.KeyRing:
 
 def _renew(engine: sa.Engine) -> str:
     return renewing.renew_one(engine, NAME, PrivateCAIssuer(engine, CA_NAME, _ring, actor=ACTOR), _ring,
-                             ACTOR).fingerprint_sha256
+                              ACTOR).fingerprint_sha256
 
 
 class Lab:
