@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from click.testing import Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
-from typer.testing import CliRunner
+from sqlmodel import col
+from typer.testing import CliRunner, Result
 
 import certpilot
 from certpilot import audit, ca, inventory, keys, keystore
@@ -325,7 +325,7 @@ def keyed(engine: sa.Engine, tmp_path: Path) -> tuple[x509.Certificate, Any]:
 
 def _key_exports(engine: sa.Engine) -> list[dict[str, Any]]:
     with read_session(engine) as session:
-        rows = session.execute(sa.select(AuditEvent.details).where(AuditEvent.action == "certificate.exported_with_key"))
+        rows = session.execute(sa.select(col(AuditEvent.details)).where(col(AuditEvent.action) == "certificate.exported_with_key"))
         return [json.loads(d) for (d,) in rows]
 
 
