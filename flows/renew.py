@@ -17,7 +17,7 @@ the managed certificate and in the audit trail, and the run says so in an error 
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, tags
+from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from certpilot import renewing
@@ -162,8 +162,7 @@ def renew_due(within_days: float = 0.0, limit: int | None = None, batch_size: in
                 if item.issuer in paused:
                     futures.append(None)
                     continue
-                with tags(certificate_tag(item.name)):
-                    futures.append(renew_managed.submit(item.name, shared[item.issuer]))
+                futures.append(renew_managed.submit(item.name, shared[item.issuer]))  # it tags its own run
             settled = [settle(f) if f is not None else None for f in futures]
         outcomes += [RenewalOutcome.of(item, s.value, s.error) if s is not None else
                      RenewalOutcome(item.name, item.issuer, item.reason, step=Step.ISSUE, kept=item.current,

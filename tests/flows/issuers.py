@@ -1,12 +1,15 @@
 """Test-only issuer blocks around the real private CA: one that is busy a few times before it signs
-(a TransientError each time), and one that refuses every request (a PermanentError).
+(a TransientError each time), one that refuses every request (a PermanentError), and one that holds
+each order a while, to see how many orders it is given at once.
 
-The attempts are counted per block name in this process, which is where the flows under test run.
+The attempts, and the most orders in progress at once, are counted per block name in this process,
+which is where the flows under test run.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from typing import Any, ClassVar
 
@@ -19,12 +22,15 @@ from certpilot.issuance import IssuedCertificate
 from certpilot.renewal import RenewalWindow
 
 attempts: Counter[str] = Counter()
+most_at_once: Counter[str] = Counter()  # the most orders one issuer was working on at the same time
+_in_progress: Counter[str] = Counter()
 _lock = threading.Lock()
 
 
 class _Wrapped:
-    def __init__(self, inner: Any, name: str, busy_times: int, refuse: str | None) -> None:
+    def __init__(self, inner: Any, name: str, busy_times: int, refuse: str | None, hold_seconds: float = 0.0) -> None:
         self.inner, self.name, self.busy_times, self.refuse = inner, name, busy_times, refuse
+        self.hold_seconds = hold_seconds
 
     def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
               replaces: x509.Certificate | None = None) -> IssuedCertificate:
@@ -35,7 +41,15 @@ class _Wrapped:
             raise PermanentError(f"{self.name}: {self.refuse}")
         if attempt <= self.busy_times:
             raise TransientError(f"{self.name}: CA busy, try again later (attempt {attempt})")
-        return self.inner.issue(csr, profile, validity_days=validity_days, replaces=replaces)
+        with _lock:
+            _in_progress[self.name] += 1
+            most_at_once[self.name] = max(most_at_once[self.name], _in_progress[self.name])
+        try:
+            time.sleep(self.hold_seconds)
+            return self.inner.issue(csr, profile, validity_days=validity_days, replaces=replaces)
+        finally:
+            with _lock:
+                _in_progress[self.name] -= 1
 
     def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags) -> None:
         self.inner.revoke(certificate, reason)
@@ -54,9 +68,11 @@ class TestIssuerBlock(Block):
     ca_name: str = Field(description="The private CA that finally signs.")
     busy_times: int = Field(default=0, description="How many orders fail with a TransientError first.")
     refuse: str | None = Field(default=None, description="Refuse every order with this reason.")
+    hold_seconds: float = Field(default=0.0, description="How long each order takes before the CA signs.")
 
     def get_issuer(self, engine: Any, key_ring: Any, *, actor: Any = None) -> _Wrapped:
         from connectors.private_ca import PrivateCAIssuer
 
         name = f"{self._block_type_slug}/{self._block_document_name}"
-        return _Wrapped(PrivateCAIssuer(engine, self.ca_name, key_ring, actor=actor), name, self.busy_times, self.refuse)
+        return _Wrapped(PrivateCAIssuer(engine, self.ca_name, key_ring, actor=actor), name, self.busy_times, self.refuse,
+                        self.hold_seconds)

@@ -32,7 +32,7 @@ from certpilot.models import AuditEvent, Certificate, ManagedCertificate, Privat
 from certpilot.settings import load_settings
 from flows.renew import renew_certificate, renew_due
 from tasks.renewal import configure_retries, limit_name
-from tests.flows.issuers import TestIssuerBlock, attempts
+from tests.flows.issuers import TestIssuerBlock, attempts, most_at_once
 from tests.keyprobe import leaks
 
 CA_NAME = "test-ca"
@@ -299,6 +299,44 @@ def test_renew_due_one_task_run_per_certificate_and_a_report_naming_the_failures
     # A second run finds nothing left to do but the failures.
     again = renew_due(return_state=True)
     assert again.is_failed() and "3 of 3 renewal(s) failed" in (again.message or "")
+
+
+def _limit(issuer: str, slots: int) -> None:
+    """Issuer ``issuer``'s concurrency limit, with ``slots`` slots."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    async def make(client: Any) -> None:
+        try:
+            await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit_name(issuer), limit=slots))
+        except ObjectAlreadyExists:
+            await client.update_global_concurrency_limit(limit_name(issuer), GlobalConcurrencyLimitUpdate(limit=slots))
+    _api(make)
+
+
+def test_renew_due_throttles_each_issuer_by_its_own_slots(pki: sa.Engine) -> None:
+    """Two issuers, limits of one and two slots, each order held a while: renew-due gives each issuer at
+    most its own slots of orders at once (the slots the flow holds, handed to its task runs), and its
+    outcomes come back as typed records."""
+    for name, slots in (("one-slot", 1), ("two-slots", 2)):
+        TestIssuerBlock(ca_name=CA_NAME, hold_seconds=0.4).save(name, overwrite=True)
+        _limit(f"test-issuer/{name}", slots)
+        most_at_once[f"test-issuer/{name}"] = 0
+        for i in range(5):
+            _add(pki, f"{name}-{i}", issuer=f"test-issuer/{name}")
+
+    state = renew_due(return_state=True)
+
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert isinstance(summary, renewing.RenewDueSummary)
+    assert (summary.due, summary.renewed, summary.failed, summary.failures) == (10, 10, 0, ())
+    assert most_at_once["test-issuer/one-slot"] == 1
+    assert most_at_once["test-issuer/two-slots"] == 2
+    renew_runs = [t for t in _task_runs(state.state_details.flow_run_id) if t.task_key.startswith("renew")]
+    assert sorted(t.name for t in renew_runs) == sorted(f"renew-{n}-{i}" for n in ("one-slot", "two-slots")
+                                                         for i in range(5))
+    assert all(f"certificate:{t.name.removeprefix('renew-')}" in t.tags for t in renew_runs)
 
 
 # ------------------------------------------------------------------------------------------ secrecy
