@@ -407,6 +407,9 @@ def test_ca_commands(engine: sa.Engine, tmp_path: Path) -> None:
     assert _inclusive_days(client) == 30
     listed = json.loads(cli("ca", "list", "--json"))
     assert [(c["name"], c["issued"], c["revoked"], c["crl_number"]) for c in listed] == [("corp", 2, 0, 1)]
+    with read_session(engine) as session:  # `ca issue` records what it issues, once
+        issued = session.execute(sa.select(AuditEvent.object).where(AuditEvent.action == "certificate.issued")).scalars()
+        assert sorted(issued) == sorted(f"certificate:{c.fingerprint(hashes.SHA256()).hex()}" for c in (leaf, client))
 
     fp = leaf.fingerprint(hashes.SHA256()).hex()
     revoked = json.loads(cli("ca", "revoke", fp[:12], "--reason", "key-compromise", "--json"))
