@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from certpilot import audit, inventory, managed, targets
 from certpilot.clock import Clock, utcnow
@@ -252,15 +252,15 @@ def record_issued(session: Session, row: ManagedCertificate, issued: IssuedCerti
     if existing is not None and existing.managed_certificate_id == row.id:  # recorded already (a retried store)
         return Renewal(row.name, row.issuer, fp, existing.serial_hex, existing.not_after,
                        existing.replaces_fingerprint, str(key_ref))
-    previous = [c for c, in session.execute(sa.select(Certificate.fingerprint_sha256).where(
-        Certificate.managed_certificate_id == row.id, Certificate.status == "active",
-        Certificate.fingerprint_sha256 != fp).order_by(Certificate.not_before.desc()))]  # type: ignore[attr-defined]
+    previous = [c for c, in session.execute(sa.select(col(Certificate.fingerprint_sha256)).where(
+        col(Certificate.managed_certificate_id) == row.id, col(Certificate.status) == "active",
+        col(Certificate.fingerprint_sha256) != fp).order_by(col(Certificate.not_before).desc()))]
     replaces = previous[0] if previous else None
     if len(records) > 1:
         inventory.upsert(session, [inventory.Observation(r, None, "issued") for r in records[1:]], actor, now=now)
     inventory.upsert(session, [inventory.Observation(records[0], None, "issued")], actor,
                      owner=row.owner, tags=row.tags or None, now=now)
-    session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256 == fp).values(
+    session.execute(sa.update(Certificate).where(col(Certificate.fingerprint_sha256) == fp).values(
         managed_certificate_id=row.id, replaces_fingerprint=replaces, status="active"))
     if previous:
         session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256.in_(previous))  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ the managed certificate and in the audit trail, and the run says so in an error 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from certpilot import renewing
@@ -115,7 +116,7 @@ def _deploy_renewed(due: list[DueCertificate], outcomes: list[RenewalOutcome]) -
         if outcome.ok and outcome.renewal is not None and outcome.name in with_targets:
             state = deploy_certificate(outcome.name, outcome.renewal.fingerprint_sha256, return_state=True)
             if not state.is_completed():
-                outcome = outcome.not_deployed(state.message or state.name)
+                outcome = outcome.not_deployed(state.message or "the deploy-certificate run failed")
         out.append(outcome)
     return out
 
@@ -157,7 +158,7 @@ def renew_due(within_days: float = 0.0, limit: int | None = None, batch_size: in
             shared: dict[str, Issuer | IssuerUnavailable] = {
                 i: SharedSlotIssuer(issuer, slots[i]) if i in slots and not isinstance(issuer, IssuerUnavailable)
                 else issuer for i, issuer in issuers.items()}
-            futures = []
+            futures: list[PrefectFuture[renewing.Renewal] | None] = []
             for item in batch:
                 if item.issuer in paused:
                     futures.append(None)

@@ -13,7 +13,11 @@ its text in the state message and may persist it.
 
 Retries: TransientError only, with exponential backoff (``configure_retries`` sets the base). No
 renewal task is ever served from a cache (``NO_CACHE``): their inputs are not hashed, which also
-lets a flow hand them in-process objects (an issuer built from its block, holding a semaphore).
+lets a flow hand them in-process objects (an issuer built from its block, holding a semaphore);
+with Prefect's default cache policy such an input would fail to hash and log an error per run.
+
+Tags: renew-due's task run per certificate tags itself ``certificate:<name>`` when it starts running
+(``tag_with_certificate``, an on_running state hook), for the reason its docstring gives.
 
 Issuers: a flow loads each issuer block it needs once (``load_issuer``) and passes the built
 connector to the tasks. Each issuer has a Prefect global concurrency limit ``issuer-<issuer slug>``
@@ -94,7 +98,7 @@ def load_issuer(issuer: str, engine: sa.Engine, ring: managed.KeyRingSource, act
     from prefect.blocks.core import Block
 
     try:
-        block = Block.load(issuer)
+        block: Any = Block.load(issuer)
     except ValueError as exc:  # Prefect's "Unable to find block document named ..." and bad slugs
         raise PermanentError(f"issuer block {issuer!r} cannot be loaded: {exc}") from None
     if not callable(getattr(block, "get_issuer", None)):
@@ -342,7 +346,7 @@ def publish_renewal_report(outcomes: list[RenewalOutcome], max_rows: int = 500) 
 
 def retry_delays() -> list[float]:
     """The delays before each retry of a renewal now in force (``configure_retries``)."""
-    return list(renew_managed.retry_delay_seconds or [])  # type: ignore[arg-type]
+    return list(renew_managed.retry_delay_seconds or [])
 
 
 RETRYING_TASKS = (generate_key, build_csr, issue_certificate, store_certificate, record_renewal_failure, renew_managed)
