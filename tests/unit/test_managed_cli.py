@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,12 @@ def test_renew_due_dry_run_lists_what_is_due_and_changes_nothing(engine: sa.Engi
     rows = json.loads(_ok("renew", "--due", "--dry-run", "--within", "80d", "--json"))
     assert [r["name"] for r in rows] == ["web", "api"]  # within 80 days, api falls due too
     assert rows[1]["current"]["fingerprint_sha256"]
+    # Stable: a due certificate's next_renewal is when it fell due, the same on every call, not "now".
+    time.sleep(0.01)
+    assert json.loads(_ok("renew", "--due", "--dry-run", "--within", "80d", "--json")) == rows
+    with engine.connect() as conn:
+        created = conn.execute(sa.text("select created_at from managed_certificate where name = 'web'")).scalar()
+    assert rows[0]["next_renewal"].startswith(str(created)[:19].replace(" ", "T"))
     with engine.connect() as conn:
         assert conn.execute(sa.text("select count(*) from audit_event where action = 'renewal.failed'")).scalar() == 0
 
