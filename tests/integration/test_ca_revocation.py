@@ -27,12 +27,13 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID
 from pkilint.bin import lint_crl, lint_ocsp_response
 
-from certpilot import audit, ca, keystore
+from certpilot import audit, ca, inventory, keystore
 from certpilot.database import read_session, write_session
 from certpilot.issuance import IssuedCertificate, Issuer, build_csr
 from certpilot.models import AuditEvent, Certificate
 from certpilot.sample_estate import issue_leaf, make_ca
 from certpilot.settings import load_settings
+from certpilot.x509info import describe_certificate
 from connectors.ca_http import CAHTTPServer, parse_listen
 from connectors.private_ca import PrivateCAIssuer
 
@@ -41,6 +42,15 @@ UTC = dt.timezone.utc
 
 def _ring() -> keystore.KeyRing:
     return keystore.load_key_ring(load_settings())
+
+
+def _record(engine: sa.Engine, issued: IssuedCertificate) -> IssuedCertificate:
+    """Record what the issuer signed, as a renewal's store step does (the issuer itself records
+    nothing): from then on the CA's OCSP and CRL know its serial."""
+    with write_session(engine) as session:
+        inventory.upsert(session, [inventory.Observation(describe_certificate(c), None, "issued") for c in issued.chain],
+                         audit.Actor("test"))
+    return issued
 
 
 def _pem(*certs: x509.Certificate) -> bytes:
@@ -57,7 +67,9 @@ class Served:
     engine: sa.Engine
 
     def issue(self, *names: str) -> IssuedCertificate:
-        return self.issuer.issue(build_csr(ec.generate_private_key(ec.SECP256R1()), list(names)), "tls-server")
+        """A certificate for ``names`` from the issuer, recorded as a renewal records it."""
+        return _record(self.engine, self.issuer.issue(build_csr(ec.generate_private_key(ec.SECP256R1()), list(names)),
+                                                      "tls-server"))
 
     def get(self, url: str) -> tuple[int, str, bytes]:
         try:
@@ -134,10 +146,12 @@ def test_private_ca_issuer_plays_the_issuer_role(served: Served) -> None:
                        validity_days=30, replaces=old.leaf)
     assert [c.subject for c in new.chain] == [new.leaf.subject, served.issuing.subject]
     assert new.chain[1] == served.issuing
+    with read_session(served.engine) as session:  # the issuer only signs: nothing is recorded by it
+        assert session.get(Certificate, new.leaf.fingerprint(hashes.SHA256()).hex()) is None
+    _record(served.engine, new)  # (linking what it replaces is the renewal's: tests/unit/test_managed.py)
     with read_session(served.engine) as session:
         row = session.get(Certificate, new.leaf.fingerprint(hashes.SHA256()).hex())
-        assert row.replaces_fingerprint == old.leaf.fingerprint(hashes.SHA256()).hex()
-        assert row.issuer_fingerprint == served.issuing.fingerprint(hashes.SHA256()).hex()
+        assert row is not None and row.issuer_fingerprint == served.issuing.fingerprint(hashes.SHA256()).hex()
     run = subprocess.run(["openssl", "verify", "-CAfile", "root.pem", "-untrusted", "issuing.pem", "/dev/stdin"],
                          cwd=served.files, input=_pem(new.leaf), capture_output=True, timeout=30, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -312,8 +326,8 @@ def test_ca_serve_command(engine: sa.Engine, tmp_path: Path) -> None:
         root, issuing = ca.ca_certificates(session, ca.get_ca(session, "corp"))
     (tmp_path / "root.pem").write_bytes(_pem(root))
     (tmp_path / "issuing.pem").write_bytes(_pem(issuing))
-    leaf = PrivateCAIssuer(engine, "corp", _ring).issue(
-        build_csr(ec.generate_private_key(ec.SECP256R1()), ["serve.example.com"]), "tls-server").leaf
+    leaf = _record(engine, PrivateCAIssuer(engine, "corp", _ring).issue(
+        build_csr(ec.generate_private_key(ec.SECP256R1()), ["serve.example.com"]), "tls-server")).leaf
     (tmp_path / "leaf.pem").write_bytes(_pem(leaf))
     process = subprocess.Popen([sys.executable, "-m", "cli", "ca", "serve", "--listen", f"127.0.0.1:{port}"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
