@@ -45,10 +45,36 @@ from certpilot.x509info import describe_certificate, serial_hex, spki_sha256
 if TYPE_CHECKING:
     from certpilot.rollout import DeploymentReport
 
-__all__ = ["Step", "RenewalPlan", "SigningRequest", "Renewal", "Failure", "DueCertificate", "RenewalOutcome",
-           "RenewDueSummary", "RenewDueFailed", "CertificateRenewal", "RenewalError", "TransientRenewalError", "PermanentRenewalError", "Steps",
-           "DirectSteps", "renew", "renew_one", "failure", "step_error", "is_transient", "plan", "new_key",
-           "new_csr", "issue", "store", "record_issued", "record_failure", "due_certificates"]
+__all__ = [
+    "CertificateRenewal",
+    "DirectSteps",
+    "DueCertificate",
+    "Failure",
+    "PermanentRenewalError",
+    "RenewDueFailed",
+    "RenewDueSummary",
+    "Renewal",
+    "RenewalError",
+    "RenewalOutcome",
+    "RenewalPlan",
+    "SigningRequest",
+    "Step",
+    "Steps",
+    "TransientRenewalError",
+    "due_certificates",
+    "failure",
+    "is_transient",
+    "issue",
+    "new_csr",
+    "new_key",
+    "plan",
+    "record_failure",
+    "record_issued",
+    "renew",
+    "renew_one",
+    "step_error",
+    "store",
+]
 
 _MAX_ERROR = 632  # the longest last_error stored on a managed certificate ("<step>: <reason>")
 
@@ -373,7 +399,7 @@ def failure(steps: Steps, name: str, step: Step, exc: BaseException, plan: Renew
     issuer = plan.issuer if plan is not None else exc.issuer if isinstance(exc, RenewalError) else "?"
     try:
         kept = steps.record_failure(Failure(name, step, issuer, reason, unused_key))
-    except Exception as record_exc:  # the renewal failed either way: say so, and why it is not recorded
+    except Exception as record_exc:  # noqa: BLE001 - the renewal failed either way: say why it is not recorded
         kept = plan.current if plan is not None else None
         recorded = record_exc.reason if isinstance(record_exc, RenewalError) else redact(record_exc)
         reason += f" (recording this failure also failed: {recorded})"

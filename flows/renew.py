@@ -27,16 +27,43 @@ from certpilot.errors import PermanentError, redact
 from certpilot.issuance import IssuedCertificate, Issuer
 from certpilot.keystore import KeyRef
 from certpilot.managed import certificate_tag
-from certpilot.renewing import (CertificateRenewal, DueCertificate, Failure, RenewalError, RenewalOutcome,
-                                RenewalPlan, RenewDueFailed, RenewDueSummary, SigningRequest, Step)
+from certpilot.renewing import (
+    CertificateRenewal,
+    DueCertificate,
+    Failure,
+    RenewalError,
+    RenewalOutcome,
+    RenewalPlan,
+    RenewDueFailed,
+    RenewDueSummary,
+    SigningRequest,
+    Step,
+)
 from flows.deploy import deploy_certificate
 from flows.settling import settle
 from flows.tagging import tag_flow_run
 from tasks.inventory import run_actor
-from tasks.renewal import (DEFAULT_ISSUER_SLOTS, IssuerUnavailable, SharedSlotIssuer, ThrottledIssuer, build_csr,
-                           ensure_issuer_limits, generate_key, hold_issuer_slots, issue_certificate, key_ring,
-                           limit_name, load_issuer, plan_renewal, publish_renewal_report, record_renewal_failure,
-                           refresh_renewal_info, renew_managed, select_due, store_certificate)
+from tasks.renewal import (
+    DEFAULT_ISSUER_SLOTS,
+    IssuerUnavailable,
+    SharedSlotIssuer,
+    ThrottledIssuer,
+    build_csr,
+    ensure_issuer_limits,
+    generate_key,
+    hold_issuer_slots,
+    issue_certificate,
+    key_ring,
+    limit_name,
+    load_issuer,
+    plan_renewal,
+    publish_renewal_report,
+    record_renewal_failure,
+    refresh_renewal_info,
+    renew_managed,
+    select_due,
+    store_certificate,
+)
 
 RENEW_WORKERS = 8  # certificates renewed at once by one renew-due run (each issuer is throttled as well)
 
@@ -98,7 +125,7 @@ def renew_certificate(name: str, issuer_slots: int = DEFAULT_ISSUER_SLOTS, deplo
         return CertificateRenewal(renewal)
     try:
         deployment = deploy_certificate(name, renewal.fingerprint_sha256)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of the subflow is reported the same way
         logger.error("DEPLOYMENT FAILED: %s was renewed but not deployed: %s", name, redact(exc))
         raise PermanentError(f"renewed {name} ({renewal.fingerprint_sha256[:16]}) but its deployment failed, "
                              f"so its targets serve the previous certificate: {redact(exc)}") from None
@@ -128,7 +155,7 @@ def _issuers(names: set[str]) -> dict[str, Issuer | IssuerUnavailable]:
     for name in sorted(names):
         try:
             out[name] = load_issuer(name, engine, ring, actor)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - its certificates fail at their issue step, with this reason
             out[name] = IssuerUnavailable(name, redact(exc))
     return out
 

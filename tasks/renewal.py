@@ -193,7 +193,7 @@ def _step(name: str, step: Step, issuer: str) -> Iterator[None]:
     """Whatever a step raises leaves the task as the step's RenewalError (redacted)."""
     try:
         yield
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - redacted and re-raised as the step's error
         raise renewing.step_error(name, step, issuer, exc) from None
 
 
@@ -205,7 +205,7 @@ def plan_renewal(name: str) -> RenewalPlan:
         return renewing.plan(get_engine(), name)
     except NotFoundError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - redacted and re-raised as the step's error
         raise renewing.step_error(name, Step.LOAD, "?", exc) from None
 
 

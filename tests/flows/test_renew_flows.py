@@ -17,8 +17,16 @@ import sqlalchemy as sa
 from cryptography import x509
 from prefect import tags
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId,
-                                           FlowRunFilterTags, LogFilter, LogFilterFlowRunId, TaskRunFilter)
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterTags,
+    LogFilter,
+    LogFilterFlowRunId,
+    TaskRunFilter,
+)
 from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort, TaskRunSort
 from prefect.logging.handlers import APILogHandler
 from sqlmodel import select

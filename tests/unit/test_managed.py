@@ -344,7 +344,7 @@ def test_one_audit_event_per_issuance_and_the_ca_still_answers_for_it(engine: sa
     issuer = PrivateCAIssuer(engine, "unit-ca", ring)
 
     # Signing alone writes nothing: no certificate row, no audit event.
-    ref, csr = _csr_and_key(engine, "intranet")
+    _, csr = _csr_and_key(engine, "intranet")
     certificates, events_before = count(engine, Certificate), count(engine, AuditEvent)
     signed = issuer.issue(csr, "tls-server")
     assert (count(engine, Certificate), count(engine, AuditEvent)) == (certificates, events_before)

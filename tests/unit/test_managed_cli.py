@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from certpilot import audit, keystore, managed, renewing
+from certpilot import audit, keystore, renewing
 from cli.main import app
 from certpilot.sample_estate import make_ca
 from certpilot.settings import load_settings
