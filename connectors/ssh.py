@@ -60,10 +60,12 @@ from typing import Any
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from paramiko.hostkeys import HostKeyEntry
 from paramiko.sftp import CMD_HANDLE, CMD_OPEN, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_TRUNC, SFTP_FLAG_WRITE
 
 from certpilot.deployment import DeployError, PermanentDeployError
+from certpilot.errors import EndpointUnreachableError
 
 __all__ = ["CommandResult", "GlobResult", "RemoteCommandError", "RemotePathError", "SshAuthError", "SshError",
            "SshConnection", "SshHostKeyError", "SshUnavailableError", "SshUnreachableError", "TEMP_MARKER",
@@ -83,6 +85,10 @@ class SshError(Exception):
     target: str | None = None
     _args: tuple[Any, ...] = ()
 
+    def __init__(self, *args: Any, target: str | None = None) -> None:
+        """Each subclass takes its own fields, then ``target`` (see for_target) and passes its message here."""
+        Exception.__init__(self, *args)  # not super(): the next class in a subclass's MRO may want other args
+
     def _init(self, args: tuple[Any, ...], target: str | None, text: str) -> str:
         self._args, self.target = args, target
         return f"{target}: {text}" if target else text
@@ -90,8 +96,8 @@ class SshError(Exception):
     def for_target(self, target: str) -> Exception:
         """The same error, its message prefixed with the target's name (deployers name their target)."""
         if self.target is not None:
-            return self  # type: ignore[return-value]
-        twin = type(self)(*self._args, target=target)  # type: ignore[call-arg]
+            return self
+        twin = type(self)(*self._args, target=target)
         twin.__cause__ = self.__cause__
         return twin
 
@@ -99,8 +105,8 @@ class SshError(Exception):
         return (_rebuild, (type(self), self._args, self.target))
 
 
-def _rebuild(cls: type[Exception], args: tuple[Any, ...], target: str | None) -> Exception:
-    return cls(*args, target=target)  # type: ignore[call-arg]
+def _rebuild(cls: type[SshError], args: tuple[Any, ...], target: str | None) -> SshError:
+    return cls(*args, target=target)
 
 
 class SshUnavailableError(SshError, DeployError):
@@ -111,14 +117,19 @@ class SshUnavailableError(SshError, DeployError):
         super().__init__(self._init((where, reason), target, f"ssh {where}: {reason}"))
 
 
-class SshUnreachableError(SshUnavailableError):
+class SshUnreachableError(SshUnavailableError, EndpointUnreachableError):
     """Nothing answered as an SSH server at ``host``:``port`` (worth a retry). ``cause`` says why: "dns"
     (the name did not resolve), "refused", "timeout" (no TCP connection in time), "unreachable" (no route,
-    network down) or "handshake" (something answered but no SSH key exchange completed in time)."""
+    network down) or "handshake" (something answered but no SSH key exchange completed in time).
+
+    Also the core's EndpointUnreachableError (``host``, ``port``, ``cause``, ``detail``, here the same as
+    ``reason``), so that code handling unreachable endpoints handles SSH hosts too; the message, the
+    pickling and for_target stay SshError's."""
 
     def __init__(self, where: str, host: str, port: int, cause: str, reason: str, *,
                  target: str | None = None) -> None:
         self.where, self.host, self.port, self.cause, self.reason = where, host, int(port), cause, reason
+        self.detail = reason
         SshError.__init__(self, self._init((where, host, port, cause, reason), target, f"ssh {where}: {reason}"))
 
 
@@ -255,6 +266,7 @@ def load_client_key(text: str, passphrase: str | None = None) -> paramiko.PKey:
     """Ed25519, ECDSA or RSA private key text in OpenSSH or PEM form: a paramiko key."""
     data = text.strip().encode() + b"\n"
     password = passphrase.encode() if passphrase else None
+    key: PrivateKeyTypes
     try:
         if b"BEGIN OPENSSH PRIVATE KEY" in data:
             key = serialization.load_ssh_private_key(data, password=password)

@@ -1,6 +1,7 @@
 """SSH errors are named by their cause and carry its data as attributes, not only as prose: a host that
 cannot be reached (name not resolved, connection refused or timed out, no SSH handshake) is a
-transient SshUnreachableError with ``host``, ``port`` and ``cause``; a host key known_hosts does not
+transient SshUnreachableError with ``host``, ``port`` and ``cause``, also the core's
+EndpointUnreachableError; a host key known_hosts does not
 vouch for (unknown, changed, revoked) a permanent UntrustedHostKeyError with ``host``, ``port``,
 ``problem``, ``key_type`` and the offered ``fingerprint``. Both survive pickling (Prefect moves
 exceptions between processes) and for_target (deployers prefix their name)."""
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from certpilot.deployment import DeployError, PermanentDeployError
+from certpilot.errors import EndpointUnreachableError, TransientError
 from connectors.ssh import (SshConnection, SshHostKeyError, SshUnavailableError, SshUnreachableError,
                             UntrustedHostKeyError)
 from lab.sshd import SshServer, free_port, generate_client_key, openssh_public_line
@@ -40,9 +42,12 @@ def _unreachable(sshd: SshServer, host: str, port: int) -> SshUnreachableError:
     error = failure.value
     assert isinstance(error, SshUnavailableError) and isinstance(error, DeployError)  # transient: retried
     assert not isinstance(error, PermanentDeployError)
+    # the core's cause-named error too: code handling unreachable endpoints handles SSH hosts the same way
+    assert isinstance(error, EndpointUnreachableError) and isinstance(error, TransientError)
     assert (error.host, error.port) == (host, port)
+    assert error.detail == error.reason and "cannot connect" in error.detail
     assert "cannot connect" in str(error) and f"{host}:{port}" in str(error)
-    _survives_pickling_and_naming(error, "host", "port", "cause", "where")
+    _survives_pickling_and_naming(error, "host", "port", "cause", "detail", "where")
     return error
 
 
