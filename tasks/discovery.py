@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.blocks.core import Block
 
-import blocks.aws  # noqa: F401  (registers the source block types, so Block.load finds them)
+import blocks.aws  # noqa: F401  (registers the source block types, so load_block finds them)
 import blocks.azure  # noqa: F401
 import blocks.ssh  # noqa: F401
 import blocks.tls_scan  # noqa: F401
+from blocks.loading import load_block
 from certpilot import audit, keystore
 from certpilot.database import get_engine, read_session
 from certpilot.discovery import DiscoveryResult, SourceSummary, record
@@ -37,7 +37,7 @@ def run_source(block: str, batch_size: int, actor: audit.Actor,
                log: logging.Logger | logging.LoggerAdapter[Any]) -> SourceSummary:
     """Run the source configured by block document ``block`` (``block-type-slug/name``) and record it."""
     settings = load_settings()
-    source = cast(Any, Block.load(block)).source()  # a source block (see blocks/): it builds the connector
+    source = load_block(block).source()  # a source block (see blocks/): it builds the connector
     try:
         report = record(get_engine(settings), source, actor, batch_size=batch_size,
                         key_ring=lambda: keystore.load_key_ring(settings, announce=log.warning))

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,8 +65,14 @@ class Lab:
         return fetch_chain("127.0.0.1", self.nginx.site(NAME).port, sni=NAME, timeout=5).fingerprint
 
     def certpilot(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=TIMEOUT, check=False)
+        """Run the CLI; its output goes through files, not pipes, so that only the CLI's own end is
+        waited for (the temporary Prefect server it starts inherits its stderr)."""
+        with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+            done = subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=self.env, stdout=stdout,
+                                  stderr=stderr, text=True, timeout=TIMEOUT, check=False)
+            stdout.seek(0)
+            stderr.seek(0)
+            return subprocess.CompletedProcess(done.args, done.returncode, stdout.read(), stderr.read())
 
     def flow_runs(self) -> int:
         """Flow runs in the Prefect database, which must exist and hold the saved block (so that a
@@ -148,6 +155,12 @@ def test_deploy_and_discover_run_directly_and_create_no_flow_run(lab: Lab) -> No
     with read_session(lab.engine) as session:  # the certificate served there is recorded where it was found
         seen = {loc.certificate_fingerprint for loc in session.exec(select(Location)) if loc.source == "ssh:cli-direct"}
     assert seen == {new}
+
+    missing = lab.certpilot("discover", "ssh-host/cli-direct", "ssh-host/nowhere", "--json")
+    assert missing.returncode == 1, missing.stderr[-3000:]
+    error = json.loads(missing.stdout)
+    assert error["exit_code"] == 1 and "1 of 2 source(s) failed" in error["error"]
+    assert "ssh-host/nowhere" in error["error"].split("recorded):", 1)[1]  # the cause, with the block it names
 
     usage = lab.certpilot("deploy", NAME, "--canary", "nowhere", "--json")
     assert usage.returncode == 2 and "--canary" in json.loads(usage.stdout)["error"]
