@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, HttpUrl, SecretStr
 
 from certpilot.deployment import BundleLookup, Deployer
 from certpilot.discovery import Source
@@ -31,7 +31,7 @@ class AwsAccountBlock(Block):
     _block_type_slug: ClassVar[str] = "aws-account"
     _description: ClassVar[str] = ("An AWS account's credentials and regions: discovers ACM, ELBv2 listener and IAM "
                                    "server certificates, and deploys to ACM and load balancer listeners.")
-    _documentation_url: ClassVar[str] = DOCS
+    _documentation_url: ClassVar[HttpUrl | None] = HttpUrl(DOCS)
     _code_example: ClassVar[str] = """
 ```python
 from blocks.aws import AwsAccountBlock

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, HttpUrl, SecretStr, model_validator
 
 from certpilot.deployment import BundleLookup, Deployer
 from certpilot.discovery import Source
@@ -32,7 +32,7 @@ class AzureKeyVaultBlock(Block):
     _block_type_slug: ClassVar[str] = "azure-key-vault"
     _description: ClassVar[str] = ("An Azure Key Vault and the service principal certpilot uses on it: its "
                                    "certificates are discovered, and deploy targets import new versions into it.")
-    _documentation_url: ClassVar[str] = DOCS
+    _documentation_url: ClassVar[HttpUrl | None] = HttpUrl(DOCS)
     _code_example: ClassVar[str] = """
 ```python
 from blocks.azure import AzureKeyVaultBlock

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import sqlalchemy as sa
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, HttpUrl, SecretStr, model_validator
 
 from certpilot import audit
 from certpilot.issuance import Issuer
@@ -48,7 +48,7 @@ class PrivateCABlock(Block):
     _block_type_slug: ClassVar[str] = "private-ca"
     _description: ClassVar[str] = ("certpilot's private certificate authority in the inventory database: "
                                    "issues certificates for internal names.")
-    _documentation_url: ClassVar[str] = DOCS
+    _documentation_url: ClassVar[HttpUrl | None] = HttpUrl(DOCS)
     _code_example: ClassVar[str] = """
 ```python
 from blocks.issuers import PrivateCABlock
@@ -74,7 +74,7 @@ class AcmeIssuerBlock(Block):
     _block_type_slug: ClassVar[str] = "acme-issuer"
     _description: ClassVar[str] = ("An ACME certificate authority with its account settings and the challenge "
                                    "(http-01 or dns-01) that proves control of the names.")
-    _documentation_url: ClassVar[str] = DOCS
+    _documentation_url: ClassVar[HttpUrl | None] = HttpUrl(DOCS)
     _code_example: ClassVar[str] = """
 ```python
 from blocks.issuers import AcmeIssuerBlock

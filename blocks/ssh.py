@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
-from pydantic import Field, PrivateAttr, SecretStr
+from pydantic import Field, HttpUrl, PrivateAttr, SecretStr
 
 from certpilot.deployment import BundleLookup, Deployer
 from certpilot.discovery import Source
@@ -36,7 +36,7 @@ class SshHostBlock(Block):
     _block_type_slug: ClassVar[str] = "ssh-host"
     _description: ClassVar[str] = ("A server reached over SSH (key authentication, known host key): certificate "
                                    "files to discover, nginx and haproxy to deploy to.")
-    _documentation_url: ClassVar[str] = DOCS
+    _documentation_url: ClassVar[HttpUrl | None] = HttpUrl(DOCS)
     _code_example: ClassVar[str] = """
 ```python
 from blocks.ssh import SshHostBlock

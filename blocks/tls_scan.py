@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from prefect.blocks.core import Block
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, HttpUrl, field_validator
 
 from certpilot.discovery import Source
 from certpilot.errors import ParseError
@@ -27,7 +27,7 @@ class TlsScanBlock(Block):
     _block_type_slug: ClassVar[str] = "tls-scan"
     _description: ClassVar[str] = ("Host names, addresses and CIDR ranges, ports and SNI names to scan for "
                                    "TLS certificates, with the CA certificates their chains are verified against.")
-    _documentation_url: ClassVar[str] = DOCS
+    _documentation_url: ClassVar[HttpUrl | None] = HttpUrl(DOCS)
     _code_example: ClassVar[str] = """
 ```python
 from blocks.tls_scan import TlsScanBlock

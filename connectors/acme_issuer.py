@@ -152,8 +152,10 @@ class _Network(acme_client.ClientNetwork):
                  bad_nonce_retries: int, sleep: Callable[[float], None], clock: Callable[[], float],
                  account_url: str | None = None) -> None:
         account = messages.RegistrationResource(uri=account_url, body=messages.Registration()) if account_url else None
-        super().__init__(key=key, account=account, alg=alg, verify_ssl=verify, user_agent=_USER_AGENT,
-                         timeout=timeout)  # type: ignore[arg-type]
+        # acme types verify_ssl as bool and timeout as int, but hands both to requests, whose verify= takes a
+        # CA bundle's path too (``verify`` as a str) and whose timeout= takes a float
+        super().__init__(key=key, account=account, alg=alg, user_agent=_USER_AGENT,
+                         verify_ssl=verify, timeout=timeout)  # type: ignore[arg-type]
         self.bad_nonce_retries = bad_nonce_retries
         self.budget: _Budget | None = None
         self._sleep, self._clock = sleep, clock
@@ -163,6 +165,8 @@ class _Network(acme_client.ClientNetwork):
         self.requests += 1
         return super()._send_request(method, url, *args, **kwargs)
 
+    # acme's is a classmethod; this one keeps the nonce an error response carries, so it needs the instance
+    # (ClientNetwork only ever calls it as self._check_response)
     def _check_response(self, response: requests.Response,  # type: ignore[override]
                         content_type: str | None = None) -> requests.Response:
         if not response.ok and self.REPLAY_NONCE_HEADER in response.headers:
@@ -172,8 +176,8 @@ class _Network(acme_client.ClientNetwork):
         try:
             return super()._check_response(response, content_type=content_type)
         except messages.Error as problem:
-            problem.http_status = response.status_code  # type: ignore[attr-defined]
-            problem.retry_after = retry_after_seconds(response.headers.get("Retry-After"))  # type: ignore[attr-defined]
+            problem.http_status = response.status_code
+            problem.retry_after = retry_after_seconds(response.headers.get("Retry-After"))
             raise
 
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
@@ -515,12 +519,13 @@ class AcmeIssuer:
             delay = min(delay * _POLL_GROWTH, _MAX_POLL)
             response = self._post(net, order_url, None)
             order = messages.Order.from_json(response.json())
-        if order.status != messages.STATUS_VALID:
+        certificate_url = order.certificate  # a valid order has it: the loop above waits for it
+        if order.status != messages.STATUS_VALID or not certificate_url:
             if order.error is not None:
                 raise self._problem(order.error, "finalize")
             raise AcmeProblemError(ACME_ERROR_PREFIX + "orderInvalid", f"order {order_url} ended {order.status}",
                                    ca=self.name)
-        chain = self._download(net, order.certificate)
+        chain = self._download(net, certificate_url)
         if spki_sha256(chain[0].public_key()) != spki_sha256(csr.public_key()):
             raise AcmeServerError("malformed", "the CA returned a certificate for another public key than the CSR's",
                                   ca=self.name)

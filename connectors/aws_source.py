@@ -23,6 +23,7 @@ that cannot be read yields a Problem at its own locator.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 
 from cryptography.hazmat.primitives import serialization
 
@@ -55,9 +56,9 @@ class AwsSource:
         cache: dict[str, StoredCertificate | None] = {}  # an ARN is read once per run
         for region in self.account.regions:
             if self.acm:
-                yield from self._guarded(f"aws-acm://{region}", lambda r=region: self._acm(r, cache))
+                yield from self._guarded(f"aws-acm://{region}", partial(self._acm, region, cache))
             if self.elbv2:
-                yield from self._guarded(f"aws-elbv2://{region}", lambda r=region: self._elbv2(r, cache))
+                yield from self._guarded(f"aws-elbv2://{region}", partial(self._elbv2, region, cache))
         if self.iam:
             yield from self._guarded("aws-iam://", self._iam)
 

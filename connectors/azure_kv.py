@@ -50,7 +50,7 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 from urllib.parse import quote, urlsplit
 
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
@@ -67,6 +67,7 @@ from azure.keyvault.certificates import (
     CertificateClient,
     CertificateContentType,
     CertificatePolicy,
+    CertificateProperties,
     KeyVaultCertificate,
     WellKnownIssuerNames,
 )
@@ -194,7 +195,7 @@ def _translate(exc: Exception, where: str, action: str, transient: type[Certpilo
         text += f": {_short(message)}" if message else ""
         if status == 409 and "deleted" in str(message).lower():
             text += " (purge or recover the deleted certificate, or set purge_deleted)"
-        retry_after = exc.response.headers.get("Retry-After") if exc.response is not None else None
+        retry_after = exc.response.headers.get("Retry-After") if isinstance(exc.response, _WithHeaders) else None
         if status in (408, 429) or status >= 500:
             return transient(text + (f" (retry after {retry_after} s)" if retry_after else ""))
         return permanent(text)
@@ -210,6 +211,15 @@ def _translate(exc: Exception, where: str, action: str, transient: type[Certpilo
         return transient(f"{where}: {action} failed: {type(exc).__name__}: {_short(getattr(exc, 'message', exc))}")
     # ValueError from the SDK: a challenge whose resource does not match the vault, a malformed URL...
     return permanent(f"{where}: {action} failed: {type(exc).__name__}: {_short(exc)}")
+
+
+@runtime_checkable
+class _WithHeaders(Protocol):
+    """An HTTP response with its headers: every response azure.core builds, though HttpResponseError types
+    its ``response`` as a protocol without them."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
 
 
 def _fingerprint(der: bytes | bytearray | None) -> str | None:
@@ -270,6 +280,13 @@ class _Calls:
             raise self.permanent(f"{where}: {action} returned nothing")
         return result
 
+    def properties(self, where: str, certificate: KeyVaultCertificate) -> CertificateProperties:
+        """The properties (version, enabled...) of a certificate the vault returned: it always sends them,
+        though the SDK types them as optional."""
+        if certificate.properties is None:
+            raise self.permanent(f"{where}: the vault returned a certificate without its properties")
+        return certificate.properties
+
 
 def _content_type(certificate: KeyVaultCertificate) -> str | None:
     policy = certificate.policy
@@ -310,11 +327,12 @@ class AzureKeyVaultSource:
             return
         versions = self._calls.must(where, "listing versions", lambda: [
             p for p in client.list_properties_of_certificate_versions(name, max_page_size=self.page_size)])
+        latest_version = self._calls.properties(where, latest).version
         for props in versions:
             version = props.version
             if not version:
                 continue
-            if version == latest.properties.version:
+            if version == latest_version:
                 certificate: KeyVaultCertificate | None = latest
             else:
                 certificate = self._calls.run(f"{where}/{version}", "reading the version",
@@ -323,7 +341,7 @@ class AzureKeyVaultSource:
                 continue
             yield Found((bytes(certificate.cer),), self._locator(name, version), {
                 "vault": self.connection.host, "name": name, "version": version,
-                "enabled": bool(props.enabled), "current": version == latest.properties.version,
+                "enabled": bool(props.enabled), "current": version == latest_version,
                 "content_type": _content_type(certificate), "tags": dict(props.tags or {})})
 
 
@@ -360,7 +378,8 @@ class AzureKeyVaultDeployer:
                                 lambda: client.get_certificate(self.certificate_name), absent_ok=True)
         if found is None:
             return None
-        return _Latest(found.properties.version or "", _fingerprint(found.cer), bool(found.properties.enabled),
+        properties = self._calls.properties(self.where, found)
+        return _Latest(properties.version or "", _fingerprint(found.cer), bool(properties.enabled),
                        _content_type(found))
 
     def current(self) -> str | None:
@@ -385,11 +404,12 @@ class AzureKeyVaultDeployer:
         if served != bundle.fingerprint:
             raise PermanentDeployError(f"{self.where}: the vault holds {str(served)[:16]} after importing "
                                        f"{bundle.fingerprint[:16]}")
+        imported_version = self._calls.properties(self.where, imported).version
         log.info("%s: imported %s as version %s (previous %s)", self.where, bundle.fingerprint[:16],
-                 imported.properties.version, previous.version if previous else "none")
+                 imported_version, previous.version if previous else "none")
         return Receipt(self.name, self.kind, bundle.fingerprint, previous.fingerprint if previous else None,
                        {"vault": self.connection.host, "certificate_name": self.certificate_name,
-                        "version": imported.properties.version,
+                        "version": imported_version,
                         "previous_version": previous.version if previous else None})
 
     def _import(self, body: bytes, policy: CertificatePolicy | None) -> KeyVaultCertificate:
@@ -404,11 +424,12 @@ class AzureKeyVaultDeployer:
         if found is None:
             raise VerificationError(self.name, fingerprint, None, f"{self.locator} does not exist")
         served = _fingerprint(found.cer)
-        version = found.properties.version
+        properties = self._calls.properties(self.where, found)
+        version = properties.version
         if served != fingerprint:
             raise VerificationError(self.name, fingerprint, served,
                                     f"the current version {version} of {self.locator} holds another certificate")
-        if not found.properties.enabled:
+        if not properties.enabled:
             raise VerificationError(self.name, fingerprint, served, f"the current version {version} of "
                                                                     f"{self.locator} is disabled")
         return Verification(self.name, fingerprint, "api",

@@ -65,6 +65,10 @@ class _Server(ThreadingHTTPServer):
     app: CAHTTPServer
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "certpilot-ca"
@@ -72,7 +76,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def setup(self) -> None:
-        self.timeout = self.server.app.timeout  # StreamRequestHandler puts it on the socket
+        self.request.settimeout(self.server.app.timeout)  # what StreamRequestHandler does with a class timeout
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
@@ -148,10 +152,7 @@ class CAHTTPServer:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         host, port = listen
-        server_class = _Server
-        if ":" in host:
-            server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
-        self._server = server_class((host, port), _Handler)
+        self._server = (_Server6 if ":" in host else _Server)((host, port), _Handler)
         self._server.app = self
 
     @property
@@ -262,7 +263,7 @@ class CAHTTPServer:
         if method == "POST":
             if rest:
                 raise _HTTPError(404, "not found")
-            request_der = body or b""
+            request_der: bytes | None = body or b""
         elif method in ("GET", "HEAD"):
             if not rest:
                 raise _HTTPError(405, "POST an OCSP request, or GET /ocsp/<base64 request>")

@@ -126,15 +126,15 @@ class _ThreadedResponder:
     def __init__(self, address: str, port: int) -> None:
         self.address = address
         self._port = port
-        self._server: socketserver.BaseServer | None = None
+        self._server: socketserver.TCPServer | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1] if self._server else self._port  # type: ignore[attr-defined]
+        return self._server.server_address[1] if self._server else self._port
 
-    def _make_server(self) -> socketserver.BaseServer:
+    def _make_server(self) -> socketserver.TCPServer:
         raise NotImplementedError
 
     def start(self):  # noqa: ANN201 - returns self, for `with`
@@ -236,7 +236,7 @@ class TlsAlpn01Responder(_ThreadedResponder):
     def _make_server(self) -> _AlpnServer:
         base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         base.set_alpn_protocols([ACME_TLS_ALPN_PROTOCOL])
-        base.sni_callback = self._pick  # type: ignore[assignment]
+        base.sni_callback = self._pick
         server = _AlpnServer((self.address, self._port), _AlpnHandler)
         server.context = base
         return server
