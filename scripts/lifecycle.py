@@ -149,7 +149,11 @@ def main() -> int:
         discover(sources)
         step("renew what is due (and deploy it)")
         state = renew_due(return_state=True)
-        out.print(state.message if not state.is_completed() else f"renew-due: {state.result()}")
+        if state.is_completed():
+            summary = state.result()
+            out.print(f"renew-due: {summary.due} due, {summary.renewed} renewed, {summary.failed} failed")
+        else:
+            out.print(state.message)
         if web:
             step(f"deploy {MANAGED} to every target, canary first (reconciles what this new lab serves)")
             result = deploy_certificate(MANAGED)
