@@ -7,6 +7,7 @@ import pickle
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -73,13 +74,22 @@ def test_malformed_identifier_from_pebble(issuer: AcmeIssuer) -> None:
 def test_failed_challenge_carries_the_validation_error(issuer: AcmeIssuer, http01_responder: Http01Responder,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     serve = http01_responder.present  # serve a key authorisation that is not the one asked for
-    monkeypatch.setattr(http01_responder, "present",
-                        lambda c: serve(Challenge(c.type, c.identifier, c.token, "wrong." + c.token)))
+    tokens: list[str] = []
+
+    def present_wrong(c: Challenge) -> None:
+        tokens.append(c.token)
+        serve(Challenge(c.type, c.identifier, c.token, "wrong." + c.token))
+
+    monkeypatch.setattr(http01_responder, "present", present_wrong)
     with pytest.raises(AcmeProblemError) as failed:
         _order(issuer, "wrong-answer.certpilot.test")
     assert failed.value.code == "unauthorized"
     assert "http-01 for wrong-answer.certpilot.test" in failed.value.detail
-    assert http01_responder._answers == {}  # cleaned up after the failure too
+    assert tokens  # the responder served an answer ... and took it down after the failure too
+    for token in tokens:
+        answer = httpx.get(f"http://{http01_responder.address}:{http01_responder.port}"
+                           f"/.well-known/acme-challenge/{token}", timeout=5)
+        assert answer.status_code == 404
 
 
 def test_rate_limit_with_short_retry_after_is_waited_out(front_issuer: AcmeIssuer, acme_front: AcmeFront,
