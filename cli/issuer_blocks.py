@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import re
 
-from certpilot.errors import PermanentError
+from blocks.loading import load_block
+from certpilot.errors import BlockNotFoundError, PermanentError
 from cli import prefect_api
 from cli.console import usage_error, warn
 
@@ -49,13 +50,11 @@ def check_issuer_block(issuer: str) -> None:
     if not prefect_api.configured():
         warn(f"{NO_API}: issuer block {issuer} was not checked; make sure it exists before renewing")
         return
-    from prefect.blocks.core import Block
-
     import blocks.issuers  # noqa: F401 - the issuer block types, so that loading finds their classes
 
     try:
-        Block.load(issuer)
-    except ValueError:
+        load_block(issuer)
+    except BlockNotFoundError:
         slug, _, name = issuer.partition("/")
         how = (f"create it with `certpilot ca register-block {name}` (or `certpilot ca init {name}`)"
                if slug == PRIVATE_CA else "create it in the Prefect UI (Blocks)")

@@ -16,9 +16,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from blocks.loading import load_block
 from certpilot import targets
 from certpilot.database import get_engine, read_session, write_session
-from certpilot.errors import PermanentError
+from certpilot.errors import BlockNotFoundError, PermanentError
 from certpilot.models import Target
 from certpilot.target_kinds import TargetKind, merged_settings, unknown_keys, valid_keys, validate_settings
 from cli.console import JsonOption, out, print_json
@@ -49,15 +50,16 @@ def _settings(values: list[str] | None, as_json: str | None) -> dict[str, Any]:
 
 def _load_block(reference: str) -> Any:
     """The block ``reference`` names, loaded through Prefect; a usage error when there is none."""
-    import blocks.targets  # noqa: F401  (registers the block types a target may name, so Block.load knows them)
-    from prefect.blocks.core import Block
+    import blocks.targets  # noqa: F401  (registers the block types a target may name, so load_block knows them)
 
     slug, sep, name = reference.partition("/")
     if not sep or not slug or not name:
         raise typer.BadParameter(f"{reference!r} must be <block-type-slug>/<block-name>", param_hint="--block")
     try:
-        return Block.load(reference)
-    except (ValueError, KeyError) as exc:  # Prefect: "Unable to find block document named ..."
+        return load_block(reference)
+    except BlockNotFoundError as exc:  # Prefect: "Unable to find block document named ..."
+        raise typer.BadParameter(f"no block {reference!r} ({exc.detail})", param_hint="--block") from None
+    except KeyError as exc:  # a block type the server knows but no imported class defines
         raise typer.BadParameter(f"no block {reference!r} ({exc})", param_hint="--block") from None
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from certpilot import renewing
 from certpilot.database import get_engine
@@ -40,6 +39,7 @@ from certpilot.renewing import (
     Step,
 )
 from flows.deploy import deploy_certificate
+from flows.runners import thread_pool
 from flows.settling import settle
 from flows.tagging import tag_flow_run
 from tasks.inventory import run_actor
@@ -160,7 +160,7 @@ def _issuers(names: set[str]) -> dict[str, Issuer | IssuerUnavailable]:
     return out
 
 
-@flow(name="renew-due", task_runner=ThreadPoolTaskRunner(max_workers=RENEW_WORKERS),
+@flow(name="renew-due", task_runner=thread_pool(RENEW_WORKERS),
       description=__doc__.split("\n\n")[2])
 def renew_due(within_days: float = 0.0, limit: int | None = None, batch_size: int = 200,
               issuer_slots: int = DEFAULT_ISSUER_SLOTS) -> RenewDueSummary:

@@ -52,7 +52,8 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.tasks import exponential_backoff
 
-import blocks.issuers  # noqa: F401  (registers the issuer block types, so Block.load finds them)
+import blocks.issuers  # noqa: F401  (registers the issuer block types, so load_block finds them)
+from blocks.loading import load_block
 from certpilot import audit, inventory, keystore, managed, renewing
 from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
@@ -94,13 +95,8 @@ def key_ring() -> managed.KeyRingSource:
 
 def load_issuer(issuer: str, engine: sa.Engine, ring: managed.KeyRingSource, actor: audit.Actor | None) -> Issuer:
     """The connector of issuer block ``issuer`` (``<slug>/<name>``), loaded through Prefect now.
-    PermanentError when there is no such block or it is not an issuer block."""
-    from prefect.blocks.core import Block
-
-    try:
-        block: Any = Block.load(issuer)
-    except ValueError as exc:  # Prefect's "Unable to find block document named ..." and bad slugs
-        raise PermanentError(f"issuer block {issuer!r} cannot be loaded: {exc}") from None
+    BlockNotFoundError (permanent) when there is no such block, PermanentError when it is not an issuer block."""
+    block = load_block(issuer)
     if not callable(getattr(block, "get_issuer", None)):
         raise PermanentError(f"block {issuer!r} is a {type(block).__name__}, not an issuer block")
     connector: Issuer = block.get_issuer(engine, ring, actor=actor)
