@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from blocks.loading import load_block
 from certpilot import audit, keystore
 from certpilot.database import get_engine, read_session
 from certpilot.errors import TransientError
@@ -39,11 +40,12 @@ def run_actor() -> audit.Actor:
 
 
 def _password(secret_block: str | None) -> bytes | None:
+    """The password in the Secret block named ``secret_block``; BlockNotFoundError when there is none."""
     if not secret_block:
         return None
-    from prefect.blocks.system import Secret
+    import prefect.blocks.system  # noqa: F401 (registers the secret block type, so load_block finds it)
 
-    return Secret.load(secret_block).get().encode()
+    return load_block(f"secret/{secret_block}").get().encode()
 
 
 @task(name="import-files", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient_only)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId,
                                            LogFilter, LogFilterFlowRunId, TaskRunFilter)
@@ -18,7 +19,7 @@ from sqlmodel import select
 from certpilot import audit
 from certpilot.database import get_engine, read_session
 from certpilot.models import AuditEvent, Certificate, PrivateKey
-from certpilot.sample_estate import write_estate
+from certpilot.sample_estate import pem, write_estate
 from flows.import_inventory import import_inventory
 from tests.keyprobe import leaks
 
@@ -81,3 +82,21 @@ def test_flow_completes_with_a_summary_when_every_file_imports(tmp_path: Path) -
     assert summary["certificates"] == estate.leaves + 2
     assert summary["bands"]["expired"] == 1
     assert "failures" in summary and summary["failures"] == []
+
+
+def test_a_key_password_is_read_from_the_secret_block_the_run_names(tmp_path: Path, leaf) -> None:  # noqa: ANN001
+    certificate, key = leaf
+    (tmp_path / "site.crt").write_bytes(pem(certificate))
+    (tmp_path / "site.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"import-key-password")))
+    Secret(value="import-key-password").save("import-key-password", overwrite=True)
+    summary = import_inventory(paths=[str(tmp_path)], import_keys=True, password_secret="import-key-password")
+    assert (summary["failed"], summary["certificates"], summary["keys_stored"]) == (0, 1, 1)
+
+
+def test_a_missing_password_secret_fails_the_run_naming_the_block(tmp_path: Path) -> None:
+    state = import_inventory(paths=[str(tmp_path)], import_keys=True, password_secret="no-such-secret",
+                             return_state=True)
+    assert state.is_failed()
+    assert "block 'secret/no-such-secret' not found" in (state.message or "")
