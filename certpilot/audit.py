@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from certpilot.clock import utcnow
 from certpilot.errors import AuditChainError, InvalidOptionError
@@ -61,7 +61,7 @@ def append(session: Session, actor: Actor, changes: Iterable[Change], now: dt.da
     changes = list(changes)
     if not changes:
         return 0
-    head = session.exec(select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
+    head = session.exec(select(AuditEvent.seq, AuditEvent.hash).order_by(col(AuditEvent.seq).desc()).limit(1)).first()
     seq, prev = (head[0], head[1]) if head else (0, GENESIS)
     at = now or utcnow()
     rows = []
@@ -95,9 +95,9 @@ def verify(session: Session, expected_head: str | None = None, batch: int = 5000
     last_seq = 0
     while True:
         rows: Sequence[AuditEvent] = session.exec(
-            select(AuditEvent).where(AuditEvent.seq > last_seq).order_by(AuditEvent.seq).limit(batch)).all()
+            select(AuditEvent).where(col(AuditEvent.seq) > last_seq).order_by(col(AuditEvent.seq)).limit(batch)).all()
         if not rows:
-            if expected_head and session.exec(select(AuditEvent.seq).where(AuditEvent.hash == expected_head)).first() is None:
+            if expected_head and session.exec(select(AuditEvent.seq).where(col(AuditEvent.hash) == expected_head)).first() is None:
                 raise AuditChainError(expected_seq, f"the recorded head {expected_head[:16]}... is no longer in the "
                                                     "chain: newer events were removed or rewritten")
             return ChainStatus(expected_seq - 1, prev)
@@ -120,8 +120,8 @@ def list_events(session: Session, *, object_prefix: str | None = None, action: s
                 limit: int = 100) -> list[AuditEvent]:
     query = select(AuditEvent)
     if object_prefix:
-        query = query.where(AuditEvent.object.startswith(object_prefix))  # type: ignore[attr-defined]
+        query = query.where(col(AuditEvent.object).startswith(object_prefix))
     if action:
-        query = query.where(AuditEvent.action == action)
-    events = session.exec(query.order_by(AuditEvent.seq.desc()).limit(limit)).all()  # type: ignore[attr-defined]
+        query = query.where(col(AuditEvent.action) == action)
+    events = session.exec(query.order_by(col(AuditEvent.seq).desc()).limit(limit)).all()
     return list(reversed(events))

@@ -35,15 +35,16 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from certpilot import audit, inventory, keystore
 from certpilot.clock import utcnow
 from certpilot.errors import InvalidDnsNameError, NotFoundError, PermanentError
 from certpilot.issuance import PROFILES, IssuedCertificate
+from certpilot.keys import key_matches_certificate
 from certpilot.models import AuditEvent, Certificate, CertificateAuthority
 from certpilot.names import normalise_dns_name
 from certpilot.x509info import describe_certificate, fingerprint_sha256, is_issued_by, serial_hex
@@ -233,10 +234,11 @@ def list_cas(session: Session) -> list[dict[str, Any]]:
     out = []
     for ca in session.exec(select(CertificateAuthority).order_by(CertificateAuthority.name)).all():
         root, issuing = ca_certificates(session, ca)
-        counts = dict(session.execute(
-            sa.select(Certificate.status, sa.func.count()).where(Certificate.issuer_fingerprint == ca.issuing_fingerprint,
-                                                                 Certificate.fingerprint_sha256 != ca.issuing_fingerprint)
-            .group_by(Certificate.status)).all())
+        counts: dict[str, int] = {status: count for status, count in session.execute(
+            sa.select(col(Certificate.status), sa.func.count())
+            .where(col(Certificate.issuer_fingerprint) == ca.issuing_fingerprint,
+                   col(Certificate.fingerprint_sha256) != ca.issuing_fingerprint)
+            .group_by(col(Certificate.status))).all()}
         urls = CAUrls.of(ca.base_url, ca.name)
         out.append({
             "name": ca.name, "base_url": ca.base_url, "root_fingerprint": ca.root_fingerprint,
@@ -277,7 +279,7 @@ class CASigner:
                  key: PrivateKeyTypes) -> None:
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise TypeError("the issuing key must be an EC or RSA key")
-        if key.public_key().public_numbers() != certificate.public_key().public_numbers():  # type: ignore[union-attr]
+        if not key_matches_certificate(key, certificate):
             raise PermanentError(f"CA {name}: the stored issuing key does not match the issuing certificate")
         self.name = name
         self.urls = urls
@@ -285,7 +287,7 @@ class CASigner:
         self.root = root
         self._key = key
         large_ec = isinstance(key, ec.EllipticCurvePrivateKey) and key.key_size > 256
-        self._hash: hashes.HashAlgorithm = hashes.SHA384() if large_ec else hashes.SHA256()
+        self._hash: hashes.SHA256 | hashes.SHA384 = hashes.SHA384() if large_ec else hashes.SHA256()
         ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         self._aki = x509.Extension(x509.AuthorityKeyIdentifier.oid, False,
                                    x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski))
@@ -442,7 +444,7 @@ def _check_sans(csr: x509.CertificateSigningRequest, profile: str) -> list[x509.
     if ext is None or len(ext) == 0:
         raise CertificateRequestError("the CSR has no subjectAltName: put every DNS name (and IP address) the "
                                       "certificate is for in a SAN extension; the subject CN alone is not used")
-    allowed: tuple[type, ...] = (x509.DNSName, x509.IPAddress)
+    allowed: tuple[type[x509.GeneralName], ...] = (x509.DNSName, x509.IPAddress)
     if profile == "tls-client":
         allowed += (x509.UniformResourceIdentifier, x509.RFC822Name)
     sans: list[x509.GeneralName] = []
@@ -479,13 +481,13 @@ def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
     return h.finalize()
 
 
-def _subject_public_key_bits(public_key: Any) -> bytes:
+def _subject_public_key_bits(public_key: CertificatePublicKeyTypes) -> bytes:
     """The contents of the subjectPublicKey BIT STRING, which OCSP's issuerKeyHash covers."""
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return public_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
     if isinstance(public_key, rsa.RSAPublicKey):
         return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)  # type: ignore[no-any-return]
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _nonce(request: ocsp.OCSPRequest) -> bytes | None:
@@ -511,7 +513,7 @@ def store_issued(session: Session, actor: audit.Actor, signer: CASigner, certifi
     inventory.upsert(session, [inventory.Observation(r, None, SOURCE) for r in records], actor, now=now)
     replaced = fingerprint_sha256(replaces) if replaces is not None else None
     if replaced is not None and session.get(Certificate, replaced) is not None:
-        session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256.in_([r.fingerprint_sha256 for r in records]))  # type: ignore[attr-defined]
+        session.execute(sa.update(Certificate).where(col(Certificate.fingerprint_sha256).in_([r.fingerprint_sha256 for r in records]))
                         .values(replaces_fingerprint=replaced), execution_options={"synchronize_session": False})
     else:
         replaced = None
@@ -555,15 +557,17 @@ def ca_of(session: Session, cert: Certificate) -> CertificateAuthority:
                           .where(CertificateAuthority.issuing_fingerprint == cert.issuer_fingerprint)).first()
     if ca is None:
         own = session.exec(select(CertificateAuthority.name).where(sa.or_(
-            CertificateAuthority.root_fingerprint == cert.fingerprint_sha256,
-            CertificateAuthority.issuing_fingerprint == cert.fingerprint_sha256))).first()
+            col(CertificateAuthority.root_fingerprint) == cert.fingerprint_sha256,
+            col(CertificateAuthority.issuing_fingerprint) == cert.fingerprint_sha256))).first()
         if own is not None:
             raise PermanentError(f"certificate {cert.fingerprint_sha256[:16]} is a certificate of CA {own}: "
                                  "revoking a CA certificate is not supported")
         raise PermanentError(f"certificate {cert.fingerprint_sha256[:16]} ({cert.subject}) was not issued by a "
                              "certpilot private CA: revoke it with the CA that issued it")
-    issuing = x509.load_der_x509_certificate(session.get(Certificate, ca.issuing_fingerprint).der)  # type: ignore[union-attr]
-    if not is_issued_by(x509.load_der_x509_certificate(cert.der), issuing):
+    issuing = session.get(Certificate, ca.issuing_fingerprint)
+    if issuing is None:
+        raise NotFoundError(f"CA {ca.name}: certificate {ca.issuing_fingerprint[:16]} is missing from the inventory")
+    if not is_issued_by(x509.load_der_x509_certificate(cert.der), x509.load_der_x509_certificate(issuing.der)):
         raise PermanentError(f"certificate {cert.fingerprint_sha256[:16]} is not signed by CA {ca.name}'s issuing key")
     return ca
 
@@ -604,9 +608,9 @@ def revoke(session: Session, ring: keystore.KeyRing, actor: audit.Actor, fingerp
 
 def certificate_status(session: Session, ca: CertificateAuthority, serial: int) -> CertificateStatus | None:
     """The inventory's status of ``serial`` under CA ``ca``; None for a serial it never issued."""
-    row = session.execute(sa.select(Certificate.status, Certificate.revoked_at, Certificate.revocation_reason)
-                          .where(Certificate.serial_hex == serial_hex(serial),
-                                 Certificate.issuer_fingerprint == ca.issuing_fingerprint)).first()
+    row = session.execute(sa.select(col(Certificate.status), col(Certificate.revoked_at), col(Certificate.revocation_reason))
+                          .where(col(Certificate.serial_hex) == serial_hex(serial),
+                                 col(Certificate.issuer_fingerprint) == ca.issuing_fingerprint)).first()
     if row is None:
         return None
     if row.status != "revoked":
@@ -620,10 +624,11 @@ def certificate_status(session: Session, ca: CertificateAuthority, serial: int) 
 def _publish_crl(session: Session, actor: audit.Actor, ca: CertificateAuthority, signer: CASigner,
                  now: dt.datetime) -> x509.CertificateRevocationList:
     now = _second(now)
-    rows = session.execute(sa.select(Certificate.serial_hex, Certificate.revoked_at, Certificate.revocation_reason)
-                           .where(Certificate.issuer_fingerprint == ca.issuing_fingerprint,
-                                  Certificate.status == "revoked", Certificate.not_after >= now)
-                           .order_by(Certificate.revoked_at)).all()
+    rows = session.execute(sa.select(col(Certificate.serial_hex), col(Certificate.revoked_at),
+                                     col(Certificate.revocation_reason))
+                           .where(col(Certificate.issuer_fingerprint) == ca.issuing_fingerprint,
+                                  col(Certificate.status) == "revoked", col(Certificate.not_after) >= now)
+                           .order_by(col(Certificate.revoked_at))).all()
     flags = {f.value: f for f in x509.ReasonFlags}
     entries = [(int(r.serial_hex, 16), r.revoked_at or now, flags.get(r.revocation_reason or "")) for r in rows]
     number = ca.crl_number + 1
@@ -660,7 +665,7 @@ def refresh_crls(engine: sa.Engine, ring: keystore.KeyRing, actor: audit.Actor, 
     with read_session(engine) as session:
         query = select(CertificateAuthority)
         if names is not None:
-            query = query.where(CertificateAuthority.name.in_(list(names)))  # type: ignore[attr-defined]
+            query = query.where(col(CertificateAuthority.name).in_(list(names)))
         due = [ca.name for ca in session.exec(query.order_by(CertificateAuthority.name)).all() if crl_due(ca, now, margin)]
     done = []
     for name in due:

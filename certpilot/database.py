@@ -160,7 +160,7 @@ def write_session(engine: sa.Engine) -> Iterator[Session]:
     try:
         with Session(bound, expire_on_commit=False) as session:
             if engine.dialect.name == "postgresql":
-                session.exec(sa.text(f"SELECT pg_advisory_xact_lock({_WRITE_LOCK_ID})"))  # type: ignore[call-overload]
+                session.execute(sa.text(f"SELECT pg_advisory_xact_lock({_WRITE_LOCK_ID})"))
             else:
                 session.connection()  # BEGIN IMMEDIATE now, not at the first write
             yield session

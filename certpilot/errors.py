@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import traceback
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 REDACTED_LENGTH = 600  # the longest message redact() returns
@@ -70,6 +71,9 @@ class ParseError(PermanentError):
         self.source = source
         super().__init__(f"{source}: {detail}" if source else detail)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.detail, self.source))
+
 
 class InvalidOptionError(PermanentError, ValueError):
     """An option given a value it cannot take (``--max-size -1``): ``option`` names it, ``value`` is
@@ -78,7 +82,11 @@ class InvalidOptionError(PermanentError, ValueError):
     def __init__(self, option: str, value: object, expected: str) -> None:
         self.option = option
         self.value = value
+        self.expected = expected
         super().__init__(f"{option} must be {expected}, not {value!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.option, self.value, self.expected))
 
 
 class PasswordError(ParseError):
@@ -96,6 +104,9 @@ class KeyMismatchError(PermanentError):
             f"private key (public key sha256 {key_spki_sha256[:16]}...) matches none of the "
             f"certificates given with it ({shown})"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key_spki_sha256, self.certificate_fingerprints))
 
 
 class NotFoundError(PermanentError):
@@ -115,6 +126,9 @@ class AmbiguousError(PermanentError):
             + "; give more of the fingerprint"
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.prefix, self.matches))
+
 
 class MasterKeyError(PermanentError):
     """The master key is missing, malformed, or not the one that wrapped a stored key."""
@@ -127,6 +141,9 @@ class AuditChainError(PermanentError):
         self.seq = seq
         self.reason = reason
         super().__init__(f"audit chain broken at event {seq}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.seq, self.reason))
 
 
 # ACME (RFC 8555): the CA's problem documents, translated at the edge (connectors/acme_issuer.py).
@@ -149,10 +166,12 @@ class _AcmeProblem:
     detail: str
     status: int | None
     subproblems: tuple[AcmeSubproblem, ...]
+    ca: str | None  # the CA's name, which begins the message
 
     def _fill(self, typ: str, detail: str, status: int | None, subproblems: tuple[AcmeSubproblem, ...],
               ca: str | None) -> str:
         self.typ, self.detail, self.status, self.subproblems = typ, detail, status, tuple(subproblems)
+        self.ca = ca
         text = f"{ca}: " if ca else ""
         text += f"{self.code}: {detail}" if detail else self.code
         for sub in self.subproblems:
@@ -163,6 +182,18 @@ class _AcmeProblem:
     def code(self) -> str:
         """The short name: ``rejectedIdentifier`` for urn:ietf:params:acme:error:rejectedIdentifier."""
         return self.typ.removeprefix(ACME_ERROR_PREFIX)
+
+    def _keywords(self) -> dict[str, Any]:
+        return {"status": self.status, "subproblems": self.subproblems, "ca": self.ca}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_acme_problem, (type(self), self.typ, self.detail, self._keywords()))
+
+
+def _rebuild_acme_problem(cls: Callable[..., _AcmeProblem], typ: str, detail: str,
+                          keywords: dict[str, Any]) -> _AcmeProblem:
+    """Unpickles an ACME problem error (its keyword-only arguments are why __reduce__ needs this)."""
+    return cls(typ, detail, **keywords)
 
 
 class AcmeProblemError(_AcmeProblem, PermanentError):
@@ -193,6 +224,9 @@ class RateLimitedError(_AcmeProblem, TransientError):
         if retry_after is not None:
             text += f" (retry after {retry_after:.0f} s)"
         super().__init__(text)
+
+    def _keywords(self) -> dict[str, Any]:
+        return {**super()._keywords(), "retry_after": self.retry_after}
 
 
 # Causes. Each names what went wrong and carries its data as attributes; the role that met it (a

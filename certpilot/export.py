@@ -4,10 +4,12 @@ and every export that includes it is an audit event."""
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 from sqlmodel import Session
 
@@ -15,6 +17,10 @@ from certpilot import audit, inventory, keystore
 from certpilot.errors import NotFoundError, PermanentError
 
 FORMATS = ("pem", "der", "pkcs12", "json")
+
+
+def _fits_pkcs12(key: PrivateKeyTypes) -> typing.TypeGuard[pkcs12.PKCS12PrivateKeyTypes]:
+    return isinstance(key, typing.get_args(pkcs12.PKCS12PrivateKeyTypes))
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,9 @@ def export_certificate(session: Session, request: ExportRequest, actor: audit.Ac
         encryption = (serialization.BestAvailableEncryption(request.password) if request.password
                       else serialization.NoEncryption())
         name = cert_row.subject.encode()[:64]
-        return pkcs12.serialize_key_and_certificates(name, key, certs[0], certs[1:] or None, encryption)  # type: ignore[arg-type]
+        if key is not None and not _fits_pkcs12(key):  # refused with pkcs12's own error
+            raise TypeError("Key must be RSA, DSA, EllipticCurve, ED25519, or ED448 private key, or None.")
+        return pkcs12.serialize_key_and_certificates(name, key, certs[0], certs[1:] or None, encryption)
     out = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
     if key is not None:
         encryption = (serialization.BestAvailableEncryption(request.password) if request.password

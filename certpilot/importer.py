@@ -29,7 +29,7 @@ from typing import TypeAlias
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from sqlmodel import Session
+from sqlmodel import Session, SQLModel, col
 
 from certpilot import audit, keystore
 from certpilot.database import write_session
@@ -243,9 +243,18 @@ def parse_file(data: bytes, source: str, options: ImportOptions, *,
     return _ParsedFile(source, locator, records, list(bundle.private_keys), notes)
 
 
+def _string_limits(table: sa.Table) -> tuple[tuple[str, int], ...]:
+    """(column name, maximum length) for each of ``table``'s columns that has one."""
+    limits = []
+    for column in table.columns:
+        length = getattr(column.type, "length", None)  # String's, and sqlmodel's AutoString's
+        if isinstance(length, int):
+            limits.append((column.name, length))
+    return tuple(limits)
+
+
 # The inventory's limits on what a certificate record holds (the certificate table's string columns).
-_FIELD_LIMITS = tuple((column.name, column.type.length) for column in Certificate.__table__.columns
-                      if isinstance(getattr(column.type, "length", None), int))
+_FIELD_LIMITS = _string_limits(SQLModel.metadata.tables[Certificate.__tablename__])
 _FIELD_NAMES = {"serial_hex": "serial number", "key_type": "key type", "key_curve": "key curve",
                 "signature_algorithm": "signature algorithm", "subject_key_id": "subject key identifier",
                 "authority_key_id": "authority key identifier"}
@@ -466,7 +475,7 @@ def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions
     with _older_objects_frozen():
         for source, error, outcome in _parsed_files(iter_files(paths), options, stdin, resolved_dirs):
             order.append(source)
-            if error:
+            if error or outcome is None:  # not read (None comes with an error saying why)
                 finish(FileResult(source, "failed", error=error))
                 continue
             if isinstance(outcome, (ParseError, KeyMismatchError)):
@@ -544,8 +553,8 @@ def _store_key_only(engine: sa.Engine, parsed: _ParsedFile, options: ImportOptio
             orphans = []
             for key in parsed.keys:
                 spki = public_key_sha256(key)
-                known = session.execute(sa.select(Certificate.fingerprint_sha256)
-                                        .where(Certificate.spki_sha256 == spki).limit(1)).first()
+                known = session.execute(sa.select(col(Certificate.fingerprint_sha256))
+                                        .where(col(Certificate.spki_sha256) == spki).limit(1)).first()
                 if known is None:
                     orphans.append(spki)
             paired = [k for k in parsed.keys if public_key_sha256(k) not in orphans]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, SQLModel, col, select
 
 from certpilot import audit
 from certpilot.clock import utcnow  # also imported from here (certpilot.report)
@@ -27,9 +27,9 @@ from certpilot.x509info import CertificateRecord
 _CHUNK = 500  # bound on parameters per IN (...) list
 _BULK = {"synchronize_session": False}  # the session holds no Certificate objects to keep in step
 STATUSES = ("active", "superseded", "revoked", "expired")
-_CERTIFICATE: sa.Table = Certificate.__table__  # type: ignore[attr-defined]
-_SAN: sa.Table = SubjectAltName.__table__  # type: ignore[attr-defined]
-_LOCATION: sa.Table = Location.__table__  # type: ignore[attr-defined]
+_CERTIFICATE = SQLModel.metadata.tables[Certificate.__tablename__]
+_SAN = SQLModel.metadata.tables[SubjectAltName.__tablename__]
+_LOCATION = SQLModel.metadata.tables[Location.__tablename__]
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ def upsert(session: Session, observations: Sequence[Observation], actor: audit.A
     existing: dict[str, tuple[str | None, dict[str, str]]] = {}
     for chunk in _chunks(fps):
         for fp, cur_owner, cur_tags in session.execute(
-                sa.select(Certificate.fingerprint_sha256, Certificate.owner, Certificate.tags)
-                .where(Certificate.fingerprint_sha256.in_(chunk))):  # type: ignore[attr-defined]
+                sa.select(col(Certificate.fingerprint_sha256), col(Certificate.owner), col(Certificate.tags))
+                .where(col(Certificate.fingerprint_sha256).in_(chunk))):
             existing[fp] = (cur_owner, cur_tags or {})
     new_fps = [fp for fp in fps if fp not in existing]
     first_locator = {o.record.fingerprint_sha256: o.locator for o in reversed(observations)}
@@ -116,7 +116,7 @@ def _relabel(session: Session, existing: dict[str, tuple[str | None, dict[str, s
         new_tags = {**cur_tags, **(tags or {})}
         if new_owner == cur_owner and new_tags == cur_tags:
             continue
-        session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256 == fp)
+        session.execute(sa.update(Certificate).where(col(Certificate.fingerprint_sha256) == fp)
                         .values(owner=new_owner, tags=new_tags), execution_options=_BULK)
         changes.append(audit.Change("certificate.labelled", f"certificate:{fp}",
                                     {"owner": [cur_owner, new_owner], "tags": [cur_tags, new_tags]}))
@@ -132,8 +132,8 @@ def _upsert_locations(session: Session, observations: Sequence[Observation], new
     known: dict[tuple[str, str], int] = {}
     for chunk in _chunks(fps):
         for loc_id, fp, locator in session.execute(
-                sa.select(Location.id, Location.certificate_fingerprint, Location.locator)
-                .where(Location.certificate_fingerprint.in_(chunk))):  # type: ignore[attr-defined]
+                sa.select(col(Location.id), col(Location.certificate_fingerprint), col(Location.locator))
+                .where(col(Location.certificate_fingerprint).in_(chunk))):
             known[(fp, locator)] = loc_id
     fresh = [key for key in wanted if key not in known]
     _insert_rows(session, _LOCATION, [
@@ -142,7 +142,7 @@ def _upsert_locations(session: Session, observations: Sequence[Observation], new
         for fp, locator in fresh])
     plain = [known[key] for key, o in wanted.items() if key in known and o.details is None]
     for chunk in _chunks(plain):
-        session.execute(sa.update(Location).where(Location.id.in_(chunk))  # type: ignore[union-attr]
+        session.execute(sa.update(Location).where(col(Location.id).in_(chunk))
                         .values(last_seen=now, ghost=False, seen_by_run=actor.flow_run_id), execution_options=_BULK)
     detailed = [{"location_id": known[key], "location_details": o.details} for key, o in wanted.items()
                 if key in known and o.details is not None]
@@ -170,8 +170,8 @@ def _stored_issuer_links(session: Session, records: Sequence[CertificateRecord])
     candidates: dict[str, list[tuple[str, str | None]]] = {}
     for chunk in _chunks(wanted_names):
         for fp, subject, ski in session.execute(
-                sa.select(Certificate.fingerprint_sha256, Certificate.subject, Certificate.subject_key_id)
-                .where(Certificate.subject.in_(chunk), Certificate.is_ca.is_(True))):  # type: ignore[attr-defined]
+                sa.select(col(Certificate.fingerprint_sha256), col(Certificate.subject), col(Certificate.subject_key_id))
+                .where(col(Certificate.subject).in_(chunk), col(Certificate.is_ca).is_(True))):
             candidates.setdefault(subject, []).append((fp, ski))
     links = {}
     for r in records:
@@ -208,11 +208,11 @@ def _link_issuers(session: Session, records: Sequence[CertificateRecord], stored
     for r in records:
         if not r.is_ca:
             continue
-        condition = sa.and_(Certificate.issuer_fingerprint.is_(None), Certificate.issuer == r.subject,  # type: ignore[union-attr]
-                            Certificate.fingerprint_sha256 != r.fingerprint_sha256)
+        condition = sa.and_(col(Certificate.issuer_fingerprint).is_(None), col(Certificate.issuer) == r.subject,
+                            col(Certificate.fingerprint_sha256) != r.fingerprint_sha256)
         if r.subject_key_id:
-            condition = sa.and_(condition, sa.or_(Certificate.authority_key_id.is_(None),  # type: ignore[union-attr]
-                                                  Certificate.authority_key_id == r.subject_key_id))
+            condition = sa.and_(condition, sa.or_(col(Certificate.authority_key_id).is_(None),
+                                                  col(Certificate.authority_key_id) == r.subject_key_id))
         session.execute(sa.update(Certificate).where(condition).values(issuer_fingerprint=r.fingerprint_sha256),
                         execution_options=_BULK)
 
@@ -247,8 +247,11 @@ def _insert_rows(session: Session, table: sa.Table, rows: Sequence[dict[str, Any
         return
     statement = f"COPY {target} ({columns}) FROM STDIN"
     dbapi_error = dialect.loaded_dbapi.Error
+    driver = conn.connection.driver_connection  # psycopg's connection; None only once it is closed
+    if driver is None:
+        raise sa.exc.ResourceClosedError("the session's database connection is closed")
     try:
-        with conn.connection.driver_connection.cursor() as cursor, cursor.copy(statement) as copy:  # type: ignore[union-attr]
+        with driver.cursor() as cursor, cursor.copy(statement) as copy:
             for values in data:
                 copy.write_row(values)
     except dbapi_error as exc:
@@ -302,9 +305,9 @@ class CertificateQuery:
     include_expired: bool = False  # with expiring_within: those already expired too
 
 
-def _where(q: CertificateQuery, now: dt.datetime) -> list[Any]:
-    c = Certificate
-    clauses: list[Any] = []
+def _where(q: CertificateQuery, now: dt.datetime) -> list[sa.ColumnElement[bool]]:
+    c = _CERTIFICATE.c
+    clauses: list[sa.ColumnElement[bool]] = []
     if q.expiring_within is not None:
         clauses += [c.not_after <= now + q.expiring_within, c.status == "active"]
         if not q.include_expired:
@@ -324,16 +327,16 @@ def _where(q: CertificateQuery, now: dt.datetime) -> list[Any]:
     for key, value in q.tags.items():
         clauses.append(c.tags[key].as_string() == value)
     if q.unmanaged:
-        clauses.append(c.managed_certificate_id.is_(None))  # type: ignore[union-attr]
+        clauses.append(c.managed_certificate_id.is_(None))
     if q.is_ca is not None:
-        clauses.append(c.is_ca.is_(q.is_ca))  # type: ignore[attr-defined]
+        clauses.append(c.is_ca.is_(q.is_ca))
     if q.in_service:
         clauses.append(c.status == "active")
     if q.san:
         value = _normalise_name(q.san)
-        san = SubjectAltName
+        san = _SAN.c
         match = san.value.endswith(value, autoescape=True) if value.startswith(".") else san.value == value
-        clauses.append(c.fingerprint_sha256.in_(select(san.certificate_fingerprint).where(match)))  # type: ignore[attr-defined]
+        clauses.append(c.fingerprint_sha256.in_(sa.select(san.certificate_fingerprint).where(match)))
     return clauses
 
 
@@ -352,7 +355,7 @@ def effective_status(status: str, not_after: dt.datetime, now: dt.datetime) -> s
 def list_certificates(session: Session, q: CertificateQuery, now: dt.datetime | None = None) -> list[dict[str, Any]]:
     """Certificates matching ``q``, soonest expiry first, as plain dicts (the --json shape)."""
     now = now or utcnow()
-    c = Certificate
+    c = _CERTIFICATE.c
     columns = [c.fingerprint_sha256, c.subject, c.issuer, c.serial_hex, c.not_before, c.not_after, c.key_type,
                c.key_size, c.key_curve, c.signature_algorithm, c.is_ca, c.owner, c.tags, c.status,
                c.managed_certificate_id]
@@ -386,8 +389,8 @@ def _sans_for(session: Session, fps: Sequence[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for chunk in _chunks(fps):
         for fp, kind, value in session.execute(
-                sa.select(SubjectAltName.certificate_fingerprint, SubjectAltName.kind, SubjectAltName.value)
-                .where(SubjectAltName.certificate_fingerprint.in_(chunk))):  # type: ignore[attr-defined]
+                sa.select(col(SubjectAltName.certificate_fingerprint), col(SubjectAltName.kind), col(SubjectAltName.value))
+                .where(col(SubjectAltName.certificate_fingerprint).in_(chunk))):
             out.setdefault(fp, []).append(f"{kind}:{value}")
     return out
 
@@ -396,9 +399,9 @@ def _locations_for(session: Session, fps: Sequence[str]) -> dict[str, list[dict[
     out: dict[str, list[dict[str, Any]]] = {}
     for chunk in _chunks(fps):
         for loc in session.execute(
-                sa.select(Location.certificate_fingerprint, Location.locator, Location.source, Location.first_seen,
-                          Location.last_seen, Location.ghost)
-                .where(Location.certificate_fingerprint.in_(chunk)).order_by(Location.id)):  # type: ignore[attr-defined]
+                sa.select(col(Location.certificate_fingerprint), col(Location.locator), col(Location.source),
+                          col(Location.first_seen), col(Location.last_seen), col(Location.ghost))
+                .where(col(Location.certificate_fingerprint).in_(chunk)).order_by(col(Location.id))):
             out.setdefault(loc.certificate_fingerprint, []).append({
                 "locator": loc.locator, "source": loc.source, "first_seen": iso(loc.first_seen),
                 "last_seen": iso(loc.last_seen), "ghost": loc.ghost})
@@ -410,7 +413,7 @@ def resolve(session: Session, ident: str) -> Certificate:
     prefix = ident.replace(":", "").strip().lower()
     if len(prefix) < 4 or any(ch not in "0123456789abcdef" for ch in prefix):
         raise NotFoundError(f"{ident!r} is not a SHA-256 fingerprint or a prefix of at least 4 hex digits")
-    matches = session.exec(select(Certificate).where(Certificate.fingerprint_sha256.startswith(prefix))  # type: ignore[attr-defined]
+    matches = session.exec(select(Certificate).where(col(Certificate.fingerprint_sha256).startswith(prefix))
                            .limit(6)).all()
     if not matches:
         raise NotFoundError(f"no certificate with fingerprint {ident!r} in the inventory")
@@ -437,9 +440,10 @@ def show(session: Session, ident: str, now: dt.datetime | None = None) -> dict[s
     fp = cert.fingerprint_sha256
     chain = chain_of(session, cert)
     top = chain[-1]
-    key = session.exec(select(PrivateKey).where(PrivateKey.spki_sha256 == cert.spki_sha256)).first() if cert.spki_sha256 else None
+    key = session.exec(select(PrivateKey).where(col(PrivateKey.spki_sha256) == cert.spki_sha256)).first() if cert.spki_sha256 else None
     managed = session.get(ManagedCertificate, cert.managed_certificate_id) if cert.managed_certificate_id else None
-    history = session.exec(select(AuditEvent).where(AuditEvent.object == f"certificate:{fp}").order_by(AuditEvent.seq)).all()
+    history = session.exec(select(AuditEvent).where(col(AuditEvent.object) == f"certificate:{fp}")
+                           .order_by(col(AuditEvent.seq))).all()
     return {
         "fingerprint_sha256": fp, "subject": cert.subject, "issuer": cert.issuer, "serial": cert.serial_hex,
         "not_before": iso(cert.not_before), "not_after": iso(cert.not_after),

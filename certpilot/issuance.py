@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
+from certpilot.keys import can_sign_certificates
 from certpilot.renewal import RenewalWindow
 
 PROFILES = ("tls-server", "tls-client")
@@ -67,4 +68,7 @@ def build_csr(key: PrivateKeyTypes, dns_names: Sequence[str], ip_addresses: Sequ
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
                .add_extension(x509.SubjectAlternativeName(names), critical=False))
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    return builder.sign(key, algorithm)  # type: ignore[arg-type]
+    if can_sign_certificates(key):
+        return builder.sign(key, algorithm)
+    # refused with the builder's own error
+    raise TypeError("Key must be an rsa, dsa, ec, ed25519, ed448, ml-dsa-44, ml-dsa-65, or ml-dsa-87 private key.")

@@ -6,10 +6,12 @@ except ``private_key_der``, which exists for the keystore's encryption and for e
 
 from __future__ import annotations
 
+import typing
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, PrivateKeyTypes
 
 from certpilot.x509info import spki_sha256
 
@@ -51,6 +53,14 @@ def key_matches_certificate(key: PrivateKeyTypes, cert: x509.Certificate) -> boo
         return public_key_sha256(key) == spki_sha256(cert.public_key())
     except (ValueError, TypeError):
         return False
+
+
+_SIGNING_KEY_CLASSES = typing.get_args(CertificateIssuerPrivateKeyTypes)  # those of the installed cryptography
+
+
+def can_sign_certificates(key: PrivateKeyTypes) -> typing.TypeGuard[CertificateIssuerPrivateKeyTypes]:
+    """Whether ``key`` is of a kind that signs certificates and CSRs (not DH, X25519, X448 or ML-KEM)."""
+    return isinstance(key, _SIGNING_KEY_CLASSES)
 
 
 def private_key_der(key: PrivateKeyTypes) -> bytes:

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from certpilot import audit
 from certpilot.clock import utcnow
@@ -151,8 +151,8 @@ def _aad(key_id: str, master_key_id: str | None = None) -> bytes:
 
 
 def find_key(session: Session, spki_sha256: str) -> KeyRef | None:
-    row = session.exec(select(PrivateKey.id).where(PrivateKey.spki_sha256 == spki_sha256,
-                                                   PrivateKey.destroyed_at.is_(None))).first()  # type: ignore[union-attr]
+    row = session.exec(select(PrivateKey.id).where(col(PrivateKey.spki_sha256) == spki_sha256,
+                                                   col(PrivateKey.destroyed_at).is_(None))).first()
     return KeyRef(row) if row else None
 
 
@@ -211,7 +211,7 @@ def destroy_private_key(session: Session, ref: KeyRef, actor: audit.Actor, now: 
 
 def rewrap_all(session: Session, ring: KeyRing, new: MasterKey, actor: audit.Actor) -> int:
     """Re-seal every live key's data key under ``new``. Returns how many keys were re-sealed."""
-    rows = session.exec(select(PrivateKey).where(PrivateKey.destroyed_at.is_(None))).all()  # type: ignore[union-attr]
+    rows = session.exec(select(PrivateKey).where(col(PrivateKey.destroyed_at).is_(None))).all()
     count = 0
     for row in rows:
         if row.master_key_id == new.id or row.wrapped_data_key is None:

@@ -15,10 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 import sqlalchemy as sa
 from cryptography import x509
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from certpilot import audit
 from certpilot import names as name_rules
+from certpilot.clock import utcnow
 from certpilot.errors import NotFoundError, PermanentError
 from certpilot.issuance import PROFILES
 from certpilot.keys import KEY_ALGORITHMS
@@ -37,10 +38,6 @@ def certificate_tag(name: str) -> str:
     """The tag on every flow and task run that works on managed certificate ``name``: its history is
     one filter away in the Prefect UI."""
     return f"certificate:{name}"
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 # ----------------------------------------------------------------------------------- definitions
@@ -90,8 +87,8 @@ def _check_spec(spec: ManagedSpec) -> ManagedSpec:
         raise PermanentError(f"validity must be at least 1 day, not {spec.validity_days}")
     if spec.renew_before_days is not None and spec.renew_before_days < 0:
         raise PermanentError(f"renew-before cannot be negative ({spec.renew_before_days} days)")
-    both = spec.validity_days is not None and spec.renew_before_days is not None
-    if both and spec.renew_before_days >= spec.validity_days:  # type: ignore[operator]
+    if (spec.validity_days is not None and spec.renew_before_days is not None
+            and spec.renew_before_days >= spec.validity_days):
         raise PermanentError(f"renew-before ({spec.renew_before_days} days) must be shorter than the validity "
                              f"({spec.validity_days} days), or every certificate is due as soon as it is issued")
     return ManagedSpec(spec.name, dns, spec.issuer, ips, spec.profile, spec.key_algorithm, spec.validity_days,
@@ -136,7 +133,7 @@ def current_certificate(session: Session, managed: ManagedCertificate) -> Certif
     """The newest active certificate this managed certificate produced (expired ones included)."""
     return session.exec(select(Certificate)
                         .where(Certificate.managed_certificate_id == managed.id, Certificate.status == "active")
-                        .order_by(Certificate.not_before.desc(), Certificate.created_at.desc())  # type: ignore[attr-defined]
+                        .order_by(col(Certificate.not_before).desc(), col(Certificate.created_at).desc())
                         .limit(1)).first()
 
 
@@ -179,13 +176,14 @@ def schedule(session: Session, now: dt.datetime | None = None,
     now = now or utcnow()
     rows = list(managed) if managed is not None else list_managed(session)
     ids = [m.id for m in rows]
-    current: dict[int, CurrentCertificate] = {}
+    current: dict[int | None, CurrentCertificate] = {}  # by ManagedCertificate.id
     for start in range(0, len(ids), 500):
         found = session.execute(
-            sa.select(Certificate.managed_certificate_id, Certificate.fingerprint_sha256, Certificate.serial_hex,
-                      Certificate.not_before, Certificate.not_after, Certificate.created_at)
-            .where(Certificate.managed_certificate_id.in_(ids[start:start + 500]),  # type: ignore[union-attr]
-                   Certificate.status == "active")).all()
+            sa.select(col(Certificate.managed_certificate_id), col(Certificate.fingerprint_sha256),
+                      col(Certificate.serial_hex), col(Certificate.not_before), col(Certificate.not_after),
+                      col(Certificate.created_at))
+            .where(col(Certificate.managed_certificate_id).in_(ids[start:start + 500]),
+                   col(Certificate.status) == "active")).all()
         for row in sorted(found, key=lambda r: (r.not_before, r.created_at)):
             current[row.managed_certificate_id] = CurrentCertificate(row.fingerprint_sha256, row.serial_hex,
                                                                      row.not_before, row.not_after)
@@ -193,13 +191,14 @@ def schedule(session: Session, now: dt.datetime | None = None,
     fps = [c.fingerprint_sha256 for c in current.values()]
     for start in range(0, len(fps), 500):
         for fp, kind, value in session.execute(
-                sa.select(SubjectAltName.certificate_fingerprint, SubjectAltName.kind, SubjectAltName.value)
-                .where(SubjectAltName.certificate_fingerprint.in_(fps[start:start + 500]))):  # type: ignore[attr-defined]
+                sa.select(col(SubjectAltName.certificate_fingerprint), col(SubjectAltName.kind),
+                          col(SubjectAltName.value))
+                .where(col(SubjectAltName.certificate_fingerprint).in_(fps[start:start + 500]))):
             carried.setdefault(fp, set()).add((kind, value.lower() if kind == "DNS" else value))
     out = []
     earliest = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
     for m in rows:
-        cur = current.get(m.id)  # type: ignore[arg-type]
+        cur = current.get(m.id)
         order = earliest  # when it fell (or falls) due: the most overdue come first
         # A due one's renew_at is when it fell due, not ``now``: asking twice gives the same answer.
         if cur is None:  # due since it was defined
@@ -231,7 +230,7 @@ def record_renewal_info(session: Session, windows: dict[str, RenewalWindow | Non
     """Store the CA's renewal window (ARI) per managed certificate name; None: the CA offers none."""
     now = now or utcnow()
     for name, window in windows.items():
-        session.execute(sa.update(ManagedCertificate).where(ManagedCertificate.name == name).values(
+        session.execute(sa.update(ManagedCertificate).where(col(ManagedCertificate.name) == name).values(
             ari_start=window.start if window else None, ari_end=window.end if window else None, ari_checked_at=now))
     return len(windows)
 
@@ -241,16 +240,16 @@ def stale_renewal_info(session: Session, now: dt.datetime | None = None) -> list
     now = now or utcnow()
     wanted = {m.id: m for m in list_managed(session)
               if m.use_ari and (m.ari_checked_at is None or now - m.ari_checked_at > ARI_FRESH_FOR / 2)}
-    newest: dict[int, Certificate] = {}
+    newest: dict[int | None, Certificate] = {}  # by ManagedCertificate.id, as ``wanted``
     ids = list(wanted)
     for start in range(0, len(ids), 500):
         for cert in session.exec(select(Certificate).where(
-                Certificate.managed_certificate_id.in_(ids[start:start + 500]),  # type: ignore[union-attr]
-                Certificate.status == "active")).all():
-            held = newest.get(cert.managed_certificate_id)  # type: ignore[arg-type]
+                col(Certificate.managed_certificate_id).in_(ids[start:start + 500]),
+                col(Certificate.status) == "active")).all():
+            held = newest.get(cert.managed_certificate_id)
             if held is None or (cert.not_before, cert.created_at) > (held.not_before, held.created_at):
-                newest[cert.managed_certificate_id] = cert  # type: ignore[index]
-    return [(wanted[i], newest[i]) for i in ids if i in newest]  # type: ignore[index]
+                newest[cert.managed_certificate_id] = cert
+    return [(wanted[i], newest[i]) for i in ids if i in newest]
 
 
 def uncovered_names(leaf: x509.Certificate, managed: ManagedCertificate) -> list[str]:

@@ -289,7 +289,7 @@ def record_issued(session: Session, row: ManagedCertificate, issued: IssuedCerti
     session.execute(sa.update(Certificate).where(col(Certificate.fingerprint_sha256) == fp).values(
         managed_certificate_id=row.id, replaces_fingerprint=replaces, status="active"))
     if previous:
-        session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256.in_(previous))  # type: ignore[attr-defined]
+        session.execute(sa.update(Certificate).where(col(Certificate.fingerprint_sha256).in_(previous))
                         .values(status="superseded"))
     row.last_attempt_at = now
     row.last_error = None

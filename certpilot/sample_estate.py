@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -29,7 +29,7 @@ EXPIRY_SPREAD_DAYS = (-12, 2, 6, 13, 24, 45, 80, 150, 190)
 @dataclass(frozen=True)
 class Authority:
     certificate: x509.Certificate
-    key: PrivateKeyTypes = field(repr=False)
+    key: CertificateIssuerPrivateKeyTypes = field(repr=False)
 
 
 def _name(common_name: str, org: str = "certpilot sample estate") -> x509.Name:
@@ -52,24 +52,25 @@ def make_ca(common_name: str, parent: Authority | None = None, now: dt.datetime 
                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
     if parent:
         builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()), critical=False)  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()), critical=False)
     signer = parent.key if parent else key
-    return Authority(builder.sign(signer, hashes.SHA384()), key)  # type: ignore[arg-type]
+    return Authority(builder.sign(signer, hashes.SHA384()), key)
 
 
 def issue_leaf(ca: Authority, dns_names: list[str], not_after: dt.datetime, now: dt.datetime | None = None,
-               key: PrivateKeyTypes | None = None, lifetime_days: int = 90) -> tuple[x509.Certificate, PrivateKeyTypes]:
+               key: CertificateIssuerPrivateKeyTypes | None = None,
+               lifetime_days: int = 90) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
     now = now or utcnow()
     key = key or ec.generate_private_key(ec.SECP256R1())
     not_before = min(now, not_after) - dt.timedelta(days=lifetime_days)
     cert = (x509.CertificateBuilder().subject_name(_name(dns_names[0])).issuer_name(ca.certificate.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())  # type: ignore[arg-type]
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(not_before).not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)  # type: ignore[arg-type]
-            .sign(ca.key, hashes.SHA256()))  # type: ignore[arg-type]
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+            .sign(ca.key, hashes.SHA256()))
     return cert, key
 
 

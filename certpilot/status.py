@@ -15,9 +15,8 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from certpilot.clock import utcnow
-from certpilot.managed import Scheduled, ari_window, get, list_managed, schedule
+from certpilot.managed import Scheduled, get, list_managed, schedule
 from certpilot.models import AuditEvent, Certificate, Target
-from certpilot.renewal import RenewalPolicy, renewal_time
 
 RUNS_SHOWN = 10  # the newest audit events listed per managed certificate
 
@@ -34,8 +33,7 @@ class CurrentCertificate:
 @dataclass(frozen=True)
 class NextRenewal:
     """When the certificate is (or was) due, and why. ``at`` is stable: for a certificate already
-    due, it is when it fell due (the computed renewal time, or when the managed certificate was added
-    if it never had a certificate), never the moment of asking."""
+    due, it is when it fell due (as certpilot.managed.schedule reports it), never the moment of asking."""
 
     due: bool
     at: dt.datetime
@@ -85,24 +83,11 @@ class ManagedStatus:
     runs: tuple[Run, ...]  # newest first
 
 
-def due_at(scheduled: Scheduled, now: dt.datetime) -> dt.datetime:
-    """When ``scheduled`` falls (or fell) due: the renewal time while it is not due; once due, the
-    time it became due, which does not move as time passes."""
-    if not scheduled.decision.due:
-        return scheduled.decision.renew_at
-    managed, current = scheduled.managed, scheduled.current
-    if current is None:
-        return managed.created_at
-    policy = RenewalPolicy(renew_before=dt.timedelta(days=managed.renew_before_days)
-                           if managed.renew_before_days is not None else None)
-    at = min(renewal_time(current.not_before, current.not_after, policy, current.fingerprint_sha256,
-                          ari_window(managed, now))[0], current.not_after)
-    # Due before its time: its names changed since it was issued.
-    return at if at <= now else current.not_before
+def next_renewal(scheduled: Scheduled, now: dt.datetime | None = None) -> NextRenewal:
+    """The schedule's answer as shown: the renewal time while not due; once due, when it fell due.
 
-
-def next_renewal(scheduled: Scheduled, now: dt.datetime) -> NextRenewal:
-    return NextRenewal(scheduled.decision.due, due_at(scheduled, now), scheduled.decision.reason)
+    ``now`` is not used (the schedule was made at its own ``now``); cli/managed.py still passes it."""
+    return NextRenewal(scheduled.decision.due, scheduled.decision.renew_at, scheduled.decision.reason)
 
 
 def managed_status(session: Session, name: str | None = None, now: dt.datetime | None = None,
@@ -123,11 +108,11 @@ def managed_status(session: Session, name: str | None = None, now: dt.datetime |
                                               .order_by(col(Target.name))).all())
         result.append(ManagedStatus(m.name, m.issuer, tuple(m.dns_names), tuple(m.ip_addresses), current,
                                     next_renewal(s, now), targets, m.last_attempt_at, m.last_error,
-                                    tuple(_runs(session, m.name, m.id, runs))))  # type: ignore[arg-type]
+                                    tuple(_runs(session, m.name, m.id, runs))))
     return result
 
 
-def _runs(session: Session, name: str, managed_id: int, limit: int) -> list[Run]:
+def _runs(session: Session, name: str, managed_id: int | None, limit: int) -> list[Run]:
     """The newest ``limit`` audit events about managed certificate ``name``: its own (added, renewal
     failed), its certificates' (issued, superseded, revoked...) and its targets' (desired, verified)."""
     certificates = sa.select(sa.literal("certificate:") + col(Certificate.fingerprint_sha256)).where(

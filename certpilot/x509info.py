@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtensionOID
 
 from certpilot.errors import ParseError
@@ -75,8 +76,8 @@ def serial_hex(serial: int) -> str:
     return ("-" if serial < 0 else "") + digits
 
 
-def spki_sha256(public_key: object) -> str:
-    der = public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+def spki_sha256(public_key: PublicKeyTypes) -> str:
+    der = public_key.public_bytes(serialization.Encoding.DER,
                                   serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 
