@@ -46,9 +46,10 @@ def managed_add_command(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The managed certificate's name: letters, digits, '.', '_', '-'.")],
     dns: Annotated[Optional[list[str]], typer.Option("--dns", metavar="NAME", help="A DNS name, repeatable (the first is the CN).")] = None,
     ip: Annotated[Optional[list[str]], typer.Option("--ip", metavar="ADDRESS", help="An IP address, repeatable.")] = None,
+    *,  # keyword-only from here (typer passes every option by name), so a required option needs no default
     issuer: Annotated[str, typer.Option(metavar="BLOCK", help=(
         "The issuer block, BLOCK-TYPE/NAME, e.g. private-ca/internal; it must exist in Prefect "
-        "(`certpilot ca register-block` saves a private CA's)."))] = ...,  # type: ignore[assignment]
+        "(`certpilot ca register-block` saves a private CA's)."))],
     profile: Annotated[Profile, typer.Option(help="What the certificate is for.")] = Profile.TLS_SERVER,
     key_algorithm: Annotated[KeyAlgorithm, typer.Option(help="The key to generate at each renewal.")] = KeyAlgorithm.EC_P256,
     validity_days: Annotated[Optional[int], typer.Option(metavar="DAYS", min=1, help="Lifetime to ask for (default: the issuer's).")] = None,

@@ -30,7 +30,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 from certpilot.discovery import Found, Problem
 from certpilot.errors import ParseError, PasswordError
@@ -58,8 +58,8 @@ class _CertFile:
     notes: tuple[str, ...]
 
 
-def _spki(public_key: object) -> str:
-    der = public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+def _spki(public_key: PublicKeyTypes) -> str:
+    der = public_key.public_bytes(serialization.Encoding.DER,
                                   serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 

@@ -51,6 +51,7 @@ __all__ = ["MAX_HANDSHAKE_BYTES", "ClientHandshake", "Presented", "TlsHandshakeE
 
 MAX_HANDSHAKE_BYTES = 64 * 1024  # a server's flight with a sane chain is a few KiB; OpenSSL's own cap is 100 KiB
 _RECV = 16 * 1024 + 64
+# ssl re-exports no name for it; typeshed does not describe the private _ssl module
 _ENCODING_DER = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]
 
 
@@ -234,6 +235,7 @@ class ClientHandshake:
         if hasattr(obj, "get_unverified_chain"):  # public from Python 3.13, as DER bytes
             raw = obj.get_unverified_chain()
         else:
+            # before 3.13 only the private _sslobj has it, and typeshed does not list that attribute
             raw = obj._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
         chain = tuple(c if isinstance(c, bytes) else c.public_bytes(_ENCODING_DER) for c in raw or ())
         if not chain:
