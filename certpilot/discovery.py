@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from certpilot import audit, inventory, keystore
 from certpilot.clock import utcnow
@@ -70,7 +70,10 @@ def split(items: Iterable[Found | Problem]) -> tuple[list[Found], list[Problem]]
     found: list[Found] = []
     problems: list[Problem] = []
     for item in items:
-        (found if isinstance(item, Found) else problems).append(item)  # type: ignore[arg-type]
+        if isinstance(item, Found):
+            found.append(item)
+        else:
+            problems.append(item)
     return found, problems
 
 
@@ -226,8 +229,8 @@ def record(engine: sa.Engine, source: Source, actor: audit.Actor, *,
                 if not key_matches_certificate(key, leaf):
                     report.problems.append(Problem(locator, "the key found beside it does not match the certificate"))
                     continue
-                if keystore.find_key(session, public_key_sha256(key)) is None:
-                    keystore.store_private_key(session, key, key_ring(), actor, "discovered", clock())  # type: ignore[misc]
+                if key_ring is not None and keystore.find_key(session, public_key_sha256(key)) is None:
+                    keystore.store_private_key(session, key, key_ring(), actor, "discovered", clock())
                     report.keys_stored += 1
         report.places += sum(1 for o in obs if o.locator)
         report.new_certificates += len(result.new)
@@ -252,14 +255,15 @@ def record(engine: sa.Engine, source: Source, actor: audit.Actor, *,
 def flag_ghosts(session: Session, source: str, run_id: str, actor: audit.Actor, now: dt.datetime) -> int:
     """Flag the locations of ``source`` not seen by run ``run_id`` as ghosts (those it saw were
     unflagged as they were recorded). Returns how many were newly flagged; each is audited."""
-    stale = session.execute(sa.select(Location.id, Location.certificate_fingerprint, Location.locator).where(
-        Location.source == source, Location.ghost.is_(False),  # type: ignore[attr-defined]
-        sa.or_(Location.seen_by_run.is_(None), Location.seen_by_run != run_id))).all()  # type: ignore[union-attr]
+    stale = session.execute(
+        sa.select(col(Location.id), col(Location.certificate_fingerprint), col(Location.locator)).where(
+            col(Location.source) == source, col(Location.ghost).is_(False),
+            sa.or_(col(Location.seen_by_run).is_(None), col(Location.seen_by_run) != run_id))).all()
     if not stale:
         return 0
     ids = [row[0] for row in stale]
     for start in range(0, len(ids), BATCH):
-        session.execute(sa.update(Location).where(Location.id.in_(ids[start:start + BATCH]))  # type: ignore[union-attr]
+        session.execute(sa.update(Location).where(col(Location.id).in_(ids[start:start + BATCH]))
                         .values(ghost=True), execution_options={"synchronize_session": False})
     audit.append(session, actor, [audit.Change("location.ghost", f"certificate:{fp}", {"locator": locator,
                                                                                        "source": source})

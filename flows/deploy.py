@@ -17,7 +17,6 @@ from typing import cast
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from certpilot.managed import certificate_tag
 from certpilot.rollout import (
@@ -29,6 +28,7 @@ from certpilot.rollout import (
     Step,
     deploy_everywhere,
 )
+from flows.runners import thread_pool
 from flows.settling import settle
 from flows.tagging import tag_flow_run
 from tasks.deployment import deploy_target, plan_deployment, publish_deployment_report, rollback_target
@@ -49,7 +49,7 @@ def run_as_tasks(steps: Sequence[Step]) -> list[Outcome | BaseException]:
 
 
 @flow(name="deploy-certificate", flow_run_name="deploy-{name}",
-      task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENCY), description=__doc__.split("\n\n")[1])
+      task_runner=thread_pool(MAX_CONCURRENCY), description=__doc__.split("\n\n")[1])
 def deploy_certificate(name: str, fingerprint: str | None = None, canary: str | None = None,
                        concurrency: int = 4) -> DeploymentReport:
     """Deploy managed certificate ``name`` (its current certificate, or ``fingerprint``) to all its

@@ -13,16 +13,16 @@ from collections.abc import Sequence
 from typing import cast
 
 from prefect import flow, get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from certpilot.discovery import DiscoveryFailed, DiscoveryResult, SourceSummary, discover_all
+from flows.runners import thread_pool
 from flows.settling import settle
 from tasks.discovery import discover_source, publish_inventory
 
 SOURCE_WORKERS = 4
 
 
-@flow(name="discover", task_runner=ThreadPoolTaskRunner(max_workers=SOURCE_WORKERS),
+@flow(name="discover", task_runner=thread_pool(SOURCE_WORKERS),
       description=__doc__.split("\n\n")[0])
 def discover(sources: list[str], batch_size: int = 500) -> DiscoveryResult:
     """Discover certificates with each source block in ``sources`` (e.g. ``tls-scan-source/lab``)."""
