@@ -32,13 +32,18 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class _StderrHandler(logging.Handler):
+    """Each record's message on stderr, as plain text (never console markup)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(Text(record.getMessage()))
+
+
 def _stderr_log(level: int) -> logging.Logger:
     """A logger for the direct path: records at ``level`` and above go to stderr as plain text."""
     log = logging.getLogger(f"certpilot.cli.fleet.{logging.getLevelName(level).lower()}")
     if not log.handlers:
-        handler = logging.Handler(level)
-        handler.emit = lambda record: err.print(Text(record.getMessage()))  # type: ignore[method-assign]
-        log.addHandler(handler)
+        log.addHandler(_StderrHandler(level))
         log.propagate = False
         log.setLevel(level)
     return log
