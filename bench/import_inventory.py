@@ -219,7 +219,7 @@ def timed_import(engine: sa.Engine, paths: list[str], expected: int, label: str)
     elapsed = time.perf_counter() - started
     cpu = cpu_seconds() - cpu_before
     summary = report.summary()
-    if summary["failed"] or summary["new_certificates"] != expected:
+    if summary.failed or summary.new_certificates != expected:
         raise SystemExit(f"{label}: unexpected import result {summary} (expected {expected:,} new)")
     # The CPU time is there to read the wall-clock rate against: on a shared machine it moves with the load.
     log(f"  {label}: {expected:,} certificates in {elapsed:.2f}s = {expected / elapsed:,.0f}/s "

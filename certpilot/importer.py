@@ -92,6 +92,31 @@ class FileResult:
 
 
 @dataclass(frozen=True)
+class ImportFailure:
+    """A file that could not be imported, and why (certpilot's own message: no secret in it)."""
+
+    source: str
+    error: str
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    """What an import did, in counts, and each file that failed: public facts only."""
+
+    files: int
+    failed: int
+    certificates: int
+    new_certificates: int
+    keys_stored: int
+    failures: tuple[ImportFailure, ...] = ()
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts (the CLI's --json lists each file, failed ones with their error, beside them)."""
+        return {"files": self.files, "failed": self.failed, "certificates": self.certificates,
+                "new_certificates": self.new_certificates, "keys_stored": self.keys_stored}
+
+
+@dataclass(frozen=True)
 class ImportReport:
     files: tuple[FileResult, ...]
 
@@ -111,9 +136,10 @@ class ImportReport:
     def keys_stored(self) -> int:
         return sum(f.keys_stored for f in self.files)
 
-    def summary(self) -> dict[str, int]:
-        return {"files": len(self.files), "failed": self.failed, "certificates": self.certificates,
-                "new_certificates": self.new_certificates, "keys_stored": self.keys_stored}
+    def summary(self) -> ImportSummary:
+        failures = tuple(ImportFailure(f.source, f.error or "failed") for f in self.files if f.status == "failed")
+        return ImportSummary(len(self.files), self.failed, self.certificates, self.new_certificates,
+                             self.keys_stored, failures)
 
 
 @dataclass

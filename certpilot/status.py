@@ -83,10 +83,8 @@ class ManagedStatus:
     runs: tuple[Run, ...]  # newest first
 
 
-def next_renewal(scheduled: Scheduled, now: dt.datetime | None = None) -> NextRenewal:
-    """The schedule's answer as shown: the renewal time while not due; once due, when it fell due.
-
-    ``now`` is not used (the schedule was made at its own ``now``); cli/managed.py still passes it."""
+def next_renewal(scheduled: Scheduled) -> NextRenewal:
+    """The schedule's answer as shown: the renewal time while not due; once due, when it fell due."""
     return NextRenewal(scheduled.decision.due, scheduled.decision.renew_at, scheduled.decision.reason)
 
 
@@ -107,7 +105,7 @@ def managed_status(session: Session, name: str | None = None, now: dt.datetime |
                         for t in session.exec(select(Target).where(col(Target.managed_certificate_id) == m.id)
                                               .order_by(col(Target.name))).all())
         result.append(ManagedStatus(m.name, m.issuer, tuple(m.dns_names), tuple(m.ip_addresses), current,
-                                    next_renewal(s, now), targets, m.last_attempt_at, m.last_error,
+                                    next_renewal(s), targets, m.last_attempt_at, m.last_error,
                                     tuple(_runs(session, m.name, m.id, runs))))
     return result
 

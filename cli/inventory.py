@@ -54,7 +54,7 @@ def import_command(
     else:
         report = import_paths(engine, paths, options, actor(), key_ring=ring, stdin=stdin)
     if as_json:
-        print_json({"files": [f.as_dict() for f in report.files], "summary": report.summary()})
+        print_json({"files": [f.as_dict() for f in report.files], "summary": report.summary().as_dict()})
     else:
         for f in report.files:
             if f.status == "failed":
@@ -68,8 +68,8 @@ def import_command(
                 for n in f.notes:
                     out.print(line(f"           note: {n}"))
         s = report.summary()
-        out.print(line(f"{s['files']} file(s): {s['certificates']} certificate(s), {s['new_certificates']} new, "
-                       f"{s['keys_stored']} key(s) stored, {s['failed']} file(s) failed"))
+        out.print(line(f"{s.files} file(s): {s.certificates} certificate(s), {s.new_certificates} new, "
+                       f"{s.keys_stored} key(s) stored, {s.failed} file(s) failed"))
     if report.failed:
         raise typer.Exit(1)
 

@@ -20,13 +20,12 @@ from cli.options import KeyAlgorithm, Profile, actor, parse_tags, whole_days
 app = typer.Typer(help="Managed certificates: what should exist, and when it renews.", no_args_is_help=True)
 
 
-def schedule_rows(scheduled: list[Any], now: dt.datetime | None = None) -> list[dict[str, Any]]:
+def schedule_rows(scheduled: list[Any]) -> list[dict[str, Any]]:
     """The --json shape of a schedule. ``next_renewal`` is stable: for a certificate already due, when
-    it fell due (certpilot.status.due_at), never the moment of asking."""
-    now = now or utcnow()
+    it fell due (as the schedule decides it), never the moment of asking."""
     rows = []
     for s in scheduled:
-        when = next_renewal(s, now)
+        when = next_renewal(s)
         rows.append({
             "name": s.managed.name, "dns_names": s.managed.dns_names, "ip_addresses": s.managed.ip_addresses,
             "issuer": s.managed.issuer, "profile": s.managed.profile, "key_algorithm": s.managed.key_algorithm,
@@ -127,7 +126,7 @@ def renew_command(
     if dry_run:
         at = utcnow() + ahead
         with read_session(get_engine()) as session:  # next_renewal of a due one: when it fell due, stable
-            rows = [r for r in schedule_rows(managed.schedule(session, at), at) if r["due"]]
+            rows = [r for r in schedule_rows(managed.schedule(session, at)) if r["due"]]
         if as_json:
             print_json(rows)
             return

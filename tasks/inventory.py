@@ -7,7 +7,6 @@ encrypted inside the core; a password is read from a Prefect Secret block inside
 
 from __future__ import annotations
 
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -17,7 +16,7 @@ from blocks.loading import load_block
 from certpilot import audit, keystore
 from certpilot.database import get_engine, read_session
 from certpilot.errors import TransientError
-from certpilot.importer import ImportOptions, import_paths
+from certpilot.importer import ImportOptions, ImportSummary, import_paths
 from certpilot.report import expiry_report
 from certpilot.settings import load_settings
 
@@ -50,19 +49,19 @@ def _password(secret_block: str | None) -> bytes | None:
 
 @task(name="import-files", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient_only)
 def import_files(paths: list[str], owner: str | None, tags: dict[str, str], import_keys: bool,
-                 password_secret: str | None) -> dict[str, Any]:
+                 password_secret: str | None) -> ImportSummary:
     """Import files and directories into the inventory. Returns counts and the failures, nothing secret."""
     logger = get_run_logger()
     settings = load_settings()
     options = ImportOptions(owner=owner, tags=tags, import_keys=import_keys, password=_password(password_secret))
     report = import_paths(get_engine(settings), paths, options, run_actor(),
                           key_ring=lambda: keystore.load_key_ring(settings, announce=logger.warning))
-    failures = [{"source": f.source, "error": f.error} for f in report.files if f.status == "failed"]
-    for failure in failures:
-        logger.error("import failed for %s: %s", failure["source"], failure["error"])
-    logger.info("imported %(files)d file(s): %(certificates)d certificate(s), %(new_certificates)d new, "
-                "%(keys_stored)d key(s) stored, %(failed)d failed", report.summary())
-    return {**report.summary(), "failures": failures}
+    summary = report.summary()
+    for failure in summary.failures:
+        logger.error("import failed for %s: %s", failure.source, failure.error)
+    logger.info("imported %d file(s): %d certificate(s), %d new, %d key(s) stored, %d failed", summary.files,
+                summary.certificates, summary.new_certificates, summary.keys_stored, summary.failed)
+    return summary
 
 
 @task(name="publish-expiry-report")

@@ -77,11 +77,12 @@ def test_flow_completes_with_a_summary_when_every_file_imports(tmp_path: Path) -
     estate = write_estate(tmp_path / "estate")
     for broken in estate.broken:
         broken.unlink()
-    summary = import_inventory(paths=[str(estate.root)], tags={"env": "test"})
-    assert summary["failed"] == 0
-    assert summary["certificates"] == estate.leaves + 2
-    assert summary["bands"]["expired"] == 1
-    assert "failures" in summary and summary["failures"] == []
+    result = import_inventory(paths=[str(estate.root)], tags={"env": "test"})
+    summary = result.summary
+    assert summary.failed == 0
+    assert summary.certificates == estate.leaves + 2
+    assert result.bands["expired"] == 1
+    assert summary.failures == ()
 
 
 def test_a_key_password_is_read_from_the_secret_block_the_run_names(tmp_path: Path, leaf) -> None:  # noqa: ANN001
@@ -91,8 +92,8 @@ def test_a_key_password_is_read_from_the_secret_block_the_run_names(tmp_path: Pa
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"import-key-password")))
     Secret(value="import-key-password").save("import-key-password", overwrite=True)
-    summary = import_inventory(paths=[str(tmp_path)], import_keys=True, password_secret="import-key-password")
-    assert (summary["failed"], summary["certificates"], summary["keys_stored"]) == (0, 1, 1)
+    summary = import_inventory(paths=[str(tmp_path)], import_keys=True, password_secret="import-key-password").summary
+    assert (summary.failed, summary.certificates, summary.keys_stored) == (0, 1, 1)
 
 
 def test_a_missing_password_secret_fails_the_run_naming_the_block(tmp_path: Path) -> None:

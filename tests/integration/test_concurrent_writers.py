@@ -126,7 +126,7 @@ def worker(env: dict[str, str], name: str, paths: list[str], options: dict[str, 
         for _ in range(rounds):
             report = import_paths(engine, paths, ImportOptions(batch_size=5, **options), audit.Actor(f"worker:{name}"),
                                   key_ring=lambda: keystore.load_key_ring(load_settings()))
-            out.append({"summary": report.summary(), "errors": [f"{f.source}: {f.error}" for f in report.files if f.error]})
+            out.append({"summary": report.summary().as_dict(), "errors": [f"{f.source}: {f.error}" for f in report.files if f.error]})
         results.put((name, out))
     except BaseException as exc:  # reported to the test, not lost in the child
         results.put((name, f"{type(exc).__name__}: {exc}"))
