@@ -6,13 +6,16 @@ real Azure; StaticTokenCredential below for loopback test vaults and pre-issued 
 file for a vault behind a private CA, and bounded network behaviour: every request has a connection and
 a read timeout, connection and read failures are retried ``retry_total`` times with a capped backoff, and
 HTTP 429 and 5xx are not retried inside the SDK (it would honour any Retry-After, unbounded): they raise
-a transient DeployError (KeyVaultUnavailable for the source) at once, and the Prefect task's own retries
+a transient KeyVaultUnavailableError at once, and the Prefect task's own retries
 take it from there. ``KeyVaultConnection.worst_case_seconds`` is the longest one call can take.
 
-Errors: azure.core exceptions are translated here, in one place, into certpilot errors whose messages
-name the vault and the certificate and never hold a secret. Connection failures, timeouts, dropped
-connections, 408, 429 and 5xx are transient (DeployError); any other 4xx, a TLS certificate the client
-does not trust and a bad configuration are permanent (PermanentDeployError). A 404 where it means
+Errors: azure.core exceptions are translated here, in one place, into errors named by cause that carry
+their data as fields (operation, code, HTTP status, retry_after) and whose messages name the vault and
+the certificate and never hold a secret. Connection failures, timeouts, dropped connections, 408, 429
+and 5xx are KeyVaultUnavailableError (transient); any other 4xx, a TLS certificate the client does not
+trust and a bad configuration are KeyVaultRefusedError (permanent). Both are the core's service errors
+(ServiceUnavailableError, ServiceRefusedError) and, for the deployer's callers, DeployError and
+PermanentDeployError. A 404 where it means
 "absent" is not an error: current() is None, deploy() records that there was no previous version. The
 SDK exceptions are not chained to the ones raised from calls that carried key material: their request
 object holds the body.
@@ -83,7 +86,7 @@ from certpilot.deployment import (
     VerificationError,
 )
 from certpilot.discovery import Found, Problem
-from certpilot.errors import CertpilotError, PermanentError, TransientError
+from certpilot.errors import CertpilotError, ServiceError, ServiceRefusedError, ServiceUnavailableError
 from certpilot.target_kinds import KeyVaultSettings, TargetKind, validate_settings
 
 log = logging.getLogger(__name__)
@@ -91,13 +94,45 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-class KeyVaultUnavailable(TransientError):
-    """The source could not read the vault for a reason that may pass (timeout, dropped, throttled, 5xx)."""
+class _KeyVaultCall(ServiceError):
+    """A Key Vault request that failed, with its data as fields: ``operation`` (what was asked, e.g.
+    "importing a new version"), ``code`` (the vault's error code, ``HTTP <status>`` without one,
+    ``authentication``, or the client's error type), ``status`` (the HTTP status, None when no answer
+    came), ``retry_after`` (seconds the vault asked to wait, None when it did not say), ``detail`` (the
+    vault's message) and ``where`` (the vault and certificate). The message is built from them."""
+
+    def __init__(self, where: str, operation: str, code: str, detail: str = "", *, status: int | None = None,
+                 retry_after: float | None = None, message: str | None = None) -> None:
+        self.status, self.retry_after = status, retry_after
+        super().__init__("keyvault", operation, code, detail, where)
+        if message is not None:
+            self.args = (message,)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_call, (type(self), self.where, self.operation, self.code, self.detail, self.status,
+                                self.retry_after, str(self)))
 
 
-class KeyVaultRefused(PermanentError):
-    """The source's request was refused for a reason retrying will not fix (authentication, permission,
-    an untrusted TLS certificate, a bad URL)."""
+def _rebuild_call(cls: type[_KeyVaultCall], where: str, operation: str, code: str, detail: str,
+                  status: int | None, retry_after: float | None, message: str) -> _KeyVaultCall:
+    return cls(where, operation, code, detail, status=status, retry_after=retry_after, message=message)
+
+
+class KeyVaultRefusedError(_KeyVaultCall, ServiceRefusedError, PermanentDeployError):
+    """The vault refused for a reason retrying will not fix: authentication, permission, not found, an
+    untrusted TLS certificate, a bad request or URL."""
+
+
+class KeyVaultUnavailableError(_KeyVaultCall, ServiceUnavailableError, DeployError):
+    """The vault could not answer now: a timeout, a dropped connection, throttled (429, ``retry_after``
+    set when it said how long), 408 or 5xx."""
+
+
+KeyVaultUnavailable = KeyVaultUnavailableError  # the names the source raised before, kept for importers
+KeyVaultRefused = KeyVaultRefusedError
 
 
 class StaticTokenCredential:
@@ -184,33 +219,52 @@ def _short(text: object, limit: int = 300) -> str:
     return first[0][:limit] if first else ""
 
 
-def _translate(exc: Exception, where: str, action: str, transient: type[CertpilotError],
-               permanent: type[CertpilotError]) -> CertpilotError:
-    """One certpilot error for an SDK failure, naming the place and the action, with no secret in it."""
+def _translate(exc: Exception, where: str, action: str) -> _KeyVaultCall:
+    """The one cause-named error for an SDK failure, naming the place and the action, with no secret in it."""
     if isinstance(exc, HttpResponseError) and exc.status_code is not None:
         status = exc.status_code
         code = exc.error.code if exc.error is not None else None
         message = exc.error.message if exc.error is not None else exc.reason
+        detail = _short(message) if message else ""
         text = f"{where}: {action} failed: HTTP {status}" + (f" {code}" if code else "")
-        text += f": {_short(message)}" if message else ""
+        text += f": {detail}" if detail else ""
         if status == 409 and "deleted" in str(message).lower():
             text += " (purge or recover the deleted certificate, or set purge_deleted)"
-        retry_after = exc.response.headers.get("Retry-After") if isinstance(exc.response, _WithHeaders) else None
+        header = exc.response.headers.get("Retry-After") if isinstance(exc.response, _WithHeaders) else None
+        retry_after = _seconds(header)
         if status in (408, 429) or status >= 500:
-            return transient(text + (f" (retry after {retry_after} s)" if retry_after else ""))
-        return permanent(text)
+            text += f" (retry after {header} s)" if header else ""
+            return KeyVaultUnavailableError(where, action, code or f"HTTP {status}", detail, status=status,
+                                            retry_after=retry_after, message=text)
+        return KeyVaultRefusedError(where, action, code or f"HTTP {status}", detail, status=status, message=text)
     if isinstance(exc, ClientAuthenticationError):  # the credential itself failed, no HTTP status
-        return permanent(f"{where}: {action} failed: authentication: {_short(exc.message)}")
+        detail = _short(exc.message)
+        return KeyVaultRefusedError(where, action, "authentication", detail,
+                                    message=f"{where}: {action} failed: authentication: {detail}")
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
         detail = _short(getattr(exc, "message", exc))
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            return permanent(f"{where}: {action} failed: the vault's TLS certificate is not trusted "
-                             f"(set ca_file or ca_pem for a private CA): {detail}")
-        return transient(f"{where}: {action} failed: {type(exc).__name__}: {detail}")
+            return KeyVaultRefusedError(where, action, "untrusted-tls-certificate", detail,
+                                        message=f"{where}: {action} failed: the vault's TLS certificate is not "
+                                                f"trusted (set ca_file or ca_pem for a private CA): {detail}")
+        return KeyVaultUnavailableError(where, action, type(exc).__name__, detail,
+                                        message=f"{where}: {action} failed: {type(exc).__name__}: {detail}")
     if isinstance(exc, AzureError):
-        return transient(f"{where}: {action} failed: {type(exc).__name__}: {_short(getattr(exc, 'message', exc))}")
+        detail = _short(getattr(exc, "message", exc))
+        return KeyVaultUnavailableError(where, action, type(exc).__name__, detail,
+                                        message=f"{where}: {action} failed: {type(exc).__name__}: {detail}")
     # ValueError from the SDK: a challenge whose resource does not match the vault, a malformed URL...
-    return permanent(f"{where}: {action} failed: {type(exc).__name__}: {_short(exc)}")
+    detail = _short(exc)
+    return KeyVaultRefusedError(where, action, type(exc).__name__, detail,
+                                message=f"{where}: {action} failed: {type(exc).__name__}: {detail}")
+
+
+def _seconds(header: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (the delta-seconds form; None for a date or nothing)."""
+    try:
+        return float(header) if header is not None else None
+    except ValueError:
+        return None
 
 
 @runtime_checkable
@@ -237,10 +291,8 @@ class _Latest:
 class _Calls:
     """Runs SDK calls against one vault and translates their failures."""
 
-    def __init__(self, connection: KeyVaultConnection, transient: type[CertpilotError],
-                 permanent: type[CertpilotError]) -> None:
+    def __init__(self, connection: KeyVaultConnection) -> None:
         self.connection = connection
-        self.transient, self.permanent = transient, permanent
         self._client: CertificateClient | None = None
 
     @property
@@ -268,7 +320,7 @@ class _Calls:
             cause = exc
         except (AzureError, ValueError) as exc:
             cause = exc
-        error = _translate(cause, where, action, self.transient, self.permanent)
+        error = _translate(cause, where, action)
         if chain:
             raise error from cause
         del cause
@@ -277,14 +329,15 @@ class _Calls:
     def must(self, where: str, action: str, call: Callable[[], _T], *, chain: bool = True) -> _T:
         result = self.run(where, action, call, chain=chain)
         if result is None:
-            raise self.permanent(f"{where}: {action} returned nothing")
+            raise KeyVaultRefusedError(where, action, "empty-answer", message=f"{where}: {action} returned nothing")
         return result
 
     def properties(self, where: str, certificate: KeyVaultCertificate) -> CertificateProperties:
         """The properties (version, enabled...) of a certificate the vault returned: it always sends them,
         though the SDK types them as optional."""
         if certificate.properties is None:
-            raise self.permanent(f"{where}: the vault returned a certificate without its properties")
+            raise KeyVaultRefusedError(where, "reading the certificate", "no-properties",
+                                       message=f"{where}: the vault returned a certificate without its properties")
         return certificate.properties
 
 
@@ -301,7 +354,7 @@ class AzureKeyVaultSource:
         self.connection = connection
         self.page_size = page_size
         self.name = f"azure-kv:{connection.host}"
-        self._calls = _Calls(connection, KeyVaultUnavailable, KeyVaultRefused)
+        self._calls = _Calls(connection)
 
     def close(self) -> None:
         self._calls.close()
@@ -317,7 +370,7 @@ class AzureKeyVaultSource:
         for name in names:
             try:
                 yield from self._certificate(name)
-            except (KeyVaultUnavailable, KeyVaultRefused) as exc:
+            except _KeyVaultCall as exc:
                 yield Problem(self._locator(name), str(exc))
 
     def _certificate(self, name: str) -> Iterator[Found]:
@@ -359,7 +412,7 @@ class AzureKeyVaultDeployer:
         self.tags: dict[str, str] = dict(self.settings.tags)
         self.purge_deleted = self.settings.purge_deleted
         self.lookup = lookup  # not needed: the previous version's key is in the vault itself
-        self._calls = _Calls(connection, DeployError, PermanentDeployError)
+        self._calls = _Calls(connection)
 
     def close(self) -> None:
         self._calls.close()

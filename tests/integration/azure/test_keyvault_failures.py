@@ -13,9 +13,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from certpilot.deployment import DeployBundle, DeployError, PermanentDeployError, Receipt, VerificationError
-from certpilot.errors import KeyMismatchError
+from certpilot.errors import KeyMismatchError, ServiceRefusedError, ServiceUnavailableError
 from certpilot.sample_estate import Authority, issue_leaf
-from connectors.azure_kv import AzureKeyVaultDeployer, KeyVaultConnection, StaticTokenCredential
+from connectors.azure_kv import (AzureKeyVaultDeployer, KeyVaultConnection, KeyVaultRefusedError,
+                                 KeyVaultUnavailableError, StaticTokenCredential)
 from lab.keyvault import KeyVaultServer
 from tests.integration.azure.conftest import lab_connection
 from tests.keyprobe import leaks
@@ -66,9 +67,19 @@ def test_throttling_and_server_errors_are_transient_and_not_retried_inside_the_s
         target.current()
     assert time.monotonic() - started < 2.0  # the Retry-After of 30 s is left to the task's retries
     assert "HTTP 429 Throttled" in str(caught.value) and "(retry after 30 s)" in str(caught.value)
+    throttled = caught.value  # named by cause, its data as fields, and so after Prefect pickles it
+    for error in (throttled, pickle.loads(pickle.dumps(throttled))):
+        assert isinstance(error, KeyVaultUnavailableError) and isinstance(error, ServiceUnavailableError)
+        assert (error.service, error.status, error.code, error.retry_after) == ("keyvault", 429, "Throttled", 30.0)
+        assert error.operation == "reading the current version" and str(error) == str(throttled)
     keyvault.fail_next(503)
-    with pytest.raises(DeployError, match="HTTP 503 InternalServerError"):
+    with pytest.raises(DeployError, match="HTTP 503 InternalServerError") as failing:
         target.current()
+    assert (failing.value.status, failing.value.retry_after) == (503, None)  # type: ignore[attr-defined]
+    keyvault.fail_next(403)
+    with pytest.raises(KeyVaultRefusedError) as refused:
+        target.current()
+    assert isinstance(refused.value, ServiceRefusedError) and refused.value.status == 403
     assert target.current() is None  # and then it answers again
 
 
