@@ -67,6 +67,7 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 
 from blocks.ssh import SshHostBlock  # noqa: E402
+from blocks.targets import build_deployer  # noqa: E402
 from certpilot import audit, ca, keystore, managed, renewing, rollout, targets  # noqa: E402
 from certpilot.database import get_engine, read_session, write_session  # noqa: E402
 from certpilot.deployment import DeployBundle, Deployer, Receipt, Verification, key_to_pem  # noqa: E402
@@ -238,7 +239,7 @@ def deploy_one(lab: Lab, block: SshHostBlock, site: Site, result: Round) -> None
     with read_session(lab.engine) as session:
         target = targets.get_target(session, site.managed, site.target)
         fingerprint = targets.plan(session, site.managed).fingerprint
-    deployer = TimedDeployer(block.deployer(target.name, target.kind, dict(target.settings),
+    deployer = TimedDeployer(build_deployer(block, target.name, target.kind, dict(target.settings),
                                             lookup=targets.lookup(lab.engine, site.managed, lab.key_ring)), phases)
 
     def bundle() -> DeployBundle:

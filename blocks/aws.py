@@ -12,13 +12,11 @@ ModifyListener/AddListenerCertificates/RemoveListenerCertificates, iam:*ServerCe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr
 
-from certpilot.deployment import BundleLookup, Deployer
 from certpilot.discovery import Source
 
 DOCS = "https://github.com/certpilot/certpilot/blob/main/README.md#aws"
@@ -34,11 +32,12 @@ class AwsAccountBlock(Block):
     _documentation_url: ClassVar[HttpUrl | None] = HttpUrl(DOCS)
     _code_example: ClassVar[str] = """
 ```python
+from blocks.targets import build_deployer
 from blocks.aws import AwsAccountBlock
 
 aws = AwsAccountBlock.load("BLOCK_NAME")
 source = aws.source()
-deployer = aws.deployer("web-alb", "aws-elbv2", {"listener_arn": "arn:aws:elasticloadbalancing:...", "role": "default"})
+deployer = build_deployer(aws, "web-alb", "aws-elbv2", {"listener_arn": "arn:aws:elasticloadbalancing:...", "role": "default"})
 ```
 """
 
@@ -75,11 +74,3 @@ deployer = aws.deployer("web-alb", "aws-elbv2", {"listener_arn": "arn:aws:elasti
 
         return AwsSource(self.account(), self.account_alias, acm=self.discover_acm, elbv2=self.discover_elbv2,
                          iam=self.discover_iam)
-
-    def deployer(self, name: str, kind: str, settings: Mapping[str, Any],
-                 lookup: BundleLookup | None = None) -> Deployer:
-        """A deployer for target ``name`` of ``kind`` aws-acm, aws-elbv2 or aws-iam-elbv2, through the kind
-        registry (blocks.targets)."""
-        from blocks.targets import deployer
-
-        return deployer(self, name, kind, settings, lookup)

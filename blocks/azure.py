@@ -13,13 +13,11 @@ protect the Prefect API accordingly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr, model_validator
 
-from certpilot.deployment import BundleLookup, Deployer
 from certpilot.discovery import Source
 
 DOCS = "https://github.com/certpilot/certpilot/blob/main/README.md#azure-key-vault"
@@ -35,11 +33,12 @@ class AzureKeyVaultBlock(Block):
     _documentation_url: ClassVar[HttpUrl | None] = HttpUrl(DOCS)
     _code_example: ClassVar[str] = """
 ```python
+from blocks.targets import build_deployer
 from blocks.azure import AzureKeyVaultBlock
 
 vault = AzureKeyVaultBlock.load("BLOCK_NAME")
 source = vault.source()
-deployer = vault.deployer("web-cert", "azure-kv", {"certificate_name": "web"})
+deployer = build_deployer(vault, "web-cert", "azure-kv", {"certificate_name": "web"})
 ```
 """
 
@@ -101,10 +100,3 @@ deployer = vault.deployer("web-cert", "azure-kv", {"certificate_name": "web"})
         from connectors.azure_kv import AzureKeyVaultSource
 
         return AzureKeyVaultSource(self.connection())
-
-    def deployer(self, name: str, kind: str, settings: Mapping[str, Any],
-                 lookup: BundleLookup | None = None) -> Deployer:
-        """A deployer for target ``name`` of kind ``azure-kv``, through the kind registry (blocks.targets)."""
-        from blocks.targets import deployer
-
-        return deployer(self, name, kind, settings, lookup)

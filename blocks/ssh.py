@@ -17,13 +17,11 @@ protect the Prefect API accordingly.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, PrivateAttr, SecretStr
 
-from certpilot.deployment import BundleLookup, Deployer
 from certpilot.discovery import Source
 
 DOCS = "https://github.com/certpilot/certpilot/blob/main/README.md#ssh-hosts"
@@ -39,11 +37,12 @@ class SshHostBlock(Block):
     _documentation_url: ClassVar[HttpUrl | None] = HttpUrl(DOCS)
     _code_example: ClassVar[str] = """
 ```python
+from blocks.targets import build_deployer
 from blocks.ssh import SshHostBlock
 
 ssh_host_block = SshHostBlock.load("BLOCK_NAME")
 source = ssh_host_block.source()
-deployer = ssh_host_block.deployer("web-1", "ssh-nginx", {"certificate_path": "...", "key_path": "..."})
+deployer = build_deployer(ssh_host_block, "web-1", "ssh-nginx", {"certificate_path": "...", "key_path": "..."})
 ```
 """
 
@@ -102,12 +101,3 @@ deployer = ssh_host_block.deployer("web-1", "ssh-nginx", {"certificate_path": ".
         return SshSource(self.connection(), self.discovery_globs, alias=self.alias or self._block_document_name,
                          import_keys=self.import_keys, pkcs12_passwords=self._passwords(), max_files=self.max_files,
                          max_file_bytes=self.max_file_bytes)
-
-    def deployer(self, name: str, kind: str, settings: Mapping[str, Any],
-                 lookup: BundleLookup | None = None) -> Deployer:
-        """The connector for one target: NginxDeployer (``ssh-nginx``) or HaproxyDeployer (``ssh-haproxy``),
-        through the kind registry (blocks.targets). ``lookup`` is not needed: rollback restores the backups
-        kept on the host."""
-        from blocks.targets import deployer
-
-        return deployer(self, name, kind, settings, lookup)

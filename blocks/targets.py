@@ -3,8 +3,8 @@ in the Prefect UI, over the connection block it deploys through (an SSH host, an
 Vault).
 
 ``KINDS`` maps each TargetKind to its KindSpec: the connection block type that reaches it, its settings
-model (certpilot.target_kinds) and the factory of its deployer. ``deployer()`` is the one dispatch: the
-connection blocks' ``deployer()`` and DeploymentTargetBlock's go through it.
+model (certpilot.target_kinds) and the factory of its deployer. ``build_deployer(block, ...)`` is the one
+dispatch, for a connection block and for a DeploymentTargetBlock alike: connection blocks only connect.
 
 A Target in the inventory names the block that builds its deployer. Naming a DeploymentTargetBlock
 (``deployment-target/web1-nginx``) keeps the target's settings in that block, edited in the UI; the
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from blocks.aws import AwsAccountBlock
 from blocks.azure import AzureKeyVaultBlock
@@ -41,7 +41,7 @@ from certpilot.target_kinds import (
     validate_settings,
 )
 
-__all__ = ["CONNECTIONS", "KINDS", "DeploymentTargetBlock", "KindSpec", "deployer"]
+__all__ = ["CONNECTIONS", "KINDS", "DeploymentTargetBlock", "KindSpec", "build_deployer"]
 
 Factory = Callable[[Any, str, Any, "BundleLookup | None"], Deployer]
 
@@ -113,11 +113,17 @@ def kinds_of(connection: type[Block]) -> list[TargetKind]:
     return [kind for kind, spec in KINDS.items() if issubclass(connection, spec.connection)]
 
 
-def deployer(connection: Block, name: str, kind: TargetKind | str,
+def build_deployer(block: Block, name: str, kind: TargetKind | str,
              settings: TargetSettings | Mapping[str, Any], lookup: BundleLookup | None = None) -> Deployer:
-    """The deployer of target ``name`` of ``kind`` through ``connection``, its settings validated by the
-    kind's model. UnknownTargetKindError, TargetSettingsError, or PermanentDeployError for a connection
-    that cannot reach that kind."""
+    """The deployer of target ``name`` of ``kind`` through ``block``: a connection block (SSH host, AWS
+    account, Key Vault) with the target's own ``settings``, or a DeploymentTargetBlock whose settings
+    ``settings`` override key by key. The settings are validated by the kind's model.
+    UnknownTargetKindError, TargetSettingsError, or PermanentDeployError for a block that cannot reach
+    that kind."""
+    if isinstance(block, DeploymentTargetBlock):
+        overrides = settings.model_dump(exclude_unset=True) if isinstance(settings, BaseModel) else settings
+        return block.deployer(name, kind, overrides, lookup)
+    connection = block
     kind = parse_kind(kind)
     spec = KINDS[kind]
     if not isinstance(connection, spec.connection):
@@ -167,10 +173,11 @@ class DeploymentTargetBlock(Block):
                              f"({spec.connection.__name__}), not a {type(self.connection).__name__}")
         return self
 
-    def deployer(self, name: str, kind: str, settings: Mapping[str, Any],
+    def deployer(self, name: str, kind: TargetKind | str, settings: Mapping[str, Any],
                  lookup: BundleLookup | None = None) -> Deployer:
         """The deployer of target ``name``: this block's settings, overridden key by key by ``settings``
         (the Target row's own)."""
         if kind != self.kind:
             raise PermanentError(f"target {name} is of kind {kind} but its block describes a {self.kind} target")
-        return deployer(self.connection, name, self.kind, merged_settings(self.kind, self.settings, settings), lookup)
+        return build_deployer(self.connection, name, self.kind, merged_settings(self.kind, self.settings, settings),
+                              lookup)

@@ -28,7 +28,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from certpilot.clock import utcnow
-from certpilot.errors import KeyMismatchError, PermanentError, TransientError
+from certpilot.errors import DeployError as DeployError  # the deploy errors live with the others; the
+from certpilot.errors import KeyMismatchError, PermanentError  # role's module names them too
+from certpilot.errors import PermanentDeployError as PermanentDeployError
 from certpilot.keys import key_matches_certificate, public_key_sha256
 
 if TYPE_CHECKING:
@@ -128,15 +130,6 @@ class Verification:
     fingerprint: str
     method: str  # "tls" (handshakes on the wire) or "api" (read back from the store)
     detail: str = ""  # e.g. "8 consecutive handshakes on 127.0.0.1:8443 sni=a.test in 0.21 s"
-
-
-class DeployError(TransientError):
-    """Installing failed for a reason that may pass (connection dropped, timeout, throttled)."""
-
-
-class PermanentDeployError(PermanentError):
-    """Installing failed for a reason retrying will not fix (unknown host key, permission denied,
-    bad configuration). A key that does not match its certificate never gets this far: see DeployBundle."""
 
 
 class VerificationError(PermanentError):

@@ -326,6 +326,15 @@ class ServiceUnavailableError(ServiceError, TransientError):
     """The API could not answer now: throttled, failing (5xx), not reached, or an answer not its own."""
 
 
+class DeployError(TransientError):
+    """Installing failed for a reason that may pass (connection dropped, timeout, throttled)."""
+
+
+class PermanentDeployError(PermanentError):
+    """Installing failed for a reason retrying will not fix (unknown host key, permission denied,
+    bad configuration). A key that does not match its certificate never gets this far: see certpilot.deployment.DeployBundle."""
+
+
 class BlockNotFoundError(PermanentError):
     """A Prefect block that a target, source or managed certificate refers to does not exist (or the
     reference is malformed). ``block`` is the reference as given (``<block-type-slug>/<name>``)."""

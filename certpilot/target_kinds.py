@@ -19,8 +19,7 @@ from typing import Any, Literal
 from cryptography import x509
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from certpilot.deployment import PermanentDeployError
-from certpilot.errors import ParseError
+from certpilot.errors import ParseError, PermanentDeployError
 from certpilot.formats import load_bundle
 
 __all__ = [

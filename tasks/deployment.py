@@ -21,8 +21,8 @@ from prefect.artifacts import create_markdown_artifact
 import blocks.aws  # noqa: F401  (registers the connector block types, so load_block finds them)
 import blocks.azure  # noqa: F401
 import blocks.ssh  # noqa: F401
-import blocks.targets  # noqa: F401
 from blocks.loading import load_block
+from blocks.targets import build_deployer
 from certpilot import audit, keystore, rollout, targets
 from certpilot.database import get_engine, read_session
 from certpilot.deployment import DeployBundle, Deployer, Receipt
@@ -49,9 +49,9 @@ def deployer_for(name: str, target_name: str) -> tuple[Any, Deployer]:
         target = targets.get_target(session, name, target_name)
     if not target.block:
         raise NotFoundError(f"target {target_name} of {name} names no block")
-    block = load_block(target.block)  # a connection or deployment-target block: it builds the deployer
+    block = load_block(target.block)  # a connection or deployment-target block
     key_ring = lambda: keystore.load_key_ring(settings)  # noqa: E731
-    return target, block.deployer(target.name, target.kind, dict(target.settings),
+    return target, build_deployer(block, target.name, target.kind, dict(target.settings),
                                   lookup=targets.lookup(engine, name, key_ring))
 
 

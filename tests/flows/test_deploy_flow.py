@@ -28,10 +28,9 @@ from typer.testing import CliRunner
 
 from blocks.issuers import PrivateCABlock
 from blocks.ssh import SshHostBlock
-from blocks.targets import DeploymentTargetBlock
+from blocks.targets import DeploymentTargetBlock, build_deployer
 from certpilot import audit, keystore, managed, renewing, targets
 from certpilot import ca as ca_module
-from cli.main import app
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import PermanentError
 from certpilot.keys import key_matches_certificate
@@ -39,6 +38,7 @@ from certpilot.models import Certificate, PrivateKey
 from certpilot.rollout import Action, DeploymentReport
 from certpilot.sample_estate import Authority, issue_leaf, key_pem, pem
 from certpilot.settings import load_settings
+from cli.main import app
 from connectors.private_ca import PrivateCAIssuer
 from connectors.tls_verify import fetch_chain
 from flows.deploy import deploy_certificate
@@ -305,4 +305,4 @@ def test_target_settings_from_a_deployment_target_block(fleet: Fleet) -> None:
     loaded = DeploymentTargetBlock.load("fleet-web4")
     assert isinstance(loaded.connection, SshHostBlock)
     with pytest.raises(PermanentError, match="of kind aws-acm"):
-        loaded.deployer("web4", "aws-acm", {})
+        build_deployer(loaded, "web4", "aws-acm", {})

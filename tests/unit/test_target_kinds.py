@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from blocks.aws import AwsAccountBlock
 from blocks.azure import AzureKeyVaultBlock
 from blocks.ssh import SshHostBlock
-from blocks.targets import KINDS, DeploymentTargetBlock, deployer, kinds_of
+from blocks.targets import KINDS, DeploymentTargetBlock, build_deployer, kinds_of
 from certpilot.deployment import PermanentDeployError
 from certpilot.errors import redact
 from certpilot.sample_estate import key_pem, make_ca
@@ -161,9 +161,9 @@ def test_the_registry_refuses_a_connection_that_cannot_reach_the_kind() -> None:
     aws = AwsAccountBlock(account_alias="lab", regions=["eu-west-1"])
     with pytest.raises(PermanentDeployError, match="web1: an AWS account deploys kinds aws-acm, aws-elbv2, "
                                                    "aws-iam-elbv2, not 'ssh-nginx'"):
-        deployer(aws, "web1", "ssh-nginx", NGINX)
+        build_deployer(aws, "web1", "ssh-nginx", NGINX)
     with pytest.raises(TargetSettingsError, match="web1: ssh-nginx needs the setting.s. key_path"):
-        deployer(_ssh_block(), "web1", "ssh-nginx", {"certificate_path": "/a"})
+        build_deployer(_ssh_block(), "web1", "ssh-nginx", {"certificate_path": "/a"})
 
 
 def test_the_deployment_target_form_derives_from_the_models() -> None:

@@ -11,10 +11,11 @@ import pytest
 from pydantic import SecretStr
 
 from blocks.aws import AwsAccountBlock
-from certpilot.deployment import DeployError, Deployer, PermanentDeployError
+from blocks.targets import build_deployer
+from certpilot.deployment import Deployer, DeployError, PermanentDeployError
 from certpilot.discovery import Source, split
-from certpilot.target_kinds import UnknownTargetKindError
 from certpilot.errors import ServiceError, ServiceRefusedError, ServiceUnavailableError
+from certpilot.target_kinds import UnknownTargetKindError
 from connectors.aws import AwsAccount, AwsNotFoundError, AwsRefusedError, AwsUnavailableError
 from connectors.aws_deploy import AcmDeployer, ElbListenerDeployer
 from lab.moto import ACCESS_KEY_ID, SECRET_ACCESS_KEY, MotoServer, free_port
@@ -82,7 +83,7 @@ def test_the_block_builds_a_source_and_each_kind_of_deployer(moto: MotoServer, l
     assert set(schema.fields["secret_fields"]) == {"secret_access_key", "session_token"}
     bundle = leaves.bundle("shop", "shop.example.test")
 
-    acm = block.deployer("shop-acm", "aws-acm", {"region": REGIONS[1]}, leaves.lookup)
+    acm = build_deployer(block, "shop-acm", "aws-acm", {"region": REGIONS[1]}, leaves.lookup)
     assert isinstance(acm, Deployer) and acm.kind == "aws-acm"
     receipt = acm.deploy(bundle)
     source = block.source()
@@ -92,13 +93,13 @@ def test_the_block_builds_a_source_and_each_kind_of_deployer(moto: MotoServer, l
     assert [f.locator for f in found] == [f"aws-acm://{REGIONS[1]}/{receipt.undo['certificate_arn']}"]
 
     for kind in ("aws-elbv2", "aws-iam-elbv2"):
-        deployer = block.deployer("web-lb", kind, {"listener_arn": LISTENER, "role": "sni"})
+        deployer = build_deployer(block, "web-lb", kind, {"listener_arn": LISTENER, "role": "sni"})
         assert isinstance(deployer, Deployer) and deployer.kind == kind
     with pytest.raises(PermanentDeployError, match="an AWS account deploys kinds aws-acm, aws-elbv2, aws-iam-elbv2, "
                                                    "not 'ssh-nginx'"):
-        block.deployer("x", "ssh-nginx", {})
+        build_deployer(block, "x", "ssh-nginx", {})
     with pytest.raises(UnknownTargetKindError, match="unknown target kind 'aws-s3'"):
-        block.deployer("x", "aws-s3", {})
+        build_deployer(block, "x", "aws-s3", {})
 
 
 def test_request_values_never_reach_an_error_message(account: AwsAccount, leaves: Leaves) -> None:

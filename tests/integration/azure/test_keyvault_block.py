@@ -13,6 +13,7 @@ from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from pydantic import ValidationError
 
 from blocks.azure import AzureKeyVaultBlock
+from blocks.targets import build_deployer
 from certpilot.deployment import DeployBundle, Deployer, PermanentDeployError
 from certpilot.discovery import Found, Source
 from lab.keyvault import KeyVaultServer
@@ -37,7 +38,7 @@ def _lab_block(keyvault: KeyVaultServer) -> AzureKeyVaultBlock:
 def test_lab_block_builds_a_source_and_a_deployer_that_work(
         keyvault: KeyVaultServer, issue: Callable[..., tuple[DeployBundle, object]]) -> None:
     block = _lab_block(keyvault)
-    deployer = block.deployer("kv-web", "azure-kv", {"certificate_name": "web"})
+    deployer = build_deployer(block, "kv-web", "azure-kv", {"certificate_name": "web"})
     assert isinstance(deployer, Deployer) and deployer.kind == "azure-kv"
     bundle, _ = issue()
     deployer.deploy(bundle)
@@ -47,7 +48,7 @@ def test_lab_block_builds_a_source_and_a_deployer_that_work(
     assert len(found) == 1 and isinstance(found[0], Found)
     assert found[0].locator.startswith(f"azure-kv://{keyvault.host}/web/")
     with pytest.raises(PermanentDeployError, match="an Azure Key Vault deploys kind azure-kv, not 'ssh-nginx'"):
-        block.deployer("kv-web", "ssh-nginx", {"certificate_name": "web"})
+        build_deployer(block, "kv-web", "ssh-nginx", {"certificate_name": "web"})
 
 
 def test_block_masks_secrets_and_checks_its_configuration(keyvault: KeyVaultServer) -> None:

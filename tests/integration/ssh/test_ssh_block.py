@@ -9,6 +9,7 @@ from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from pydantic import SecretStr
 
 from blocks.ssh import SshHostBlock
+from blocks.targets import build_deployer
 from certpilot.deployment import Deployer, PermanentDeployError
 from certpilot.discovery import Found, Source
 from connectors.ssh_deploy import HaproxyDeployer, NginxDeployer
@@ -45,8 +46,8 @@ def test_secrets_are_masked(sshd: SshServer) -> None:
 def test_the_block_deploys_through_one_shared_connection(sshd: SshServer, nginx: NginxInstance, pki: Pki) -> None:
     block = make_block(sshd)
     settings = {**nginx.deploy_settings("block.test"), "trust_pem": pki.trust_pem}  # as the flows name it
-    deployer = block.deployer("web-block", "ssh-nginx", settings)
-    other = block.deployer("lb-block", "ssh-haproxy", {"pem_path": "/nonexistent/x.pem", "runtime_socket": "/s"})
+    deployer = build_deployer(block, "web-block", "ssh-nginx", settings)
+    other = build_deployer(block, "lb-block", "ssh-haproxy", {"pem_path": "/nonexistent/x.pem", "runtime_socket": "/s"})
     assert isinstance(deployer, NginxDeployer) and isinstance(deployer, Deployer)
     assert isinstance(other, HaproxyDeployer)
     assert deployer.ssh is other.ssh  # many targets of one host: one SSH login
@@ -58,7 +59,7 @@ def test_the_block_deploys_through_one_shared_connection(sshd: SshServer, nginx:
     assert receipt.previous_fingerprint is not None
     deployer.verify(receipt.previous_fingerprint)
     with pytest.raises(PermanentDeployError, match="an SSH host deploys kinds ssh-haproxy, ssh-nginx, not 'aws-acm'"):
-        block.deployer("x", "aws-acm", {})
+        build_deployer(block, "x", "aws-acm", {})
     block.connection().close()
 
 
