@@ -7,7 +7,6 @@ encrypted inside the core; a password is read from a Prefect Secret block inside
 
 from __future__ import annotations
 
-
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
