@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,20 @@ def certpilot_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.setenv("CERTPILOT_HOME", str(home))
     yield home
     database.dispose_engines()
+
+
+@pytest.fixture
+def no_prefect_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No Prefect API configured, as for a user without a server: not in the environment, and not from
+    the flows' session harness either, which stays in force for the rest of the session once started."""
+    monkeypatch.setenv("PREFECT_API_URL", "")
+    if "prefect.settings" not in sys.modules:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -71,9 +71,9 @@ def _events(engine: sa.Engine) -> int:
         return conn.execute(sa.text("select count(*) from audit_event")).scalar_one()
 
 
-@pytest.fixture
-def no_prefect_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PREFECT_API_URL", "")
+# Without a Prefect API: managed add cannot check issuer blocks and says so; ca init says how to register
+# its block later. (tests/flows/test_cli_issuer_blocks.py covers both with a Prefect server.)
+pytestmark = pytest.mark.usefixtures("no_prefect_api")
 
 
 # ------------------------------------------------------------------------------------------ help, version

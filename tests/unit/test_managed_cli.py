@@ -19,6 +19,8 @@ from certpilot.sample_estate import make_ca
 from certpilot.settings import load_settings
 from tests.sample_issuer import SampleIssuer
 
+pytestmark = pytest.mark.usefixtures("no_prefect_api")  # as a user without a Prefect server
+
 runner = CliRunner()
 
 
