@@ -38,6 +38,10 @@ PASSWORD = b"fuzz-password"
 # In CI (CI set, as every CI service does) nothing is written; locally failures are remembered
 # under .hypothesis/ (git-ignored) and replayed first.
 _DATABASE = None if os.environ.get("CI") else DirectoryBasedExampleDatabase(str(REPO / ".hypothesis" / "examples"))
+# Hypothesis warns when the global random module's state changes while a strategy draws; in a session
+# where the flows' Prefect harness runs, its background threads draw from it (jitter), which is no
+# fault of these strategies (they use only hypothesis' own draws).
+pytestmark = pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
 FUZZ = settings(max_examples=400, deadline=dt.timedelta(seconds=2), database=_DATABASE, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
