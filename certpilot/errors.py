@@ -308,14 +308,15 @@ class ServiceError(CertpilotError):
     """A cloud API (AWS, Azure...) did not do what was asked. ``service`` (acm, elbv2, keyvault...),
     ``operation`` (its API call), ``code`` (the service's error code, or the client's error type),
     ``detail`` (the service's message, without request values), ``where`` (service, operation, region
-    and resource as one phrase, for the message)."""
+    and resource as one phrase, for the message); ``message``, when given, is the whole message."""
 
-    def __init__(self, service: str, operation: str, code: str, detail: str = "", where: str | None = None) -> None:
+    def __init__(self, service: str, operation: str, code: str, detail: str = "", where: str | None = None,
+                 message: str | None = None) -> None:
         self.service, self.operation, self.code, self.detail, self.where = service, operation, code, detail, where
-        super().__init__(f"{where or f'{service} {operation}'}: {code}" + (f": {detail}" if detail else ""))
+        super().__init__(message or f"{where or f'{service} {operation}'}: {code}" + (f": {detail}" if detail else ""))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.service, self.operation, self.code, self.detail, self.where))
+        return (type(self), (self.service, self.operation, self.code, self.detail, self.where, str(self)))
 
 
 class ServiceRefusedError(ServiceError, PermanentError):

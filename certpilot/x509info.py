@@ -207,13 +207,6 @@ def _describe_key(cert: x509.Certificate, notes: list[str]) -> tuple[str, int | 
     return (*described, spki)
 
 
-def _ext(extensions: x509.Extensions, oid: x509.ObjectIdentifier):  # noqa: ANN202 - value type varies
-    try:
-        return extensions.get_extension_for_oid(oid).value
-    except x509.ExtensionNotFound:
-        return None
-
-
 def _name(name: x509.Name) -> str:
     try:
         return name.rfc4514_string()

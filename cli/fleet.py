@@ -49,7 +49,7 @@ def _stderr_log(level: int) -> logging.Logger:
     return log
 
 
-def _retrying(run_one: Callable[[T], R], delays: Sequence[float]) -> Callable[[T], R]:
+def retrying(run_one: Callable[[T], R], delays: Sequence[float]) -> Callable[[T], R]:
     """``run_one`` retried after each of ``delays`` when it fails with a TransientError, as the tasks are."""
     def attempt(item: T) -> R:
         for delay in [*delays, None]:
@@ -77,13 +77,9 @@ def in_threads(run_one: Callable[[T], R]) -> Callable[[Sequence[T]], list[R | Ba
     return run
 
 
-# cli/renewals.py reaches these two through this module; they live in cli.prefect_api.
-_flow_result = flow_result
-
-
 # -------------------------------------------------------------------------------------------- deploy
 
-def _deploy_directly(plan: rollout.DeploymentPlan, canary: str | None, concurrency: int) -> DeploymentReport:
+def deploy_directly(plan: rollout.DeploymentPlan, canary: str | None, concurrency: int) -> DeploymentReport:
     from tasks.deployment import RETRY_DELAYS, deploy_one, roll_back_one
 
     who, log = actor(), _stderr_log(logging.CRITICAL)
@@ -93,7 +89,7 @@ def _deploy_directly(plan: rollout.DeploymentPlan, canary: str | None, concurren
             return deploy_one(step.name, step.target, step.fingerprint, who, log)
         return roll_back_one(step.name, step.target, step.receipt, who, log)
 
-    report = rollout.deploy_everywhere(plan, in_threads(_retrying(run_one, RETRY_DELAYS)), canary=canary,
+    report = rollout.deploy_everywhere(plan, in_threads(retrying(run_one, RETRY_DELAYS)), canary=canary,
                                        concurrency=concurrency, log=log)
     if report.failed:
         raise DeploymentFailed(report)
@@ -129,7 +125,7 @@ def deploy_command(
                                                     return_state=True))
         else:
             no_history_note()
-            report = _deploy_directly(plan, canary, concurrency)
+            report = deploy_directly(plan, canary, concurrency)
     except DeploymentFailed as failed:
         if not as_json:
             _print_outcomes(failed.report)
@@ -147,8 +143,8 @@ def _discover_directly(sources: list[str], batch_size: int) -> DiscoveryResult:
     from tasks.discovery import SOURCE_RETRY_DELAYS, run_source, with_bands
 
     who, log = actor(), _stderr_log(logging.WARNING)
-    result = discover_all(sources, in_threads(_retrying(lambda block: run_source(block, batch_size, who, log),
-                                                        SOURCE_RETRY_DELAYS)), log)
+    result = discover_all(sources, in_threads(retrying(lambda block: run_source(block, batch_size, who, log),
+                                                       SOURCE_RETRY_DELAYS)), log)
     result, _ = with_bands(result)
     if result.failed:
         raise DiscoveryFailed(result)

@@ -11,7 +11,6 @@ record (``--json`` prints it) and a failure is a CertpilotError (exit 1, one err
 from __future__ import annotations
 
 import datetime as dt
-import time
 
 from certpilot import managed, renewing, rollout
 from certpilot.database import get_engine, read_session
@@ -33,10 +32,10 @@ def renew_now(name: str) -> CertificateRenewal:
         from flows.renew import renew_certificate
 
         with tags(managed.certificate_tag(name)):
-            result: CertificateRenewal = fleet._flow_result(renew_certificate(name=name, return_state=True),
+            result: CertificateRenewal = prefect_api.flow_result(renew_certificate(name=name, return_state=True),
                                                             renewing.RenewalError)
         return result
-    fleet.no_history_note()
+    prefect_api.no_history_note()
     return _Direct().renew(name)
 
 
@@ -46,10 +45,10 @@ def renew_due_now(ahead: dt.timedelta) -> RenewDueSummary:
     if prefect_api.configured():
         from flows.renew import renew_due
 
-        summary: RenewDueSummary = fleet._flow_result(
+        summary: RenewDueSummary = prefect_api.flow_result(
             renew_due(within_days=ahead.total_seconds() / 86400, return_state=True), RenewDueFailed)
         return summary
-    fleet.no_history_note()
+    prefect_api.no_history_note()
     return _Direct().renew_due(ahead)
 
 
@@ -72,19 +71,15 @@ class _Direct:
 
     def _renewed(self, name: str) -> renewing.Renewal:
         """Renew ``name``; a transient failure is tried again after the renew task's delays."""
-        for delay in [*self.delays, None]:
-            try:
-                return renewing.renew(self.steps, name)
-            except renewing.TransientRenewalError:
-                if delay is None:
-                    raise
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        def renew(n: str) -> renewing.Renewal:
+            return renewing.renew(self.steps, n)
+
+        return fleet.retrying(renew, self.delays)(name)
 
     def _deploy(self, renewal: renewing.Renewal) -> rollout.DeploymentReport:
         with read_session(self.engine) as session:
             plan = rollout.plan(session, renewal.name, renewal.fingerprint_sha256)
-        return fleet._deploy_directly(plan, None, 4)
+        return fleet.deploy_directly(plan, None, 4)
 
     def renew(self, name: str) -> CertificateRenewal:
         renewal = self._renewed(name)

@@ -104,21 +104,16 @@ class _KeyVaultCall(ServiceError):
     def __init__(self, where: str, operation: str, code: str, detail: str = "", *, status: int | None = None,
                  retry_after: float | None = None, message: str | None = None) -> None:
         self.status, self.retry_after = status, retry_after
-        super().__init__("keyvault", operation, code, detail, where)
-        if message is not None:
-            self.args = (message,)
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+        super().__init__("keyvault", operation, code, detail, where, message)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_call, (type(self), self.where, self.operation, self.code, self.detail, self.status,
                                 self.retry_after, str(self)))
 
 
-def _rebuild_call(cls: type[_KeyVaultCall], where: str, operation: str, code: str, detail: str,
+def _rebuild_call(cls: type[_KeyVaultCall], where: str | None, operation: str, code: str, detail: str,
                   status: int | None, retry_after: float | None, message: str) -> _KeyVaultCall:
-    return cls(where, operation, code, detail, status=status, retry_after=retry_after, message=message)
+    return cls(where or "", operation, code, detail, status=status, retry_after=retry_after, message=message)
 
 
 class KeyVaultRefusedError(_KeyVaultCall, ServiceRefusedError, PermanentDeployError):

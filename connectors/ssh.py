@@ -495,31 +495,31 @@ class SshConnection:
     # files ------------------------------------------------------------------------------------------
     def stat(self, path: str) -> paramiko.SFTPAttributes | None:
         """The attributes of ``path`` (symlinks followed), or None when it does not exist."""
-        with self._lock:
-            try:
-                return self.sftp().stat(path)
-            except OSError as exc:
-                if getattr(exc, "errno", None) == errno.ENOENT:
-                    return None
-                raise self._translate(exc, path, "cannot stat") from None
-            except (EOFError, paramiko.SSHException) as exc:
-                raise self._translate(exc, path, "cannot stat") from None
+        return self._attributes(path, follow=True)
 
     def regular_file(self, path: str) -> paramiko.SFTPAttributes | None:
         """The attributes of the regular file at ``path`` (lstat: a symbolic link is not followed), or None
         when nothing is there. RemotePathError, naming the path, for a symbolic link (and where it points)
         or anything else that is not a regular file."""
+        attrs = self._attributes(path, follow=False)
+        mode = attrs.st_mode if attrs is not None else None
+        if mode is not None and stat_module.S_ISLNK(mode):
+            with self._lock:
+                try:
+                    points_to = self.sftp().readlink(path)
+                except (OSError, EOFError, paramiko.SSHException):
+                    points_to = None
+            raise RemotePathError(self.where, path, f"is a symbolic link (to {points_to or '?'}); certpilot does "
+                                                    "not follow links at the paths it copies or writes: name the "
+                                                    "file itself")
+        if mode is not None and not stat_module.S_ISREG(mode):
+            raise RemotePathError(self.where, path, "not a regular file")
+        return attrs
+
+    def _attributes(self, path: str, *, follow: bool) -> paramiko.SFTPAttributes | None:
         with self._lock:
             try:
-                attrs = self.sftp().lstat(path)
-                mode = attrs.st_mode or 0
-                if stat_module.S_ISLNK(mode):
-                    raise RemotePathError(self.where, path, f"is a symbolic link (to {self.sftp().readlink(path)}); "
-                                                            "certpilot does not follow links at the paths it "
-                                                            "copies or writes: name the file itself")
-                if attrs.st_mode is not None and not stat_module.S_ISREG(mode):
-                    raise RemotePathError(self.where, path, "not a regular file")
-                return attrs
+                return self.sftp().stat(path) if follow else self.sftp().lstat(path)
             except OSError as exc:
                 if getattr(exc, "errno", None) == errno.ENOENT:
                     return None
