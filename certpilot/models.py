@@ -221,3 +221,112 @@ class AuditEvent(SQLModel, table=True):
     details: str = Field(sa_column=sa.Column(sa.Text, nullable=False))  # canonical JSON, hashed as stored
     prev_hash: str = Field(max_length=64)
     hash: str = Field(max_length=64, unique=True)
+
+
+class SourceRun(SQLModel, table=True):
+    """The last run of each discovery source (its block document): when it last completed, so that a
+    source that stopped running (or keeps failing) is seen as stale."""
+
+    __tablename__ = "source_run"
+
+    source: str = Field(primary_key=True)  # Location.source, e.g. tls-scan:lab
+    block: str | None = None  # the block document that configures it, e.g. tls-scan-source/lab
+    last_started_at: dt.datetime | None = _time(nullable=True)
+    last_completed_at: dt.datetime | None = _time(nullable=True)
+    last_failed_at: dt.datetime | None = _time(nullable=True)
+    last_error: str | None = None  # redacted; None after a complete run
+    flow_run_id: str | None = Field(default=None, max_length=64)
+
+
+class EndpointCheck(SQLModel, table=True):
+    """What the latest monitor run found at one place: an endpoint location (``tls://...``) or a target
+    (``target:<managed name>/<target name>``). One row per place, replaced by every check."""
+
+    __tablename__ = "endpoint_check"
+
+    place: str = Field(primary_key=True)
+    checked_at: dt.datetime = _time(index=True)
+    served_fingerprint: str | None = Field(default=None, max_length=64)
+    expected_fingerprint: str | None = Field(default=None, max_length=64)
+    ok: bool = False
+    problems: list[str] = _json([])  # the alert conditions found here (certpilot.alerts.Condition values)
+    tls_version: str | None = Field(default=None, max_length=16)
+    revocation: str | None = Field(default=None, max_length=16)  # good, revoked, unknown
+    error: str | None = None  # why nothing could be checked (unreachable, timed out...), redacted
+    flow_run_id: str | None = Field(default=None, max_length=64)
+
+
+class Alert(SQLModel, table=True):
+    """One alert per (object, condition) while it is not resolved: many sensors and many monitor runs
+    update the same row. A condition that returns after it resolved opens a new row, so each row is one
+    incident (first seen to resolved)."""
+
+    __tablename__ = "alert"
+    __table_args__ = (
+        sa.Index("uq_alert_unresolved", "object", "condition", unique=True,
+                 sqlite_where=sa.text("state != 'resolved'"), postgresql_where=sa.text("state != 'resolved'")),
+        sa.Index("ix_alert_state_severity", "state", "severity"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    object: str = Field(index=True)  # certificate:<sha256>, managed:<name>, source:<name>, place:<place>, flow-run:<id>...
+    condition: str = Field(max_length=48)  # a certpilot.alerts.Condition value
+    severity: str = Field(max_length=16)  # a certpilot.alerts.Severity value: the highest it reached
+    state: str = Field(default="open", max_length=16)  # open, escalated, resolved, suppressed
+    summary: str
+    owner: str | None = Field(default=None, index=True)
+    tags: dict[str, str] = _json({})
+    details: dict[str, Any] = _json({})  # public facts only
+    first_seen: dt.datetime = _time()
+    last_seen: dt.datetime = _time()
+    resolved_at: dt.datetime | None = _time(nullable=True)
+    notified_severity: str | None = Field(default=None, max_length=16)  # the highest severity notified
+    notifications_sent: int = 0
+    last_notified_at: dt.datetime | None = _time(nullable=True)
+    acknowledged_by: str | None = None
+    acknowledged_at: dt.datetime | None = _time(nullable=True)
+    suppression_id: int | None = Field(default=None, foreign_key="suppression.id")
+
+
+class AlertDelivery(SQLModel, table=True):
+    """One attempt to tell someone: an alert's opening, escalation or resolution, or a daily digest,
+    to one notification block; failed deliveries are kept with their reason."""
+
+    __tablename__ = "alert_delivery"
+
+    id: int | None = Field(default=None, primary_key=True)
+    alert_id: int | None = Field(default=None, foreign_key="alert.id", index=True)  # None for a digest
+    kind: str = Field(max_length=16)  # opened, escalated, resolved, digest
+    channel: str  # the notification block document, e.g. custom-webhook/payments
+    owner: str | None = None
+    at: dt.datetime = _time(index=True)
+    ok: bool = False
+    attempts: int = 0
+    error: str | None = None  # redacted
+
+
+class Suppression(SQLModel, table=True):
+    """A window in which matching alerts are recorded but notify no one; it expires at ``ends_at``."""
+
+    __tablename__ = "suppression"
+
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str  # e.g. owner=payments, certificate=www.example.com, tag:env=staging, condition=expiring
+    starts_at: dt.datetime = _time()
+    ends_at: dt.datetime = _time(index=True)
+    reason: str
+    created_by: str
+    created_at: dt.datetime = _time()
+    ended_at: dt.datetime | None = _time(nullable=True)  # ended early by someone
+
+
+class AlertPolicy(SQLModel, table=True):
+    """The alert policy as loaded (routes, bands, digest), YAML text kept as given; the newest row rules."""
+
+    __tablename__ = "alert_policy"
+
+    id: int | None = Field(default=None, primary_key=True)
+    text: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    sha256: str = Field(max_length=64)
+    loaded_by: str
+    loaded_at: dt.datetime = _time()

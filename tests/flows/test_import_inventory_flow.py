@@ -27,11 +27,11 @@ from tests.keyprobe import leaks
 async def _logs_and_artifact(flow_run_id):  # noqa: ANN001, ANN202
     async with get_client() as client:
         logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                      limit=200, offset=0)
+                                      limit=200)
         run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         artifacts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["expiry-report"])), flow_run_filter=run_filter,
-            task_run_filter=TaskRunFilter(), sort=ArtifactSort.CREATED_DESC, limit=10, offset=0)
+            task_run_filter=TaskRunFilter(), sort=ArtifactSort.CREATED_DESC)
         run = await client.read_flow_run(flow_run_id)
     return "\n".join(log.message for log in logs), artifacts, run
 

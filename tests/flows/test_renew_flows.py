@@ -117,13 +117,13 @@ def _flow_run(run_id: UUID) -> Any:
 def _task_runs(run_id: UUID) -> list[Any]:
     return _api(lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
                                            task_run_filter=TaskRunFilter(), sort=TaskRunSort.EXPECTED_START_TIME_DESC,
-                                           limit=200, offset=0))
+                                           limit=200))
 
 
 def _logs(run_id: UUID) -> str:
     APILogHandler().flush()
     logs = _api(lambda c: c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
-                                      limit=200, offset=0))
+                                      limit=200))
     return "\n".join(log.message for log in logs)
 
 
@@ -131,12 +131,12 @@ def _artifacts(run_id: UUID, key: str) -> list[Any]:
     return _api(lambda c: c.read_artifacts(
         artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
         flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), task_run_filter=TaskRunFilter(),
-        sort=ArtifactSort.CREATED_DESC, limit=10, offset=0))
+        sort=ArtifactSort.CREATED_DESC))
 
 
 def _runs_tagged(tag: str) -> list[Any]:
     return _api(lambda c: c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])),
-                                           sort=FlowRunSort.START_TIME_DESC, limit=50, offset=0))
+                                           sort=FlowRunSort.START_TIME_DESC))
 
 
 def x509_of(cert: Certificate) -> Any:
@@ -301,7 +301,7 @@ def test_renew_due_one_task_run_per_certificate_and_a_report_naming_the_failures
     assert "svc-fresh" not in artifact.data
 
     # Every issuer's orders went through its concurrency limit, created for it.
-    limits = _api(lambda c: c.read_global_concurrency_limits(limit=50, offset=0))
+    limits = _api(lambda c: c.read_global_concurrency_limits())
     assert {limit_name(ISSUER), limit_name("test-issuer/busy-once")} <= {lim.name for lim in limits}
 
     # A second run finds nothing left to do but the failures.
