@@ -50,7 +50,8 @@ def expiry_report(session: Session, now: dt.datetime | None = None, show: int = 
         condition.append(col(Certificate.is_ca).is_(False))
     bounded = [before for _, before in band_bounds(now) if before is not None]
     cases = sa.case(*[(col(Certificate.not_after) < before, i) for i, before in enumerate(bounded)], else_=len(bounded))
-    counts: dict[int, int] = dict(session.execute(sa.select(cases, sa.func.count()).where(*condition).group_by(cases)).all())
+    counts = {int(band): int(n) for band, n in session.execute(
+        sa.select(cases, sa.func.count()).where(*condition).group_by(cases)).all()}
     bands = {label: int(counts.get(i, 0)) for i, (label, _) in enumerate(BANDS)}
     soonest = list_certificates(session, CertificateQuery(in_service=True, is_ca=None if include_ca else False,
                                                           limit=show), now) if show else []
