@@ -1,0 +1,421 @@
+"""Is a served certificate revoked? Its CRL first, then OCSP.
+
+``RevocationChecker.check(certificate, issuer)`` returns a Revocation: ``good``, ``revoked`` (with the
+time and reason the CA gives) or ``unknown``, always with the reason in words ("not on the CRL of
+http://ca.example/issuing.crl, number 7, valid until ..."; "the OCSP responder 127.0.0.1:8080 did not
+answer within 5 s"). It never raises for the network or for what a CA sent: whatever goes wrong is an
+``unknown`` that says what and where.
+
+CRL: from the certificate's CRL distribution points (http and https URLs, in order), fetched with a
+``timeout`` on the connection and on every read, and one deadline for the whole body (a server that
+drip-feeds a body cannot stretch it), reading at most ``max_crl_bytes``. A CRL is used only when its issuer is the certificate's issuer,
+its signature verifies with the issuer's key and it is current (now before its nextUpdate). It is kept
+(in memory, and in ``cache_dir`` when given, so that the next run finds it) until its nextUpdate; at most
+``cache_entries`` CRLs are held in memory, the least recently used dropped first.
+
+OCSP (when no CRL gave an answer): a request for the certificate (SHA-1 identifiers, as RFC 6960
+clients send) POSTed to each OCSP URL of its Authority Information Access, with the same deadline and a
+bound on the answer's size. A response is used only when it is successful, answers for this serial and
+issuer, is signed by the issuer or by a responder certificate the issuer delegated (OCSP signing) and is
+current.
+
+A URL that failed to answer (refused, timed out, an HTTP error) is not asked again for ``retry_after``
+seconds: a black-holed CA costs one timeout per run, not one per certificate. ``unreachable()`` lists
+such URLs with the reason, for the monitor to report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from certpilot.clock import Clock, utcnow
+from certpilot.errors import endpoint_label
+
+__all__ = ["MAX_CRL_BYTES", "MAX_OCSP_BYTES", "Revocation", "RevocationChecker", "RevocationStatus", "Unanswered"]
+
+MAX_CRL_BYTES = 16 * 1024 * 1024  # the largest public CRLs are a few MiB
+MAX_OCSP_BYTES = 64 * 1024  # a response for one certificate is a few KiB, with a delegated responder's certificate
+CACHE_ENTRIES = 64
+_CHUNK = 64 * 1024
+
+
+class RevocationStatus(StrEnum):
+    GOOD = "good"
+    REVOKED = "revoked"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What the CA says about one certificate: ``method`` is crl or ocsp (None when neither answered),
+    ``url`` the one that answered; ``revoked_at`` and ``revocation_reason`` when revoked."""
+
+    status: RevocationStatus
+    reason: str
+    method: str | None = None
+    url: str | None = None
+    revoked_at: dt.datetime | None = None
+    revocation_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Unanswered:
+    """A CRL or OCSP URL that did not answer: ``what`` is "CRL" or "OCSP", ``where`` its host:port."""
+
+    url: str
+    what: str
+    where: str
+    reason: str
+
+
+class _FetchError(Exception):
+    def __init__(self, reason: str, *, unreachable: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.unreachable = reason, unreachable
+
+
+def _where(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return endpoint_label(parts.hostname or "?", port)
+
+
+def _name(name: x509.Name) -> str:
+    try:
+        return name.rfc4514_string()
+    except ValueError:
+        return repr(name)
+
+
+def _verify_signature(key: CertificatePublicKeyTypes, signature: bytes, data: bytes,
+                      algorithm: hashes.HashAlgorithm | None) -> bool:
+    try:
+        if isinstance(key, rsa.RSAPublicKey) and algorithm is not None:
+            key.verify(signature, data, padding.PKCS1v15(), algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey) and algorithm is not None:
+            key.verify(signature, data, ec.ECDSA(algorithm))
+        elif isinstance(key, dsa.DSAPublicKey) and algorithm is not None:
+            key.verify(signature, data, algorithm)
+        elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            key.verify(signature, data)
+        else:
+            return False
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
+        return False
+    return True
+
+
+def _reason_name(flag: x509.ReasonFlags | None) -> str | None:
+    return flag.name if flag is not None else None
+
+
+def _crl_urls(certificate: x509.Certificate) -> list[str]:
+    try:
+        points = certificate.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except (x509.ExtensionNotFound, ValueError):
+        return []
+    return [n.value for point in points for n in (point.full_name or ())
+            if isinstance(n, x509.UniformResourceIdentifier) and n.value.lower().startswith(("http://", "https://"))]
+
+
+def _ocsp_urls(certificate: x509.Certificate) -> list[str]:
+    try:
+        aia = certificate.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    except (x509.ExtensionNotFound, ValueError):
+        return []
+    return [d.access_location.value for d in aia
+            if d.access_method == x509.AuthorityInformationAccessOID.OCSP
+            and isinstance(d.access_location, x509.UniformResourceIdentifier)
+            and d.access_location.value.lower().startswith(("http://", "https://"))]
+
+
+class RevocationChecker:
+    """Checks revocation, CRL first then OCSP; thread-safe, so that many checks can run at once.
+
+    ``timeout``: seconds for each fetch, everything included; ``retry_after``: seconds a URL that did not
+    answer is left alone; ``cache_dir``: where CRLs are kept between runs (none: in memory only)."""
+
+    def __init__(self, *, timeout: float = 5.0, max_crl_bytes: int = MAX_CRL_BYTES,
+                 max_ocsp_bytes: int = MAX_OCSP_BYTES, cache_entries: int = CACHE_ENTRIES,
+                 cache_dir: Path | None = None, retry_after: float = 300.0, clock: Clock = utcnow,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, not {timeout}")
+        self.timeout = timeout
+        self.max_crl_bytes = max_crl_bytes
+        self.max_ocsp_bytes = max_ocsp_bytes
+        self.cache_entries = cache_entries
+        self.cache_dir = cache_dir
+        self.retry_after = retry_after
+        self._clock = clock
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=True, max_redirects=3,
+                                    headers={"User-Agent": "certpilot-monitor"}, transport=transport)
+        self._crls: OrderedDict[str, x509.CertificateRevocationList] = OrderedDict()
+        self._failed: dict[str, tuple[float, Unanswered]] = {}
+        self._lock = threading.Lock()
+        self._url_locks: dict[str, threading.Lock] = {}
+        self.fetches = 0  # CRLs and OCSP responses fetched from the network (not from a cache)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RevocationChecker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def unreachable(self) -> list[Unanswered]:
+        """The URLs that did not answer (and are being left alone), with why."""
+        now = time.monotonic()
+        with self._lock:
+            return [u for until, u in self._failed.values() if until > now]
+
+    # ------------------------------------------------------------------------------------------ check
+
+    def check(self, certificate: x509.Certificate, issuer: x509.Certificate | None) -> Revocation:
+        """The revocation status of ``certificate``, issued by ``issuer`` (without it nothing the CA
+        says can be verified: unknown)."""
+        crl_urls, ocsp_urls = _crl_urls(certificate), _ocsp_urls(certificate)
+        if not crl_urls and not ocsp_urls:
+            return Revocation(RevocationStatus.UNKNOWN, "the certificate names no CRL distribution point and no "
+                                                        "OCSP responder")
+        if issuer is None:
+            return Revocation(RevocationStatus.UNKNOWN, f"its issuer's certificate ({_name(certificate.issuer)}) "
+                                                        "was neither presented nor known: nothing can be verified")
+        failures: list[str] = []
+        for url in crl_urls:
+            try:
+                crl = self._crl(url, issuer)
+            except _FetchError as exc:
+                failures.append(exc.reason)
+                continue
+            entry = crl.get_revoked_certificate_by_serial_number(certificate.serial_number)
+            number = self._crl_number(crl)
+            if entry is None:
+                return Revocation(RevocationStatus.GOOD, f"not on the CRL of {url}{number}, valid until "
+                                                         f"{crl.next_update_utc:%Y-%m-%d %H:%M} UTC", "crl", url)
+            reason = self._entry_reason(entry)
+            return Revocation(RevocationStatus.REVOKED, f"revoked on {entry.revocation_date_utc:%Y-%m-%d %H:%M} UTC"
+                                                        f"{f' ({reason})' if reason else ''}, per the CRL of {url}{number}",
+                              "crl", url, entry.revocation_date_utc, reason)
+        for url in ocsp_urls:
+            try:
+                return self._ocsp(url, certificate, issuer)
+            except _FetchError as exc:
+                failures.append(exc.reason)
+        return Revocation(RevocationStatus.UNKNOWN, "; ".join(failures) or "no usable CRL or OCSP answer")
+
+    @staticmethod
+    def _crl_number(crl: x509.CertificateRevocationList) -> str:
+        try:
+            return f" (number {crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number})"
+        except (x509.ExtensionNotFound, ValueError):
+            return ""
+
+    @staticmethod
+    def _entry_reason(entry: x509.RevokedCertificate) -> str | None:
+        try:
+            return _reason_name(entry.extensions.get_extension_for_class(x509.CRLReason).value.reason)
+        except (x509.ExtensionNotFound, ValueError):
+            return None
+
+    # -------------------------------------------------------------------------------------------- CRL
+
+    def _crl(self, url: str, issuer: x509.Certificate) -> x509.CertificateRevocationList:
+        """The current CRL at ``url`` signed by ``issuer``: from the cache, else fetched. _FetchError."""
+        with self._lock:
+            url_lock = self._url_locks.setdefault(url, threading.Lock())
+        with url_lock:  # one fetch per URL however many certificates ask at once
+            crl = self._cached(url)
+            if crl is None:
+                der = self._fetch("CRL", url, "GET", None, self.max_crl_bytes, "application/pkix-crl")
+                try:
+                    crl = x509.load_der_x509_crl(der)
+                except ValueError:
+                    try:
+                        crl = x509.load_pem_x509_crl(der)
+                    except ValueError:
+                        raise _FetchError(f"the CRL at {url} is not a CRL (neither DER nor PEM)",
+                                          unreachable=False) from None
+                if crl.next_update_utc is not None and crl.next_update_utc > self._clock():
+                    self._keep(url, crl, der)
+        return self._usable(url, crl, issuer)
+
+    def _usable(self, url: str, crl: x509.CertificateRevocationList,
+                issuer: x509.Certificate) -> x509.CertificateRevocationList:
+        if crl.issuer != issuer.subject:
+            raise _FetchError(f"the CRL at {url} is issued by {_name(crl.issuer)}, not by the certificate's issuer "
+                              f"{_name(issuer.subject)}", unreachable=False)
+        public_key = issuer.public_key()
+        if not isinstance(public_key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, dsa.DSAPublicKey,
+                                       ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)) \
+                or not crl.is_signature_valid(public_key):
+            raise _FetchError(f"the CRL at {url} does not verify with the key of {_name(issuer.subject)}",
+                              unreachable=False)
+        if crl.next_update_utc is None or crl.next_update_utc <= self._clock():
+            when = f"{crl.next_update_utc:%Y-%m-%d %H:%M} UTC" if crl.next_update_utc else "no nextUpdate"
+            raise _FetchError(f"the CRL at {url} is stale ({when})", unreachable=False)
+        return crl
+
+    def _cached(self, url: str) -> x509.CertificateRevocationList | None:
+        now = self._clock()
+        with self._lock:
+            crl = self._crls.get(url)
+            if crl is not None:
+                if crl.next_update_utc is not None and crl.next_update_utc > now:
+                    self._crls.move_to_end(url)
+                    return crl
+                del self._crls[url]
+        path = self._path(url)
+        if path is None or not path.is_file():
+            return None
+        try:
+            crl = x509.load_der_x509_crl(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        if crl.next_update_utc is None or crl.next_update_utc <= now:
+            return None
+        self._remember(url, crl)
+        return crl
+
+    def _keep(self, url: str, crl: x509.CertificateRevocationList, raw: bytes) -> None:
+        self._remember(url, crl)
+        path = self._path(url)
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = path.with_suffix(".tmp")
+                temporary.write_bytes(crl.public_bytes(serialization.Encoding.DER))
+                temporary.replace(path)
+            except OSError:
+                pass  # the cache is a saving, not a need
+
+    def _remember(self, url: str, crl: x509.CertificateRevocationList) -> None:
+        with self._lock:
+            self._crls[url] = crl
+            self._crls.move_to_end(url)
+            while len(self._crls) > self.cache_entries:
+                self._crls.popitem(last=False)
+
+    def _path(self, url: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".crl")
+
+    # ------------------------------------------------------------------------------------------- OCSP
+
+    def _ocsp(self, url: str, certificate: x509.Certificate, issuer: x509.Certificate) -> Revocation:
+        request = ocsp.OCSPRequestBuilder().add_certificate(certificate, issuer, hashes.SHA1()).build()
+        body = self._fetch("OCSP", url, "POST", request.public_bytes(serialization.Encoding.DER), self.max_ocsp_bytes,
+                           "application/ocsp-response")
+        try:
+            response = ocsp.load_der_ocsp_response(body)
+        except ValueError:
+            raise _FetchError(f"the OCSP responder {url} answered something that is not an OCSP response",
+                              unreachable=False) from None
+        if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+            raise _FetchError(f"the OCSP responder {url} answered {response.response_status.name}",
+                              unreachable=False)
+        if not self._signed_by_issuer_or_delegate(response, issuer):
+            raise _FetchError(f"the OCSP response from {url} is signed neither by {_name(issuer.subject)} nor by a "
+                              "responder it delegated", unreachable=False)
+        single = next((r for r in response.responses if r.serial_number == certificate.serial_number
+                       and r.issuer_key_hash == request.issuer_key_hash
+                       and r.issuer_name_hash == request.issuer_name_hash), None)
+        if single is None:
+            raise _FetchError(f"the OCSP response from {url} does not answer for serial {certificate.serial_number:x}",
+                              unreachable=False)
+        now = self._clock()
+        if single.next_update_utc is not None and single.next_update_utc <= now:
+            raise _FetchError(f"the OCSP response from {url} is stale (next update "
+                              f"{single.next_update_utc:%Y-%m-%d %H:%M} UTC)", unreachable=False)
+        if single.this_update_utc > now + dt.timedelta(minutes=5):
+            raise _FetchError(f"the OCSP response from {url} is dated in the future", unreachable=False)
+        if single.certificate_status == ocsp.OCSPCertStatus.GOOD:
+            return Revocation(RevocationStatus.GOOD, f"good, per the OCSP responder {url}", "ocsp", url)
+        if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+            at = single.revocation_time_utc
+            reason = _reason_name(single.revocation_reason)
+            when = f" on {at:%Y-%m-%d %H:%M} UTC" if at else ""
+            return Revocation(RevocationStatus.REVOKED, f"revoked{when}{f' ({reason})' if reason else ''}, per the "
+                                                        f"OCSP responder {url}", "ocsp", url, at, reason)
+        raise _FetchError(f"the OCSP responder {url} does not know the certificate (status unknown)",
+                          unreachable=False)
+
+    @staticmethod
+    def _signed_by_issuer_or_delegate(response: ocsp.OCSPResponse, issuer: x509.Certificate) -> bool:
+        algorithm = response.signature_hash_algorithm
+        if _verify_signature(issuer.public_key(), response.signature, response.tbs_response_bytes, algorithm):
+            return True
+        for responder in response.certificates:
+            try:
+                eku = responder.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+                responder.verify_directly_issued_by(issuer)
+            except (x509.ExtensionNotFound, InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+                continue
+            if ExtendedKeyUsageOID.OCSP_SIGNING in eku and _verify_signature(
+                    responder.public_key(), response.signature, response.tbs_response_bytes, algorithm):
+                return True
+        return False
+
+    # ---------------------------------------------------------------------------------------- network
+
+    def _fetch(self, what: str, url: str, method: str, body: bytes | None, limit: int, content_type: str) -> bytes:
+        """The body at ``url``, read within ``timeout`` in all and at most ``limit`` bytes. _FetchError."""
+        where = _where(url)
+        now = time.monotonic()
+        with self._lock:
+            failed = self._failed.get(url)
+        if failed is not None and failed[0] > now:
+            raise _FetchError(f"{failed[1].reason} (not asked again for {self.retry_after:g} s)", unreachable=True)
+        doing = "fetching the CRL" if what == "CRL" else "asking the OCSP responder"
+        deadline = now + self.timeout
+        headers = {"Accept": content_type}
+        if body is not None:
+            headers["Content-Type"] = "application/ocsp-request"
+        try:
+            chunks: list[bytes] = []
+            received = 0
+            with self._client.stream(method, url, content=body, headers=headers) as response:
+                if response.status_code != 200:
+                    raise self._failure(what, url, f"{what} {url} ({where}): HTTP {response.status_code} while {doing}")
+                for chunk in response.iter_bytes(_CHUNK):
+                    received += len(chunk)
+                    if received > limit:
+                        raise _FetchError(f"{what} {url} ({where}): more than {limit} bytes: stopped reading",
+                                          unreachable=False)
+                    chunks.append(chunk)
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout("deadline")
+            with self._lock:
+                self.fetches += 1
+            return b"".join(chunks)
+        except httpx.TimeoutException:
+            raise self._failure(what, url, f"{what} {url} ({where}) did not answer within {self.timeout:g} s while "
+                                           f"{doing}") from None
+        except httpx.HTTPError as exc:
+            raise self._failure(what, url, f"{what} {url} ({where}): {type(exc).__name__} while {doing}: "
+                                           f"{exc}") from None
+
+    def _failure(self, what: str, url: str, reason: str) -> _FetchError:
+        with self._lock:
+            self._failed[url] = (time.monotonic() + self.retry_after, Unanswered(url, what, _where(url), reason))
+        return _FetchError(reason, unreachable=True)
