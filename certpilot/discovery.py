@@ -33,7 +33,7 @@ from certpilot.errors import PermanentError, redact
 from certpilot.inventory import Observation
 from certpilot.keys import key_matches_certificate, public_key_sha256
 from certpilot.keystore import KeyRing
-from certpilot.models import Location
+from certpilot.models import Location, SourceRun
 from certpilot.x509info import describe_certificate
 
 
@@ -195,17 +195,50 @@ def observations(found: Found, source: str) -> list[Observation]:
 
 def record(engine: sa.Engine, source: Source, actor: audit.Actor, *,
            key_ring: Callable[[], KeyRing] | None = None, batch_size: int = BATCH,
-           now: Callable[[], dt.datetime] | None = None) -> DiscoveryReport:
+           now: Callable[[], dt.datetime] | None = None, block: str | None = None) -> DiscoveryReport:
     """Run ``source`` and write what it finds, a batch per transaction; then flag as ghosts the
     source's locations this run did not see. Keys a source brought back are stored sealed when
     ``key_ring`` is given and dropped otherwise.
 
     The run is ``actor.flow_run_id`` (a fresh id without Prefect). If the source fails part-way,
     what was found is kept and nothing is flagged: ghosts are judged only by a complete run.
+    The source's SourceRun row (``block``: the block document that configures it) records when the
+    run started, and when it completed or failed and why (redacted): a source that stops completing
+    is seen as stale by the monitor.
     """
     clock = now or utcnow
     run_id = actor.flow_run_id or f"scan-{uuid.uuid4().hex}"
     actor = audit.Actor(actor.name, run_id)
+    note_source_run(engine, source.name, block, actor.flow_run_id, clock(), started=True)
+    try:
+        report = _record(engine, source, actor, run_id, key_ring, batch_size, clock)
+    except BaseException as exc:
+        note_source_run(engine, source.name, block, actor.flow_run_id, clock(), error=redact(exc))
+        raise
+    note_source_run(engine, source.name, block, actor.flow_run_id, clock())
+    return report
+
+
+def note_source_run(engine: sa.Engine, source: str, block: str | None, flow_run_id: str | None, now: dt.datetime, *,
+                    started: bool = False, error: str | None = None) -> None:
+    """Record that ``source`` started a run (``started``), or ended it: failed with ``error`` (redacted),
+    else completed."""
+    with write_session(engine) as session:
+        row = session.get(SourceRun, source) or SourceRun(source=source)
+        row.block = block or row.block
+        row.flow_run_id = flow_run_id or row.flow_run_id
+        if started:
+            row.last_started_at = now
+        elif error is not None:
+            row.last_failed_at, row.last_error = now, error
+        else:
+            row.last_completed_at, row.last_error = now, None
+        session.add(row)
+
+
+def _record(engine: sa.Engine, source: Source, actor: audit.Actor, run_id: str,
+            key_ring: Callable[[], KeyRing] | None, batch_size: int,
+            clock: Callable[[], dt.datetime]) -> DiscoveryReport:
     report = DiscoveryReport(source.name, run_id)
     seen: set[str] = set()
     batch: list[Found] = []
