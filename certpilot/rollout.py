@@ -251,6 +251,18 @@ def _settled(step: Step, result: Outcome | BaseException) -> Outcome:
     return Outcome(step.target, step.kind, Action.FAILED, None, redact(result))
 
 
+def waves(plan: DeploymentPlan, canary: str | None = None, concurrency: int = 4) -> list[list[PlannedTarget]]:
+    """The order a deploy run takes the plan's targets in: ``canary`` (default: the first by name) alone,
+    then ``concurrency`` at a time (at most MAX_CONCURRENCY). PermanentError for a canary not in the plan."""
+    pending = list(plan.targets)
+    if canary is not None:
+        if canary not in [t.name for t in pending]:
+            raise PermanentError(f"canary {canary!r} is not a target of {plan.name}")
+        pending.sort(key=lambda t: t.name != canary)
+    size = max(1, min(concurrency, MAX_CONCURRENCY))
+    return [pending[:1]] + [pending[i:i + size] for i in range(1, len(pending), size)] if pending else []
+
+
 def deploy_everywhere(plan: DeploymentPlan, run_steps: RunSteps, *, canary: str | None = None,
                       concurrency: int = 4, log: Log = _log) -> DeploymentReport:
     """Serve ``plan.fingerprint`` on every target of the plan: ``canary`` (default: the first by name)
@@ -259,19 +271,12 @@ def deploy_everywhere(plan: DeploymentPlan, run_steps: RunSteps, *, canary: str 
     itself back). Returns the report either way: ``report.failed`` says whether the run failed, and
     ``DeploymentFailed(report)`` is its error. Raises PermanentError for a canary not in the plan."""
     name, fp = plan.name, plan.fingerprint
-    pending = list(plan.targets)
-    if not pending:
+    if not plan.targets:
         log.warning("managed certificate %s has no targets: nothing to deploy", name)
         return DeploymentReport(name, fp)
-    if canary is not None:
-        if canary not in [t.name for t in pending]:
-            raise PermanentError(f"canary {canary!r} is not a target of {name}")
-        pending.sort(key=lambda t: t.name != canary)
-    size = max(1, min(concurrency, MAX_CONCURRENCY))
-    waves = [pending[:1]] + [pending[i:i + size] for i in range(1, len(pending), size)]
     outcomes: list[Outcome] = []
     not_attempted: list[str] = []
-    for index, wave in enumerate(waves):
+    for index, wave in enumerate(waves(plan, canary, concurrency)):
         if any(not o.action.ok for o in outcomes):
             not_attempted += [t.name for t in wave]
             continue
