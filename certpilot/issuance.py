@@ -26,9 +26,12 @@ PROFILES = ("tls-server", "tls-client")
 
 @dataclass(frozen=True)
 class IssuedCertificate:
-    """A leaf and the chain that goes with it, as DER, leaf first."""
+    """A leaf and the chain that goes with it, as DER, leaf first; ``issuance_seconds``: how long the
+    CA took, from the request to the certificate received (set by certpilot.renewing.issue, which
+    times the issuer; None when not measured)."""
 
     chain_der: tuple[bytes, ...]
+    issuance_seconds: float | None = None
 
     @property
     def leaf(self) -> x509.Certificate:

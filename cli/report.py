@@ -8,8 +8,10 @@ import typer
 from rich.table import Table
 
 from certpilot import inventory
+from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session
-from cli.console import JsonOption, cell, line, out, print_json, short_name
+from certpilot.timespan import parse_timespan
+from cli.console import JsonOption, cell, line, out, print_json, short_name, usage_error
 
 app = typer.Typer(help="Reports.", no_args_is_help=True)
 
@@ -41,4 +43,34 @@ def report_expiry_command(show: Annotated[int, typer.Option(metavar="N", min=0, 
         color = {"expired": "red", "7 days": "red", "30 days": "yellow"}.get(r["band"], "")
         table.add_row(cell(r["band"], color), cell(f"{r['days_left']:.0f}"), cell(r["not_after"][:10]),
                       cell(short_name(r)), cell(r["owner"] or ""), cell(len(r["locations"])))
+    out.print(table)
+
+
+@app.command("sli")
+def report_sli_command(window: Annotated[str, typer.Option(metavar="DURATION", help=(
+                           "How far back to measure, e.g. 30d, 12h, 2w."))] = "30d",
+                       as_json: JsonOption = False) -> None:
+    """The service level indicators M1 to M10 over a window: served certificates valid, renewal success,
+    time to repair, issuance latency, key store availability, revocation propagation, automated rotations,
+    chain errors, incidents, audit completeness. An indicator with nothing to measure says why."""
+    from certpilot import sli
+
+    try:
+        span = parse_timespan(window)
+    except ValueError as exc:
+        raise usage_error(str(exc), "--window") from None
+    if span.total_seconds() <= 0:
+        raise usage_error(f"{window!r} is not a positive duration", "--window")
+    with read_session(get_engine()) as session:
+        report = sli.compute(session, span, utcnow())
+    if as_json:
+        print_json(report.as_dict())
+        return
+    out.print(line(("Service level indicators", "bold"), f" from {inventory.iso(report.start)} to {inventory.iso(report.end)}"))
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("SLI", "what", "value", "of", "details"):
+        table.add_column(column, no_wrap=column in ("SLI", "value", "of"))
+    for s in report.slis:
+        color = "yellow" if s.value is None else ""
+        table.add_row(cell(s.key), cell(s.name), cell(s.shown, color), cell(s.ratio), cell(s.shown_details))
     out.print(table)
