@@ -101,36 +101,21 @@ def ca_list_command(as_json: JsonOption = False) -> None:
 @app.command("serve")
 def ca_serve_command(
     listen: Annotated[str, typer.Option(metavar="HOST:PORT", help="Where to listen.")] = "127.0.0.1:8180",
-    timeout: Annotated[float, typer.Option(metavar="SECONDS", min=0.001,
-                                           help="Socket timeout per connection.")] = 10.0,
+    timeout: Annotated[float, typer.Option(metavar="SECONDS", min=0.001, help=(
+        "Time a client has to send a whole request, and the listener to answer it."))] = 10.0,
 ) -> None:
-    """Serve every CA's CRL, CA certificates and OCSP over HTTP, until interrupted."""
-    import logging
-
-    from connectors.ca_http import CAHTTPServer, parse_listen
-
-    try:
-        address = parse_listen(listen)
-    except ValueError as exc:
-        raise usage_error(str(exc), "--listen") from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    engine = get_engine()
+    """Serve every CA's CRL, CA certificates and OCSP over HTTP, until SIGTERM or Ctrl+C (the CA part of
+    `certpilot serve`'s listener, alone)."""
     from certpilot import ca
+    from cli import serve
 
-    with read_session(engine) as session:
+    with read_session(get_engine()) as session:
         cas = ca.list_cas(session)
-    try:
-        server = CAHTTPServer(engine, ring, address, actor=actor(), timeout=timeout)
-    except OSError as exc:
-        raise PermanentError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-    err.print(line(f"serving {len(cas)} CA(s) on {server.url} (Ctrl+C to stop)"))
+    service = serve.http_service(listen, ca=True, metrics=False, request_seconds=timeout)
+    err.print(line(f"serving {len(cas)} CA(s) on {service.url} (Ctrl+C to stop)"))
     for info in cas:
         err.print(line(f"  {info['name']}: OCSP {info['urls']['ocsp']}, CRL {info['urls']['crl']}"))
-    server.refresh_crls()
-    try:
-        server.serve_forever()
-    finally:
-        server.close()
+    serve.run_until_signalled((service.serve(), service.stop))
 
 
 @app.command("issue")

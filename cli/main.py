@@ -14,7 +14,7 @@ import typer
 
 from certpilot.database import get_engine
 from certpilot.settings import load_settings
-from cli import audit, ca, fleet, inventory, keys, managed, report, status, targets
+from cli import audit, ca, fleet, inventory, keys, managed, report, serve, status, targets
 from cli.console import CertpilotGroup, JsonOption, err, line, out, print_json
 
 app = typer.Typer(cls=CertpilotGroup, help="certpilot: certificate lifecycle management.", no_args_is_help=True,
@@ -30,6 +30,8 @@ app.add_typer(targets.app, name="target")
 app.command("deploy")(fleet.deploy_command)
 app.command("discover")(fleet.discover_command)
 app.command("status")(status.status_command)
+app.command("serve")(serve.serve_command)
+app.command("exporter")(serve.exporter_command)
 
 
 def version() -> str:

@@ -1,5 +1,5 @@
-"""Revocation that really works: the private CA's CRLs and OCSP, served by the real HTTP server on a
-loopback port and checked by the OpenSSL command line and by cryptography, on SQLite and PostgreSQL."""
+"""Revocation that really works: the private CA's CRLs and OCSP, served by certpilot's HTTP listener
+(uvicorn) on a loopback port and checked by the OpenSSL command line and by cryptography, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from certpilot.models import AuditEvent, Certificate
 from certpilot.sample_estate import issue_leaf, make_ca
 from certpilot.settings import load_settings
 from certpilot.x509info import describe_certificate
-from connectors.ca_http import CAHTTPServer, parse_listen
+from connectors.http_service import HTTPService, Limits, build_app, parse_listen
 from connectors.private_ca import PrivateCAIssuer
 
 UTC = dt.timezone.utc
@@ -53,13 +53,20 @@ def _record(engine: sa.Engine, issued: IssuedCertificate) -> IssuedCertificate:
     return issued
 
 
+def _serve(engine: sa.Engine, *, request_seconds: float = 2.0,
+           clock: Callable[[], dt.datetime] | None = None) -> HTTPService:
+    """The CA part of certpilot's HTTP listener on a free loopback port, started."""
+    return HTTPService(build_app(engine, metrics=False, key_ring=_ring, request_seconds=request_seconds, clock=clock),
+                       ("127.0.0.1", 0), limits=Limits(request_seconds=request_seconds)).start()
+
+
 def _pem(*certs: x509.Certificate) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
 @dataclass
 class Served:
-    server: CAHTTPServer
+    server: HTTPService
     issuer: PrivateCAIssuer
     root: x509.Certificate
     issuing: x509.Certificate
@@ -97,7 +104,7 @@ class Served:
 @pytest.fixture
 def served(engine: sa.Engine, tmp_path: Path) -> Iterator[Served]:
     """CA "corp" whose URLs point at a real server on a loopback port."""
-    server = CAHTTPServer(engine, _ring, ("127.0.0.1", 0), timeout=2.0).start()
+    server = _serve(engine)
     try:
         with write_session(engine) as session:
             ca.init_ca(session, _ring(), audit.Actor("test"), "corp", server.url)
@@ -294,8 +301,7 @@ def test_crl_reissued_when_next_update_nears(served: Served) -> None:
     assert crl.next_update_utc == later.replace(microsecond=0) + ca.CRL_VALIDITY
 
     # The server reissues a due CRL itself before serving it (its clock 8 days ahead: 3 days of 11 left).
-    ahead = CAHTTPServer(served.engine, _ring, ("127.0.0.1", 0),
-                         clock=lambda: dt.datetime.now(UTC) + dt.timedelta(days=8)).start()
+    ahead = _serve(served.engine, clock=lambda: dt.datetime.now(UTC) + dt.timedelta(days=8))
     try:
         crl = x509.load_der_x509_crl(served.get(f"{ahead.url}/corp/issuing.crl")[2])
     finally:
@@ -305,7 +311,7 @@ def test_crl_reissued_when_next_update_nears(served: Served) -> None:
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_every_connection_has_a_timeout(engine: sa.Engine) -> None:
-    with CAHTTPServer(engine, _ring, ("127.0.0.1", 0), timeout=0.3) as server:
+    with _serve(engine, request_seconds=0.3) as server:
         started = time.monotonic()
         with socket.create_connection(server.address, timeout=10) as silent:
             silent.sendall(b"GET /corp/issuing.crl HTTP/1.1\r\n")  # and never finish the request
@@ -317,7 +323,8 @@ def test_every_connection_has_a_timeout(engine: sa.Engine) -> None:
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_ca_serve_command(engine: sa.Engine, tmp_path: Path) -> None:
-    """`certpilot ca serve` as an operator runs it: answers at the CA's URLs, logs requests, no keys."""
+    """`certpilot ca serve` as an operator runs it: answers at the CA's URLs, logs requests, no keys; Ctrl+C
+    stops it cleanly."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -350,7 +357,7 @@ def test_ca_serve_command(engine: sa.Engine, tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=30)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 0, stderr  # a signal is how it stops: a clean stop
     assert "serving 1 CA(s) on http://127.0.0.1:" in stderr and "POST /corp/ocsp" in stderr
     assert "GET /corp/issuing.crl" in stderr and "Traceback" not in stderr
     assert "PRIVATE KEY" not in stdout + stderr
