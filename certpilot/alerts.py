@@ -344,10 +344,21 @@ def _unresolved(session: Session, conditions: set[str], objects: set[str] | None
     return rows
 
 
+@dataclass(frozen=True)
+class Observation:
+    transitions: list[Transition]
+    suppressed: int  # alerts found this time that a suppression kept quiet
+
+
 def observe(session: Session, findings: Iterable[Finding], scope: Scope, now: dt.datetime) -> list[Transition]:
     """Fold ``findings`` into the Alert table and resolve what ``scope`` covers but was not found;
     return what must be told (see the module docstring). Findings outside ``scope`` are recorded too:
     the scope only decides what resolves. Runs in the caller's (write) transaction."""
+    return record(session, findings, scope, now).transitions
+
+
+def record(session: Session, findings: Iterable[Finding], scope: Scope, now: dt.datetime) -> Observation:
+    """``observe``, also counting the alerts kept quiet by a suppression."""
     if now.tzinfo is None:
         raise ValueError("observe needs an aware UTC datetime")
     merged = _merge(findings)
@@ -425,7 +436,9 @@ def observe(session: Session, findings: Iterable[Finding], scope: Scope, now: dt
                 ids[values["object"], values["condition"]], "opened", Severity(values["severity"]), values["object"],
                 Condition(values["condition"]), values["summary"], values["owner"], values["tags"], values["details"],
                 now, now))
-    return transitions
+    suppressed = sum(1 for values in inserts if values["state"] == "suppressed") + sum(
+        1 for change in updates if change["state"] == "suppressed")
+    return Observation(transitions, suppressed)
 
 
 def _update(session: Session, updates: list[dict[str, Any]]) -> None:
@@ -623,8 +636,9 @@ class Message:
     body: str
 
 
-def render(transition: Transition) -> Message:
-    """The subject and plain-text body that tell someone about ``transition``."""
+def render(transition: Transition, run_url: str | None = None) -> Message:
+    """The subject and plain-text body that tell someone about ``transition``; ``run_url``: the
+    Prefect UI page of the run that found it, unless its details name one."""
     details = transition.details
     name = details.get("certificate") or transition.object
     verb = {"opened": "", "escalated": "escalated: ", "resolved": "resolved: "}.get(transition.kind, "")
@@ -654,7 +668,39 @@ def render(transition: Transition) -> Message:
     lines.append(f"first seen: {_iso(transition.first_seen)}")
     if transition.kind != "resolved":
         lines.append("what to do: " + str(details.get("action") or ACTIONS.get(transition.condition, "investigate")))
-    if details.get("run_url"):
-        lines.append(f"Prefect run: {details['run_url']}")
+    if details.get("run_url") or run_url:
+        lines.append(f"Prefect run: {details.get('run_url') or run_url}")
     lines.append(f"alert id: {transition.alert_id} (certpilot alerts ack {transition.alert_id})")
+    return Message(subject, "\n".join(lines))
+
+
+def render_digest(owner: str | None, items: Sequence[AlertView], now: dt.datetime) -> Message:
+    """The daily digest of ticket-level alerts for ``owner``: one line each, the soonest to expire first."""
+    def soonest(item: AlertView) -> tuple[float, int]:
+        left = days_left(item.details, now)
+        return (left if left is not None else float("inf"), item.id)
+
+    who = owner or "(no owner)"
+    subject = f"[certpilot] daily digest for {who}: {len(items)} ticket-level alert(s)"
+    lines = [f"Ticket-level alerts open for {who} on {now.date().isoformat()} (fix in working hours):", ""]
+    for item in sorted(items, key=soonest):
+        left = days_left(item.details, now)
+        name = item.details.get("certificate") or item.object
+        parts = [f"- [{item.condition}] {name}: {item.summary}"]
+        if left is not None:
+            parts.append(f"{left:g} days left")
+        served = item.details.get("served_at")
+        if served:
+            places = served if isinstance(served, (list, tuple)) else [served]
+            parts.append("served at " + ", ".join(str(p) for p in list(places)[:3])
+                         + (f" (+{len(places) - 3})" if len(places) > 3 else ""))
+        if item.acknowledged_by:
+            parts.append(f"acknowledged by {item.acknowledged_by}")
+        parts.append(f"alert {item.id}, since {_iso(item.first_seen)}")
+        lines.append("; ".join(parts))
+        action = item.details.get("action") or ACTIONS.get(Condition(item.condition))
+        if action:
+            lines.append(f"  what to do: {action}")
+    listing = "certpilot alerts list" + (f" --owner {owner}" if owner else "")
+    lines += ["", f"List them: {listing}; acknowledge one: certpilot alerts ack ID"]
     return Message(subject, "\n".join(lines))
