@@ -1,10 +1,16 @@
 """The discover flow: run each configured source, record what it finds, flag ghosts, publish the
 inventory artifact.
 
+Its sources are the block documents named in ``sources`` or, when none are named (the scheduled
+deployment), every saved block configured as a source of the chosen ``kinds``: TLS scans, SSH hosts
+with discovery globs, AWS accounts, Key Vaults. With none registered the run says so, in its log, its
+inventory artifact and its Completed state's message, and discovers nothing.
+
 One task per source (block document ``block-type-slug/name``), all at once on a bounded pool, each
 retried on transient errors and writing its observations in batches. A source's ghosts (its
 locations this run did not see) are flagged only when that source completed. The run fails, after
-every source did what it could, when a source failed.
+every source did what it could, when a source failed. Each managed certificate whose certificates
+the run saw in a new place or lost (a ghost) gets its history artifact, ``certificate-<name>``.
 """
 
 from __future__ import annotations
@@ -13,19 +19,44 @@ from collections.abc import Sequence
 from typing import cast
 
 from prefect import flow, get_run_logger
+from prefect.states import Completed, State
 
+from blocks.sources import SourceKind
 from certpilot.discovery import DiscoveryFailed, DiscoveryResult, SourceSummary, discover_all
 from flows.runners import thread_pool
 from flows.settling import settle
-from tasks.discovery import discover_source, publish_inventory
+from tasks.discovery import discover_source, publish_inventory, registered_sources
+from tasks.history import audit_head, publish_certificate_history
 
 SOURCE_WORKERS = 4
+HISTORY_ARTIFACTS = 100  # managed certificates given a history artifact per run (first runs see every one)
+ALL_KINDS = tuple(SourceKind)
+NO_SOURCES = ("no source block is registered ({kinds}): nothing to discover. Save a source block in the Blocks "
+              "page (a TLS scan, an SSH host with discovery globs, an AWS account or an Azure Key Vault), or name "
+              "block documents in 'sources'")
 
 
-@flow(name="discover", task_runner=thread_pool(SOURCE_WORKERS),
-      description=__doc__.split("\n\n")[0])
-def discover(sources: list[str], batch_size: int = 500) -> DiscoveryResult:
-    """Discover certificates with each source block in ``sources`` (e.g. ``tls-scan-source/lab``)."""
+@flow(name="discover", task_runner=thread_pool(SOURCE_WORKERS), description=__doc__.split("\n\n")[1],
+      timeout_seconds=4 * 3600)
+def discover(sources: list[str] | None = None, batch_size: int = 500,
+             kinds: tuple[SourceKind, ...] = ALL_KINDS) -> DiscoveryResult | State[DiscoveryResult]:
+    """Discover certificates with the source blocks named, or with every registered one.
+
+    Args:
+        sources: Source block documents, `block-type-slug/name` (e.g. `tls-scan/lab`, `ssh-host/web-1`).
+            Empty: every saved block of the kinds below that is configured as a source.
+        batch_size: Observations written to the inventory per transaction.
+        kinds: The kinds of source block used when no sources are named.
+    """
+    logger = get_run_logger()
+    if not sources:
+        sources = registered_sources(kinds)
+        if not sources:
+            message = NO_SOURCES.format(kinds=", ".join(kinds) or "no kind chosen")
+            logger.warning(message)
+            return Completed(message=message, data=publish_inventory(DiscoveryResult(), note=message))
+        logger.info("discovering with every registered source: %s", ", ".join(sources))
+    head = audit_head()
 
     def run_as_tasks(blocks: Sequence[str]) -> list[SourceSummary | BaseException]:
         futures = [discover_source.with_options(task_run_name=f"discover-{block.replace('/', '-')}")
@@ -33,7 +64,10 @@ def discover(sources: list[str], batch_size: int = 500) -> DiscoveryResult:
         settled = [settle(future) for future in futures]
         return [cast(SourceSummary, s.value) if s.error is None else s.error for s in settled]
 
-    result = publish_inventory(discover_all(sources, run_as_tasks, get_run_logger()))
+    result = publish_inventory(discover_all(sources, run_as_tasks, logger))
+    history = publish_certificate_history(None, head, limit=HISTORY_ARTIFACTS, return_state=True)
+    if not history.is_completed():
+        logger.warning("the certificates' history artifacts were not published: %s", history.message)
     if result.failed:
         raise DiscoveryFailed(result)
     return result

@@ -1,12 +1,16 @@
 """The import-inventory flow: bring certificates from files and directories into the inventory,
 then publish the expiry report. Fails loudly, after importing everything it could, when any file
-could not be imported."""
+could not be imported.
+
+The password of encrypted keys and PKCS#12 files is a Prefect Secret block, picked in the run form:
+the flow hands the import task the block's name only, and the task reads the value."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from prefect import flow
+from prefect.blocks.system import Secret
 
 from certpilot.errors import PermanentError
 from certpilot.importer import ImportSummary
@@ -21,11 +25,31 @@ class InventoryImport:
     bands: dict[str, int]
 
 
-@flow(name="import-inventory", description=__doc__)
+def _secret_name(secret: Secret | None) -> str | None:
+    """The saved name of the Secret block given; PermanentError for an unsaved one (its value would
+    otherwise have to travel to the task as an argument)."""
+    if secret is None:
+        return None
+    name = secret._block_document_name  # noqa: SLF001 - Prefect's only record of a loaded block's name
+    if not name:
+        raise PermanentError("password_secret must be a saved Secret block (pick one in the run form, or pass "
+                             "Secret.load(NAME)): an unsaved one has no name for the import task to read it by")
+    return name
+
+
+@flow(name="import-inventory", description=__doc__.split("\n\n")[0], timeout_seconds=4 * 3600)
 def import_inventory(paths: list[str], owner: str | None = None, tags: dict[str, str] | None = None,
-                     import_keys: bool = False, password_secret: str | None = None) -> InventoryImport:
-    """Import ``paths``; ``password_secret`` names a Prefect Secret block holding the PKCS#12/key password."""
-    summary = import_files(paths, owner, tags or {}, import_keys, password_secret)
+                     import_keys: bool = False, password_secret: Secret | None = None) -> InventoryImport:
+    """Import certificates (PEM, DER, PKCS#7, PKCS#12) from files and directories.
+
+    Args:
+        paths: Files and directories on the machine that runs the flow; directories are walked for certificate files.
+        owner: The owner recorded on every certificate imported.
+        tags: Tags recorded on every certificate imported (name: value).
+        import_keys: Also import the private keys found beside the certificates (stored encrypted).
+        password_secret: The Secret block holding the password of encrypted keys and PKCS#12 files.
+    """
+    summary = import_files(paths, owner, tags or {}, import_keys, _secret_name(password_secret))
     bands = publish_expiry_report()
     if summary.failed:
         shown = "; ".join(f"{f.source}: {f.error}" for f in summary.failures[:5])

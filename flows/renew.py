@@ -13,15 +13,24 @@ certificate that failed and at which step, and publishes the ``renewals`` artifa
 
 On failure nothing in service changes: the old certificate stays active, the failure is recorded on
 the managed certificate and in the audit trail, and the run says so in an error log and its state.
+
+Each certificate's history: every run and task run about it is tagged ``certificate:<name>``, and its
+audit events of the run are the artifact ``certificate-<name>`` (renew-due: up to
+tasks.history.MAX_ARTIFACTS certificates per run, the failures first). With ``dry_run`` either flow
+only says what it would do (certpilot.dry_run).
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
+from pydantic import Field
 
 from certpilot import renewing
 from certpilot.database import get_engine
+from certpilot.dry_run import DuePreview, RenewalPreview
 from certpilot.errors import PermanentError, redact
 from certpilot.issuance import IssuedCertificate, Issuer
 from certpilot.keystore import KeyRef
@@ -38,10 +47,12 @@ from certpilot.renewing import (
     SigningRequest,
     Step,
 )
+from certpilot.rollout import DeploymentReport
 from flows.deploy import deploy_certificate
 from flows.runners import thread_pool
 from flows.settling import settle
 from flows.tagging import tag_flow_run
+from tasks.history import audit_head, publish_certificate_history
 from tasks.inventory import run_actor
 from tasks.renewal import (
     DEFAULT_ISSUER_SLOTS,
@@ -57,6 +68,8 @@ from tasks.renewal import (
     limit_name,
     load_issuer,
     plan_renewal,
+    preview_due,
+    preview_renewal,
     publish_renewal_report,
     record_renewal_failure,
     refresh_renewal_info,
@@ -104,14 +117,38 @@ class TaskSteps:
         return record_renewal_failure(failure)
 
 
-@flow(name="renew-certificate", flow_run_name="renew-{name}", description=__doc__.split("\n\n")[1])
-def renew_certificate(name: str, issuer_slots: int = DEFAULT_ISSUER_SLOTS, deploy: bool = True) -> CertificateRenewal:
-    """Renew managed certificate ``name`` now: new key, CSR, issue, store (the old one is superseded),
-    then, with ``deploy``, deploy it to every target and verify it there (the deploy-certificate flow).
+@flow(name="renew-certificate", flow_run_name="renew-{name}", description=__doc__.split("\n\n")[1],
+      timeout_seconds=3 * 3600)
+def renew_certificate(name: str, issuer_slots: Annotated[int, Field(ge=1)] = DEFAULT_ISSUER_SLOTS,
+                      deploy: bool = True, dry_run: bool = False) -> CertificateRenewal | RenewalPreview:
+    """Renew a managed certificate now: new key, CSR, issue, store (the old one is superseded), then
+    deploy it to every target and verify it there (the deploy-certificate flow).
 
-    ``issuer_slots`` is how many orders at once its issuer's concurrency limit allows, if this run creates it."""
+    Args:
+        name: The managed certificate.
+        issuer_slots: Orders at once its issuer's concurrency limit allows, if this run creates the limit.
+        deploy: Deploy the new certificate to the certificate's targets and verify it there.
+        dry_run: Only say what the run would do (key, names, issuer, what it replaces, where it goes): nothing
+            is generated, ordered, stored or deployed.
+    """
     logger = get_run_logger()
     tag_flow_run(certificate_tag(name))
+    if dry_run:
+        preview = preview_renewal(plan_renewal(name), deploy)
+        for line in preview.lines():
+            logger.info("%s", line)
+        return preview
+    head = audit_head()
+    try:
+        return _renew_and_deploy(name, issuer_slots, deploy)
+    finally:
+        history = publish_certificate_history([name], head, whole_run=True, return_state=True)
+        if not history.is_completed():
+            logger.warning("%s's history artifact was not published: %s", name, history.message)
+
+
+def _renew_and_deploy(name: str, issuer_slots: int, deploy: bool) -> CertificateRenewal:
+    logger = get_run_logger()
     steps = TaskSteps(issuer_slots)
     try:
         renewal = renewing.renew(steps, name)
@@ -129,6 +166,7 @@ def renew_certificate(name: str, issuer_slots: int = DEFAULT_ISSUER_SLOTS, deplo
         logger.error("DEPLOYMENT FAILED: %s was renewed but not deployed: %s", name, redact(exc))
         raise PermanentError(f"renewed {name} ({renewal.fingerprint_sha256[:16]}) but its deployment failed, "
                              f"so its targets serve the previous certificate: {redact(exc)}") from None
+    assert isinstance(deployment, DeploymentReport)  # not a dry run
     return CertificateRenewal(renewal, deployment)
 
 
@@ -160,15 +198,28 @@ def _issuers(names: set[str]) -> dict[str, Issuer | IssuerUnavailable]:
     return out
 
 
-@flow(name="renew-due", task_runner=thread_pool(RENEW_WORKERS),
-      description=__doc__.split("\n\n")[2])
-def renew_due(within_days: float = 0.0, limit: int | None = None, batch_size: int = 200,
-              issuer_slots: int = DEFAULT_ISSUER_SLOTS) -> RenewDueSummary:
-    """Renew every managed certificate due now (or within ``within_days``), at most ``limit``.
+@flow(name="renew-due", task_runner=thread_pool(RENEW_WORKERS), description=__doc__.split("\n\n")[2],
+      timeout_seconds=6 * 3600)
+def renew_due(within_days: Annotated[float, Field(ge=0)] = 0.0, limit: Annotated[int | None, Field(ge=1)] = None,
+              batch_size: Annotated[int, Field(ge=1)] = 200,
+              issuer_slots: Annotated[int, Field(ge=1)] = DEFAULT_ISSUER_SLOTS,
+              dry_run: bool = False) -> RenewDueSummary | DuePreview:
+    """Renew every managed certificate that is due, in batches, each with its own task run.
 
-    ``batch_size`` certificates are submitted at a time; ``issuer_slots`` is how many orders at once a
-    newly created issuer concurrency limit allows."""
+    Args:
+        within_days: Also renew what falls due within this many days.
+        limit: Renew at most this many (the most overdue first); empty: all that are due.
+        batch_size: Certificates submitted at a time.
+        issuer_slots: Orders at once a newly created issuer concurrency limit allows.
+        dry_run: Only list what is due and would be renewed (renewal windows as last stored): nothing is renewed.
+    """
     logger = get_run_logger()
+    if dry_run:
+        preview = preview_due(within_days, limit)
+        for line in preview.lines():
+            logger.info("%s", line)
+        return preview
+    head = audit_head()
     refresh_renewal_info()
     due = select_due(within_days, limit)
     logger.info("%d managed certificate(s) due for renewal", len(due))
@@ -198,6 +249,11 @@ def renew_due(within_days: float = 0.0, limit: int | None = None, batch_size: in
                      for item, s in zip(batch, settled)]
     outcomes = _deploy_renewed(due, outcomes)
     publish_renewal_report(outcomes)
+    if outcomes:  # the failures first: they are the histories an operator looks for
+        history = publish_certificate_history([o.name for o in sorted(outcomes, key=lambda o: o.ok)], head,
+                                              return_state=True)
+        if not history.is_completed():
+            logger.warning("the certificates' history artifacts were not published: %s", history.message)
     summary = RenewDueSummary.of(outcomes)
     if summary.failures:
         for o in summary.failures:

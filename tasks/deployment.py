@@ -6,6 +6,11 @@ itself if its verification fails; ``roll_back_one`` undoes what a run changed on
 plain functions: the deploy-target and rollback-target tasks wrap them for the deploy-certificate
 flow, and the CLI calls them directly when there is no Prefect API.
 
+Each of the deploy-target, rollback-target and plan-deployment task runs is tagged
+``certificate:<name>`` (tasks.history.tag_with_certificate), like the flow run. ``preview`` says what
+a run would do (the dry run) from the inventory's records, loading each target's block to check it
+exists, changing nothing.
+
 Secrets: the private key is unsealed inside the deployer's write, from the keystore, never a task
 argument or result. Receipts and outcomes (task results) hold file names, ARNs and fingerprints only.
 Errors leaving a task carry messages that certpilot.errors.redact lets through.
@@ -26,12 +31,17 @@ from blocks.targets import build_deployer
 from certpilot import audit, keystore, rollout, targets
 from certpilot.database import get_engine, read_session
 from certpilot.deployment import DeployBundle, Deployer, Receipt
-from certpilot.errors import NotFoundError
+from certpilot.errors import NotFoundError, redact
+from certpilot.dry_run import DeploymentPreview, TargetPreview
 from certpilot.rollout import Action, DeploymentPlan, DeploymentReport, Log, Outcome
 from certpilot.settings import load_settings
+from tasks.history import tag_with_certificate
 from tasks.inventory import retry_transient_only, run_actor
 
 RETRY_DELAYS: list[float] = [2, 10]  # seconds before the first and the second retry of a target's step
+# One target's deploy, verify and rollback: each SSH command, API call and handshake has its own, shorter,
+# timeout (the connection blocks'); this bounds the whole step, verification polling included.
+TARGET_TIMEOUT_SECONDS = 900
 
 
 def close(connector: Any) -> None:
@@ -97,20 +107,53 @@ def roll_back_one(name: str, target_name: str, receipt: Receipt, actor: audit.Ac
     return outcome
 
 
-@task(name="plan-deployment")
+def preview(name: str, fingerprint: str | None, canary: str | None, concurrency: int) -> DeploymentPreview:
+    """What a deploy run would do, wave by wave, from the inventory's records; each target's block is
+    loaded to check that it exists (nothing is connected to, nothing changes)."""
+    found = plan(name, fingerprint)
+    with read_session(get_engine()) as session:
+        rows = {t.name: t for t in targets.list_targets(session, name)}
+    problems: dict[str, str | None] = {}
+    for block in sorted({t.block for t in rows.values() if t.block}):
+        try:
+            load_block(block)
+            problems[block] = None
+        except Exception as exc:  # noqa: BLE001 - the dry run reports it, as the run would fail on it
+            problems[block] = redact(exc)
+
+    def target(planned: rollout.PlannedTarget) -> TargetPreview:
+        block = rows[planned.name].block
+        problem = problems[block] if block else "the target names no block"
+        return TargetPreview(planned.name, planned.kind, block, planned.verified, problem)
+
+    return DeploymentPreview(found, tuple(tuple(target(t) for t in wave)
+                                          for wave in rollout.waves(found, canary, concurrency)))
+
+
+@task(name="plan-deployment", on_running=[tag_with_certificate], timeout_seconds=120)
 def plan_deployment(name: str, fingerprint: str | None) -> DeploymentPlan:
     """Which certificate goes to which targets (public facts)."""
     return plan(name, fingerprint)
 
 
-@task(name="deploy-target", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_transient_only)
+@task(name="preview-deployment", on_running=[tag_with_certificate], timeout_seconds=300)
+def preview_deployment(name: str, fingerprint: str | None, canary: str | None, concurrency: int) -> DeploymentPreview:
+    """What a deploy run would do (its dry run), published as an artifact of the run; changes nothing."""
+    found = preview(name, fingerprint, canary, concurrency)
+    create_markdown_artifact(markdown="\n".join(found.lines()),
+                             description=f"Dry run: what deploying {name} would do")
+    return found
+
+
+@task(name="deploy-target", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient_only, on_running=[tag_with_certificate], timeout_seconds=TARGET_TIMEOUT_SECONDS)
 def deploy_target(name: str, target_name: str, fingerprint: str) -> Outcome:
     """Bring one target to serve ``fingerprint``: reconcile, deploy, verify (rolled back here if that fails)."""
     return deploy_one(name, target_name, fingerprint, run_actor(), get_run_logger())
 
 
 @task(name="rollback-target", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient_only)
+      retry_condition_fn=retry_transient_only, on_running=[tag_with_certificate], timeout_seconds=TARGET_TIMEOUT_SECONDS)
 def rollback_target(name: str, target_name: str, receipt: Receipt) -> Outcome:
     """Undo what this run's deploy changed on one target and prove the previous certificate is served."""
     return roll_back_one(name, target_name, receipt, run_actor(), get_run_logger())
@@ -128,7 +171,7 @@ def report_markdown(report: DeploymentReport) -> str:
     return "\n".join(lines)
 
 
-@task(name="publish-deployment-report")
+@task(name="publish-deployment-report", timeout_seconds=120)
 def publish_deployment_report(report: DeploymentReport) -> None:
     key = "deployment-" + "".join(c if c.isalnum() else "-" for c in report.name.lower())
     create_markdown_artifact(key=key[:100], markdown=report_markdown(report),

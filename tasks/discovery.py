@@ -4,23 +4,28 @@ A task per source, retried on transient errors; the source's observations are up
 inside the task (a task run per endpoint would not scale) and only counts and problems come back.
 Keys reach the keystore sealed only when the source's block asks for them (import_keys).
 ``run_source`` is the plain function the task wraps; the CLI calls it directly when there is no
-Prefect API.
+Prefect API. ``registered_sources`` finds every saved block configured as a source, for a discover
+run given no source names (the scheduled one).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.exceptions import PrefectHTTPStatusError
 
 import blocks.aws  # noqa: F401  (registers the source block types, so load_block finds them)
 import blocks.azure  # noqa: F401
 import blocks.ssh  # noqa: F401
 import blocks.tls_scan  # noqa: F401
 from blocks.loading import load_block
+from blocks.sources import SourceKind, configured_as_source
 from certpilot import audit, keystore
 from certpilot.database import get_engine, read_session
 from certpilot.discovery import DiscoveryResult, SourceSummary, record
@@ -39,7 +44,7 @@ def run_source(block: str, batch_size: int, actor: audit.Actor,
     settings = load_settings()
     source = load_block(block).source()  # a source block (see blocks/): it builds the connector
     try:
-        report = record(get_engine(settings), source, actor, batch_size=batch_size,
+        report = record(get_engine(settings), source, actor, batch_size=batch_size, block=block,
                         key_ring=lambda: keystore.load_key_ring(settings, announce=log.warning))
     finally:
         close(source)
@@ -53,16 +58,38 @@ def run_source(block: str, batch_size: int, actor: audit.Actor,
     return report.summary()
 
 
-@task(name="discover-source", retries=len(SOURCE_RETRY_DELAYS), retry_delay_seconds=SOURCE_RETRY_DELAYS, retry_condition_fn=retry_transient_only)
+@task(name="registered-sources", timeout_seconds=120)
+def registered_sources(kinds: Sequence[SourceKind]) -> list[str]:
+    """Every saved block of ``kinds`` configured as a source (``block-type-slug/name``), sorted. A block
+    type never registered on this server has no saved blocks."""
+    found: list[str] = []
+    with get_client(sync_client=True) as client:
+        for kind in dict.fromkeys(kinds):
+            try:
+                documents = client.read_block_documents_by_type(kind.value, include_secrets=False)
+            except PrefectHTTPStatusError as exc:
+                if exc.response.status_code == 404:
+                    continue
+                raise
+            found += [f"{kind.value}/{d.name}" for d in documents
+                      if d.name and not d.is_anonymous and configured_as_source(kind, d.data)]
+    return sorted(found)
+
+
+# A source's run: an hour is room for tens of thousands of endpoints or files (every connection and
+# command has its own, much shorter, timeout in the source's block).
+@task(name="discover-source", retries=len(SOURCE_RETRY_DELAYS), retry_delay_seconds=SOURCE_RETRY_DELAYS,
+      retry_condition_fn=retry_transient_only, timeout_seconds=3600)
 def discover_source(block: str, batch_size: int = 500) -> SourceSummary:
     """Run the source configured by block document ``block`` (``block-type-slug/name``) and record it."""
     return run_source(block, batch_size, run_actor(), get_run_logger())
 
 
-def inventory_markdown(result: DiscoveryResult, expiry: ExpiryReport) -> str:
-    """The inventory artifact: each source's counts and problems, then expiry bands and the soonest."""
-    lines = ["# Inventory after discovery", "", "| source | places | certificates | new | ghosts | problems |",
-             "|---|---|---|---|---|---|"]
+def inventory_markdown(result: DiscoveryResult, expiry: ExpiryReport, note: str | None = None) -> str:
+    """The inventory artifact: ``note`` (e.g. why nothing was discovered), each source's counts and
+    problems, then expiry bands and the soonest."""
+    lines = ["# Inventory after discovery", ""] + ([f"**{note}**", ""] if note else [])
+    lines += ["| source | places | certificates | new | ghosts | problems |", "|---|---|---|---|---|---|"]
     for s in result.sources:
         lines.append(f"| {s.source} | {s.places} | {s.certificates} | {s.new_certificates} | "
                      f"{s.ghosts} | {len(s.problems)} |")
@@ -85,10 +112,11 @@ def with_bands(result: DiscoveryResult, show: int = 15) -> tuple[DiscoveryResult
     return replace(result, bands=dict(expiry.bands)), expiry
 
 
-@task(name="publish-inventory")
-def publish_inventory(result: DiscoveryResult) -> DiscoveryResult:
-    """The inventory artifact (key: inventory); returns the result with the expiry bands it shows."""
+@task(name="publish-inventory", timeout_seconds=600)
+def publish_inventory(result: DiscoveryResult, note: str | None = None) -> DiscoveryResult:
+    """The inventory artifact (key: inventory), headed by ``note`` if given; returns the result with the
+    expiry bands it shows."""
     result, expiry = with_bands(result)
-    create_markdown_artifact(key="inventory", markdown=inventory_markdown(result, expiry),
+    create_markdown_artifact(key="inventory", markdown=inventory_markdown(result, expiry, note),
                              description="What discovery found, per source, and what expires soon")
     return result

@@ -16,8 +16,15 @@ renewal task is ever served from a cache (``NO_CACHE``): their inputs are not ha
 lets a flow hand them in-process objects (an issuer built from its block, holding a semaphore);
 with Prefect's default cache policy such an input would fail to hash and log an error per run.
 
-Tags: renew-due's task run per certificate tags itself ``certificate:<name>`` when it starts running
-(``tag_with_certificate``, an on_running state hook), for the reason its docstring gives.
+Tags: every task run here that works on one certificate (renew-due's task run per certificate, and
+renew-certificate's steps) tags itself ``certificate:<name>`` when it starts running
+(tasks.history.tag_with_certificate, an on_running state hook), for the reason its docstring gives.
+
+Timeouts: each task has one, generous for its work at fleet size (an ACME order may wait for a slot
+of its issuer's concurrency limit, then for validation); every network call inside has its own.
+
+Dry runs: ``preview_renewal`` and ``preview_due`` say what a run would do (certpilot.dry_run), after
+checking that the issuer block loads; they make no key, send nothing to a CA and write nothing.
 
 Issuers: a flow loads each issuer block it needs once (``load_issuer``) and passes the built
 connector to the tasks. Each issuer has a Prefect global concurrency limit ``issuer-<issuer slug>``
@@ -54,16 +61,17 @@ from prefect.tasks import exponential_backoff
 
 import blocks.issuers  # noqa: F401  (registers the issuer block types, so load_block finds them)
 from blocks.loading import load_block
-from certpilot import audit, inventory, keystore, managed, renewing
+from certpilot import audit, inventory, keystore, managed, renewing, targets
 from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import NotFoundError, PermanentError, redact
 from certpilot.issuance import IssuedCertificate, Issuer
+from certpilot.dry_run import DuePreview, RenewalPreview
 from certpilot.keystore import KeyRef
-from certpilot.managed import certificate_tag
 from certpilot.renewal import RenewalWindow
 from certpilot.renewing import Failure, RenewalOutcome, RenewalPlan, SigningRequest, Step
 from certpilot.settings import load_settings
+from tasks.history import tag_with_certificate
 from tasks.inventory import retry_transient_only, run_actor
 
 RETRIES = 3
@@ -77,7 +85,8 @@ def _delays(base_seconds: float) -> list[float]:
 _RETRY: dict[str, Any] = {
     "retries": RETRIES, "retry_jitter_factor": 0.5, "retry_condition_fn": retry_transient_only,
     "retry_delay_seconds": _delays(float(os.environ.get("CERTPILOT_RETRY_BACKOFF_SECONDS", "5"))),
-    "cache_policy": NO_CACHE}
+    "cache_policy": NO_CACHE, "on_running": [tag_with_certificate]}
+ORDER_TIMEOUT_SECONDS = 1800  # one certificate's order: a wait for an issuer slot, validation, polling
 
 
 def limit_name(issuer: str) -> str:
@@ -96,11 +105,17 @@ def key_ring() -> managed.KeyRingSource:
 def load_issuer(issuer: str, engine: sa.Engine, ring: managed.KeyRingSource, actor: audit.Actor | None) -> Issuer:
     """The connector of issuer block ``issuer`` (``<slug>/<name>``), loaded through Prefect now.
     BlockNotFoundError (permanent) when there is no such block, PermanentError when it is not an issuer block."""
+    connector: Issuer = issuer_block(issuer).get_issuer(engine, ring, actor=actor)
+    return connector
+
+
+def issuer_block(issuer: str) -> Any:
+    """The saved issuer block ``issuer`` (``<slug>/<name>``). BlockNotFoundError (permanent) when there is
+    no such block, PermanentError when it is not an issuer block."""
     block = load_block(issuer)
     if not callable(getattr(block, "get_issuer", None)):
         raise PermanentError(f"block {issuer!r} is a {type(block).__name__}, not an issuer block")
-    connector: Issuer = block.get_issuer(engine, ring, actor=actor)
-    return connector
+    return block
 
 
 @dataclass(frozen=True)
@@ -163,7 +178,7 @@ def hold_issuer_slots(counts: Mapping[str, int]) -> Iterator[dict[str, threading
         yield {issuer: threading.BoundedSemaphore(count) for issuer, count in counts.items()}
 
 
-@task(name="ensure-issuer-limits")
+@task(name="ensure-issuer-limits", timeout_seconds=120)
 def ensure_issuer_limits(issuers: Sequence[str], slots: int = DEFAULT_ISSUER_SLOTS) -> dict[str, int]:
     """Create the concurrency limit of each issuer that has none (an existing one keeps its slots)."""
     out = {}
@@ -193,7 +208,8 @@ def _step(name: str, step: Step, issuer: str) -> Iterator[None]:
         raise renewing.step_error(name, step, issuer, exc) from None
 
 
-@task(name="plan-renewal", task_run_name="plan-{name}", cache_policy=NO_CACHE)
+@task(name="plan-renewal", task_run_name="plan-{name}", cache_policy=NO_CACHE, on_running=[tag_with_certificate],
+      timeout_seconds=120)
 def plan_renewal(name: str) -> RenewalPlan:
     """Which issuer renews ``name`` and what it replaces (public facts only). NotFoundError (not
     retried, nothing recorded) when there is no such managed certificate."""
@@ -205,35 +221,35 @@ def plan_renewal(name: str) -> RenewalPlan:
         raise renewing.step_error(name, Step.LOAD, "?", exc) from None
 
 
-@task(name="generate-key", task_run_name="generate-key-{plan.name}", **_RETRY)
+@task(name="generate-key", task_run_name="generate-key-{plan.name}", timeout_seconds=300, **_RETRY)
 def generate_key(plan: RenewalPlan) -> KeyRef:
     """Generate and store (encrypted) the next key of the plan's certificate. Returns its KeyRef, never the key."""
     with _step(plan.name, Step.KEY, plan.issuer):
         return renewing.new_key(get_engine(), plan, key_ring(), run_actor())
 
 
-@task(name="build-csr", task_run_name="build-csr-{plan.name}", **_RETRY)
+@task(name="build-csr", task_run_name="build-csr-{plan.name}", timeout_seconds=120, **_RETRY)
 def build_csr(plan: RenewalPlan, key: KeyRef) -> SigningRequest:
     """The CSR for the plan's names, signed with the stored key ``key`` (decrypted here only)."""
     with _step(plan.name, Step.CSR, plan.issuer):
         return renewing.new_csr(get_engine(), plan, key, key_ring())
 
 
-@task(name="issue-certificate", task_run_name="issue-{plan.name}", **_RETRY)
+@task(name="issue-certificate", task_run_name="issue-{plan.name}", timeout_seconds=ORDER_TIMEOUT_SECONDS, **_RETRY)
 def issue_certificate(plan: RenewalPlan, request: SigningRequest, issuer: Issuer) -> IssuedCertificate:
     """Send the CSR to ``issuer`` (built from its block by the flow). Returns the chain, leaf first."""
     with _step(plan.name, Step.ISSUE, plan.issuer):
         return renewing.issue(get_engine(), plan, request, issuer)
 
 
-@task(name="store-certificate", task_run_name="store-{plan.name}", **_RETRY)
+@task(name="store-certificate", task_run_name="store-{plan.name}", timeout_seconds=300, **_RETRY)
 def store_certificate(plan: RenewalPlan, issued: IssuedCertificate, key: KeyRef) -> renewing.Renewal:
     """Check the issued certificate against its key and names, and make it current (the old one is superseded)."""
     with _step(plan.name, Step.STORE, plan.issuer):
         return renewing.store(get_engine(), plan, issued, key, run_actor())
 
 
-@task(name="record-renewal-failure", task_run_name="record-failure-{failure.name}", **_RETRY)
+@task(name="record-renewal-failure", task_run_name="record-failure-{failure.name}", timeout_seconds=300, **_RETRY)
 def record_renewal_failure(failure: Failure) -> str | None:
     """Record the failure on the managed certificate and in the audit trail, destroy the unused key.
     Returns the fingerprint of the certificate that stays in service."""
@@ -243,26 +259,11 @@ def record_renewal_failure(failure: Failure) -> str | None:
 
 # ------------------------------------------------------------------------------------ renew-due
 
-def tag_with_certificate(task: Any, task_run: Any, state: Any) -> None:
-    """renew_managed's on_running state hook: tag the run it is handed ``certificate:<name>`` (its name
-    is ``renew-<name>``). Prefect 3.8.8 has no API to change a task run's tags once it exists (PATCH
-    /task_runs/{id} takes a name only), and a tag given at submission (``prefect.tags``,
-    ``with_options``) makes the task engine ask the server for a tag concurrency slot before every run:
-    on a SQLite-backed server that write fails with 503 under load and the client backs off, which made
-    renew-due of 50 certificates take 27 s instead of 8 (bench/renew_due.py --quick). A tag added here,
-    after that request, reaches the server with the run's next state (Completed, Failed or
-    AwaitingRetry) and is filterable like any other; only a tag concurrency limit on it would not apply
-    (none is used). tests/flows/test_renew_flows.py reads the tags back from the API."""
-    tag = certificate_tag(task_run.name.removeprefix("renew-"))
-    if tag not in task_run.tags:
-        task_run.tags = [*task_run.tags, tag]
-
-
-@task(name="renew", task_run_name="renew-{name}", on_running=[tag_with_certificate], **_RETRY)
+@task(name="renew", task_run_name="renew-{name}", timeout_seconds=ORDER_TIMEOUT_SECONDS + 600, **_RETRY)
 def renew_managed(name: str, issuer: Issuer | IssuerUnavailable) -> renewing.Renewal:
     """Every step of renewing ``name`` in one task run, with ``issuer`` (the flow built it from its
     block, throttled by the slots its batch holds); failures are recorded, then raised (redacted).
-    The run is named ``renew-<name>`` and tagged ``certificate:<name>`` (``tag_with_certificate``)."""
+    The run is named ``renew-<name>`` and tagged ``certificate:<name>``."""
 
     def resolve(block: str) -> Issuer:
         if isinstance(issuer, IssuerUnavailable):
@@ -273,7 +274,7 @@ def renew_managed(name: str, issuer: Issuer | IssuerUnavailable) -> renewing.Ren
     return renewing.renew(steps, name)
 
 
-@task(name="refresh-renewal-info")
+@task(name="refresh-renewal-info", timeout_seconds=1800)
 def refresh_renewal_info() -> dict[str, int]:
     """Ask each issuer for its renewal window (ARI) of the certificates whose stored window is stale."""
     logger = get_run_logger()
@@ -301,18 +302,55 @@ def refresh_renewal_info() -> dict[str, int]:
     return {"checked": len(windows), "offered": sum(1 for w in windows.values() if w), "failed": sum(failed.values())}
 
 
-@task(name="select-due")
+@task(name="select-due", timeout_seconds=600)
 def select_due(within_days: float = 0.0, limit: int | None = None) -> list[renewing.DueCertificate]:
     """The managed certificates due for renewal now (or within ``within_days``), most overdue first."""
     with read_session(get_engine()) as session:
         return renewing.due_certificates(session, utcnow() + dt.timedelta(days=within_days), limit)
 
 
+# ------------------------------------------------------------------------------------ dry runs
+
+def issuer_problem(issuer: str) -> str | None:
+    """Why issuer block ``issuer`` could not be used (None: it loads and is an issuer block). The
+    connector is not built: building an ACME issuer may contact the CA."""
+    try:
+        issuer_block(issuer)
+    except Exception as exc:  # noqa: BLE001 - the dry run reports it: the real run would fail on it
+        return redact(exc)
+    return None
+
+
+@task(name="preview-renewal", task_run_name="preview-{plan.name}", cache_policy=NO_CACHE,
+      on_running=[tag_with_certificate], timeout_seconds=120)
+def preview_renewal(plan: RenewalPlan, deploy: bool) -> RenewalPreview:
+    """What renewing the plan's certificate would do (renew-certificate's dry run), published as an
+    artifact of the run. Nothing is generated, ordered or written."""
+    with read_session(get_engine()) as session:
+        names = tuple(t.name for t in targets.list_targets(session, plan.name)) if deploy else ()
+    preview = RenewalPreview(plan, issuer_problem(plan.issuer), names)
+    create_markdown_artifact(markdown="\n".join(preview.lines()),
+                             description=f"Dry run: what renewing {plan.name} would do")
+    return preview
+
+
+@task(name="preview-due", timeout_seconds=600)
+def preview_due(within_days: float = 0.0, limit: int | None = None) -> DuePreview:
+    """What a renew-due run would renew now (its dry run), with the renewal windows as last stored,
+    published as an artifact of the run. Nothing is renewed or written."""
+    at = utcnow() + dt.timedelta(days=within_days)
+    with read_session(get_engine()) as session:
+        preview = DuePreview(at, tuple(renewing.due_certificates(session, at, limit)))
+    create_markdown_artifact(markdown="\n".join(preview.lines()),
+                             description=f"Dry run: {len(preview.due)} certificate(s) due")
+    return preview
+
+
 def _cell(text: Any) -> str:
     return str(text if text is not None else "").replace("|", "\\|").replace("\n", " ")
 
 
-@task(name="publish-renewal-report")
+@task(name="publish-renewal-report", timeout_seconds=300)
 def publish_renewal_report(outcomes: list[RenewalOutcome], max_rows: int = 500) -> str:
     """Publish the renewals as a markdown artifact (key: renewals), failures first. Returns its text."""
     failed = [o for o in outcomes if not o.ok]

@@ -21,6 +21,7 @@ from certpilot.database import get_engine, read_session
 from certpilot.models import AuditEvent, Certificate, PrivateKey
 from certpilot.sample_estate import pem, write_estate
 from flows.import_inventory import import_inventory
+from tests.flows.test_renew_flows import _flow_run
 from tests.keyprobe import leaks
 
 
@@ -90,14 +91,19 @@ def test_a_key_password_is_read_from_the_secret_block_the_run_names(tmp_path: Pa
     (tmp_path / "site.crt").write_bytes(pem(certificate))
     (tmp_path / "site.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"import-key-password")))
-    Secret(value="import-key-password").save("import-key-password", overwrite=True)
-    summary = import_inventory(paths=[str(tmp_path)], import_keys=True, password_secret="import-key-password").summary
+        serialization.BestAvailableEncryption(b"pw-8f3a2c-of-the-key")))
+    Secret(value="pw-8f3a2c-of-the-key").save("import-key-password", overwrite=True)
+    secret = Secret.load("import-key-password")  # as the run form's block picker hands it over
+    state = import_inventory(paths=[str(tmp_path)], import_keys=True, password_secret=secret, return_state=True)
+    summary = state.result().summary
     assert (summary.failed, summary.certificates, summary.keys_stored) == (0, 1, 1)
+    stored = _flow_run(state.state_details.flow_run_id).parameters["password_secret"]
+    assert "pw-8f3a2c-of-the-key" not in str(stored)  # the run's recorded parameters hold no password
 
 
-def test_a_missing_password_secret_fails_the_run_naming_the_block(tmp_path: Path) -> None:
-    state = import_inventory(paths=[str(tmp_path)], import_keys=True, password_secret="no-such-secret",
+def test_an_unsaved_password_secret_fails_the_run_saying_why(tmp_path: Path) -> None:
+    state = import_inventory(paths=[str(tmp_path)], import_keys=True, password_secret=Secret(value="not-saved"),
                              return_state=True)
     assert state.is_failed()
-    assert "block 'secret/no-such-secret' not found" in (state.message or "")
+    assert "password_secret must be a saved Secret block" in (state.message or "")
+    assert "not-saved" not in str(_flow_run(state.state_details.flow_run_id).parameters)
