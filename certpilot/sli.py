@@ -156,6 +156,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def shown_seconds(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.3g} ms"
     if seconds < 120:
         return f"{seconds:.3g} s"
     if seconds < 7200:
@@ -323,8 +325,8 @@ def _m6(session: Session, events: _Events, start: dt.datetime, end: dt.datetime)
         if following is None:
             pending += 1
             times.append((end - revoked.at).total_seconds())
-        else:
-            times.append((following.at - revoked.at).total_seconds())
+        else:  # a CRL's time is whole seconds (its thisUpdate): one issued with the revocation may read as before it
+            times.append(max(0.0, (following.at - revoked.at).total_seconds()))
     definition = ("certificate.revoked by a certpilot CA in the window to its next ca.crl_issued: the worst "
                   "(one not in a CRL yet counts with its age)")
     details: tuple[tuple[str, Scalar], ...] = (("revocations", len(times)), ("pending", pending),

@@ -309,8 +309,8 @@ def test_percentile_interpolates_between_ranks() -> None:
     assert sli.percentile([1.0, 2.0, 3.0, 4.0, 10.0], 0.9) == pytest.approx(7.6)
     with pytest.raises(ValueError):
         sli.percentile([], 0.5)
-    assert [sli.shown_seconds(s) for s in (0.25, 90, 600, 7200, 3 * 86400)] == ["0.25 s", "90 s", "10.0 min",
-                                                                              "2.0 h", "3.0 d"]
+    assert [sli.shown_seconds(s) for s in (0, 0.25, 90, 600, 7200, 3 * 86400)] == [
+        "0 ms", "250 ms", "90 s", "10.0 min", "2.0 h", "3.0 d"]
 
 
 # ------------------------------------------------------------------------------------ the CLI
