@@ -574,10 +574,10 @@ def add_suppression(session: Session, scope: str, starts_at: dt.datetime, ends_a
     parse_scope(scope)
     if starts_at.tzinfo is None or ends_at.tzinfo is None:
         raise ValueError("suppression windows need aware UTC datetimes")
-    if ends_at <= starts_at:
-        raise InvalidOptionError("--until", _iso(ends_at), f"after the window's start ({_iso(starts_at)})")
     if ends_at <= now:
         raise InvalidOptionError("--until", _iso(ends_at), "in the future")
+    if ends_at <= starts_at:
+        raise InvalidOptionError("--until", _iso(ends_at), f"after the window's start ({_iso(starts_at)})")
     if not reason.strip():
         raise InvalidOptionError("--reason", reason, "a non-empty reason")
     row = Suppression(scope=scope.strip(), starts_at=starts_at, ends_at=ends_at, reason=reason.strip(),

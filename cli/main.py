@@ -14,6 +14,7 @@ import typer
 
 from certpilot.database import get_engine
 from certpilot.settings import load_settings
+from cli import alerts as alerts_cli
 from cli import audit, ca, fleet, inventory, keys, managed, report, serve, status, targets
 from cli.console import CertpilotGroup, JsonOption, err, line, out, print_json
 
@@ -32,6 +33,8 @@ app.command("discover")(fleet.discover_command)
 app.command("status")(status.status_command)
 app.command("serve")(serve.serve_command)
 app.command("exporter")(serve.exporter_command)
+app.add_typer(alerts_cli.app, name="alerts")
+app.add_typer(alerts_cli.suppress_app, name="suppress")
 
 
 def version() -> str:

@@ -200,7 +200,8 @@ def test_bad_scopes_are_refused_naming_the_forms(bad: str) -> None:
 def test_suppression_windows_are_checked(engine: sa.Engine) -> None:
     with write_session(engine) as session:
         with pytest.raises(InvalidOptionError, match="--until must be after"):
-            alerts.add_suppression(session, "owner=x", NOW, NOW, "r", "alice", NOW)
+            alerts.add_suppression(session, "owner=x", NOW + dt.timedelta(hours=2), NOW + dt.timedelta(hours=1), "r",
+                                   "alice", NOW)
         with pytest.raises(InvalidOptionError, match="--until must be in the future"):
             alerts.add_suppression(session, "owner=x", NOW - dt.timedelta(hours=2), NOW - dt.timedelta(hours=1),
                                    "r", "alice", NOW)
