@@ -22,9 +22,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from certpilot.database import get_engine
-from certpilot.errors import PermanentError
+from certpilot.errors import PermanentError, redact
 from cli import prefect_api
-from cli.console import err, line, usage_error
+from cli.console import err, line, note, usage_error, warn
 from cli.options import actor, ring
 
 STOP_SECONDS = 20.0  # to let the listener and the runner finish stopping after SIGTERM
@@ -34,6 +34,8 @@ ListenOption = Annotated[str, typer.Option(metavar="HOST:PORT", help=(
 
 def _log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    for chatty in ("httpx", "alembic"):  # a line per API call, per migration step
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def http_service(listen: str, *, ca: bool, metrics: bool, request_seconds: float = 10.0) -> Any:
@@ -52,22 +54,39 @@ def http_service(listen: str, *, ca: bool, metrics: bool, request_seconds: float
         raise PermanentError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
 
 
-def run_until_signalled(*parts: tuple[Coroutine[Any, Any, None], Callable[[], Awaitable[None] | None]]) -> None:
-    """Run each (coroutine, stop) part in one event loop until SIGTERM or SIGINT, or until one part ends
-    by itself (a failure, raised); then stop every part and wait for it (STOP_SECONDS at most)."""
-    asyncio.run(_until_signalled(parts))
+Part = tuple[Coroutine[Any, Any, None], Callable[[], Awaitable[None] | None]]
 
 
-async def _until_signalled(parts: tuple[tuple[Coroutine[Any, Any, None], Callable[[], Awaitable[None] | None]], ...]
-                           ) -> None:
+def run_until_signalled(*parts: Part, prepare: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Await ``prepare()``, then run each (coroutine, stop) part in one event loop until SIGTERM or SIGINT,
+    or until one part ends by itself (a failure, raised); then stop every part and wait for it
+    (STOP_SECONDS at most). A signal during ``prepare`` stops before anything runs."""
+    asyncio.run(_until_signalled(parts, prepare))
+
+
+async def _until_signalled(parts: tuple[Part, ...], prepare: Callable[[], Awaitable[None]] | None) -> None:
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
-    tasks = [asyncio.create_task(coroutine) for coroutine, _ in parts]
-    await asyncio.sleep(0)  # each part begins: Prefect's runner sets a SIGTERM handler of its own; ours replace it
-    for number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(number, signalled.set)
+
+    def listen() -> None:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(number, signalled.set)
+
+    listen()
     waiting = asyncio.create_task(signalled.wait())
+    tasks: list[asyncio.Task[None]] = []
     try:
+        if prepare is not None:
+            preparing = asyncio.ensure_future(prepare())
+            await asyncio.wait([preparing, waiting], return_when=asyncio.FIRST_COMPLETED)
+            if signalled.is_set():
+                preparing.cancel()
+                err.print(line("stopped (signal received while starting)"))
+                return
+            preparing.result()
+        tasks = [asyncio.create_task(coroutine) for coroutine, _ in parts]
+        await asyncio.sleep(0)  # each part begins: Prefect's runner sets a SIGTERM handler of its own there
+        listen()  # ours again
         await asyncio.wait([*tasks, waiting], return_when=asyncio.FIRST_COMPLETED)
         if signalled.is_set():
             err.print(line("stopping (signal received)"))
@@ -90,6 +109,8 @@ async def _until_signalled(parts: tuple[tuple[Coroutine[Any, Any, None], Callabl
             raise PermanentError("a part of the service stopped by itself: see the log above")
     finally:
         waiting.cancel()
+        for coroutine, _ in parts[len(tasks):]:
+            coroutine.close()  # never started
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(number)
 
@@ -114,6 +135,23 @@ def _require_prefect_api() -> str:
     return url
 
 
+def _apply_automations() -> None:
+    """Prefect's automations for certpilot's runs (deployments.automations), created or updated; a failure
+    is reported, and serving goes on without them."""
+    from deployments import automations
+
+    try:
+        changes = automations.apply()
+    except Exception as exc:
+        warn(f"Prefect automations not applied: {redact(exc)}")
+        return
+    skipped = [change for change in changes if change.change == "skipped"]
+    if skipped:
+        note(f"Prefect automations not created: {skipped[0].reason}")
+    else:
+        err.print(line("Prefect automations: " + ", ".join(f"{c.name} ({c.change})" for c in changes)))
+
+
 def serve_command(
     listen: ListenOption = "127.0.0.1:8180",
     no_http: Annotated[bool, typer.Option("--no-http", help="Serve the deployments only: no HTTP listener.")] = False,
@@ -129,29 +167,28 @@ def serve_command(
 
     from deployments import runner_deployments
 
+    _apply_automations()
     served = runner_deployments()
     # Schedules stay active when it stops (pause_on_shutdown=False): runs that come due meanwhile wait as Late
     # and run at the next start.
     runner = Runner(name="certpilot-serve", pause_on_shutdown=False, limit=limit)
 
-    async def serve_deployments() -> None:
+    async def register() -> None:
         for deployment in served:
             await runner.aadd_deployment(deployment)
         err.print(line(f"serving {len(served)} deployments from the Prefect API at {api}: "
                        + ", ".join(f"{d.flow_name}/{d.name}" for d in served)))
-        await runner.start()
 
     async def stop_runner() -> None:
         if runner.started:
             await runner.astop()
 
-    parts: list[tuple[Coroutine[Any, Any, None], Callable[[], Awaitable[None] | None]]] = [
-        (serve_deployments(), stop_runner)]
+    parts: list[Part] = [(runner.start(), stop_runner)]
     if service is not None:
         err.print(line(f"HTTP listener on {service.url}: /metrics, /healthz, the CAs' CRLs, certificates and OCSP"))
         parts.append((service.serve(), service.stop))
     err.print(line("SIGTERM or Ctrl+C stops it"))
-    run_until_signalled(*parts)
+    run_until_signalled(*parts, prepare=register)
     err.print(line("stopped"))
 
 

@@ -2,8 +2,8 @@
 
 ``prefect.yaml`` at the top of the checkout is the one place they are written: ``prefect deploy
 --all`` reads it for a work pool, and ``runner_deployments()`` builds the same deployments from it for
-``prefect.serve`` on one machine. Entry points are paths in the checkout (``flows/renew.py:renew_due``),
-so both run from a checkout of certpilot.
+``certpilot serve`` (Prefect's runner) on one machine. Entry points in prefect.yaml are paths in the
+checkout (``flows/renew.py:renew_due``), which a worker finds through the pull step's working directory.
 """
 
 from __future__ import annotations
@@ -55,7 +55,12 @@ def load_flow(entrypoint: str) -> Any:
 
 
 def runner_deployments() -> list[Any]:
-    """The deployments as RunnerDeployments, for ``prefect.serve(*runner_deployments())``."""
+    """The deployments as RunnerDeployments, for Prefect's runner (``certpilot serve``). Their entry points
+    are module paths (``flows.renew.renew_due``): the runner's flow-run processes import the flow from the
+    installed package, whatever directory ``certpilot serve`` was started in."""
+    from prefect.deployments.runner import EntrypointType
+
     return [load_flow(spec.entrypoint).to_deployment(
         name=spec.name, description=spec.description, tags=list(spec.tags), parameters=spec.parameters,
-        cron=spec.cron, concurrency_limit=spec.concurrency_limit) for spec in DEPLOYMENTS]
+        cron=spec.cron, concurrency_limit=spec.concurrency_limit, entrypoint_type=EntrypointType.MODULE_PATH)
+        for spec in DEPLOYMENTS]

@@ -11,6 +11,8 @@ from prefect.settings import (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_LOCAL_S
                               PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings)
 from prefect.testing.utilities import prefect_test_harness
 
+from lab.prefect_server import PrefectServer
+
 
 @pytest.fixture(scope="session")
 def prefect_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -40,3 +42,11 @@ def prefect_files(prefect_storage: Path):  # noqa: ANN201 - returns a reader
         return {str(path): path.read_bytes() for path in paths if path.is_file()}
 
     return read
+
+
+@pytest.fixture(scope="session")
+def scheduling_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real `prefect server start` on loopback, with the scheduler (the harness above runs none), started
+    once per session when a test asks for it (about 11 s); its scheduler loop every 2 s instead of 60."""
+    with PrefectServer(tmp_path_factory.mktemp("prefect-server"), scheduler_loop_seconds=2) as server:
+        yield server
