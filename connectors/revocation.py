@@ -8,8 +8,8 @@ answer within 5 s"). It never raises for the network or for what a CA sent: what
 
 CRL: from the certificate's CRL distribution points (http and https URLs, in order), fetched with a
 ``timeout`` on the connection and on every read, and one deadline for the whole body (a server that
-drip-feeds a body cannot stretch it), reading at most ``max_crl_bytes``. A CRL is used only when its issuer is the certificate's issuer,
-its signature verifies with the issuer's key and it is current (now before its nextUpdate). It is kept
+drip-feeds a body cannot stretch it), reading at most ``max_crl_bytes``. A CRL is used only when its
+issuer is the certificate's issuer, its signature verifies with the issuer's key and it is current (now before its nextUpdate). It is kept
 (in memory, and in ``cache_dir`` when given, so that the next run finds it) until its nextUpdate; at most
 ``cache_entries`` CRLs are held in memory, the least recently used dropped first.
 
@@ -213,8 +213,9 @@ class RevocationChecker:
                 return Revocation(RevocationStatus.GOOD, f"not on the CRL of {url}{number}, valid until "
                                                          f"{crl.next_update_utc:%Y-%m-%d %H:%M} UTC", "crl", url)
             reason = self._entry_reason(entry)
+            why = f" ({reason})" if reason else ""
             return Revocation(RevocationStatus.REVOKED, f"revoked on {entry.revocation_date_utc:%Y-%m-%d %H:%M} UTC"
-                                                        f"{f' ({reason})' if reason else ''}, per the CRL of {url}{number}",
+                                                        f"{why}, per the CRL of {url}{number}",
                               "crl", url, entry.revocation_date_utc, reason)
         for url in ocsp_urls:
             try:

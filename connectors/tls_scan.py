@@ -1,8 +1,10 @@
 """Discovery by TLS handshake: a Source that scans host names, addresses and CIDR ranges on a list of ports.
 
 ``TlsScanSource(name, targets, ports=(443,), sni=(), concurrency=200, timeout=3.0, trust=(),
-use_system_trust=False)`` is a certpilot.discovery.Source named ``tls-scan:<name>``. ``discover()`` yields
-a Found for every endpoint that presented certificates and a Problem for every one that did not.
+use_system_trust=False, legacy_versions=False)`` is a certpilot.discovery.Source named ``tls-scan:<name>``;
+``TlsScanSource.of_probes(name, probes)`` scans exactly the probes given (the monitor's places).
+``discover()`` yields a Found for every endpoint that presented certificates and a Problem for every one that
+did not.
 
 Targets (``expand_targets``, a pure function):
 - a host name (``www.example.com``), an IPv4 or IPv6 address (``10.0.0.1``, ``::1``, ``[::1]``);
@@ -47,6 +49,7 @@ import ssl
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 
@@ -184,7 +187,7 @@ class TlsScanSource:
 
     def __init__(self, name: str, targets: Sequence[str], ports: Sequence[int] = (443,), sni: Sequence[str] = (),
                  concurrency: int = 200, timeout: float = 3.0, trust: Sequence[x509.Certificate] = (),
-                 use_system_trust: bool = False) -> None:
+                 use_system_trust: bool = False, *, legacy_versions: bool = False) -> None:
         if concurrency < 1:
             raise TargetError(f"concurrency must be at least 1, not {concurrency}")
         if not timeout > 0:
@@ -196,7 +199,17 @@ class TlsScanSource:
         self.timeout = timeout
         self.trust = tuple(trust)
         self.use_system_trust = use_system_trust
+        self.legacy_versions = legacy_versions  # also offer TLS 1.0 and 1.1 (tls_verify.client_context)
         self._verifies = bool(self.trust) or use_system_trust
+
+    @classmethod
+    def of_probes(cls, name: str, probes: Iterable[Probe], **options: Any) -> TlsScanSource:
+        """A scan of exactly ``probes`` (each address, port and SNI name as given, duplicates once): the
+        places the monitor checks, each with its own SNI name. ``options`` as for the constructor."""
+        source = cls(name, (), **options)
+        source.probes = list(dict.fromkeys(probes))
+        source._hosts_named = {p.host for p in source.probes if not _is_address(p.host)}
+        return source
 
     def discover(self) -> Iterator[Found | Problem]:
         """Yields as results arrive. The scan runs in ``LOOPS`` threads, each with its own asyncio loop,
@@ -242,7 +255,8 @@ class TlsScanSource:
             results.put(_DONE)
 
     async def _scan(self, probes: Iterator[Probe], workers: int, results: queue.Queue, stop: threading.Event) -> None:
-        context = client_context(self.trust, use_system_trust=self.use_system_trust)
+        context = client_context(self.trust, use_system_trust=self.use_system_trust,
+                                 legacy_versions=self.legacy_versions)
         loop = asyncio.get_running_loop()
 
         batch: list[Found | Problem] = []  # handed over in batches: one queue operation per item costs GIL hand-offs

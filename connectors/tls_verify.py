@@ -34,6 +34,7 @@ import hashlib
 import socket
 import ssl
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -122,15 +123,26 @@ def endpoint_label(host: str, port: int, sni: str | None = None) -> str:
     return f"{shown}:{port}" + (f" sni={sni}" if sni else "")
 
 
-def client_context(trust: Sequence[x509.Certificate] = (), *, use_system_trust: bool = False) -> ssl.SSLContext:
+def client_context(trust: Sequence[x509.Certificate] = (), *, use_system_trust: bool = False,
+                   legacy_versions: bool = False) -> ssl.SSLContext:
     """A client context for TLS 1.2 and 1.3 that never checks the hostname.
 
     With no trust it accepts whatever is presented (CERT_NONE). With trust anchors (``trust`` and/or the
     system's store) OpenSSL verifies the chain during the handshake (an anchor may be an intermediate:
     partial chains are allowed); a chain that does not verify ends the handshake with the server's
-    certificates already read, and ClientHandshake records why in ``verify_error``."""
+    certificates already read, and ClientHandshake records why in ``verify_error``.
+
+    ``legacy_versions`` also offers TLS 1.0 and 1.1 (and the old ciphers they need), so that an endpoint
+    that speaks nothing newer answers and can be reported as weak instead of failing the handshake; a
+    server that speaks 1.2 or 1.3 still negotiates them."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if legacy_versions:
+        with warnings.catch_warnings():  # the ssl module deprecates naming TLS 1.0: naming it is the point here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.TLSv1
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    else:
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False
     if not trust and not use_system_trust:
         context.verify_mode = ssl.CERT_NONE
@@ -245,8 +257,8 @@ class ClientHandshake:
             chain = (der,)
         cipher = obj.cipher()
         name = cipher[0] if cipher else "unknown"
-        version = obj.version()  # None when verification ended the handshake; we offer only TLS 1.2 and 1.3,
-        if version is None:  # and only TLS 1.3 uses the TLS_* suites
+        version = obj.version()  # None when verification ended the handshake; by default we offer only TLS 1.2
+        if version is None:  # and 1.3, and only TLS 1.3 uses the TLS_* suites
             version = "TLSv1.3" if name.startswith("TLS_") else "TLSv1.2"
         return Presented(chain, version, name)
 

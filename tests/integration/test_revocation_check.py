@@ -91,7 +91,8 @@ def test_ocsp_when_no_crl_answers(corp: ServedCA) -> None:
 def test_what_cannot_be_verified_is_unknown(corp: ServedCA, engine: sa.Engine) -> None:
     leaf = corp.issue("unknown.example.test").leaf
     farm = make_farm_ca()
-    farm_leaf, _ = issue_farm_leaf(farm, ["plain.example.test"], dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=9))
+    in_nine_days = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=9)
+    farm_leaf, _ = issue_farm_leaf(farm, ["plain.example.test"], in_nine_days)
     with RevocationChecker(timeout=5) as checker:
         no_urls = checker.check(farm_leaf, farm.intermediate)
         assert no_urls.status is RevocationStatus.UNKNOWN and "no CRL distribution point" in no_urls.reason
