@@ -55,6 +55,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from certpilot import audit
+from certpilot.alerts import Condition, Severity
 from certpilot.errors import AuditChainError, InvalidOptionError
 from certpilot.inventory import iso
 from certpilot.models import Alert, AuditEvent, Certificate, CertificateAuthority, EndpointCheck
@@ -66,10 +67,9 @@ Scalar = float | int | str | bool | None
 
 KEYS = ("M1", "M2", "M3", "M4", "M5", "M6", "M7", "M8", "M9", "M10")
 
-# Values of certpilot.alerts (Condition.CHAIN_INCOMPLETE; Severity.PAGE and CRITICAL), as stored.
-CHAIN_INCOMPLETE = "chain-incomplete"
-INCIDENT_SEVERITIES = ("page", "critical")
-SEVERITIES = ("page", "critical", "ticket")
+CHAIN_INCOMPLETE = str(Condition.CHAIN_INCOMPLETE)
+INCIDENT_SEVERITIES = (str(Severity.PAGE), str(Severity.CRITICAL))  # an incident: someone must repair it now
+SEVERITIES = tuple(str(s) for s in sorted(Severity, key=Severity.rank, reverse=True))  # page, critical, ticket
 KEY_STORE_STEPS = ("key", "csr")  # the renewal steps that use the key store (certpilot.renewing.Step)
 _MISSING_SHOWN = 5  # how many facts without their audit event M10 names
 
