@@ -23,6 +23,7 @@ import email.utils
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ from certpilot.errors import (
     CertpilotError,
     PermanentError,
     RateLimitedError,
+    endpoint_label,
 )
 from certpilot.issuance import IssuedCertificate
 from certpilot.keystore import KeyRing, load_private_key
@@ -137,6 +139,16 @@ class _Budget:
 
     deadline: float
     rate_limit_wait: float
+
+
+def _asked(exc: requests.RequestException) -> str:
+    """' to GET https://host:port/path (host:port)': the request that failed, for the message."""
+    request = exc.request
+    if request is None or not isinstance(request.url, str) or not request.url:
+        return ""
+    parts = urllib.parse.urlsplit(request.url)
+    where = endpoint_label(parts.hostname or "?", parts.port or (443 if parts.scheme == "https" else 80))
+    return f" to {request.method} {parts.scheme}://{parts.netloc}{parts.path} ({where})"
 
 
 class _Network(acme_client.ClientNetwork):
@@ -462,9 +474,11 @@ class AcmeIssuer:
                 raise AcmeProblemError("about:blank", detail, status=status, ca=self.name) from exc
             raise AcmeServerError("about:blank", detail, status=status, ca=self.name) from exc
         except requests.Timeout as exc:
-            raise AcmeServerError("timeout", f"{what}: no answer within {self.timeout:g} s", ca=self.name) from exc
+            raise AcmeServerError("timeout", f"{what}: no answer within {self.timeout:g} s{_asked(exc)}",
+                                  ca=self.name) from exc
         except requests.RequestException as exc:
-            raise AcmeServerError("unreachable", f"{what}: {type(exc).__name__}: {exc}", ca=self.name) from exc
+            raise AcmeServerError("unreachable", f"{what}{_asked(exc)}: {type(exc).__name__}: {exc}",
+                                  ca=self.name) from exc
         except (acme_errors.Error, jose.Error) as exc:
             raise AcmeServerError("malformed", f"{what}: {type(exc).__name__}: {exc}", ca=self.name) from exc
 
