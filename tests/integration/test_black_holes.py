@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import AuthorityInformationAccessOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from certpilot import keystore
 from certpilot.deployment import VerificationError
@@ -38,7 +38,7 @@ from connectors.tls_verify import TlsTimeoutError, fetch_chain, wait_until_serve
 from lab.ports import free_port
 from lab.receivers import BlackHole
 from lab.sshd import generate_client_key, openssh_private_text, openssh_public_line
-from lab.tls_farm import issue_farm_leaf, make_farm_ca
+from lab.tls_farm import make_farm_ca
 
 TIMEOUT = 1.0
 SLACK = 2.0  # thread start-up, name resolution, the machine being shared
@@ -122,18 +122,20 @@ def test_a_tls_endpoint_that_never_answers(hole: BlackHole) -> None:
 def _leaf_pointing_at(port: int) -> tuple[x509.Certificate, x509.Certificate]:
     """A leaf whose CRL distribution point and OCSP responder are ``port`` on loopback, and its issuer."""
     ca = make_farm_ca()
-    leaf, _ = issue_farm_leaf(ca, ["revocation.example.test"], dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=30))
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (x509.CertificateBuilder().subject_name(leaf.subject).issuer_name(ca.intermediate.subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(leaf.not_valid_before_utc).not_valid_after(leaf.not_valid_after_utc)
-               .add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
-                   [x509.UniformResourceIdentifier(f"http://127.0.0.1:{port}/issuing.crl")], None, None, None)]),
-                   critical=False)
-               .add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
-                   AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(f"http://127.0.0.1:{port}/ocsp"))]),
-                   critical=False))
-    return builder.sign(ca.intermediate_key, hashes.SHA256()), ca.intermediate
+    now = dt.datetime.now(dt.timezone.utc)
+    crl = x509.UniformResourceIdentifier(f"http://127.0.0.1:{port}/issuing.crl")
+    responder = x509.UniformResourceIdentifier(f"http://127.0.0.1:{port}/ocsp")
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "revocation.example.test")]))
+            .issuer_name(ca.intermediate.subject).public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.CRLDistributionPoints([x509.DistributionPoint([crl], None, None, None)]),
+                           critical=False)
+            .add_extension(x509.AuthorityInformationAccess([
+                x509.AccessDescription(AuthorityInformationAccessOID.OCSP, responder)]), critical=False)
+            .sign(ca.intermediate_key, hashes.SHA256()))
+    return leaf, ca.intermediate
 
 
 def test_a_crl_and_ocsp_responder_that_never_answer(hole: BlackHole) -> None:
