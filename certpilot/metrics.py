@@ -42,7 +42,7 @@ import bisect
 import datetime as dt
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,7 @@ from certpilot.models import (
     Target,
 )
 from certpilot.renewal import RenewalPolicy, RenewalWindow, renewal_time
+from certpilot.sli import SliReport
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what render() writes: the Prometheus text format 0.0.4
 ISSUER_GROUP = "certpilot"  # cert-manager's issuer_group label of every managed certificate
@@ -84,17 +85,23 @@ RENEWAL_RESULTS = {"renewal.failed": "failure"}  # success: certificate.issued o
 DEPLOYMENT_RESULTS = {"target.deployed": "deployed", "target.failed": "failed", "target.rolled-back": "rolled_back"}
 
 
-def render(engine: sa.Engine, now: dt.datetime | None = None) -> bytes:
-    """The whole /metrics text (CONTENT_TYPE) for the inventory behind ``engine`` at ``now``."""
+def render(engine: sa.Engine, now: dt.datetime | None = None, *, sli: SliReport | None = None) -> bytes:
+    """The whole /metrics text (CONTENT_TYPE) for the inventory behind ``engine`` at ``now``; with the
+    SLIs of ``sli`` (certpilot.sli.compute) as ``certpilot_sli_*`` gauges when given. The SLIs are not
+    computed here: compute reads the window's audit trail and verifies the whole chain, seconds for a
+    large inventory, so whoever serves /metrics computes them on its own schedule and passes the report."""
     now = now or utcnow()
     with read_session(engine) as session:
         active, ghost_only = _active(session)
-        certificates = _certificate_families(active, ghost_only, now)
-        managed = _managed_families(session, _current_certificates(active), now)
+        text = _certificate_families(active, ghost_only, now)
+        text += _managed_families(session, _current_certificates(active), now)
         summary = _Summary.read(session, now)
+    if sli is not None:
+        summary.add(sli_families(sli))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(summary)
-    return b"".join([certificates.encode(), managed.encode(), generate_latest(registry)])
+    text.append(generate_latest(registry).decode("utf-8"))
+    return "".join(text).encode("utf-8")  # one join, one encoding: the text is 100 MB for 100,000 certificates
 
 
 # ------------------------------------------------------------------------------ the text format
@@ -106,10 +113,9 @@ def escape_label_value(value: str) -> str:
     return value
 
 
-def _family(name: str, documentation: str, kind: str, samples: Iterable[str]) -> str:
+def _family(name: str, documentation: str, kind: str, samples: list[str]) -> list[str]:
     """One metric family: its HELP and TYPE lines, then its sample lines (each ending in a newline)."""
-    head = f"# HELP {name} {documentation}\n# TYPE {name} {kind}\n"
-    return head + "".join(samples)
+    return [f"# HELP {name} {documentation}\n# TYPE {name} {kind}\n", *samples]
 
 
 # ----------------------------------------------------------------- names (RFC 4514 strings)
@@ -167,7 +173,7 @@ def _epoch_seconds(session: Session, column: Any) -> sa.ColumnElement[int]:
 _Row = tuple[str, str, str, str, int, int, str | None, int | None]
 
 
-def _active(session: Session) -> tuple[list[_Row], set[str]]:
+def _active(session: Session) -> tuple[Sequence[_Row], set[str]]:
     """Fingerprint, subject, issuer, serial, NotBefore, NotAfter (Unix seconds), owner and managed id of
     every active certificate that is not a CA certificate (but certpilot's own CAs'), in no particular
     order; and the fingerprints of those seen only at ghost locations (not in service)."""
@@ -188,17 +194,20 @@ def _active(session: Session) -> tuple[list[_Row], set[str]]:
         # table in storage order took half the time (0.3 s against 0.6 s for 100,000 certificates in
         # service). PostgreSQL's planner chooses by its statistics.
         status = sa.literal_column("+certificate.status")
-    rows = session.connection().execute(
+    result = session.connection().execute(
         sa.select(fingerprint, col(Certificate.subject), col(Certificate.issuer), col(Certificate.serial_hex),
                   _epoch_seconds(session, col(Certificate.not_before)),
                   _epoch_seconds(session, col(Certificate.not_after)),
                   col(Certificate.owner), col(Certificate.managed_certificate_id))
-        .where(status == "active", sa.or_(not_ca, fingerprint.in_(own_cas)) if own_cas else not_ca)
-    ).tuples().all()
-    return list(rows), ghost_only
+        .where(status == "active", sa.or_(not_ca, fingerprint.in_(own_cas)) if own_cas else not_ca))
+    # Every column is a str or an int as the driver gives it, which needs no result processing: the
+    # driver's own tuples, read from its cursor, spare 100,000 SQLAlchemy Rows (0.13 s of CPU).
+    rows: Sequence[_Row] = result.cursor.fetchall()
+    result.close()
+    return rows, ghost_only
 
 
-def _certificate_families(rows: Iterable[_Row], ghost_only: set[str], now: dt.datetime) -> str:
+def _certificate_families(rows: Iterable[_Row], ghost_only: set[str], now: dt.datetime) -> list[str]:
     issuers: dict[str, tuple[str, str]] = {}
     after: list[str] = []
     before: list[str] = []
@@ -219,12 +228,11 @@ def _certificate_families(rows: Iterable[_Row], ghost_only: set[str], now: dt.da
         after.append(f"x509_cert_not_after{labels}{not_after}\n")
         before.append(f"x509_cert_not_before{labels}{not_before}\n")
         expired.append(f"x509_cert_expired{labels}{1 if now_ts > not_after else 0}\n")
-    return "".join([
-        _family("x509_cert_not_after", "Unix time after which the certificate is no longer valid (NotAfter).",
-                "gauge", after),
-        _family("x509_cert_not_before", "Unix time from which the certificate is valid (NotBefore).", "gauge", before),
-        _family("x509_cert_expired", "1 if the certificate has expired, 0 otherwise.", "gauge", expired),
-    ])
+    return [*_family("x509_cert_not_after", "Unix time after which the certificate is no longer valid (NotAfter).",
+                     "gauge", after),
+            *_family("x509_cert_not_before", "Unix time from which the certificate is valid (NotBefore).", "gauge",
+                     before),
+            *_family("x509_cert_expired", "1 if the certificate has expired, 0 otherwise.", "gauge", expired)]
 
 
 # --------------------------------------------------------- per managed certificate (cert-manager)
@@ -250,7 +258,7 @@ def _current_certificates(rows: Iterable[_Row]) -> dict[int, _Current]:
     return current
 
 
-def _managed_families(session: Session, current: dict[int, _Current], now: dt.datetime) -> str:
+def _managed_families(session: Session, current: dict[int, _Current], now: dt.datetime) -> list[str]:
     failing_targets = set(session.connection().execute(sa.select(col(Target.managed_certificate_id)).distinct()
                                           .where(col(Target.last_error).is_not(None))).scalars())
     expiration: list[str] = []
@@ -264,7 +272,7 @@ def _managed_families(session: Session, current: dict[int, _Current], now: dt.da
                           col(ManagedCertificate.use_ari), col(ManagedCertificate.ari_start),
                           col(ManagedCertificate.ari_end), col(ManagedCertificate.ari_checked_at),
                           col(ManagedCertificate.last_error), col(ManagedCertificate.last_attempt_at))
-                .where(col(ManagedCertificate.status) == "active")).tuples():
+                .where(col(ManagedCertificate.status) == "active")).tuples().all():
         kind, _, issuer_name = issuer.partition("/")
         labels = (f'issuer_group="{ISSUER_GROUP}",issuer_kind="{escape(kind)}",issuer_name="{escape(issuer_name)}",'
                   f'name="{escape(name)}",namespace="{escape(owner or DEFAULT_NAMESPACE)}"}} ')
@@ -284,13 +292,13 @@ def _managed_families(session: Session, current: dict[int, _Current], now: dt.da
                                     in failing_targets, last_attempt_at is not None, now)
         ready.extend(f'certmanager_certificate_ready_status{{condition="{c}",{labels}{1 if c == condition else 0}\n'
                      for c in READY_CONDITIONS)
-    return "".join([
-        _family("certmanager_certificate_expiration_timestamp_seconds",
+    return [
+        *_family("certmanager_certificate_expiration_timestamp_seconds",
                 "The date after which the certificate expires. Expressed as a Unix Epoch Time.", "gauge", expiration),
-        _family("certmanager_certificate_renewal_timestamp_seconds", "The number of seconds before expiration time "
+        *_family("certmanager_certificate_renewal_timestamp_seconds", "The number of seconds before expiration time "
                 "the certificate should renew. Expressed as a Unix Epoch Time.", "gauge", renewal),
-        _family("certmanager_certificate_ready_status", "The ready status of the certificate.", "gauge", ready),
-    ])
+        *_family("certmanager_certificate_ready_status", "The ready status of the certificate.", "gauge", ready),
+    ]
 
 
 def _utc(seconds: int) -> dt.datetime:
@@ -333,12 +341,41 @@ class _Summary(Collector):
     def collect(self) -> Iterator[Metric]:
         return iter(self._metrics)
 
+    def add(self, metrics: Iterable[Metric]) -> None:
+        self._metrics.extend(metrics)
+
     @classmethod
     def read(cls, session: Session, now: dt.datetime) -> _Summary:
         summary = cls()
         summary._metrics = [*_audit_counters(session), *_revocation(session, now), _sources(session),
                             *_alerts(session), *_endpoint_checks(session), *_inventory(session)]
         return summary
+
+
+# Each SLI's gauge: certpilot_sli_<name>, a percent as a ratio (0 to 1) as Prometheus names go.
+SLI_METRICS = {
+    "M1": "served_certificates_valid_ratio", "M2": "renewal_success_ratio", "M3": "incident_repair_seconds",
+    "M4": "issuance_latency_seconds", "M5": "key_store_availability_ratio",
+    "M6": "revocation_propagation_seconds", "M7": "automated_rotations_ratio", "M8": "chain_validation_errors",
+    "M9": "certificate_incidents", "M10": "audit_completeness_ratio",
+}
+
+
+def sli_families(report: SliReport) -> list[Metric]:
+    """One gauge per SLI that has a value (one without is left out: no number is made up), labelled with
+    its key (M1...) and the report's window in seconds."""
+    window = str(round(report.window.total_seconds()))
+    families: list[Metric] = []
+    for indicator in report.slis:
+        if indicator.value is None:
+            continue
+        suffix = SLI_METRICS.get(indicator.key) or re.sub(r"[^a-z0-9]+", "_", indicator.name.lower()).strip("_")
+        family = GaugeMetricFamily(f"certpilot_sli_{suffix}", f"{indicator.key}, {indicator.name}: "
+                                   f"{indicator.definition}", labels=["sli", "window_seconds"])
+        value = indicator.value / 100 if indicator.unit == "percent" else indicator.value
+        family.add_metric([indicator.key, window], value)
+        families.append(family)
+    return families
 
 
 def _json_text(session: Session, column: sa.ColumnElement[str] | Mapped[str], key: str) -> sa.ColumnElement[str]:
@@ -361,7 +398,7 @@ def _audit_counters(session: Session) -> list[Metric]:
     latencies: list[float] = []
     for managed_name, seconds in session.connection().execute(
             sa.select(_json_text(session, details, "managed"), _json_text(session, details, "issuance_seconds"))
-            .where(col(AuditEvent.action) == "certificate.issued")).tuples():
+            .where(col(AuditEvent.action) == "certificate.issued")).tuples().all():
         all_issued += 1
         renewed += managed_name is not None
         if seconds is not None:
@@ -458,7 +495,7 @@ def _endpoint_checks(session: Session) -> list[Metric]:
             .outerjoin(served, col(served.fingerprint_sha256) == col(EndpointCheck.served_fingerprint))
             .where(sa.or_(col(EndpointCheck.ok).is_(False), col(EndpointCheck.revocation) == "revoked",
                           col(served.status) == "revoked"))
-            .order_by(col(EndpointCheck.place))):
+            .order_by(col(EndpointCheck.place))).all():
         if not ok:
             results["error" if error is not None else "problem"] += 1
             for condition in set(found or ()):

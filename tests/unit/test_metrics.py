@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from certpilot import alerts, audit, ca, inventory, keystore, managed, metrics, renewing, targets
+from certpilot import alerts, audit, ca, inventory, keystore, managed, metrics, renewing, sli, targets
 from certpilot.database import read_session, write_session
 from certpilot.errors import PermanentError
 from certpilot.models import EndpointCheck, Location, SourceRun
@@ -332,3 +332,23 @@ def test_render_is_one_pass_of_set_based_reads(engine: sa.Engine, pki: Authority
         sa.event.remove(engine, "before_cursor_execute", count)
     assert len(statements) == few
     assert len(samples(text)["x509_cert_not_after"]) == 6
+
+
+def test_sli_gauges_when_a_report_is_given(engine: sa.Engine, pki: Authority) -> None:
+    add_managed(engine, "web")
+    renew(engine, "web", pki)
+    now = dt.datetime.now(UTC)
+    with read_session(engine) as session:
+        report = sli.compute(session, dt.timedelta(days=30), now)
+
+    assert not any(n.startswith("certpilot_sli_") for n in samples(metrics.render(engine, now)))  # none unless given
+    text = metrics.render(engine, now, sli=report)
+    promtool_check(text)
+    found = samples(text)
+    gauges = {l["sli"]: (name, v) for name, series in found.items() if name.startswith("certpilot_sli_")
+              for l, v in series}
+    measured = {s.key: s for s in report.slis if s.value is not None}
+    assert set(gauges) == set(measured) and "M2" in gauges and "M4" in gauges
+    assert gauges["M2"] == ("certpilot_sli_renewal_success_ratio", 1.0)  # 100 % as a ratio
+    assert gauges["M4"] == ("certpilot_sli_issuance_latency_seconds", measured["M4"].value)
+    assert {l["window_seconds"] for l, _ in found["certpilot_sli_renewal_success_ratio"]} == {"2592000"}
