@@ -45,7 +45,7 @@ class Served:
     def wait_serving(self, timeout: float = 60) -> None:
         """Until its deployments are registered and its listener answers."""
         deadline = time.monotonic() + timeout
-        while "serving 5 deployments" not in self.output or not self._healthy():
+        while f"serving {len(DEPLOYMENTS)} deployments" not in self.output or not self._healthy():
             assert self.process.poll() is None, f"certpilot serve exited with {self.process.returncode}:\n{self.output}"
             assert time.monotonic() < deadline, f"certpilot serve did not start within {timeout} s:\n{self.output}"
             time.sleep(0.2)
