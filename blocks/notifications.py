@@ -121,6 +121,10 @@ EmailNotification.load("BLOCK_NAME").notify("body", subject="subject")
             raise error(f"{where} answered {exc.smtp_code}: {' '.join(text.split())[:200]}") from None
         except (TimeoutError, socket.timeout):
             raise TransientError(f"{where} did not answer within {self.timeout_seconds:g} s") from None
+        except smtplib.SMTPServerDisconnected as exc:
+            if "timed out" in str(exc):  # smtplib's wording for a read that timed out
+                raise TransientError(f"{where} did not answer within {self.timeout_seconds:g} s") from None
+            raise TransientError(f"{where} closed the connection: {exc}") from None
         except ssl.SSLError as exc:
             raise PermanentError(f"{where}: TLS failed: {exc.reason or exc}") from None
         except (OSError, smtplib.SMTPException) as exc:

@@ -97,22 +97,36 @@ class _Handler:
 
     async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's name
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
-        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))  # type: ignore[arg-type]
+        parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        self.messages.append(parsed)  # type: ignore[arg-type]  # the default policy makes an EmailMessage
         return "250 Message accepted for delivery"
 
 
 class SmtpReceiver:
     """A real SMTP server (aiosmtpd) on loopback that keeps every message it accepted, parsed.
-    ``tls_context`` (an ssl.SSLContext for the server) offers STARTTLS and requires it."""
 
-    def __init__(self, tls_context: Any = None) -> None:
+    ``tls_context`` (an ssl.SSLContext for the server) offers STARTTLS and requires it;
+    ``implicit_tls`` speaks TLS from the first byte (port-465 style) instead; ``credentials``
+    (user, password) requires a login (only over TLS)."""
+
+    def __init__(self, tls_context: Any = None, implicit_tls: Any = None,
+                 credentials: tuple[str, str] | None = None) -> None:
         from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult
 
         self.port = free_port()
         self._handler = _Handler()
         options: dict[str, Any] = {}
         if tls_context is not None:
             options = {"tls_context": tls_context, "require_starttls": True}
+        if implicit_tls is not None:
+            options = {"ssl_context": implicit_tls}
+        if credentials is not None:
+            def authenticate(_server: Any, _session: Any, _envelope: Any, _mechanism: str, data: Any) -> AuthResult:
+                given = (data.login.decode(), data.password.decode())
+                return AuthResult(success=given == credentials, handled=False)  # aiosmtpd answers 535
+
+            options |= {"authenticator": authenticate, "auth_required": True, "auth_require_tls": True}
         self._controller = Controller(self._handler, hostname="127.0.0.1", port=self.port, **options)
 
     @property

@@ -10,9 +10,12 @@ Delivery never blocks or fails monitoring:
 - each message has a deadline (DELIVERY_TIMEOUT seconds) and at most DELIVERY_ATTEMPTS attempts
   (a permanent refusal, such as an HTTP 4xx or a rejected SMTP login, is not retried);
 - channels are served side by side, so a slow or dead channel does not delay the others;
-- once a channel has failed a message after every attempt, its remaining messages of the same call
-  are recorded as failed at once ("not tried: ..."), so a black-holed channel costs one deadline
-  per call, not one per alert;
+- once a channel has failed BREAK_AFTER messages in a row after every attempt, its remaining
+  messages of the same call are recorded as failed at once ("not tried: ..."), so a black-holed
+  channel costs about two deadlines per call (its first messages are in flight side by side), not
+  one per alert;
+- delivery is at least once: a message whose answer missed the deadline is sent again, so a
+  channel slower than the deadline may see it twice;
 - every attempt's outcome is an AlertDelivery row (channel, ok, attempts, the redacted reason),
   visible with ``certpilot alerts list`` and in the inventory; nothing is raised.
 
@@ -49,6 +52,7 @@ DELIVERY_TIMEOUT = 5.0  # seconds per attempt of one message to one channel
 DELIVERY_ATTEMPTS = 2
 RETRY_DELAY = 0.5  # seconds between attempts
 CONCURRENCY_PER_CHANNEL = 8  # messages in flight to one channel at once
+BREAK_AFTER = 3  # messages failed in a row (after every attempt) before a channel is taken as down for the call
 NO_CHANNEL = "(none)"  # the channel recorded when the policy routes an alert nowhere
 
 _URL = re.compile(r"(https?|smtps?)://[^\s'\"<>]+")
@@ -128,7 +132,8 @@ def _serve_channel(channel: str, messages: Sequence[Outgoing], timeout: float, a
     except Exception as exc:  # noqa: BLE001 - a missing or broken block fails its messages, not the run
         why = f"cannot load notification block {channel}: {reason(exc)}"
         return [Delivered(m, False, 0, why, utcnow()) for m in messages]
-    broken: list[str] = []
+    broken: list[str] = []  # why the channel is taken as down for the rest of this call
+    failures: list[str] = []  # messages that failed in a row after every attempt (a success clears it)
 
     async def one(item: Outgoing, gate: asyncio.Semaphore) -> Delivered:
         async with gate:
@@ -140,6 +145,7 @@ def _serve_channel(channel: str, messages: Sequence[Outgoing], timeout: float, a
                 tried = attempt
                 try:
                     await asyncio.wait_for(_notify(block, item.message), timeout)
+                    failures.clear()
                     return Delivered(item, True, tried, None, utcnow())
                 except Exception as exc:  # noqa: BLE001 - any failure of a channel is recorded, never raised
                     why = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else reason(exc)
@@ -148,8 +154,10 @@ def _serve_channel(channel: str, messages: Sequence[Outgoing], timeout: float, a
                         break  # a refusal of this message (HTTP 4xx, a rejected recipient): retrying cannot help
                 if attempt < attempts:
                     await asyncio.sleep(RETRY_DELAY)
-            if not permanent and not broken:
-                broken.append(why)  # down or hung after every attempt: spare the rest of this call its deadlines
+            if not permanent:
+                failures.append(why)
+                if len(failures) >= BREAK_AFTER and not broken:
+                    broken.append(why)  # down or hung: spare the rest of this call its deadlines
             return Delivered(item, False, tried, why, utcnow())
 
     async def everything() -> list[Delivered]:

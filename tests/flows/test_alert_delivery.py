@@ -133,20 +133,26 @@ def test_a_down_or_black_holed_channel_fails_within_its_deadline_and_the_others_
         CustomWebhookNotificationBlock(name="down", url=f"http://127.0.0.1:{closed_port()}/hook"
                                        ).save("down", overwrite=True)
         CustomWebhookNotificationBlock(name="hole", url=hole.url).save("hole", overwrite=True)
-        EmailNotification(smtp_host="127.0.0.1", smtp_port=hole.port, security="plain", timeout_seconds=30,
+        EmailNotification(smtp_host="127.0.0.1", smtp_port=hole.port, security="plain", timeout_seconds=5,
                           from_address="certpilot@example.test", to_addresses=["x@example.test"]).save("hole",
                                                                                                        overwrite=True)
         _load_policy([webhook, mail, "custom-webhook/down", "custom-webhook/hole", "email-notification/hole",
                       "custom-webhook/never-saved"])
-        monkeypatch.setattr(tasks.alerting, "DELIVERY_TIMEOUT", 1.0)
+        monkeypatch.setattr(tasks.alerting, "DELIVERY_TIMEOUT", 2.0)
         started = time.monotonic()
         summary = sensor(list(range(20)))  # the run completes: a channel never fails monitoring
         elapsed = time.monotonic() - started
     assert (summary.opened, summary.delivered, summary.failed_deliveries) == (20, 40, 80)
-    # Two attempts of at most 1 s each and one retry pause, per dead channel, side by side; not 20 times that.
-    assert elapsed < 8, elapsed
-    assert len(hook.wait_for(20)) == 20 and len(smtp.wait_for(20)) == 20
+    # About two attempts of at most 2 s each and a retry pause, the dead channels side by side (some 5 s, more on
+    # a loaded machine); never a deadline per alert (20 alerts x 2 attempts x 2 s = 80 s per channel).
+    assert elapsed < 30, elapsed
     rows = _deliveries()
+    # Every alert reached both good channels; a message is sent again only when an attempt missed its deadline
+    # (at least once delivery), so what arrived is at most the attempts made.
+    assert len({r.json()["subject"] for r in hook.wait_for(20)}) == 20
+    assert len({str(m["Subject"]) for m in smtp.wait_for(20)}) == 20
+    for channel, arrived in ((webhook, hook.requests), (mail, smtp.messages)):
+        assert 20 <= len(arrived) <= sum(r.attempts for r in rows if r.channel == channel and r.ok)
     failed = {}
     for row in rows:
         if not row.ok:
@@ -156,8 +162,8 @@ def test_a_down_or_black_holed_channel_fails_within_its_deadline_and_the_others_
     assert all(len(items) == 20 for items in failed.values())
     for channel in ("custom-webhook/hole", "email-notification/hole"):
         errors = {r.error for r in failed[channel]}
-        assert "no answer within 1 s" in errors
-        assert f"not tried: {channel} failed earlier in this run (no answer within 1 s)" in errors
+        assert "no answer within 2 s" in errors
+        assert f"not tried: {channel} failed earlier in this run (no answer within 2 s)" in errors
         assert max(r.attempts for r in failed[channel]) == 2
     assert any("ConnectError" in (r.error or "") for r in failed["custom-webhook/down"])
     assert all(r.error.startswith("cannot load notification block custom-webhook/never-saved: block "
