@@ -4,6 +4,8 @@
 # a private CA, TLS endpoints with a spread of expiry dates, an SSH host with nginx and haproxy;
 # discovery, renewal of what is due, deployment, verification on the wire, a report.
 # The Prefect server is left running so its UI keeps showing the runs; the address is printed at the end.
+# So is `certpilot serve`, started after the lifecycle: it serves every deployment (their schedules fire)
+# and certpilot's HTTP listener.
 # Then, as before: a sample estate imported from files, the expiry report and the audit chain's check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +46,37 @@ $certpilot report expiry
 echo
 $certpilot audit verify
 echo
-echo "Prefect UI: http://127.0.0.1:$port  (flow runs: discover, renew-due, deploy-certificate; each certificate's"
-echo "history: filter the runs by the tag certificate:www.lab.test). The server keeps running; stop it with:"
+# certpilot serve: every deployment served (schedules fire, runs started from the UI execute) and the HTTP
+# listener (/metrics, /healthz, the private CAs' CRLs and OCSP), left running like the Prefect server. It
+# listens where the lab CA's certificates say its CRL and OCSP are.
+serve_listen=${CERTPILOT_SERVE_LISTEN:-127.0.0.1:8888}
+serve_log="$(dirname "$log")/serve.log"
+serve_pid_file="$(dirname "$log")/serve.pid"
+serve_pid=$(cat "$serve_pid_file" 2>/dev/null || true)
+if [ -n "$serve_pid" ] && ps -p "$serve_pid" -o args= 2>/dev/null | grep -q "certpilot serve"; then
+  echo "== certpilot serve is already running (PID $serve_pid; log: $serve_log)"
+else
+  echo "== starting certpilot serve on $serve_listen (log: $serve_log)"
+  nohup .venv/bin/certpilot serve --listen "$serve_listen" >"$serve_log" 2>&1 &
+  serve_pid=$!  # nohup execs certpilot: this is the PID of the process itself
+  echo "$serve_pid" >"$serve_pid_file"
+  for _ in $(seq 120); do
+    grep -q "deployments from the Prefect API" "$serve_log" && curl -fsS -m 2 "http://$serve_listen/healthz" >/dev/null 2>&1 && break
+    kill -0 "$serve_pid" 2>/dev/null || break
+    sleep 1
+  done
+  if ! grep -q "deployments from the Prefect API" "$serve_log" || ! kill -0 "$serve_pid" 2>/dev/null; then
+    echo "certpilot serve did not start: see $serve_log" >&2
+    tail -n 20 "$serve_log" >&2
+    exit 1
+  fi
+fi
+grep -m1 "deployments from the Prefect API" "$serve_log"
+.venv/bin/prefect deployment ls
+echo
+echo "Prefect UI: http://127.0.0.1:$port  (deployments: each with its schedule and next run, and a run form; flow runs:"
+echo "discover, renew-due, deploy-certificate; each certificate's history: filter the runs by the tag"
+echo "certificate:www.lab.test). certpilot's listener: http://$serve_listen/metrics, /healthz, and the lab CA's"
+echo "CRL and OCSP (http://$serve_listen/lab-ca/issuing.crl, /lab-ca/ocsp). Both keep running; stop them with:"
+echo "  kill $serve_pid    # certpilot serve (SIGTERM: a clean stop)"
 echo "  pkill -f 'prefect server start --host 127.0.0.1 --port $port'"
