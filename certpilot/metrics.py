@@ -24,8 +24,13 @@ Names follow the tools whose dashboards and alert rules operators already have:
   ever issued or attempted. The renewal time is the one renew-due acts on (certpilot.managed.schedule).
 - ``certpilot_*``: renewals and deployments by result and issued certificates (counters over the whole
   audit trail), the issuance latency histogram (``issuance_seconds`` of certificate.issued events that
-  carry it), revocation propagation per private CA, each discovery source's last complete run, open
-  alerts by severity and state, the latest endpoint checks, inventory counts by status.
+  carry it), revocation propagation per private CA (seconds from its latest revocation to the first CRL
+  published after it, or so far while there is none: certpilot publishes a CRL with each revocation, so
+  a value above zero means a revocation that has not reached the CRL), each discovery source's last
+  complete run, open alerts by severity and state, the latest endpoint checks (by result, by problem,
+  and each place serving a revoked certificate), inventory counts by status; the SLIs when given.
+  The counters are kept up to date incrementally: the process remembers, per engine, the tally of the
+  audit trail up to the last event it read (AuditTally), and each render reads only the events after it.
 
 Speed: 100,000 certificates make 300,000 per-certificate samples. prometheus-client's ``generate_latest``
 formats about 60,000 samples a second here (5 s for them), so the families with one series per
@@ -33,15 +38,17 @@ certificate or per managed certificate are written by this module in the same te
 ``# HELP``, ``# TYPE``, samples, label values escaped as prometheus-client escapes them), with each
 certificate's label set built once and shared by its three samples. Every other family goes through a
 prometheus-client Collector, registry and ``generate_latest``. The inventory is read with a few
-set-based queries of only the needed columns.
+set-based queries of only the needed columns, the same number however large it is.
 """
 
 from __future__ import annotations
 
 import bisect
 import datetime as dt
+import itertools
 import math
 import re
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +63,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped
 from sqlmodel import Session, col
 
+from certpilot import audit
 from certpilot.clock import utcnow
 from certpilot.database import read_session
 from certpilot.managed import ARI_FRESH_FOR
@@ -95,7 +103,9 @@ def render(engine: sa.Engine, now: dt.datetime | None = None, *, sli: SliReport 
         active, ghost_only = _active(session)
         text = _certificate_families(active, ghost_only, now)
         text += _managed_families(session, _current_certificates(active), now)
-        summary = _Summary.read(session, now)
+        tally = _tallies.get(engine, AuditTally()).extend(session)
+        _tallies[engine] = tally
+        summary = _Summary.read(session, tally, now)
     if sli is not None:
         summary.add(sli_families(sli))
     registry = CollectorRegistry(auto_describe=False)
@@ -320,16 +330,68 @@ def ready_condition(not_after: int | None, failing: bool, attempted: bool, now: 
 # ------------------------------------------------------------------------------ certpilot_*
 
 @dataclass(frozen=True)
-class _IssuanceLatency:
-    observed: int
-    total_seconds: float
-    cumulative: tuple[int, ...]  # per ISSUANCE_BUCKETS bound
+class AuditTally:
+    """What certpilot's counters count, over the audit trail up to event ``seq`` (whose hash is ``head``).
 
-    @classmethod
-    def of(cls, seconds: list[float]) -> _IssuanceLatency:
-        seconds.sort()
-        return cls(len(seconds), math.fsum(seconds), tuple(bisect.bisect_right(seconds, bound)
-                                                           for bound in ISSUANCE_BUCKETS))
+    The trail is append-only and hash-chained, so the tally of a later render is this one plus the
+    events after ``seq``: each scrape reads only what was appended since the last (counting the whole
+    trail, which grows by every issuance, would make every scrape slower than the one before)."""
+
+    seq: int = 0
+    head: str = audit.GENESIS
+    actions: tuple[tuple[str, int], ...] = ()  # events per counted action (RENEWAL_RESULTS, DEPLOYMENT_RESULTS)
+    issued: int = 0  # certificate.issued events
+    renewed: int = 0  # ... of a managed certificate (their details name it)
+    observed: int = 0  # ... that recorded issuance_seconds
+    total_seconds: float = 0.0
+    buckets: tuple[int, ...] = (0,) * len(ISSUANCE_BUCKETS)  # observations per bucket (not cumulative)
+
+    def count(self, action: str) -> int:
+        return dict(self.actions).get(action, 0)
+
+    def extend(self, session: Session) -> AuditTally:
+        """This tally with the events appended since; counted from the start instead when the trail no
+        longer holds this tally's last event as it was (another or a rebuilt inventory)."""
+        connection = session.connection()
+        last = connection.execute(sa.select(col(AuditEvent.seq), col(AuditEvent.hash))
+                                  .order_by(col(AuditEvent.seq).desc()).limit(1)).first()
+        if last is None:
+            return AuditTally()
+        base = self
+        if self.seq and connection.execute(sa.select(col(AuditEvent.hash)).where(col(AuditEvent.seq) == self.seq)
+                                           ).scalar() != self.head:
+            base = AuditTally()
+        if last.seq == base.seq:
+            return base
+        appended = (col(AuditEvent.seq) > base.seq) & (col(AuditEvent.seq) <= last.seq)
+        actions = dict(base.actions)
+        for action, n in connection.execute(
+                sa.select(col(AuditEvent.action), sa.func.count())
+                .where(appended, col(AuditEvent.action).in_([*RENEWAL_RESULTS, *DEPLOYMENT_RESULTS]))
+                .group_by(col(AuditEvent.action))).tuples().all():
+            actions[action] = actions.get(action, 0) + n
+        # One pass over the certificate.issued events, each JSON parsed once by the database: whether it
+        # renewed a managed certificate, and the latency it recorded.
+        details = col(AuditEvent.details)
+        issued, renewed, latencies = base.issued, base.renewed, []
+        for managed_name, seconds in connection.execute(
+                sa.select(_json_text(session, details, "managed"), _json_text(session, details, "issuance_seconds"))
+                .where(appended, col(AuditEvent.action) == "certificate.issued")).tuples().all():
+            issued += 1
+            renewed += managed_name is not None
+            if seconds is not None:
+                latencies.append(float(seconds))
+        buckets = list(base.buckets)
+        for value in latencies:
+            index = bisect.bisect_left(ISSUANCE_BUCKETS, value)  # the first bound >= value
+            if index < len(buckets):
+                buckets[index] += 1
+        return AuditTally(last.seq, last.hash, tuple(sorted(actions.items())), issued, renewed,
+                          base.observed + len(latencies), base.total_seconds + math.fsum(latencies), tuple(buckets))
+
+
+# The tally of each inventory's audit trail as of its last render (see AuditTally), by engine.
+_tallies: weakref.WeakKeyDictionary[sa.Engine, AuditTally] = weakref.WeakKeyDictionary()
 
 
 class _Summary(Collector):
@@ -345,9 +407,9 @@ class _Summary(Collector):
         self._metrics.extend(metrics)
 
     @classmethod
-    def read(cls, session: Session, now: dt.datetime) -> _Summary:
+    def read(cls, session: Session, tally: AuditTally, now: dt.datetime) -> _Summary:
         summary = cls()
-        summary._metrics = [*_audit_counters(session), *_revocation(session, now), _sources(session),
+        summary._metrics = [*_audit_counters(tally), *_revocation(session, now), _sources(session),
                             *_alerts(session), *_endpoint_checks(session), *_inventory(session)]
         return summary
 
@@ -385,43 +447,25 @@ def _json_text(session: Session, column: sa.ColumnElement[str] | Mapped[str], ke
     return sa.func.json_extract(column, f"$.{key}")
 
 
-def _audit_counters(session: Session) -> list[Metric]:
-    counts = dict(session.connection().execute(
-        sa.select(col(AuditEvent.action), sa.func.count())
-        .where(col(AuditEvent.action).in_([*RENEWAL_RESULTS, *DEPLOYMENT_RESULTS]))
-        .group_by(col(AuditEvent.action))).tuples().all())
-    # One pass over the certificate.issued events, each JSON parsed once by the database: whether it
-    # renewed a managed certificate, and the latency it recorded (aggregating in SQL would parse each
-    # event once per bucket).
-    details = col(AuditEvent.details)
-    all_issued = renewed = 0
-    latencies: list[float] = []
-    for managed_name, seconds in session.connection().execute(
-            sa.select(_json_text(session, details, "managed"), _json_text(session, details, "issuance_seconds"))
-            .where(col(AuditEvent.action) == "certificate.issued")).tuples().all():
-        all_issued += 1
-        renewed += managed_name is not None
-        if seconds is not None:
-            latencies.append(float(seconds))
-    latency = _IssuanceLatency.of(latencies)
-
+def _audit_counters(tally: AuditTally) -> list[Metric]:
     issued_total = CounterMetricFamily("certpilot_certificates_issued", "Certificates issued and recorded "
                                        "(renewals of managed certificates and certificates signed by a private CA).",
-                                       value=all_issued)
+                                       value=tally.issued)
     renewals = CounterMetricFamily("certpilot_renewals", "Renewals of managed certificates, by result.",
                                    labels=["result"])
-    renewals.add_metric(["success"], renewed)
+    renewals.add_metric(["success"], tally.renewed)
     for action, result in RENEWAL_RESULTS.items():
-        renewals.add_metric([result], counts.get(action, 0))
+        renewals.add_metric([result], tally.count(action))
     deployments = CounterMetricFamily("certpilot_deployments", "Deployments to targets, by result.", labels=["result"])
     for action, result in DEPLOYMENT_RESULTS.items():
-        deployments.add_metric([result], counts.get(action, 0))
+        deployments.add_metric([result], tally.count(action))
+    cumulative = list(itertools.accumulate(tally.buckets))
     histogram = HistogramMetricFamily(
         "certpilot_issuance_duration_seconds", "Time from the start of an issuance to the certificate, for issued "
         "certificates that recorded it (issuance_seconds in their certificate.issued audit event).",
-        buckets=[*((floatToGoString(b), n) for b, n in zip(ISSUANCE_BUCKETS, latency.cumulative, strict=True)),
-                 ("+Inf", latency.observed)],
-        sum_value=latency.total_seconds)
+        buckets=[*((floatToGoString(b), n) for b, n in zip(ISSUANCE_BUCKETS, cumulative, strict=True)),
+                 ("+Inf", tally.observed)],
+        sum_value=tally.total_seconds)
     return [issued_total, renewals, deployments, histogram]
 
 

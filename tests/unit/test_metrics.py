@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from certpilot import alerts, audit, ca, inventory, keystore, managed, metrics, renewing, sli, targets
 from certpilot.database import read_session, write_session
 from certpilot.errors import PermanentError
-from certpilot.models import EndpointCheck, Location, SourceRun
+from certpilot.models import AuditEvent, EndpointCheck, Location, SourceRun
 from certpilot.sample_estate import Authority, issue_leaf
 from certpilot.settings import load_settings
 from certpilot.x509info import describe_certificate, fingerprint_sha256
@@ -316,22 +316,32 @@ def test_render_is_one_pass_of_set_based_reads(engine: sa.Engine, pki: Authority
         statements.append(statement)
 
     now = dt.datetime.now(UTC)
+    made: list[str] = []
+
+    def grow(n: int) -> None:  # certificates, managed certificates and audit events
+        for i in range(n):
+            name = f"n{len(made)}"
+            made.append(name)
+            add_seen(engine, issue_leaf(pki, [f"{name}.example.test"], now + dt.timedelta(days=9 + i))[0],
+                     f"tls://{name}.example.test:443")
+            add_managed(engine, name)
+
+    grow(1)
+    metrics.render(engine, now)
     listen: Callable[..., None] = sa.event.listen
     listen(engine, "before_cursor_execute", count)
     try:
+        grow(1)
+        statements.clear()
         metrics.render(engine, now)
         few = len(statements)
-        statements.clear()
-        for n in range(6):
-            add_seen(engine, issue_leaf(pki, [f"n{n}.example.test"], now + dt.timedelta(days=9 + n))[0],
-                     f"tls://n{n}.example.test:443")
-            add_managed(engine, f"m{n}")
+        grow(6)
         statements.clear()
         text = metrics.render(engine, now)
     finally:
         sa.event.remove(engine, "before_cursor_execute", count)
     assert len(statements) == few
-    assert len(samples(text)["x509_cert_not_after"]) == 6
+    assert len(samples(text)["x509_cert_not_after"]) == 8
 
 
 def test_sli_gauges_when_a_report_is_given(engine: sa.Engine, pki: Authority) -> None:
@@ -352,3 +362,28 @@ def test_sli_gauges_when_a_report_is_given(engine: sa.Engine, pki: Authority) ->
     assert gauges["M2"] == ("certpilot_sli_renewal_success_ratio", 1.0)  # 100 % as a ratio
     assert gauges["M4"] == ("certpilot_sli_issuance_latency_seconds", measured["M4"].value)
     assert {l["window_seconds"] for l, _ in found["certpilot_sli_renewal_success_ratio"]} == {"2592000"}
+
+
+def test_counters_read_only_what_the_audit_trail_appended_since_the_last_render(engine: sa.Engine,
+                                                                                pki: Authority) -> None:
+    add_managed(engine, "web")
+    renew(engine, "web", pki)
+    first = samples(metrics.render(engine))
+    renew(engine, "web", pki)
+    with pytest.raises(PermanentError):
+        renew(engine, "web", pki, error=PermanentError("the CA refused the order"))
+    then = samples(metrics.render(engine))
+    assert [one(f, "certpilot_renewals_total", result="success")[1] for f in (first, then)] == [1, 2]
+    assert one(then, "certpilot_renewals_total", result="failure")[1] == 1
+    assert one(then, "certpilot_issuance_duration_seconds_count")[1] == 2
+    assert one(then, "certpilot_issuance_duration_seconds_sum")[1] > one(first, "certpilot_issuance_duration_seconds_sum")[1]
+    assert one(then, "certpilot_issuance_duration_seconds_bucket", le="+Inf")[1] == 2
+
+    # The same engine over a rebuilt trail (the event last read is not there as it was): counted afresh.
+    with write_session(engine) as session:
+        session.execute(sa.delete(AuditEvent))
+        audit.append(session, ACTOR, [audit.Change("renewal.failed", "managed:web", {"step": "issue"})])
+    rebuilt = samples(metrics.render(engine))
+    assert one(rebuilt, "certpilot_renewals_total", result="success")[1] == 0
+    assert one(rebuilt, "certpilot_renewals_total", result="failure")[1] == 1
+    assert one(rebuilt, "certpilot_issuance_duration_seconds_count")[1] == 0
