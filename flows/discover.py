@@ -38,7 +38,7 @@ NO_SOURCES = ("no source block is registered ({kinds}): nothing to discover. Sav
 
 @flow(name="discover", task_runner=thread_pool(SOURCE_WORKERS), description=__doc__.split("\n\n")[1],
       timeout_seconds=4 * 3600)
-def discover(sources: list[str] | None = None, batch_size: int = 500,
+def discover(sources: tuple[str, ...] = (), batch_size: int = 500,
              kinds: tuple[SourceKind, ...] = ALL_KINDS) -> DiscoveryResult | State[DiscoveryResult]:
     """Discover certificates with the source blocks named, or with every registered one.
 
@@ -49,22 +49,23 @@ def discover(sources: list[str] | None = None, batch_size: int = 500,
         kinds: The kinds of source block used when no sources are named.
     """
     logger = get_run_logger()
-    if not sources:
-        sources = registered_sources(kinds)
-        if not sources:
+    blocks = list(sources)
+    if not blocks:
+        blocks = registered_sources(kinds)
+        if not blocks:
             message = NO_SOURCES.format(kinds=", ".join(kinds) or "no kind chosen")
             logger.warning(message)
             return Completed(message=message, data=publish_inventory(DiscoveryResult(), note=message))
-        logger.info("discovering with every registered source: %s", ", ".join(sources))
+        logger.info("discovering with every registered source: %s", ", ".join(blocks))
     head = audit_head()
 
-    def run_as_tasks(blocks: Sequence[str]) -> list[SourceSummary | BaseException]:
+    def run_as_tasks(names: Sequence[str]) -> list[SourceSummary | BaseException]:
         futures = [discover_source.with_options(task_run_name=f"discover-{block.replace('/', '-')}")
-                   .submit(block, batch_size) for block in blocks]
+                   .submit(block, batch_size) for block in names]
         settled = [settle(future) for future in futures]
         return [cast(SourceSummary, s.value) if s.error is None else s.error for s in settled]
 
-    result = publish_inventory(discover_all(sources, run_as_tasks, logger))
+    result = publish_inventory(discover_all(blocks, run_as_tasks, logger))
     history = publish_certificate_history(None, head, limit=HISTORY_ARTIFACTS, return_state=True)
     if not history.is_completed():
         logger.warning("the certificates' history artifacts were not published: %s", history.message)

@@ -49,6 +49,8 @@ class PrefectServer:
                     "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": str(self.ui).lower(),
                     "PREFECT_LOGGING_LEVEL": "WARNING"})
+        if self.ui:  # the UI's own calls go to this server's API (by default it would call port 4200)
+            env["PREFECT_UI_API_URL"] = self.api_url
         if self.scheduler_loop_seconds is not None:
             env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = str(self.scheduler_loop_seconds)
         return env

@@ -47,6 +47,7 @@ def prefect_files(prefect_storage: Path):  # noqa: ANN201 - returns a reader
 @pytest.fixture(scope="session")
 def scheduling_prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """A real `prefect server start` on loopback, with the scheduler (the harness above runs none), started
-    once per session when a test asks for it (about 11 s); its scheduler loop every 2 s instead of 60."""
-    with PrefectServer(tmp_path_factory.mktemp("prefect-server"), scheduler_loop_seconds=2) as server:
+    once per session when a test asks for it (about 11 s); its scheduler loop every 2 s instead of 60; with
+    its UI, which test_console_ui.py loads in a headless browser."""
+    with PrefectServer(tmp_path_factory.mktemp("prefect-server"), ui=True, scheduler_loop_seconds=2) as server:
         yield server
