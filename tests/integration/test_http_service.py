@@ -176,6 +176,29 @@ def test_hundreds_of_silent_and_slow_clients_do_not_take_the_listener(service: H
         loris.join(timeout=10)
 
 
+def test_a_kept_alive_connection_serves_again_and_its_next_request_has_the_same_deadline(service: HTTPService) -> None:
+    def answer(sock: socket.socket, method: str) -> bytes:
+        sock.sendall(f"{method} /healthz HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")).split(b":")[1])
+        while method != "HEAD" and len(body) < length:
+            body += sock.recv(65536)
+        return head.split(b"\r\n")[0] + b" " + body
+
+    with socket.create_connection(service.address, timeout=10) as sock:
+        assert answer(sock, "GET").startswith(b"HTTP/1.1 200 OK {")
+        time.sleep(1.5)  # idle, within the keep-alive time (5 s)
+        assert answer(sock, "HEAD") == b"HTTP/1.1 200 OK "  # no body after a HEAD
+        assert answer(sock, "GET").startswith(b"HTTP/1.1 200 OK {")
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # the next request, never finished
+        assert sock.recv(1024) == b""
+        assert 1.9 < time.monotonic() - started < 4
+
+
 def test_more_connections_than_the_limit_get_503_and_not_a_hang(engine: sa.Engine) -> None:
     with HTTPService(build_app(engine, ca=False, metrics=False), ("127.0.0.1", free_port()),
                      limits=Limits(max_connections=20, request_seconds=5)) as service:
