@@ -238,6 +238,10 @@ def peak_kib():  # this process's own high-water mark (ru_maxrss would carry the
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
+start_cpu, step = time.process_time(), 0
+for step in range(5_000_000):  # a yardstick of this machine's speed now: a plain Python loop
+    pass
+reference = time.process_time() - start_cpu
 engine = database.create_engine(sys.argv[2])
 with engine.connect() as conn:
     conn.exec_driver_sql("SELECT 1")
@@ -252,7 +256,7 @@ for _ in range(4):
 peak = peak_kib()
 after = sum(1 for line in out.splitlines() if line.startswith(b"x509_cert_not_after{"))
 managed = sum(1 for line in out.splitlines() if line.startswith(b"certmanager_certificate_expiration_timestamp_seconds{"))
-print(json.dumps({"times": times, "cpu": cpu, "base_kib": base, "peak_kib": peak, "bytes": len(out),
+print(json.dumps({"times": times, "cpu": cpu, "reference": reference, "base_kib": base, "peak_kib": peak, "bytes": len(out),
                   "lines": out.count(b"\n"), "not_after_series": after, "managed_series": managed}))
 """
 
@@ -286,6 +290,8 @@ def main() -> None:
                              f"{expected}) and {result['managed_series']} cert-manager ones (expected {built['managed']})")
         log("renders: " + ", ".join(f"{t:.3f} s" for t in result["times"]) + " (CPU time "
             + ", ".join(f"{t:.3f} s" for t in result["cpu"]) + f"; load average {os.getloadavg()[0]:.1f})")
+        log(f"yardstick: an empty 5,000,000-step Python loop took {result['reference']:.3f} s of CPU in the "
+            "rendering process just before (to compare runs on busier or other machines)")
         log(f"output: {result['bytes'] / 2**20:.1f} MiB, {result['lines']:,} lines; "
             f"{result['not_after_series']:,} certificates in service, {result['managed_series']:,} managed")
         log(f"rendering process: {result['base_kib'] / 1024:.0f} MiB resident before rendering, "

@@ -178,8 +178,11 @@ def _epoch_seconds(session: Session, column: Any) -> sa.ColumnElement[int]:
     """A stored time as whole Unix seconds, computed by the database: 200,000 of them converted in
     Python (parse, attach UTC, timestamp, format a float) took longer than the rest of the render.
     Certificate validity times are whole seconds (RFC 5280)."""
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.connection().dialect  # connected: it knows the server's version
+    if dialect.name == "postgresql":
         return sa.cast(sa.func.floor(sa.extract("epoch", column)), sa.BigInteger)
+    if (dialect.server_version_info or ()) >= (3, 38):  # unixepoch(): 0.04 s less than strftime for 200,000
+        return sa.func.unixepoch(column, type_=sa.Integer)
     return sa.cast(sa.func.strftime("%s", column), sa.Integer)
 
 
