@@ -9,8 +9,9 @@ inventory artifact and its Completed state's message, and discovers nothing.
 One task per source (block document ``block-type-slug/name``), all at once on a bounded pool, each
 retried on transient errors and writing its observations in batches. A source's ghosts (its
 locations this run did not see) are flagged only when that source completed. The run fails, after
-every source did what it could, when a source failed. Each managed certificate whose certificates
-the run saw in a new place or lost (a ghost) gets its history artifact, ``certificate-<name>``.
+every source did what it could, when a source failed. Each managed certificate whose records the run
+changed (its certificate seen in a new place, a place gone ghost...) gets its history artifact,
+``certificate-<name>`` (up to HISTORY_ARTIFACTS per run).
 """
 
 from __future__ import annotations

@@ -2,10 +2,13 @@
 listing the audit events the run recorded about it (certpilot.history), so the Artifacts page shows
 its history across runs; and the task-run tag ``certificate:<name>`` (``tag_with_certificate``).
 
-Cost, measured on the session's SQLite-backed Prefect server (bench/certificate_history.py): an
-artifact costs about 18 ms, against about 70 ms for the task run renew-due already pays per
-certificate; so a run publishes one per certificate up to ``MAX_ARTIFACTS`` (the failures first),
-and names the rest in its own report instead.
+Cost, measured on the test session's SQLite-backed Prefect server (bench/certificate_history.py, 400
+of each, on 2 shared cores): an artifact is one API write, 18 to 35 ms until the API shows it, against
+43 to 70 ms for each task run renew-due already pays per certificate. So a run publishes one per
+certificate up to ``MAX_ARTIFACTS`` (the failures first: about 9 to 18 s of writes at most) and its
+own report covers the rest; discovery, whose runs see thousands of certificates, publishes one only
+for the managed certificates whose records the run changed (a new place, a ghost...), up to
+flows.discover.HISTORY_ARTIFACTS.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from certpilot import history
 from certpilot.database import get_engine, read_session
 from certpilot.managed import certificate_tag
 
-MAX_ARTIFACTS = 500  # per run: about 9 s of API writes at the measured 18 ms each
+MAX_ARTIFACTS = 500  # per run
 
 
 def audit_head() -> int:

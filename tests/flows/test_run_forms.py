@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
@@ -25,10 +26,11 @@ from blocks.azure import AzureKeyVaultBlock
 from blocks.sources import SOURCE_BLOCKS, SourceKind
 from blocks.ssh import SshHostBlock
 from blocks.tls_scan import TlsScanBlock
-from certpilot import history, managed, targets
+from certpilot import history, inventory, managed, targets
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.dry_run import DeploymentPreview, DuePreview, RenewalPreview
-from certpilot.models import Location, PrivateKey, Target
+from certpilot.models import Certificate, Location, PrivateKey, Target
+from certpilot.x509info import describe_certificate
 from deployments import runner_deployments
 from flows.deploy import deploy_certificate
 from flows.discover import discover
@@ -228,6 +230,14 @@ def test_scheduled_discover_scans_every_registered_source(farm: tls_farm.TlsFarm
     ssh_sources = registered_sources.fn((SourceKind.SSH_HOST,))  # the plain function, outside a flow
     assert "ssh-host/console-files" in ssh_sources and "ssh-host/console-deploy-only" not in ssh_sources
 
+    served = farm.endpoints[0]  # a managed certificate's certificate, not yet seen where it is served
+    with write_session(get_engine()) as session:
+        managed.add(session, managed.ManagedSpec(name="farm-web", dns_names=served.names, issuer=ISSUER), ACTOR)
+        record = describe_certificate(x509.load_der_x509_certificate(served.chain[0]))
+        inventory.upsert(session, [inventory.Observation(record, None, "issued")], ACTOR)
+        session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256 == served.fingerprint)
+                        .values(managed_certificate_id=managed.get(session, "farm-web").id))
+
     state = discover(kinds=(SourceKind.TLS_SCAN,), return_state=True)  # the deployment's default sources
 
     assert state.is_completed(), state.message
@@ -237,6 +247,8 @@ def test_scheduled_discover_scans_every_registered_source(farm: tls_farm.TlsFarm
     with read_session(get_engine()) as session:
         seen = {loc.locator for loc in session.exec(select(Location).where(Location.source == "tls-scan:console-farm"))}
     assert seen == {e.locator for e in farm.endpoints}
+    [history_page] = _artifacts(run_id, "certificate-farm-web")  # the managed certificate's finding, in its history
+    assert "location.added" in history_page.data and served.locator in history_page.data
 
 
 def test_discover_with_no_registered_source_completes_saying_so(prefect_server: None, certpilot_home: Path) -> None:
@@ -250,3 +262,20 @@ def test_discover_with_no_registered_source_completes_saying_so(prefect_server: 
     [artifact] = _artifacts(run_id, "inventory")
     assert "**no source block is registered (azure-key-vault)" in artifact.data
     assert state.result().sources == ()
+
+
+def test_every_flow_and_task_of_renewal_deployment_and_discovery_has_a_timeout() -> None:
+    """A black-holed CA or host must fail the run within a bound, not hang it: every flow and task here
+    has its own timeout (each network call inside has a shorter one of its own)."""
+    from prefect import Flow, Task
+
+    modules = ["flows.renew", "flows.deploy", "flows.discover", "flows.import_inventory", "tasks.renewal",
+               "tasks.deployment", "tasks.discovery", "tasks.history"]
+    found = {}
+    for name in modules:
+        module = importlib.import_module(name)
+        found.update({f"{name}.{attr}": obj for attr, obj in vars(module).items()
+                      if isinstance(obj, (Flow, Task)) and obj.__module__ == name})
+    assert len(found) >= 25
+    missing = [name for name, obj in found.items() if not obj.timeout_seconds]
+    assert missing == [], f"no timeout: {missing}"
