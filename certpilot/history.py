@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,35 +60,25 @@ def audit_head(session: Session) -> int:
     return int(session.execute(sa.select(sa.func.coalesce(sa.func.max(col(AuditEvent.seq)), 0))).scalar_one())
 
 
-def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
-    items = sorted(set(values))
+def _owners(session: Session, query: sa.Select[Any], key: Any, values: set[str]) -> dict[str, str]:
+    """Each of ``values`` (of column ``key``) -> the managed certificate's name ``query`` pairs it with,
+    read a chunk of values at a time; values it pairs with none are left out."""
+    out: dict[str, str] = {}
+    items = sorted(values)
     for start in range(0, len(items), _CHUNK):
-        yield items[start:start + _CHUNK]
-
-
-def _owners_of_certificates(session: Session, fingerprints: set[str]) -> dict[str, str]:
-    """Fingerprint -> the name of the managed certificate it belongs to (unmanaged ones are left out)."""
-    out: dict[str, str] = {}
-    for chunk in _chunks(fingerprints):
-        rows = session.execute(
-            sa.select(col(Certificate.fingerprint_sha256), col(ManagedCertificate.name))
-            .join(ManagedCertificate, col(ManagedCertificate.id) == col(Certificate.managed_certificate_id))
-            .where(col(Certificate.fingerprint_sha256).in_(chunk))).all()
-        out.update({fp: name for fp, name in rows})
+        out.update({value: name for value, name in session.execute(query.where(key.in_(items[start:start + _CHUNK])))})
     return out
 
 
-def _owners_of_keys(session: Session, key_ids: set[str]) -> dict[str, str]:
-    """Key id -> the name of the managed certificate whose certificate carries that key."""
-    out: dict[str, str] = {}
-    for chunk in _chunks(key_ids):
-        rows = session.execute(
-            sa.select(col(PrivateKey.id), col(ManagedCertificate.name))
-            .join(Certificate, col(Certificate.spki_sha256) == col(PrivateKey.spki_sha256))
-            .join(ManagedCertificate, col(ManagedCertificate.id) == col(Certificate.managed_certificate_id))
-            .where(col(PrivateKey.id).in_(chunk))).all()
-        out.update({key_id: name for key_id, name in rows})
-    return out
+def _owner_lookups(session: Session, fingerprints: set[str], key_ids: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Whose certificates (by fingerprint) and whose keys (by id: the key of a certificate of theirs) these are."""
+    managed = col(ManagedCertificate.id) == col(Certificate.managed_certificate_id)
+    by_certificate = _owners(session, sa.select(col(Certificate.fingerprint_sha256), col(ManagedCertificate.name))
+                             .join(ManagedCertificate, managed), col(Certificate.fingerprint_sha256), fingerprints)
+    by_key = _owners(session, sa.select(col(PrivateKey.id), col(ManagedCertificate.name))
+                     .join(Certificate, col(Certificate.spki_sha256) == col(PrivateKey.spki_sha256))
+                     .join(ManagedCertificate, managed), col(PrivateKey.id), key_ids)
+    return by_certificate, by_key
 
 
 def _managed_name(obj: str) -> str | None:
@@ -118,8 +108,7 @@ def run_history(session: Session, flow_run_id: str, after_seq: int,
         return {wanted[0]: tuple(events)}
     fingerprints = {e.object.partition(":")[2] for e in events if e.object.startswith("certificate:")}
     key_ids = {e.object.partition(":")[2] for e in events if e.object.startswith("key:")}
-    by_certificate = _owners_of_certificates(session, fingerprints)
-    by_key = _owners_of_keys(session, key_ids)
+    by_certificate, by_key = _owner_lookups(session, fingerprints, key_ids)
     out: dict[str, list[HistoryEvent]] = {name: [] for name in wanted or []}
     for event in events:
         kind, _, rest = event.object.partition(":")
