@@ -21,7 +21,10 @@ Names follow the tools whose dashboards and alert rules operators already have:
   issuer block ``<kind>/<name>``, e.g. ``acme-issuer`` and ``letsencrypt``), ``issuer_group``
   (``certpilot``). Ready is True when its current certificate is valid now, its last renewal did not
   fail and no target's last deploy or verification failed; False otherwise; Unknown while nothing was
-  ever issued or attempted. The renewal time is the one renew-due acts on (certpilot.managed.schedule).
+  ever issued or attempted. The renewal time is when its current certificate falls due under its renewal
+  policy and the CA's fresh renewal window (ARI), as renew-due reckons it (certpilot.managed.schedule;
+  a certificate that no longer covers changed names is due at once for renew-due, which cert-manager's
+  renewal time does not show either).
 - ``certpilot_*``: renewals and deployments by result and issued certificates (counters over the whole
   audit trail), the issuance latency histogram (``issuance_seconds`` of certificate.issued events that
   carry it), revocation propagation per private CA (seconds from its latest revocation to the first CRL
