@@ -1,21 +1,28 @@
 """Benchmark: `certpilot serve`, Prefect's runner and the HTTP listener in one event loop.
 
-    python bench/serve.py            # 10 flow runs
-    python bench/serve.py --quick    # 3
+    python bench/serve.py              # 10 flow runs
+    python bench/serve.py --quick      # 3
+    python bench/serve.py --separate   # the listener in a process of its own (certpilot exporter), for comparison
 
 What it does, all on loopback in a temporary directory (its own PREFECT_HOME, CERTPILOT_HOME):
 
 1. Starts a Prefect server with its scheduler (lab/prefect_server.py) and `certpilot serve` as an operator
    runs it (PREFECT_RUNNER_POLL_FREQUENCY=1 so runs start quickly), and times the start: from launching
    the process until it has registered every deployment and its listener answers /healthz.
-2. Asks /healthz for 20 s while idle, then again while N renew-due runs (empty inventory) are created
-   through the API and executed by the served process (at most 5 at once, the runner's default limit).
+2. Asks /healthz for 20 s while idle, then again while N import-inventory runs (nothing to import) are
+   created through the API and executed by the served process (at most 5 at once, the runner's default).
    Everything shares one event loop, so a runner that blocked the loop would show here as /healthz
    latency; the figures are the 99th percentile and the maximum of each phase.
-3. Times each run from its creation through the API to Completed (median).
+3. Times each run from its creation through the API to Completed (median), and the stop after SIGTERM.
+
+With ``--separate`` the served process runs with ``--no-http`` and /healthz is asked of a `certpilot
+exporter` process instead: the same load, without the runner in the listener's event loop. Similar
+latencies in both modes mean the runner does not hold up the listener; what is left is the CPU that the
+flow-run subprocesses take on the machine.
 
 The output ends with `figure serve_start_seconds`, `figure serve_healthz_p99_ms_idle`,
-`figure serve_healthz_p99_ms_busy`, `figure serve_healthz_max_ms_busy`, `figure serve_run_latency_seconds`.
+`figure serve_healthz_p99_ms_busy`, `figure serve_healthz_max_ms_busy`, `figure serve_run_latency_seconds`,
+`figure serve_stop_seconds`.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 runs instead of 10")
     parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--separate", action="store_true", help="the listener in a certpilot exporter process")
     args = parser.parse_args()
     runs = args.runs or (3 if args.quick else 10)
     work = Path(tempfile.mkdtemp(prefix="certpilot-bench-serve-"))
@@ -77,9 +85,14 @@ def main() -> None:
             port = free_port()
             serve_log = work / "serve.log"
             started = time.monotonic()
+            command = [sys.executable, "-m", "cli", "serve", "--listen", f"127.0.0.1:{port}"]
+            exporter = None
+            if args.separate:
+                command = [sys.executable, "-m", "cli", "serve", "--no-http"]
+                exporter = subprocess.Popen([sys.executable, "-m", "cli", "exporter", "--listen", f"127.0.0.1:{port}"],
+                                            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             with open(serve_log, "wb") as out:
-                serve = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--listen", f"127.0.0.1:{port}"],
-                                         cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+                serve = subprocess.Popen(command, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
             healthz = f"http://127.0.0.1:{port}/healthz"
             try:
                 while True:
@@ -110,11 +123,18 @@ def main() -> None:
                 probe = threading.Thread(target=healthz_latencies, args=(healthz, stop, busy))
                 probe.start()
                 api = httpx.Client(base_url=server.api_url, timeout=30)
-                deployment = api.get("/deployments/name/renew-due/renew-due").raise_for_status().json()
+                # import-inventory (no paths: nothing to import) has no deployment concurrency limit; renew-due's
+                # limit of 1 would serialise the runs and measure the queue instead
+                deployment = api.get("/deployments/name/import-inventory/import-inventory").raise_for_status().json()
                 created = {}
                 for _ in range(runs):
-                    run = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).raise_for_status().json()
-                    created[run["id"]] = time.monotonic()
+                    for attempt in range(10):  # a busy SQLite-backed Prefect server answers 503 at times
+                        response = api.post(f"/deployments/{deployment['id']}/create_flow_run",
+                                            json={"parameters": {"paths": []}})
+                        if response.status_code != 503:
+                            break
+                        time.sleep(0.5 * (attempt + 1))
+                    created[response.raise_for_status().json()["id"]] = time.monotonic()
                 done: dict[str, float] = {}
                 deadline = time.monotonic() + 60 + 15 * runs
                 while len(done) < runs:
@@ -135,9 +155,15 @@ def main() -> None:
                 log(f"--- the last lines of {server.log}:\n" + "\n".join(server.log.read_text().splitlines()[-20:]))
                 raise
             finally:
+                stopping = time.monotonic()
                 serve.send_signal(signal.SIGTERM)
-                code = serve.wait(timeout=30)
-            log(f"certpilot serve stopped with exit code {code}")
+                code = serve.wait(timeout=90)
+                stop_seconds = time.monotonic() - stopping
+                if exporter is not None:
+                    exporter.send_signal(signal.SIGTERM)
+                    exporter.wait(timeout=30)
+            log(f"certpilot serve stopped with exit code {code} {stop_seconds:.1f} s after SIGTERM"
+                + (" (listener: a certpilot exporter process)" if args.separate else ""))
             log(f"/healthz idle: {len(idle)} requests, p50 {statistics.median(idle) * 1000:.1f} ms, "
                 f"p99 {p99(idle) * 1000:.1f} ms, max {max(idle) * 1000:.1f} ms")
             log(f"/healthz during {runs} runs: {len(busy)} requests, p50 {statistics.median(busy) * 1000:.1f} ms, "
@@ -149,6 +175,7 @@ def main() -> None:
             log(f"figure serve_healthz_p99_ms_busy: {p99(busy) * 1000:.1f} ms")
             log(f"figure serve_healthz_max_ms_busy: {max(busy) * 1000:.1f} ms")
             log(f"figure serve_run_latency_seconds: {statistics.median(done.values()):.1f} s")
+            log(f"figure serve_stop_seconds: {stop_seconds:.1f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
