@@ -46,7 +46,8 @@ def _password(secret_block: str | None) -> bytes | None:
     return load_block(f"secret/{secret_block}").get().encode()
 
 
-@task(name="import-files", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient_only)
+@task(name="import-files", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient_only,
+      timeout_seconds=3600)
 def import_files(paths: list[str], owner: str | None, tags: dict[str, str], import_keys: bool,
                  password_secret: str | None) -> ImportSummary:
     """Import files and directories into the inventory. Returns counts and the failures, nothing secret."""
@@ -63,7 +64,7 @@ def import_files(paths: list[str], owner: str | None, tags: dict[str, str], impo
     return summary
 
 
-@task(name="publish-expiry-report")
+@task(name="publish-expiry-report", timeout_seconds=300)
 def publish_expiry_report(show: int = 25) -> dict[str, int]:
     """Publish the expiry report as a Prefect artifact (key: expiry-report). Returns the band counts."""
     with read_session(get_engine()) as session:

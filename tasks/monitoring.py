@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from functools import partial
 from typing import Any
 
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import serialization
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -61,7 +63,7 @@ from certpilot.alert_policy import current_policy
 from certpilot.alerts import Finding, Scope
 from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
-from certpilot.errors import endpoint_label, redact
+from certpilot.errors import BlockNotFoundError, endpoint_label, redact
 from certpilot.formats import load_bundle
 from certpilot.monitoring import Evaluation, Observed, Place, Reachability, RunState
 from certpilot.settings import load_settings
@@ -121,6 +123,20 @@ def system_anchors() -> list[bytes]:
     """The system's trusted roots (DER), as Python's default context loads them."""
     context = ssl.create_default_context()
     return [bytes(der) for der in context.get_ca_certs(binary_form=True)]
+
+
+def _anchors(ders: Sequence[bytes]) -> list[x509.Certificate]:
+    """Trust anchors parsed; old roots that cryptography frowns upon (a negative serial number: some system
+    roots have one) are anchors still, and one that does not parse at all is left out."""
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        for der in ders:
+            try:
+                out.append(x509.load_der_x509_certificate(der))
+            except ValueError:
+                continue
+    return out
 
 
 def _load(cache: dict[str, Any], reference: str) -> Any:
@@ -205,11 +221,11 @@ def probe_timeout(places: int, concurrency: int, timeout: float) -> float:
 def probe_places(places: list[Place], anchors: Sequence[bytes], trust: Mapping[str, Sequence[bytes]],
                  timeout: float = 5.0, concurrency: int = 200) -> ProbeResult:
     """Handshake with a batch of places, inspect what each serves, ask about its revocation."""
-    load = lambda ders: [x509.load_der_x509_certificate(d) for d in ders]  # noqa: E731
-    own = {place: load(ders) for place, ders in trust.items() if any(p.place == place for p in places)}
+    here = {p.place for p in places}
+    own = {place: _anchors(ders) for place, ders in trust.items() if place in here}
     cache = load_settings().home / "crl-cache"
     with RevocationChecker(timeout=timeout, cache_dir=cache) as checker:
-        result = probe(places, anchors=load(anchors), trust=own, timeout=timeout, concurrency=concurrency,
+        result = probe(places, anchors=_anchors(anchors), trust=own, timeout=timeout, concurrency=concurrency,
                        revocation=checker)
     failed = sum(1 for o in result.observed if o.served is None)
     get_run_logger().info("%d place(s) probed: %d answered, %d did not", len(result.observed),
@@ -361,6 +377,19 @@ def source_interval(hours: float | None = None, deployment: str = "discover/disc
     return DEFAULT_SOURCE_INTERVAL
 
 
+def _retired(block: str | None) -> bool:
+    """Whether a source's block no longer exists (the operator removed the source: it is not stale)."""
+    if not block:
+        return False
+    try:
+        load_block(block)
+    except BlockNotFoundError:
+        return True
+    except Exception:  # noqa: BLE001 - a block that cannot be read now is still a source
+        return False
+    return False
+
+
 @task(name="evaluate-checks", cache_policy=NO_CACHE, timeout_seconds=600)
 def evaluate_checks(places: list[Place], observed: list[Observed], services: list[Reachability],
                     runs: list[RunState], deadlines: Mapping[str, dt.timedelta], interval: dt.timedelta | None,
@@ -383,7 +412,7 @@ def evaluate_checks(places: list[Place], observed: list[Observed], services: lis
     findings += monitoring.unreachable_findings(services)
     findings += monitoring.stuck_runs(runs, deadlines, now, monitoring.owners(schedule))
     if interval is not None:
-        findings += monitoring.stale_sources(sources, interval, now)
+        findings += monitoring.stale_sources([r for r in sources if not _retired(r.block)], interval, now)
     if "places" not in failed:
         with write_session(engine) as session:
             monitoring.record_checks(session, evaluation.checks, now, run_actor().flow_run_id)

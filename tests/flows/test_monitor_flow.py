@@ -26,6 +26,7 @@ from prefect.states import Completed, Running
 
 from blocks.issuers import PrivateCABlock
 from blocks.ssh import SshHostBlock
+from blocks.tls_scan import TlsScanBlock
 from certpilot import alert_policy, audit, inventory, keystore, managed, renewing, targets
 from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
@@ -113,7 +114,7 @@ def _open(alerts: dict[tuple[str, str], Alert]) -> dict[tuple[str, str], str]:
 
 def _run(trust: str) -> tuple[MonitorSummary, dict[str, str]]:
     """One monitor run: its summary and its artifacts (key: markdown)."""
-    state = monitor(trust_bundle_pem=trust, use_system_trust=False, probe_timeout_seconds=3.0,
+    state = monitor(trust_bundle_pem=trust, use_system_trust=True, probe_timeout_seconds=3.0,
                     service_timeout_seconds=2.0, source_interval_hours=6.0, stuck_after_minutes={"stuck-renewal": 0.0},
                     return_state=True)
     assert state.is_completed(), state.message
@@ -173,9 +174,11 @@ def test_each_problem_is_exactly_its_alert_told_once_and_resolved_when_fixed(
     with write_session(engine) as session:
         session.execute(sa.update(ManagedCertificate).where(ManagedCertificate.name == "old-shop").values(
             last_error="issue: the CA refused the order"))
-        session.add(SourceRun(source="tls-scan:old", block="tls-scan/old",
-                              last_started_at=utcnow() - dt.timedelta(hours=20),
-                              last_completed_at=utcnow() - dt.timedelta(hours=20)))
+        for name in ("old", "gone"):  # tls-scan/gone was removed since: a source no more, so not stale
+            session.add(SourceRun(source=f"tls-scan:{name}", block=f"tls-scan/{name}",
+                                  last_started_at=utcnow() - dt.timedelta(hours=20),
+                                  last_completed_at=utcnow() - dt.timedelta(hours=20)))
+    TlsScanBlock(targets=["127.0.0.1"]).save("old", overwrite=True)
     ssh_port = free_port()
     host_key = generate_client_key()
     SshHostBlock(address="127.0.0.1", port=ssh_port, user="deploy",
