@@ -24,6 +24,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.states import Completed, Running
 
+from blocks.aws import AwsAccountBlock
 from blocks.issuers import PrivateCABlock
 from blocks.ssh import SshHostBlock
 from blocks.tls_scan import TlsScanBlock
@@ -34,6 +35,7 @@ from certpilot.issuance import IssuedCertificate
 from certpilot.models import Alert, EndpointCheck, Location, ManagedCertificate, SourceRun
 from certpilot.x509info import describe_certificate
 from flows.monitor import MonitorSummary, monitor
+from lab.moto import MotoServer
 from lab.ports import free_port
 from lab.receivers import WebhookReceiver
 from lab.sshd import generate_client_key, openssh_private_text, openssh_public_line
@@ -268,3 +270,44 @@ def test_each_problem_is_exactly_its_alert_told_once_and_resolved_when_fixed(
     assert _open(_alerts()) == {k: v for k, v in expected.items() if k not in fixed}
     resolved = [m.json()["subject"] for m in hook.wait_for(len(told) + 3)[len(told):]]
     assert all("resolved" in s for s in resolved) and len(resolved) == 3
+
+
+def test_a_store_target_is_read_back_through_its_deployer(farm: TlsFarm, corp: ServedCA, tmp_path: Path) -> None:
+    """An ACM target (a real moto server) holds the previous certificate: wrong, until it is re-imported; a
+    target whose block is missing is reported as not checkable."""
+    old, old_key = corp.issue_with_key("store.mon.test", validity_days=90)
+    new, new_key = corp.issue_with_key("store.mon.test", validity_days=90)
+    _managed_with("store", [(old.leaf, old_key, corp.issuing), (new.leaf, new_key, corp.issuing)], "store-team")
+
+    def pem(*certificates: x509.Certificate) -> bytes:
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
+
+    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    with MotoServer.start(tmp_path / "moto") as moto:
+        acm = moto.client("acm", "eu-west-1")
+        arn = acm.import_certificate(Certificate=pem(old.leaf), PrivateKey=key_pem(old_key),
+                                     CertificateChain=pem(corp.issuing))["CertificateArn"]
+        AwsAccountBlock(account_alias="mon", regions=["eu-west-1"], access_key_id="testing",
+                        secret_access_key="testing", endpoint_url=moto.url).save("mon", overwrite=True)
+        with write_session(get_engine()) as session:
+            targets.add(session, "store", "acm", "aws-acm", "aws-account/mon", {"certificate_arn": arn}, ACTOR)
+            targets.add(session, "store", "vault", "azure-kv", "azure-key-vault/missing",
+                        {"certificate_name": "store"}, ACTOR)
+
+        first, _ = _run(corp.root.public_bytes(serialization.Encoding.PEM).decode())
+        assert _open(_alerts()) == {("place:target:store/acm", "wrong-certificate"): "critical",
+                                    ("place:target:store/vault", "unreachable"): "critical"}
+        with read_session(get_engine()) as session:
+            checks = {c.place: c for c in session.execute(sa.select(EndpointCheck)).scalars()}
+        assert checks["target:store/acm"].served_fingerprint == _fp(old.leaf)
+        assert "cannot build its deployer" in (checks["target:store/vault"].error or "")
+        assert "azure-key-vault/missing" in (checks["target:store/vault"].error or "")
+
+        acm.import_certificate(CertificateArn=arn, Certificate=pem(new.leaf), PrivateKey=key_pem(new_key),
+                               CertificateChain=pem(corp.issuing))
+        second, _ = _run(corp.root.public_bytes(serialization.Encoding.PEM).decode())
+    assert second.alerts.resolved == 1 and first.places == second.places == 2
+    assert _open(_alerts()) == {("place:target:store/vault", "unreachable"): "critical"}
