@@ -22,7 +22,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from certpilot.database import get_engine
-from certpilot.errors import PermanentError, redact
+from certpilot.errors import CertpilotError, PermanentError, redact
 from cli import prefect_api
 from cli.console import err, line, note, usage_error, warn
 from cli.options import actor, ring
@@ -160,8 +160,8 @@ def serve_command(
 ) -> None:
     """Serve every deployment (their schedules fire, and runs started from the Prefect UI execute here) and the
     HTTP listener (/metrics, /healthz, the CAs' CRLs and OCSP), until SIGTERM or Ctrl+C. Needs PREFECT_API_URL."""
+    service = None if no_http else http_service(listen, ca=True, metrics=True)  # a bad --listen first: exit 2
     api = _require_prefect_api()
-    service = None if no_http else http_service(listen, ca=True, metrics=True)
     _log_to_stderr()
     from prefect.runner import Runner
 
@@ -175,7 +175,11 @@ def serve_command(
 
     async def register() -> None:
         for deployment in served:
-            await runner.aadd_deployment(deployment)
+            try:
+                await runner.aadd_deployment(deployment)
+            except Exception as exc:
+                raise PermanentError(f"registering deployment {deployment.name} with the Prefect API at {api} "
+                                     f"failed: {redact(exc)}") from exc
         err.print(line(f"serving {len(served)} deployments from the Prefect API at {api}: "
                        + ", ".join(f"{d.flow_name}/{d.name}" for d in served)))
 
@@ -188,7 +192,12 @@ def serve_command(
         err.print(line(f"HTTP listener on {service.url}: /metrics, /healthz, the CAs' CRLs, certificates and OCSP"))
         parts.append((service.serve(), service.stop))
     err.print(line("SIGTERM or Ctrl+C stops it"))
-    run_until_signalled(*parts, prepare=register)
+    try:
+        run_until_signalled(*parts, prepare=register)
+    except CertpilotError:
+        raise
+    except Exception as exc:  # Prefect's runner or the listener failed: one line, exit 1
+        raise PermanentError(f"certpilot serve stopped: {redact(exc)}") from exc
     err.print(line("stopped"))
 
 

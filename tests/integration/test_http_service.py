@@ -302,3 +302,15 @@ def test_exporter_huge_headers_get_431_memory_stays_bounded_and_sigterm_stops_it
         stdout, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
     assert "serving /metrics and /healthz on http://127.0.0.1:" in stderr and "Traceback" not in stderr
+
+
+def test_a_bad_or_taken_listen_address_is_refused(engine: sa.Engine) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        for listen, code, message in (("127.0.0.1:99999", 2, "out of range"),
+                                      (f"127.0.0.1:{taken.getsockname()[1]}", 1, "cannot listen on 127.0.0.1:")):
+            run = subprocess.run([sys.executable, "-m", "cli", "exporter", "--listen", listen], capture_output=True,
+                                 text=True, timeout=60, check=False, env={**os.environ})
+            assert run.returncode == code and message in run.stderr, run.stderr
+            assert "Traceback" not in run.stderr
