@@ -7,7 +7,8 @@ serves any more are listed apart and raise no expiry alert. Then the silent stal
 or are overdue, renewal and deploy runs stuck beyond their deadline, discovery sources that stopped
 completing, CAs and SSH hosts that do not answer. Everything found becomes de-duplicated alerts
 (tasks.alerting.raise_alerts); the ``monitor`` artifact shows what was served against what was expected,
-and the ``sli`` artifact the service level indicators.
+the ``sli``, ``executive-view`` and ``on-call`` artifacts the service level indicators and the two
+views; once a day, after the policy's digest time, each owner gets the digest of their ticket-level alerts.
 
 Places are probed in batches (a task run per batch, not per endpoint). A part that could not run (a
 batch, the services, Prefect's API) is named in the artifact, its alerts are neither raised nor resolved,
@@ -27,7 +28,7 @@ from certpilot.errors import PermanentError, redact
 from certpilot.monitoring import Observed, Reachability
 from flows.runners import thread_pool
 from flows.settling import settle
-from tasks.alerting import AlertSummary, raise_alerts
+from tasks.alerting import AlertSummary, raise_alerts, send_digest
 from tasks.monitoring import (
     MonitorPlan,
     check_services,
@@ -40,7 +41,7 @@ from tasks.monitoring import (
     read_unfinished_runs,
     source_interval,
 )
-from tasks.reporting import publish_sli
+from tasks.reporting import publish_reports
 
 STUCK_AFTER_MINUTES = {"renew-due": 120.0, "renew-certificate": 30.0, "deploy-certificate": 30.0}
 FLOW_TIMEOUT = 840  # seconds: a run ends before the next one (every 15 minutes) is due
@@ -129,7 +130,8 @@ def monitor(trust_bundle_pem: str | None = None, use_system_trust: bool = True, 
                              dt.timedelta(hours=renewal_grace_hours), sorted(set(failed)), failures)
     told = raise_alerts(list(report.findings), report.scope)
     publish_monitor_report(report)
-    publish_sli()
+    send_digest()  # today's digest of ticket-level alerts, once, after the policy's digest time
+    publish_reports()
     checks = report.evaluation.checks
     summary = MonitorSummary(len(checks), sum(1 for c in checks if c.ok), sum(1 for c in checks if c.error),
                              len(report.findings), len(report.evaluation.not_served), told, tuple(failures))

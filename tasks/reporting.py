@@ -1,8 +1,9 @@
 """Reporting tasks: the operators' artifacts.
 
-- ``publish_sli``: the SLIs M1 to M10 over a window, artifact ``sli`` (the monitor flow publishes it
-  after each run).
-- ``publish_views``: the executive view (artifact ``executive-view``: fleet size, served certificates
+``publish_reports`` (the monitor flow runs it after each run) computes the SLIs once and publishes:
+
+- the SLIs M1 to M10 over a window, artifact ``sli``;
+- the executive view (artifact ``executive-view``: fleet size, served certificates
   valid, renewal success, incidents, and a chart of the window's trend) and the on-call view
   (artifact ``on-call``: what expires within 72, 24 and 6 hours, open PAGE and CRITICAL alerts,
   failing renewals, recent revocations, deployments in progress).
@@ -26,7 +27,7 @@ from certpilot.database import get_engine, read_session
 from certpilot.errors import InvalidOptionError, redact
 from certpilot.timespan import parse_timespan
 
-__all__ = ["DEFAULT_WINDOW", "PublishedViews", "publish_sli", "publish_views"]
+__all__ = ["DEFAULT_WINDOW", "PublishedReports", "publish_reports"]
 
 DEFAULT_WINDOW = dt.timedelta(days=30)
 RECENT_REVOCATIONS = dt.timedelta(days=7)
@@ -42,21 +43,13 @@ def as_window(window: dt.timedelta | str) -> dt.timedelta:
         raise InvalidOptionError("window", window, "a duration such as 30d, 12h or 2w") from exc
 
 
-@task(name="publish-sli", task_run_name="publish-sli")
-def publish_sli(window: dt.timedelta | str = DEFAULT_WINDOW) -> sli.SliReport:
-    """Compute M1 to M10 over ``window`` up to now and publish them (artifact key: sli). Returns them."""
-    with read_session(get_engine()) as session:
-        report = sli.compute(session, as_window(window), utcnow())
-    create_markdown_artifact(key="sli", markdown=views.sli_markdown(report),
-                             description="The service level indicators M1-M10 over the window")
-    return report
-
-
 @dataclass(frozen=True)
-class PublishedViews:
-    """What the views showed, in numbers: certificates in service, how many expire within each of the
-    on-call horizons (hours), failing renewals, deployments in progress; whether the chart was drawn."""
+class PublishedReports:
+    """What the reports showed, in numbers: the SLIs; certificates in service, how many expire within
+    each of the on-call horizons (hours), failing renewals, deployments in progress; whether the chart
+    was drawn."""
 
+    sli: sli.SliReport
     certificates: int
     expiring: tuple[tuple[int, int], ...]
     failing_renewals: int
@@ -64,16 +57,20 @@ class PublishedViews:
     chart: bool
 
 
-@task(name="publish-views", task_run_name="publish-views")
-def publish_views(window: dt.timedelta | str = DEFAULT_WINDOW,
-                  recent: dt.timedelta | str = RECENT_REVOCATIONS) -> PublishedViews:
-    """Publish the executive view over ``window`` (artifact key: executive-view) and the on-call view
-    with the revocations of the last ``recent`` (artifact key: on-call)."""
+@task(name="publish-reports", task_run_name="publish-reports", timeout_seconds=600)
+def publish_reports(window: dt.timedelta | str = DEFAULT_WINDOW,
+                    recent: dt.timedelta | str = RECENT_REVOCATIONS) -> PublishedReports:
+    """Compute M1 to M10 over ``window`` up to now, once, and publish them (artifact key: sli), the
+    executive view over the same window (executive-view) and the on-call view with the revocations of
+    the last ``recent`` (on-call)."""
+    span, recent_span = as_window(window), as_window(recent)
     now = utcnow()
     with read_session(get_engine()) as session:
-        report = sli.compute(session, as_window(window), now)
+        report = sli.compute(session, span, now)
         executive = views.executive_view(session, report)
-        on_call = views.on_call_view(session, now, as_window(recent))
+        on_call = views.on_call_view(session, now, recent_span)
+    create_markdown_artifact(key="sli", markdown=views.sli_markdown(report),
+                             description="The service level indicators M1-M10 over the window")
     chart: bytes | None = None
     try:
         from certpilot.charts import trend_png
@@ -89,5 +86,5 @@ def publish_views(window: dt.timedelta | str = DEFAULT_WINDOW,
     create_markdown_artifact(key="on-call", markdown=views.on_call_markdown(on_call),
                              description="What needs someone now: expiring within 72/24/6 hours, alerts, "
                                          "failing renewals, revocations, deployments in progress")
-    return PublishedViews(executive.certificates, on_call.expiring, len(on_call.failing_renewals),
-                          len(on_call.deployments), chart is not None)
+    return PublishedReports(report, executive.certificates, on_call.expiring, len(on_call.failing_renewals),
+                            len(on_call.deployments), chart is not None)

@@ -7,6 +7,7 @@ endpoint resolves it; certificates nothing serves any more raise no expiry alert
 from __future__ import annotations
 
 import datetime as dt
+import re
 import ssl
 import textwrap
 import warnings
@@ -213,6 +214,8 @@ def test_each_problem_is_exactly_its_alert_told_once_and_resolved_when_fixed(
             alert_policy.load_policy(session, textwrap.dedent("""\
                 default:
                   notify: [custom-webhook/monitor-test]
+                digest:
+                  at: "00:00"
                 """), "test", utcnow())
         trust = farm.ca.root.public_bytes(serialization.Encoding.PEM).decode()
 
@@ -237,7 +240,15 @@ def test_each_problem_is_exactly_its_alert_told_once_and_resolved_when_fixed(
         assert _open(alerts) == expected
         told = [k for k, severity in expected.items() if severity != "ticket"]  # tickets wait for the digest
         assert first.alerts.opened == len(expected) and first.alerts.delivered == len(told)
-        messages = hook.wait_for(len(told))
+        # Each run's deliveries are done when it ends: the told alerts, and the day's digest of the tickets
+        # (its time, 00:00, has always passed), one per owner.
+        messages = [m for m in hook.requests if "daily digest" not in m.json()["subject"]]
+        digests = [m.json()["subject"] for m in hook.requests if "daily digest" in m.json()["subject"]]
+        tickets = [k for k, severity in expected.items() if severity == "ticket"]
+        counted = [re.search(r"daily digest for (.+): (\d+) ticket-level", d) for d in digests]
+        assert all(counted) and len({c.group(1) for c in counted if c}) == len(digests)
+        assert sum(int(c.group(2)) for c in counted if c) == len(tickets)
+        assert len(messages) == len(told)
         subjects = sorted(m.json()["subject"] for m in messages)
         assert sum("revoked-served revoked.mon.test" in s for s in subjects) == 1
         assert sum("[certpilot PAGE] expired ep00000.mon.test" in s for s in subjects) == 1
@@ -256,7 +267,7 @@ def test_each_problem_is_exactly_its_alert_told_once_and_resolved_when_fixed(
 
         second, _ = _run(trust)
         assert second.alerts == AlertSummary(0, 0, 0, 0, 0, 0)
-        assert _open(_alerts()) == expected and len(hook.requests) == len(told)
+        assert _open(_alerts()) == expected and len(hook.requests) == len(told) + len(digests)  # digests: once a day
 
         fresh, fresh_key = corp.issue_with_key("revoked.mon.test", validity_days=90)
         serving_revoked["now"] = _context(tmp_path, list(fresh.chain), fresh_key)
@@ -268,7 +279,7 @@ def test_each_problem_is_exactly_its_alert_told_once_and_resolved_when_fixed(
              ("place:target:shop/web", "wrong-certificate")}
     assert third.alerts.resolved == 3 and third.alerts.opened == 0
     assert _open(_alerts()) == {k: v for k, v in expected.items() if k not in fixed}
-    resolved = [m.json()["subject"] for m in hook.wait_for(len(told) + 3)[len(told):]]
+    resolved = [m.json()["subject"] for m in hook.wait_for(len(told) + len(digests) + 3)[len(told) + len(digests):]]
     assert all("resolved" in s for s in resolved) and len(resolved) == 3
 
 

@@ -34,7 +34,7 @@ from certpilot.models import Alert, EndpointCheck, PrivateKey
 from certpilot.sample_estate import issue_leaf, make_ca
 from certpilot.settings import load_settings
 from certpilot.x509info import describe_certificate
-from tasks.reporting import PublishedViews, publish_sli, publish_views
+from tasks.reporting import PublishedReports, publish_reports
 from tests.flows.test_renew_flows import _artifacts
 from tests.keyprobe import leaks
 from tests.sample_issuer import SampleIssuer
@@ -45,9 +45,8 @@ HOSTILE = "<img src=x onerror=alert(1)> | **bold** [link](http://example.test)"
 
 
 @flow(name="publish-reports")
-def publish_reports() -> PublishedViews:
-    publish_sli("30d")
-    return publish_views()
+def reports_flow() -> PublishedReports:
+    return publish_reports("30d")
 
 
 def ring() -> keystore.KeyRing:
@@ -120,7 +119,7 @@ def section(markdown: str, heading: str) -> str:
 
 
 def test_a_flow_publishes_the_sli_executive_and_on_call_artifacts(estate: Estate) -> None:
-    state = publish_reports(return_state=True)
+    state = reports_flow(return_state=True)
     assert state.is_completed(), state.message
     published = state.result()
     assert published.expiring == ((6, 1), (24, 2), (72, 3)) and published.chart
@@ -186,4 +185,4 @@ def test_a_flow_publishes_the_sli_executive_and_on_call_artifacts(estate: Estate
 
 def test_a_window_that_is_not_a_duration_is_refused_by_name() -> None:
     with pytest.raises(InvalidOptionError, match="window must be a duration such as 30d, 12h or 2w, not 'soon'"):
-        publish_sli.fn("soon")
+        publish_reports.fn("soon")
