@@ -4,7 +4,10 @@ OCSP, as one ASGI app (Starlette) on uvicorn.
 Routes (``build_app``; each part can be left out):
 
 - ``/healthz``: 200 ``{"status": "ok", ...}`` when the inventory database answers, else 503 with why;
-- ``/metrics``: the Prometheus exposition of ``certpilot.metrics.render(engine)``;
+- ``/metrics``: the Prometheus exposition of ``certpilot.metrics.render(engine)``, with the SLIs
+  (``certpilot_sli_*``) as a background task last computed them (``certpilot.sli.compute`` over
+  ``sli_window``, every ``sli_refresh_seconds``: it reads the window's audit trail, too slow for every
+  scrape); until the first computation ends, /metrics has no SLI gauges;
 - for every CA in the inventory, under ``/<ca name>/`` (after any path prefix of the CA's base URL):
   ``issuing.crt`` and ``root.crt`` (the CA certificates, DER, application/pkix-cert); ``issuing.crl``
   (the current full CRL, DER, application/pkix-crl, reissued first when it is due); ``ocsp``: OCSP
@@ -36,7 +39,6 @@ import base64
 import binascii
 import contextlib
 import datetime as dt
-import importlib
 import json
 import logging
 import re
@@ -60,7 +62,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from certpilot import audit, ca, keystore
+from certpilot import audit, ca, keystore, metrics as exposition, sli
 from certpilot.clock import utcnow
 from certpilot.database import read_session
 from certpilot.errors import CertpilotError, NotFoundError, redact
@@ -250,7 +252,8 @@ def _json(status: int, data: dict[str, Any]) -> Response:
 def build_app(engine: sa.Engine, *, ca: bool = True, metrics: bool = True,
               key_ring: Callable[[], keystore.KeyRing] | None = None, actor: audit.Actor | None = None,
               clock: Callable[[], dt.datetime] | None = None, request_seconds: float = Limits.request_seconds,
-              crl_refresh_seconds: float = 600.0) -> ASGIApp:
+              crl_refresh_seconds: float = 600.0, sli_refresh_seconds: float = 300.0,
+              sli_window: dt.timedelta = dt.timedelta(days=30)) -> ASGIApp:
     """The ASGI app: ``/healthz`` always, ``/metrics`` if ``metrics``, the CAs' URLs if ``ca`` (with
     ``key_ring`` giving the master key when an issuing key must be decrypted; by default the configured
     one). Each answer must be ready within ``request_seconds`` (503 otherwise)."""
@@ -272,13 +275,14 @@ def build_app(engine: sa.Engine, *, ca: bool = True, metrics: bool = True,
             return _json(503, {"status": "unavailable", "inventory": f"does not answer: {redact(exc)}", **served})
         return _json(200, {"status": "ok", "inventory": "ok", **served})
 
+    slis: list[sli.SliReport] = []  # the latest computation, once there is one
+
+    def compute_slis() -> None:
+        with read_session(engine) as session:
+            slis[:] = [sli.compute(session, sli_window, (clock or utcnow)())]
+
     async def metrics_endpoint(request: Request) -> Response:
-        try:
-            exposition = importlib.import_module("certpilot.metrics")  # imported when asked for: it may be absent
-        except ImportError as exc:
-            log.error("/metrics: certpilot.metrics cannot be imported: %s", exc)
-            return Response("metrics not available\n", 503, media_type=_TEXT)
-        body = await _in_thread(lambda: exposition.render(engine))
+        body = await _in_thread(lambda: exposition.render(engine, sli=slis[0] if slis else None))
         return Response(body, 200, media_type=exposition.CONTENT_TYPE)
 
     async def ca_endpoint(request: Request) -> Response:
@@ -299,17 +303,21 @@ def build_app(engine: sa.Engine, *, ca: bool = True, metrics: bool = True,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        refresher = None
+        background = []
         if responder is not None:
             await _in_thread(responder.refresh_crls)
-            refresher = asyncio.create_task(_refresh_crls(responder, crl_refresh_seconds), name="ca-crl-refresh")
+            background.append(asyncio.create_task(_every(crl_refresh_seconds, responder.refresh_crls, "CRLs", False),
+                                                  name="ca-crl-refresh"))
+        if metrics:
+            background.append(asyncio.create_task(_every(sli_refresh_seconds, compute_slis, "SLIs", True),
+                                                  name="sli-refresh"))
         try:
             yield
         finally:
-            if refresher is not None:
-                refresher.cancel()
+            for task in background:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await refresher
+                    await task
             if responder is not None:
                 responder.close()  # let the decrypted keys go
 
@@ -321,10 +329,17 @@ def build_app(engine: sa.Engine, *, ca: bool = True, metrics: bool = True,
     return _TimeLimit(Starlette(routes=routes, lifespan=lifespan), request_seconds)
 
 
-async def _refresh_crls(responder: CAResponder, interval: float) -> None:
-    while True:
+async def _every(interval: float, work: Callable[[], Any], what: str, at_once: bool) -> None:
+    """Run ``work`` in a thread every ``interval`` seconds (first at once if ``at_once``); a failure is
+    logged and tried again at the next interval."""
+    if not at_once:
         await asyncio.sleep(interval)
-        await _in_thread(responder.refresh_crls)
+    while True:
+        try:
+            await _in_thread(work)
+        except Exception as exc:  # noqa: BLE001 - a background refresh must outlive one failure
+            log.error("refreshing the %s failed (tried again in %.0f s): %s", what, interval, redact(exc))
+        await asyncio.sleep(interval)
 
 
 class _TimeLimit:
