@@ -18,6 +18,7 @@ from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import InvalidOptionError
 from certpilot.timespan import parse_timespan
 from cli.console import JsonOption, cell, line, out, print_json, usage_error
+from cli.files import read_text_file
 from cli.options import actor
 
 app = typer.Typer(help="Alerts: one per certificate (or object) and condition, told once, escalating.",
@@ -129,10 +130,7 @@ def policy_load_command(
     as_json: JsonOption = False,
 ) -> None:
     """Check a policy file and make it the policy in force (for every machine using this inventory)."""
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidOptionError("FILE", str(file), f"a readable UTF-8 file ({exc})") from None
+    text = read_text_file(file)
     with write_session(get_engine()) as session:
         stored = alert_policy.load_policy(session, text, actor().name, utcnow(), str(file))
     if as_json:
@@ -237,10 +235,7 @@ def suppress_load_command(
     as_json: JsonOption = False,
 ) -> None:
     """Add every suppression a file gives; a malformed file is refused whole, naming the line."""
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidOptionError("FILE", str(file), f"a readable UTF-8 file ({exc})") from None
+    text = read_text_file(file)
     specs = alert_policy.parse_suppressions(text, str(file))
     now, who = utcnow(), actor().name
     views = []

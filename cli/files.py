@@ -1,12 +1,13 @@
-"""Files the CLI writes: never over an existing file unless told (--force), and a file holding a
-private key is mode 0600 before a byte is written."""
+"""Files the CLI reads and writes: a file that cannot be read is bad usage naming it; nothing is written
+over an existing file unless told (--force), and a file holding a private key is mode 0600 before a
+byte is written."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from certpilot.errors import PermanentError
+from certpilot.errors import InvalidOptionError, PermanentError
 
 
 def refuse_existing(path: Path) -> None:
@@ -30,3 +31,11 @@ def write_new_file(path: Path, data: bytes, *, secret: bool, force: bool) -> Non
         os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file: an existing one keeps its own
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+
+
+def read_text_file(path: Path, name: str = "FILE") -> str:
+    """The UTF-8 text of ``path``; one that cannot be read is bad usage naming the option and why."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidOptionError(name, str(path), f"a readable UTF-8 file ({exc})") from None
