@@ -29,6 +29,7 @@ from certpilot.monitoring import Observed, Reachability
 from flows.runners import thread_pool
 from flows.settling import settle
 from tasks.alerting import AlertSummary, raise_alerts, send_digest
+from tasks.history import audit_head, publish_certificate_history
 from tasks.monitoring import (
     MonitorPlan,
     check_services,
@@ -44,6 +45,7 @@ from tasks.monitoring import (
 from tasks.reporting import publish_reports
 
 STUCK_AFTER_MINUTES = {"renew-due": 120.0, "renew-certificate": 30.0, "deploy-certificate": 30.0}
+HISTORY_ARTIFACTS = 100  # managed certificates given a history artifact per run
 FLOW_TIMEOUT = 840  # seconds: a run ends before the next one (every 15 minutes) is due
 
 
@@ -128,7 +130,12 @@ def monitor(trust_bundle_pem: str | None = None, use_system_trust: bool = True, 
 
     report = evaluate_checks(list(plan.places), observed, reachability, unfinished, deadlines, every,
                              dt.timedelta(hours=renewal_grace_hours), sorted(set(failed)), failures)
+    head = audit_head()
     told = raise_alerts(list(report.findings), report.scope)
+    # The managed certificates whose alerts opened, escalated or resolved: their history artifacts.
+    history = publish_certificate_history(None, head, limit=HISTORY_ARTIFACTS, return_state=True)
+    if not history.is_completed():
+        log.warning("the certificates' history artifacts were not published: %s", history.message)
     publish_monitor_report(report)
     send_digest()  # today's digest of ticket-level alerts, once, after the policy's digest time
     publish_reports()

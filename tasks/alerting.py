@@ -40,13 +40,14 @@ from prefect.runtime import flow_run
 
 import blocks.notifications  # noqa: F401  (registers the e-mail block type, so load_block finds it)
 from blocks.loading import load_block
-from certpilot import alerts
+from certpilot import alerts, audit
 from certpilot.alert_policy import Policy, current_policy
 from certpilot.alerts import Finding, Message, Scope, Severity, Transition
 from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import PermanentError, redact
 from certpilot.models import Alert, AlertDelivery
+from tasks.inventory import run_actor
 
 DELIVERY_TIMEOUT = 5.0  # seconds per attempt of one message to one channel
 DELIVERY_ATTEMPTS = 2
@@ -228,11 +229,17 @@ def outgoing_for(policy: Policy, transitions: Sequence[Transition], run_url: str
 
 def raise_and_deliver(engine: sa.Engine, findings: Sequence[Finding], scope: Scope, now: dt.datetime,
                       run_url: str | None = None, timeout: float | None = None,
-                      attempts: int | None = None) -> tuple[AlertSummary, list[Delivered]]:
+                      attempts: int | None = None, actor: audit.Actor | None = None) -> tuple[AlertSummary, list[Delivered]]:
     """``raise_alerts`` without Prefect's task machinery: observe, deliver, record. ``timeout`` and
-    ``attempts`` default to DELIVERY_TIMEOUT and DELIVERY_ATTEMPTS."""
+    ``attempts`` default to DELIVERY_TIMEOUT and DELIVERY_ATTEMPTS. Each transition is also an audit
+    event on the alert's object (``alert.opened``, ``alert.escalated``, ``alert.resolved``), so a
+    certificate's history shows what monitoring found and when it was told."""
     with write_session(engine) as session:
         observation = alerts.record(session, findings, scope, now)
+        audit.append(session, actor or audit.Actor("certpilot-monitor"), [
+            audit.Change(f"alert.{t.kind}", t.object, {"alert": t.alert_id, "condition": t.condition.value,
+                                                       "severity": t.severity.value, "summary": t.summary})
+            for t in observation.transitions], now)
         policy = current_policy(session)
     delivered = deliver(outgoing_for(policy, observation.transitions, run_url), timeout, attempts)
     with write_session(engine) as session:
@@ -302,7 +309,7 @@ def _log_failures(delivered: Sequence[Delivered]) -> None:
 @task(name="raise-alerts", cache_policy=NO_CACHE, timeout_seconds=900)
 def raise_alerts(findings: list[Finding], scope: Scope) -> AlertSummary:
     """Record the findings as alerts and tell whoever the policy routes their changes to."""
-    summary, delivered = raise_and_deliver(get_engine(), findings, scope, utcnow(), _run_url())
+    summary, delivered = raise_and_deliver(get_engine(), findings, scope, utcnow(), _run_url(), actor=run_actor())
     _log_failures(delivered)
     get_run_logger().info("alerts: %d opened, %d escalated, %d resolved, %d suppressed; %d delivered, %d failed",
                           summary.opened, summary.escalated, summary.resolved, summary.suppressed, summary.delivered,

@@ -264,6 +264,8 @@ def test_each_problem_is_exactly_its_alert_told_once_and_resolved_when_fixed(
         assert "ghost.mon.test" in apart and "old-shop" in apart and "superseded by its managed replacement" in apart
         assert f"{_fp(old.leaf)[:16]}" in report and "wrong-certificate" in report
         assert "sli" in artifacts  # the service level indicators after each run
+        # A managed certificate's history shows what monitoring found: its alert's opening is an audit event.
+        assert "alert.opened" in artifacts["certificate-old-shop"] and "renewal-failed" in artifacts["certificate-old-shop"]
 
         second, _ = _run(trust)
         assert second.alerts == AlertSummary(0, 0, 0, 0, 0, 0)
