@@ -10,7 +10,9 @@ shows in its UI. Steps:
    a deploy-certificate run per managed certificate, which reconciles targets that do not serve
    what they should (the lab is new on every run); discovery again, which now sees the new
    certificate served and flags what is gone as ghosts;
-4. the expiry report, the targets' state and the audit chain.
+4. the monitor flow, twice: what is served against what should be, the silent stalls, de-duplicated
+   alerts delivered to a webhook receiver on loopback (the second run tells nothing new), the SLIs;
+5. the expiry report, the targets' state and the audit chain.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # lab/ is part of the checkout, not of the package
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +35,8 @@ from blocks.issuers import PrivateCABlock
 from blocks.ssh import SshHostBlock
 from blocks.targets import DeploymentTargetBlock
 from blocks.tls_scan import TlsScanBlock
-from certpilot import audit, ca, keystore, managed, targets
+from certpilot import alert_policy, audit, ca, keystore, managed, targets
+from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import NotFoundError
 from certpilot.models import Certificate
@@ -40,10 +44,12 @@ from certpilot.report import expiry_report
 from certpilot.settings import load_settings
 from flows.deploy import deploy_certificate
 from flows.discover import discover
+from flows.monitor import monitor
 from flows.renew import renew_due
 from lab import tls_farm
 from lab.haproxy import HaproxyInstance
 from lab.nginx import NginxInstance
+from lab.receivers import WebhookReceiver
 from lab.sshd import SshServer
 
 CA_NAME = "lab-ca"
@@ -161,6 +167,27 @@ def main() -> int:
                 out.print(f"  {o.target:<14} {o.kind:<12} {o.action:<15} {o.detail}")
         step("discover again: the new certificate is seen where it is served; what is gone becomes a ghost")
         discover(sources)
+
+        step("monitor, twice: alerts go to a webhook receiver on loopback, once per alert")
+        hook = stack.enter_context(WebhookReceiver())
+        CustomWebhookNotificationBlock(name="lab-alerts", url=hook.url,
+                                       json_data={"subject": "{{subject}}", "body": "{{body}}"}
+                                       ).save("lab-alerts", overwrite=True)
+        with write_session(engine) as session:
+            alert_policy.load_policy(session, "default:\n  notify: [custom-webhook/lab-alerts]\n", actor.name, utcnow(),
+                                     "the lab's alert policy")
+        for run in (1, 2):
+            state = monitor(probe_timeout_seconds=2.0, return_state=True)  # the farm's silent endpoint costs 2 s
+            checked = state.result(raise_on_failure=False)
+            if isinstance(checked, BaseException):
+                out.print(f"monitor run {run}: {checked}")
+                continue
+            told = checked.alerts
+            out.print(f"monitor run {run}: {checked.places} places, {checked.ok} ok, {checked.unreachable} unreachable; "
+                      f"alerts {told.opened} opened, {told.escalated} escalated, {told.resolved} resolved; "
+                      f"webhook messages so far: {len(hook.requests)}")
+        for request in hook.requests[:5]:
+            out.print(f"  {request.json()['subject']}", markup=False)
 
         step("report")
         with read_session(engine) as session:
