@@ -34,6 +34,7 @@ Names follow the tools whose dashboards and alert rules operators already have:
   and each place serving a revoked certificate), inventory counts by status; the SLIs when given.
   The counters are kept up to date incrementally: the process remembers, per engine, the tally of the
   audit trail up to the last event it read (AuditTally), and each render reads only the events after it.
+  Likewise each certificate's label set, which only a change of owner or managed state alters.
 
 Speed: 100,000 certificates make 300,000 per-certificate samples. prometheus-client's ``generate_latest``
 formats about 60,000 samples a second here (5 s for them), so the families with one series per
@@ -103,9 +104,8 @@ def render(engine: sa.Engine, now: dt.datetime | None = None, *, sli: SliReport 
     large inventory, so whoever serves /metrics computes them on its own schedule and passes the report."""
     now = now or utcnow()
     with read_session(engine) as session:
-        active, ghost_only = _active(session)
         current: dict[int, _Current] = {}
-        text = _certificate_families(active, ghost_only, now, current)
+        text = _certificate_families(session, _own_cas(session), now, current, _labels.setdefault(engine, {}))
         text += _managed_families(session, current, now)
         tally = _tallies.get(engine, AuditTally()).extend(session)
         _tallies[engine] = tally
@@ -189,23 +189,37 @@ def _epoch_seconds(session: Session, column: Any) -> sa.ColumnElement[int]:
     return sa.cast(sa.func.strftime("%s", column), sa.Integer)
 
 
-_Row = tuple[str, str, str, str, int, int, str | None, int | None]
+_Row = tuple[str, str, str, str, int, int]  # fingerprint, subject, issuer, serial, NotBefore, NotAfter
+# owner, managed, label set, NotBefore, NotAfter, and the two as sample values (b"1700000000\n")
+_Cached = tuple[str | None, bool, bytes, int, int, bytes, bytes]
+_CHUNK = 500  # at most this many fingerprints in one IN (...) query
 
 
-def _active(session: Session) -> tuple[Iterator[_Row], set[str]]:
-    """Fingerprint, subject, issuer, serial, NotBefore, NotAfter (Unix seconds), owner and managed id of
-    every active certificate that is not a CA certificate (but certpilot's own CAs'), in no particular
-    order, read while the session lasts; and the fingerprints of those seen only at ghost locations
-    (not in service)."""
-    own_cas = {fp for row in session.connection().execute(sa.select(col(CertificateAuthority.root_fingerprint),
-                                                       col(CertificateAuthority.issuing_fingerprint)))
-               for fp in row}
+def _own_cas(session: Session) -> set[str]:
+    """The fingerprints of certpilot's private CAs' root and issuing certificates."""
+    return {fp for row in session.connection().execute(sa.select(col(CertificateAuthority.root_fingerprint),
+                                                                 col(CertificateAuthority.issuing_fingerprint)))
+            for fp in row}
+
+
+def _active(session: Session, own_cas: set[str]) -> tuple[Iterator[tuple[str, str | None, int | None]], set[str]]:
+    """Fingerprint, owner and managed id of every active certificate that is not a CA certificate (but
+    certpilot's own CAs', ``own_cas``), in no particular order, read while the session lasts; and the
+    fingerprints of those seen only at ghost locations (not in service)."""
     # Certificates seen only at ghost locations: few, found through their ghost locations.
     ghost = sa.orm.aliased(Location)
     ghost_only = set(session.connection().execute(
         sa.select(col(ghost.certificate_fingerprint)).where(col(ghost.ghost).is_(True), ~sa.exists().where(
             col(Location.certificate_fingerprint) == col(ghost.certificate_fingerprint),
             col(Location.ghost).is_(False)))).scalars())
+    result = session.connection().execute(
+        sa.select(col(Certificate.fingerprint_sha256), col(Certificate.owner), col(Certificate.managed_certificate_id))
+        .where(*_in_service(session, own_cas)))
+    return _driver_rows(result), ghost_only
+
+
+def _in_service(session: Session, own_cas: set[str]) -> list[Any]:
+    """The conditions of a certificate with series: active, and not a CA certificate unless certpilot's own."""
     fingerprint = col(Certificate.fingerprint_sha256)
     not_ca = col(Certificate.is_ca).is_(False)
     status: Any = col(Certificate.status)
@@ -214,16 +228,28 @@ def _active(session: Session) -> tuple[Iterator[_Row], set[str]]:
         # table in storage order took half the time (0.3 s against 0.6 s for 100,000 certificates in
         # service). PostgreSQL's planner chooses by its statistics.
         status = sa.literal_column("+certificate.status")
-    result = session.connection().execute(
-        sa.select(fingerprint, col(Certificate.subject), col(Certificate.issuer), col(Certificate.serial_hex),
-                  _epoch_seconds(session, col(Certificate.not_before)),
-                  _epoch_seconds(session, col(Certificate.not_after)),
-                  col(Certificate.owner), col(Certificate.managed_certificate_id))
-        .where(status == "active", sa.or_(not_ca, fingerprint.in_(own_cas)) if own_cas else not_ca))
-    return _driver_rows(result), ghost_only
+    return [status == "active", sa.or_(not_ca, fingerprint.in_(own_cas)) if own_cas else not_ca]
 
 
-def _driver_rows(result: sa.CursorResult[Any], batch: int = 5000) -> Iterator[_Row]:
+def _described(session: Session, fingerprints: list[str], own_cas: set[str]) -> Iterator[_Row]:
+    """Subject, issuer, serial and validity (Unix seconds) of the certificates ``fingerprints`` names:
+    what a label set is made of, read only for certificates not in the cache: by fingerprint when they
+    are a few (a scrape after new issuances), else in one pass over those in service (the first render).
+    One query either way."""
+    fingerprint = col(Certificate.fingerprint_sha256)
+    query = sa.select(fingerprint, col(Certificate.subject), col(Certificate.issuer), col(Certificate.serial_hex),
+                      _epoch_seconds(session, col(Certificate.not_before)),
+                      _epoch_seconds(session, col(Certificate.not_after)))
+    if len(fingerprints) > _CHUNK:
+        wanted = set(fingerprints)
+        yield from (row for row in _driver_rows(session.connection().execute(query.where(
+            *_in_service(session, own_cas)))) if row[0] in wanted)
+        return
+    if fingerprints:
+        yield from _driver_rows(session.connection().execute(query.where(fingerprint.in_(fingerprints))))
+
+
+def _driver_rows(result: sa.CursorResult[Any], batch: int = 5000) -> Iterator[Any]:
     """The rows of ``result`` as its driver returns them, a batch at a time. Every column here is a str or
     an int as the driver gives it, which needs no result processing: the driver's own tuples spare
     100,000 SQLAlchemy Rows (0.13 s of CPU), and batches spare holding every row at once (60 MB)."""
@@ -243,35 +269,74 @@ class _Current:
     not_after: int
 
 
-def _certificate_families(rows: Iterable[_Row], ghost_only: set[str], now: dt.datetime,
-                          current: dict[int, _Current]) -> list[bytes]:
-    """The x509_cert_* families of the certificates in service; fills ``current`` with each managed
-    certificate's current certificate (the newest active one, ghost or not) on the way."""
+def _certificate_families(session: Session, own_cas: set[str], now: dt.datetime, current: dict[int, _Current],
+                          labels_cache: dict[str, _Cached]) -> list[bytes]:
+    """The x509_cert_* families of the certificates in service (``_active``); fills ``current`` with each managed certificate's current certificate (the newest active one, ghost
+    or not) on the way.
+
+    ``labels_cache`` (fingerprint -> owner, managed, label set, validity) keeps each certificate's label
+    set and validity from one render to the next: a certificate's subject, issuer, serial and validity
+    never change (its fingerprint is its identity), so only a certificate not seen by the last render is
+    read in full (``_described``), parsed and escaped, and one whose owner or managed state changed gets
+    a new label set. For 100,000 certificates that took a render from about 1.4 s to under 1 s, for about
+    40 MB held; the first render reads and builds everything."""
+    rows, ghost_only = _active(session, own_cas)
     issuers: dict[str, tuple[str, str]] = {}
     after: list[bytes] = []
     before: list[bytes] = []
     expired: list[bytes] = []
     now_ts = now.timestamp()
     escape = escape_label_value
-    for fp, subject, issuer, serial_hex, not_before, not_after, owner, managed_id in rows:
+    kept: dict[str, _Cached] = {}
+    unknown: dict[str, tuple[str | None, int | None]] = {}
+
+    def add(fp: str, managed_id: int | None, entry: _Cached) -> None:
         if managed_id is not None:
             held = current.get(managed_id)
-            if held is None or (not_before, fp) > (held.not_before, held.fingerprint):
-                current[managed_id] = _Current(fp, not_before, not_after)
+            if held is None or (entry[3], fp) > (held.not_before, held.fingerprint):
+                current[managed_id] = _Current(fp, entry[3], entry[4])
+        kept[fp] = entry  # kept even when not in service now (seen only at ghosts): it may be seen again
         if fp in ghost_only:
-            continue
+            return
+        labels = entry[2]
+        after.extend((b"x509_cert_not_after", labels, entry[6]))
+        before.extend((b"x509_cert_not_before", labels, entry[5]))
+        expired.extend((b"x509_cert_expired", labels, b"1\n" if now_ts > entry[4] else b"0\n"))
+
+    def label_set(fp: str, subject: str, issuer: str, serial_hex: str, owner: str | None, managed: bool) -> bytes:
         cn, org = common_name_and_organisation(subject)
         issued_by = issuers.get(issuer)
         if issued_by is None:
             issuer_cn, issuer_org = common_name_and_organisation(issuer)
             issued_by = issuers[issuer] = (escape(issuer_cn), escape(issuer_org))
-        labels = (f'{{fingerprint="{fp}",issuer_CN="{issued_by[0]}",issuer_O="{issued_by[1]}",'
-                  f'managed="{"false" if managed_id is None else "true"}",owner="{escape(owner) if owner else ""}",'
-                  f'serial_number="{int(serial_hex, 16)}",subject_CN="{escape(cn)}",subject_O="{escape(org)}"}} '
-                  ).encode()
-        after += (b"x509_cert_not_after", labels, b"%d\n" % not_after)
-        before += (b"x509_cert_not_before", labels, b"%d\n" % not_before)
-        expired += (b"x509_cert_expired", labels, b"1\n" if now_ts > not_after else b"0\n")
+        return (f'{{fingerprint="{fp}",issuer_CN="{issued_by[0]}",issuer_O="{issued_by[1]}",'
+                f'managed="{"true" if managed else "false"}",owner="{escape(owner) if owner else ""}",'
+                f'serial_number="{int(serial_hex, 16)}",subject_CN="{escape(cn)}",subject_O="{escape(org)}"}} '
+                ).encode()
+
+    cache_get, after_add, before_add, expired_add = labels_cache.get, after.extend, before.extend, expired.extend
+    for fp, owner, managed_id in rows:  # add() written out: this loop runs once per certificate in service
+        cached = cache_get(fp)
+        if cached is None or cached[0] != owner or cached[1] != (managed_id is not None):
+            unknown[fp] = (owner, managed_id)  # new, or its owner or managed state changed: read and build again
+            continue
+        if managed_id is not None:
+            add(fp, managed_id, cached)
+            continue
+        kept[fp] = cached
+        if fp in ghost_only:
+            continue
+        labels = cached[2]
+        after_add((b"x509_cert_not_after", labels, cached[6]))
+        before_add((b"x509_cert_not_before", labels, cached[5]))
+        expired_add((b"x509_cert_expired", labels, b"1\n" if now_ts > cached[4] else b"0\n"))
+    for fp, subject, issuer, serial_hex, not_before, not_after in _described(session, sorted(unknown), own_cas):
+        owner, managed_id = unknown[fp]
+        managed = managed_id is not None
+        add(fp, managed_id, (owner, managed, label_set(fp, subject, issuer, serial_hex, owner, managed),
+                             not_before, not_after, b"%d\n" % not_before, b"%d\n" % not_after))
+    labels_cache.clear()  # what is no longer in service leaves the cache
+    labels_cache.update(kept)
     return [*_family("x509_cert_not_after", "Unix time after which the certificate is no longer valid (NotAfter).",
                      "gauge", after),
             *_family("x509_cert_not_before", "Unix time from which the certificate is valid (NotBefore).", "gauge",
@@ -409,6 +474,8 @@ class AuditTally:
 
 # The tally of each inventory's audit trail as of its last render (see AuditTally), by engine.
 _tallies: weakref.WeakKeyDictionary[sa.Engine, AuditTally] = weakref.WeakKeyDictionary()
+# Each certificate's label set as of the last render (see _certificate_families), by engine.
+_labels: weakref.WeakKeyDictionary[sa.Engine, dict[str, _Cached]] = weakref.WeakKeyDictionary()
 
 
 class _Summary(Collector):

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from certpilot import alerts, audit, ca, inventory, keystore, managed, metrics, renewing, sli, targets
 from certpilot.database import read_session, write_session
 from certpilot.errors import PermanentError
-from certpilot.models import AuditEvent, EndpointCheck, Location, SourceRun
+from certpilot.models import AuditEvent, Certificate, EndpointCheck, Location, SourceRun
 from certpilot.sample_estate import Authority, issue_leaf
 from certpilot.settings import load_settings
 from certpilot.x509info import describe_certificate, fingerprint_sha256
@@ -194,6 +194,28 @@ def test_only_certificates_in_service_have_series(engine: sa.Engine, pki: Author
     assert one(found, "x509_crl_next_update", ca="internal")[1] == row.crl_next_update.timestamp()
     assert one(found, "certpilot_certificates_issued_total")[1] == 1  # the CA's issuance, not a renewal
     assert one(found, "certpilot_renewals_total", result="success")[1] == 0
+
+
+def test_label_sets_kept_between_renders_follow_owner_changes_and_removals(engine: sa.Engine, pki: Authority) -> None:
+    """Each certificate's label set is kept from one render to the next; a new owner, or a certificate
+    that left service, shows in the next render all the same."""
+    now = dt.datetime.now(UTC)
+    first, _ = issue_leaf(pki, ["first.example.test"], now + dt.timedelta(days=40))
+    second, _ = issue_leaf(pki, ["second.example.test"], now + dt.timedelta(days=50))
+    fp_first = add_seen(engine, first, "tls://first.example.test:443", owner="team-a")
+    fp_second = add_seen(engine, second, "tls://second.example.test:443")
+    before = samples(metrics.render(engine, now))
+    assert one(before, "x509_cert_not_after", fingerprint=fp_first)[0]["owner"] == "team-a"
+    with write_session(engine) as session:
+        session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256 == fp_first)
+                        .values(owner="team-b"))
+        session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256 == fp_second)
+                        .values(status="superseded"))
+    after = samples(metrics.render(engine, now))
+    assert one(after, "x509_cert_not_after", fingerprint=fp_first)[0]["owner"] == "team-b"
+    assert one(after, "x509_cert_expired", fingerprint=fp_first)[0]["owner"] == "team-b"
+    assert fp_second not in {l["fingerprint"] for l, _ in after["x509_cert_not_after"]}
+    assert one(after, "x509_cert_not_after", fingerprint=fp_first)[1] == first.not_valid_after_utc.timestamp()
 
 
 # ------------------------------------------------------------- per managed certificate: cert-manager
