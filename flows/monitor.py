@@ -81,13 +81,21 @@ def monitor(trust_bundle_pem: str | None = None, use_system_trust: bool = True, 
             stuck_after_minutes: dict[str, float] | None = None) -> MonitorSummary:
     """Check every place and every silent stall, raise and resolve alerts.
 
-    ``trust_bundle_pem``: CA certificates (PEM) that served chains may lead to, besides the private CAs'
-    roots, the tls-scan blocks' trust bundles and (``use_system_trust``) the system's roots.
-    ``probe_timeout_seconds`` bounds each handshake and each CRL or OCSP fetch, ``concurrency`` the
-    handshakes at once, ``batch_size`` the places per task run. A managed certificate due for longer than
-    ``renewal_grace_hours`` is overdue; a source whose last complete run is older than two of
-    ``source_interval_hours`` (default: the discover deployment's schedule) is stale; a run of a flow in
-    ``stuck_after_minutes`` Pending, Running or Late for longer is stuck."""
+    Args:
+        trust_bundle_pem: CA certificates (PEM) that served chains may lead to, besides the private CAs'
+            roots, the tls-scan blocks' trust bundles and (if use_system_trust) the system's roots.
+        use_system_trust: Also trust the system's root certificates.
+        probe_timeout_seconds: The most each handshake and each CRL or OCSP fetch may take.
+        concurrency: Handshakes at once.
+        batch_size: Places probed per task run.
+        service_timeout_seconds: The most a CA or SSH host may take to answer.
+        renewal_grace_hours: A managed certificate due for longer than this without a successful renewal
+            is overdue.
+        source_interval_hours: A discovery source whose last complete run is older than two of these is
+            stale (empty: the discover deployment's schedule).
+        stuck_after_minutes: Per flow name, how long a run may stay Pending, Running or Late before it is
+            stuck (empty: renew-due 120, renew-certificate 30, deploy-certificate 30).
+    """
     log = get_run_logger()
     deadlines = {name: dt.timedelta(minutes=m) for name, m in (stuck_after_minutes or STUCK_AFTER_MINUTES).items()}
     failures: list[str] = []
