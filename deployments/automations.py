@@ -108,7 +108,10 @@ def _block_ids(client: Any, references: tuple[str, ...]) -> list[UUID]:
 
 
 def _comparable(automation: AutomationCore) -> dict[str, Any]:
-    return automation.model_dump(mode="json", include={"name", "description", "enabled", "trigger", "actions"})
+    """What decides whether an automation must be updated. Python values, not JSON: a trigger's
+    ``expect`` and ``after`` are sets, and the same set read back from the API can list its members in
+    another order (which made an unchanged automation look changed now and then)."""
+    return automation.model_dump(include={"name", "description", "enabled", "trigger", "actions"})
 
 
 def apply(policy: Policy | None = None, stuck_after: dt.timedelta = STUCK_AFTER) -> list[AutomationChange]:
