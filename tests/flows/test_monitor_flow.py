@@ -43,6 +43,7 @@ from lab.sshd import generate_client_key, openssh_private_text, openssh_public_l
 from lab.tls_farm import FarmCA, TlsFarm, issue_farm_leaf, plan
 from tasks.alerting import AlertSummary
 from tests.integration.tls.conftest import SwitchingServer
+from tests.keyprobe import leaks
 from tests.private_ca_service import ServedCA, key_ring, private_ca_served
 
 ACTOR = audit.Actor("test")
@@ -283,6 +284,10 @@ def test_each_problem_is_exactly_its_alert_told_once_and_resolved_when_fixed(
     assert _open(_alerts()) == {k: v for k, v in expected.items() if k not in fixed}
     resolved = [m.json()["subject"] for m in hook.wait_for(len(told) + len(digests) + 3)[len(told) + len(digests):]]
     assert all("resolved" in s for s in resolved) and len(resolved) == 3
+    # No private key in what monitoring published or sent: the artifacts, every message (the managed
+    # certificates' keys are in the keystore; the served ones were handed to the endpoints).
+    published = "\n".join(artifacts.values()).encode() + b"".join(m.body for m in hook.requests)
+    assert leaks(published, [revoked_key, old_key, new_key, weak_key]) == []
 
 
 def test_a_store_target_is_read_back_through_its_deployer(farm: TlsFarm, corp: ServedCA, tmp_path: Path) -> None:
