@@ -5,7 +5,7 @@
 
 What it does, all on this machine:
 
-1. Starts a local Prefect server (`prefect server start --host 127.0.0.1 --port P`) as a subprocess with
+1. Starts a local Prefect server (lab.prefect_server: `prefect server start --host 127.0.0.1 --port P`) as a subprocess with
    its own PREFECT_HOME and SQLite database in a temporary directory, and waits for /api/health. The
    client here runs with flow heartbeats off (PREFECT_FLOWS_HEARTBEAT_FREQUENCY None) and its own
    PREFECT_HOME too; nothing outside the temporary directory is written.
@@ -34,8 +34,6 @@ import concurrent.futures
 import datetime as dt
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +61,7 @@ from certpilot.issuance import IssuedCertificate, build_csr  # noqa: E402
 from certpilot.keys import generate_private_key  # noqa: E402
 from certpilot.models import Certificate  # noqa: E402
 from certpilot.settings import load_settings  # noqa: E402
+from lab.prefect_server import PrefectServer  # noqa: E402
 
 CA_NAME = "bench"
 ISSUER = f"private-ca/{CA_NAME}"
@@ -71,36 +70,6 @@ ACTOR = audit.Actor("bench")
 
 def log(message: str) -> None:
     print(message, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PREFECT_HOME": str(WORK / "prefect-server"),
-           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{WORK / 'prefect-server' / 'prefect.db'}",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    (WORK / "prefect-server").mkdir(parents=True, exist_ok=True)
-    prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
-    return subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=open(WORK / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_healthy(url: str, server: subprocess.Popen[bytes], deadline: float = 120.0) -> None:
-    start = time.monotonic()
-    while time.monotonic() - start < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {server.returncode}: see {WORK / 'server.log'}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"prefect server not healthy after {deadline:.0f} s: see {WORK / 'server.log'}")
 
 
 def ring() -> keystore.KeyRing:
@@ -200,30 +169,23 @@ def main() -> None:
     args = parser.parse_args()
     count = args.count or (50 if args.quick else 1000)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
     started = time.perf_counter()
-    server = start_server(port)
     try:
-        wait_healthy(url, server)
-        log(f"prefect server ready at {url} after {time.perf_counter() - started:.1f} s (work dir {WORK})")
-        with temporary_settings({PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            from blocks.issuers import PrivateCABlock
+        with PrefectServer(WORK / "prefect-server") as server:
+            url = server.api_url
+            log(f"prefect server ready at {url} after {time.perf_counter() - started:.1f} s (work dir {WORK})")
+            with temporary_settings({PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                from blocks.issuers import PrivateCABlock
 
-            engine = get_engine()
-            with write_session(engine) as session:
-                ca.init_ca(session, ring(), ACTOR, CA_NAME, "http://127.0.0.1:8888",
-                           now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=60))
-            PrivateCABlock.register_type_and_schema()
-            PrivateCABlock(ca_name=CA_NAME).save(CA_NAME, overwrite=True)
-            prefect_s = bench_prefect(engine, url, count, args.workers)
-            plain_s = bench_plain(engine, count, args.workers)
+                engine = get_engine()
+                with write_session(engine) as session:
+                    ca.init_ca(session, ring(), ACTOR, CA_NAME, "http://127.0.0.1:8888",
+                               now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=60))
+                PrivateCABlock.register_type_and_schema()
+                PrivateCABlock(ca_name=CA_NAME).save(CA_NAME, overwrite=True)
+                prefect_s = bench_prefect(engine, url, count, args.workers)
+                plain_s = bench_plain(engine, count, args.workers)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
         if not args.keep:
             shutil.rmtree(WORK, ignore_errors=True)
     log(f"{count} certificates")
