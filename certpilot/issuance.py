@@ -42,6 +42,20 @@ class IssuedCertificate:
         return [x509.load_der_x509_certificate(der) for der in self.chain_der]
 
 
+class OrderJournal(Protocol):
+    """Where an issuance remembers the CA's order, so that a run killed after ordering resumes that
+    order instead of placing a second one (revoke-and-replace keeps it in its item row). Issuers with
+    no orders (the private CA, which signs at once) ignore it."""
+
+    def order_url(self) -> str | None:
+        """The order placed earlier for this request, to resume; None: place a new one."""
+        ...
+
+    def record_order(self, url: str) -> None:
+        """Called once, as soon as the CA has created the order (before it is finalized)."""
+        ...
+
+
 @runtime_checkable
 class Issuer(Protocol):
     """A CA: signs CSRs, revokes, and may suggest when to renew."""
@@ -49,11 +63,18 @@ class Issuer(Protocol):
     name: str
 
     def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
-              replaces: x509.Certificate | None = None) -> IssuedCertificate:
-        """Issue a certificate for ``csr``; ``replaces`` names the certificate it renews (ARI)."""
+              replaces: x509.Certificate | None = None, journal: OrderJournal | None = None) -> IssuedCertificate:
+        """Issue a certificate for ``csr``; ``replaces`` names the certificate it renews (ARI);
+        ``journal`` lets a killed issuance resume its order (see OrderJournal)."""
         ...
 
-    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags) -> None: ...
+    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags, *,
+               key: PrivateKeyTypes | None = None) -> None:
+        """Revoke ``certificate`` with an RFC 5280 reason. ``key``: the certificate's own private key,
+        where certpilot holds it, to sign the request with (ACME: a key-compromise revocation proves
+        possession of the key); None signs with the issuer's own credentials. Revoking a certificate
+        the CA already revoked is not an error."""
+        ...
 
     def renewal_info(self, certificate: x509.Certificate) -> RenewalWindow | None:
         """The CA's suggested renewal window, or None when it offers none."""

@@ -37,6 +37,7 @@ from acme import errors as acme_errors
 from acme import jws as acme_jws
 from acme import messages
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -55,7 +56,7 @@ from certpilot.errors import (
     RateLimitedError,
     endpoint_label,
 )
-from certpilot.issuance import IssuedCertificate
+from certpilot.issuance import IssuedCertificate, OrderJournal
 from certpilot.keystore import KeyRing, load_private_key
 from certpilot.names import parse_ip_address
 from certpilot.renewal import RenewalWindow
@@ -273,7 +274,7 @@ class AcmeIssuer:
     # -- the Issuer role ------------------------------------------------------------------------------
 
     def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
-              replaces: x509.Certificate | None = None) -> IssuedCertificate:
+              replaces: x509.Certificate | None = None, journal: OrderJournal | None = None) -> IssuedCertificate:
         """Order, prove control of every identifier, finalize, download. The CA decides the lifetime:
         ``validity_days`` is not sent (Let's Encrypt rejects notBefore/notAfter in orders)."""
         if profile != "tls-server":
@@ -284,7 +285,8 @@ class AcmeIssuer:
             raise PermanentError(f"{self.name}: the CSR names no DNS name or IP address to order")
         return self._with_account("issue", lambda net: self._order(net, csr, identifiers, replaces))
 
-    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags) -> None:
+    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags, *,
+               key: PrivateKeyTypes | None = None) -> None:
         """Revoke with an RFC 5280 reason (signed by the account that ordered it). Revoking a
         certificate the CA already revoked is not an error."""
         if reason not in REASON_CODES:

@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from certpilot import audit, ca, keystore
 from certpilot.database import read_session, write_session
-from certpilot.issuance import IssuedCertificate
+from certpilot.issuance import IssuedCertificate, OrderJournal
 from certpilot.renewal import RenewalWindow
 from certpilot.x509info import fingerprint_sha256
 
@@ -40,14 +41,15 @@ class PrivateCAIssuer:
         return f"PrivateCAIssuer(ca_name={self.ca_name!r})"
 
     def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
-              replaces: x509.Certificate | None = None) -> IssuedCertificate:
+              replaces: x509.Certificate | None = None, journal: OrderJournal | None = None) -> IssuedCertificate:
         """Sign ``csr`` (tls-server or tls-client); nothing is recorded here. The chain is the leaf
         and the issuing CA certificate. Raises certpilot.ca.CertificateRequestError for a CSR the CA
         refuses (bad signature, no SAN, a weak key). ``replaces`` is not needed: the CA offers no ARI."""
         with read_session(self.engine) as session:
             return ca.sign(session, self._key_ring(), self.ca_name, csr, profile, validity_days=validity_days)
 
-    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags) -> None:
+    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags, *,
+               key: PrivateKeyTypes | None = None) -> None:
         """Mark ``certificate`` revoked in the inventory and publish a new CRL."""
         with write_session(self.engine) as session:
             ca.revoke(session, self._key_ring(), self._actor, fingerprint_sha256(certificate), reason,

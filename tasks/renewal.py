@@ -50,6 +50,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -65,7 +66,7 @@ from certpilot import audit, inventory, keystore, managed, renewing, targets
 from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import NotFoundError, PermanentError, redact
-from certpilot.issuance import IssuedCertificate, Issuer
+from certpilot.issuance import IssuedCertificate, Issuer, OrderJournal
 from certpilot.dry_run import DuePreview, RenewalPreview
 from certpilot.keystore import KeyRef
 from certpilot.renewal import RenewalWindow
@@ -136,12 +137,13 @@ class ThrottledIssuer:
         self.limit = limit
 
     def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
-              replaces: x509.Certificate | None = None) -> IssuedCertificate:
+              replaces: x509.Certificate | None = None, journal: OrderJournal | None = None) -> IssuedCertificate:
         with concurrency(self.limit, occupy=1, strict=True):
-            return self.inner.issue(csr, profile, validity_days=validity_days, replaces=replaces)
+            return self.inner.issue(csr, profile, validity_days=validity_days, replaces=replaces, journal=journal)
 
-    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags) -> None:
-        self.inner.revoke(certificate, reason)
+    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags, *,
+               key: PrivateKeyTypes | None = None) -> None:
+        self.inner.revoke(certificate, reason, key=key)
 
     def renewal_info(self, certificate: x509.Certificate) -> RenewalWindow | None:
         return self.inner.renewal_info(certificate)
@@ -157,12 +159,13 @@ class SharedSlotIssuer:
         self.slots = slots
 
     def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
-              replaces: x509.Certificate | None = None) -> IssuedCertificate:
+              replaces: x509.Certificate | None = None, journal: OrderJournal | None = None) -> IssuedCertificate:
         with self.slots:
-            return self.inner.issue(csr, profile, validity_days=validity_days, replaces=replaces)
+            return self.inner.issue(csr, profile, validity_days=validity_days, replaces=replaces, journal=journal)
 
-    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags) -> None:
-        self.inner.revoke(certificate, reason)
+    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags, *,
+               key: PrivateKeyTypes | None = None) -> None:
+        self.inner.revoke(certificate, reason, key=key)
 
     def renewal_info(self, certificate: x509.Certificate) -> RenewalWindow | None:
         return self.inner.renewal_info(certificate)

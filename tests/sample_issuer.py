@@ -7,10 +7,11 @@ import datetime as dt
 from typing import Any, Callable
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from certpilot.issuance import IssuedCertificate
+from certpilot.issuance import IssuedCertificate, OrderJournal
 from certpilot.renewal import RenewalWindow
 from certpilot.sample_estate import Authority
 
@@ -28,7 +29,7 @@ class SampleIssuer:
         self.calls: list[dict[str, Any]] = []
 
     def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
-              replaces: x509.Certificate | None = None) -> IssuedCertificate:
+              replaces: x509.Certificate | None = None, journal: OrderJournal | None = None) -> IssuedCertificate:
         self.calls.append({"profile": profile, "validity_days": validity_days, "replaces": replaces})
         if self.error is not None:
             raise self.error
@@ -47,7 +48,8 @@ class SampleIssuer:
         return IssuedCertificate((leaf.public_bytes(serialization.Encoding.DER),
                                   self.authority.certificate.public_bytes(serialization.Encoding.DER)))
 
-    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags) -> None:
+    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags, *,
+               key: PrivateKeyTypes | None = None) -> None:
         raise NotImplementedError
 
     def renewal_info(self, certificate: x509.Certificate) -> RenewalWindow | None:

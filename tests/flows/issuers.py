@@ -14,11 +14,12 @@ from collections import Counter
 from typing import Any, ClassVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from prefect.blocks.core import Block
 from pydantic import Field
 
 from certpilot.errors import PermanentError, TransientError
-from certpilot.issuance import IssuedCertificate
+from certpilot.issuance import IssuedCertificate, OrderJournal
 from certpilot.renewal import RenewalWindow
 
 attempts: Counter[str] = Counter()
@@ -33,7 +34,7 @@ class _Wrapped:
         self.hold_seconds = hold_seconds
 
     def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
-              replaces: x509.Certificate | None = None) -> IssuedCertificate:
+              replaces: x509.Certificate | None = None, journal: OrderJournal | None = None) -> IssuedCertificate:
         with _lock:
             attempts[self.name] += 1
             attempt = attempts[self.name]
@@ -46,13 +47,14 @@ class _Wrapped:
             most_at_once[self.name] = max(most_at_once[self.name], _in_progress[self.name])
         try:
             time.sleep(self.hold_seconds)
-            return self.inner.issue(csr, profile, validity_days=validity_days, replaces=replaces)
+            return self.inner.issue(csr, profile, validity_days=validity_days, replaces=replaces, journal=journal)
         finally:
             with _lock:
                 _in_progress[self.name] -= 1
 
-    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags) -> None:
-        self.inner.revoke(certificate, reason)
+    def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags, *,
+               key: PrivateKeyTypes | None = None) -> None:
+        self.inner.revoke(certificate, reason, key=key)
 
     def renewal_info(self, certificate: x509.Certificate) -> RenewalWindow | None:
         return None
