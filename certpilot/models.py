@@ -330,3 +330,43 @@ class AlertPolicy(SQLModel, table=True):
     sha256: str = Field(max_length=64)
     loaded_by: str
     loaded_at: dt.datetime = _time()
+
+
+class ReplacementRun(SQLModel, table=True):
+    """One revoke-and-replace campaign: the certificates a scope matched when it started, replaced and
+    revoked item by item. A run of the same scope (and reason and order) while it is not done resumes it,
+    from the items recorded here, never from a fresh look at the scope."""
+
+    __tablename__ = "replacement_run"
+
+    id: int | None = Field(default=None, primary_key=True)
+    scope_key: str = Field(index=True, max_length=64)  # certpilot.scope.Scope.key()
+    scope: dict[str, Any] = _json({})  # Scope.as_dict(): what the operator asked for
+    reason: str = Field(max_length=32)  # a certpilot.ca.REASONS name: key-compromise, superseded, ...
+    revoke_first: bool = False
+    status: str = Field(default="open", max_length=16)  # open (running or killed), failed (resumable), done
+    flow_run_id: str | None = Field(default=None, max_length=64)  # the Prefect flow run that last worked on it
+    created_at: dt.datetime = _time()
+    updated_at: dt.datetime = _time()
+    finished_at: dt.datetime | None = _time(nullable=True)
+
+
+class ReplacementItem(SQLModel, table=True):
+    """One old certificate of a campaign and how far its replacement got (certpilot.replacing)."""
+
+    __tablename__ = "replacement_item"
+    __table_args__ = (sa.UniqueConstraint("run_id", "old_fingerprint", name="uq_replacement_item_run_old"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="replacement_run.id", index=True)
+    old_fingerprint: str = Field(foreign_key="certificate.fingerprint_sha256", max_length=64)
+    managed: str | None = None  # the managed certificate's name, if any
+    action: str = Field(max_length=16)  # certpilot.scope.Action when the campaign started: replace, revoke, ...
+    why: str | None = None  # what the scope said about it (why it cannot be done, or is not needed)
+    state: str = Field(default="pending", max_length=16)  # pending, key, issued, deployed, revoked, done, failed, skipped
+    key_id: str | None = Field(default=None, foreign_key="private_key.id", max_length=32)  # the new key
+    order_url: str | None = None  # the CA's order for the new certificate (OrderJournal)
+    new_fingerprint: str | None = Field(default=None, max_length=64)
+    revoked_at: dt.datetime | None = _time(nullable=True)
+    error: str | None = None  # why it failed (redacted)
+    updated_at: dt.datetime = _time()
