@@ -3,7 +3,8 @@ benchmarks and the demo.
 
 ``HaproxyInstance(prefix, name, user=...)`` writes ``PREFIX/haproxy.cfg``: one TLS frontend on a free
 port of 127.0.0.1 whose ``crt`` is ``PREFIX/certs/<name>.pem`` (certificate, chain and key in one file,
-0600), answering every request itself; the stats socket ``PREFIX/admin.sock`` at ``level admin`` for the
+0600), answering every request itself; ``also_serves=(...)`` adds a ``crt`` per further name on the same
+bind, chosen by SNI (``name``'s is the default), each swapped on its own (``deploy_settings(other)``); the stats socket ``PREFIX/admin.sock`` at ``level admin`` for the
 runtime API (``set ssl cert`` / ``commit ssl cert`` swap the certificate in memory, no reload); and the
 pid file. It runs in the foreground in master-worker mode (``-W``) as the given user, so that
 ``kill -USR2 $(cat PIDFILE)`` reloads it (the fallback when no runtime API is used).
@@ -16,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lab.nginx import ServerProcess, chown_tree, placeholder_pair, run_as, wait_for_ports
@@ -28,13 +30,17 @@ class HaproxyInstance(ServerProcess):
     """``with HaproxyInstance(prefix, "lb.test", user=server.user) as haproxy:`` serves haproxy.pem_path."""
 
     def __init__(self, prefix: Path, name: str = "lb.test", *, user: str | None = None,
-                 pair: tuple[bytes, bytes] | None = None, start_timeout: float = 10.0) -> None:
+                 pair: tuple[bytes, bytes] | None = None, start_timeout: float = 10.0,
+                 also_serves: Sequence[str] = (), pairs: Mapping[str, tuple[bytes, bytes]] | None = None) -> None:
         self.prefix = Path(prefix).resolve()
         self.name = name
+        self.names = (name, *[n for n in also_serves if n != name])
         self.user = user
         self.port = free_port()
         self.start_timeout = start_timeout
-        self._pair = pair
+        self._pairs = dict(pairs or {})
+        if pair is not None:
+            self._pairs[name] = pair
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -43,7 +49,13 @@ class HaproxyInstance(ServerProcess):
 
     @property
     def pem_path(self) -> Path:
-        return self.prefix / "certs" / f"{self.name}.pem"
+        return self.pem_path_of(self.name)
+
+    def pem_path_of(self, name: str) -> Path:
+        """The crt file served for SNI ``name`` (one of ``names``)."""
+        if name not in self.names:
+            raise KeyError(f"haproxy in {self.prefix} does not serve {name!r}")
+        return self.prefix / "certs" / f"{name}.pem"
 
     @property
     def socket_path(self) -> Path:
@@ -57,11 +69,12 @@ class HaproxyInstance(ServerProcess):
     def reload_command(self) -> str:
         return f"kill -USR2 $(cat {shlex.quote(str(self.pid_file))})"
 
-    def deploy_settings(self) -> dict[str, object]:
-        """Settings of an ``ssh-haproxy`` target for this instance."""
-        return {"pem_path": str(self.pem_path), "runtime_socket": str(self.socket_path),
+    def deploy_settings(self, name: str | None = None) -> dict[str, object]:
+        """Settings of an ``ssh-haproxy`` target for this instance's ``name`` (default: its first)."""
+        name = name or self.name
+        return {"pem_path": str(self.pem_path_of(name)), "runtime_socket": str(self.socket_path),
                 "reload_command": self.reload_command, "verify_host": "127.0.0.1", "verify_port": self.port,
-                "verify_sni": self.name}
+                "verify_sni": name}
 
     def runtime(self, command: str, timeout: float = 5.0) -> str:
         """One runtime API command on the stats socket (from this machine, for tests): the answer."""
@@ -84,11 +97,14 @@ class HaproxyInstance(ServerProcess):
     def start(self) -> HaproxyInstance:
         for sub in ("certs", "logs"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
-        cert_pem, key_pem = self._pair or placeholder_pair(self.name)
-        self._pair = None
-        self.pem_path.touch(mode=0o600)
-        self.pem_path.chmod(0o600)
-        self.pem_path.write_bytes(cert_pem + key_pem)
+        for name in self.names:
+            cert_pem, key_pem = self._pairs.get(name) or placeholder_pair(name)
+            path = self.pem_path_of(name)
+            path.touch(mode=0o600)
+            path.chmod(0o600)
+            path.write_bytes(cert_pem + key_pem)
+        self._pairs.clear()
+        crts = " ".join(f"crt {_quoted(self.pem_path_of(name))}" for name in self.names)
         self.conf.write_text(f"""global
     stats socket {_quoted(self.socket_path)} mode 600 level admin
     pidfile {_quoted(self.pid_file)}
@@ -102,7 +118,7 @@ defaults
     timeout server 5s
 
 frontend tls
-    bind 127.0.0.1:{self.port} ssl crt {_quoted(self.pem_path)}
+    bind 127.0.0.1:{self.port} ssl {crts}
     http-request return status 200 content-type text/plain string "{self.name}"
 """)
         chown_tree(self.prefix, self.user)
