@@ -22,11 +22,16 @@ The definitions (each ``Sli.definition`` says the same in one line):
   ``key.stored`` events (a key sealed and written), failures are renewals that failed at step ``key``
   (generate and seal) or ``csr`` (unseal the key and sign). A successful read of a key is recorded
   nowhere, so it is not counted: M5 is a lower bound of the true availability when reads fail.
-- M6 revocation propagation time: for each ``certificate.revoked`` event of a certpilot CA in the
-  window, the time to that CA's next ``ca.crl_issued`` event (every CRL lists each revoked
-  certificate that has not expired, so the next one contains it). The value is the worst; a
-  revocation that no CRL has followed yet counts with its age so far (``pending``). Revocations by
-  other CAs have no CRL certpilot can see and are counted apart (``untracked``).
+- M6 revocation propagation time: for each ``certificate.revoked`` event in the window, the time
+  until relying parties could see it. Measured where certpilot watched it as a relying party would
+  (a ``certificate.revocation_visible`` event after the revocation, certpilot.propagation: the CRL at
+  the certificate's distribution point and its OCSP responder both said revoked), ``seconds`` of that
+  event (``measured``); a watch that ended before both said revoked counts with the revocation's age
+  so far (``not_seen``). Otherwise, for a certpilot CA, the time to that CA's next ``ca.crl_issued``
+  event (every CRL lists each revoked certificate that has not expired, so the next one contains it;
+  ``by_crl_publication``), and one that no CRL has followed yet counts with its age so far
+  (``pending``). Revocations by other CAs that were not watched have nothing certpilot can see and are
+  counted apart (``untracked``). The value is the worst; the definition says which measure was used.
 - M7 share of automated rotations: the window's ``certificate.issued`` events of managed
   certificates made by a Prefect flow run (the event carries a flow run id: a deployment, a schedule
   or the renew-due flow) against all of them (the rest: a person at the CLI, ``cli:<name>``).
@@ -56,7 +61,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlmodel import Session, col
 
-from certpilot import audit
+from certpilot import audit, propagation
 from certpilot.alerts import Condition, Severity
 from certpilot.errors import AuditChainError, InvalidOptionError
 from certpilot.inventory import iso
@@ -317,28 +322,59 @@ def _m6(session: Session, events: _Events, start: dt.datetime, end: dt.datetime)
     crls: dict[str, list[_Event]] = {}
     for crl in events.of("ca.crl_issued"):
         crls.setdefault(crl.object.removeprefix("ca:"), []).append(crl)
-    times, pending, untracked = [], 0, 0
-    for revoked in events.of("certificate.revoked"):
+    revocations = events.of("certificate.revoked")
+    measured = propagation.measurements(session, {r.object.removeprefix("certificate:") for r in revocations},
+                                        since=start, until=end)
+    times: list[float] = []
+    by_watch, not_seen, by_crl, pending, untracked = 0, 0, 0, 0, 0
+    for revoked in revocations:
+        watch = measured.get(revoked.object.removeprefix("certificate:"))
+        if watch is not None and watch.seq > revoked.seq:  # a relying party's view, measured after the revocation
+            by_watch += 1
+            if watch.seconds is not None:
+                times.append(watch.seconds)
+            else:  # the watch ended before both said revoked: not known to be visible, counted with its age
+                not_seen += 1
+                times.append((end - revoked.at).total_seconds())
+            continue
         ca = str(revoked.details.get("ca"))
         if ca not in ours:
             untracked += 1
             continue
+        by_crl += 1
         following = next((c for c in crls.get(ca, []) if c.seq > revoked.seq), None)
         if following is None:
             pending += 1
             times.append((end - revoked.at).total_seconds())
         else:  # a CRL's time is whole seconds (its thisUpdate): one issued with the revocation may read as before it
             times.append(max(0.0, (following.at - revoked.at).total_seconds()))
-    definition = ("certificate.revoked by a certpilot CA in the window to its next ca.crl_issued: the worst "
-                  "(one not in a CRL yet counts with its age)")
-    details: tuple[tuple[str, Scalar], ...] = (("revocations", len(times)), ("pending", pending),
-                                               ("untracked", untracked))
+    details: tuple[tuple[str, Scalar], ...] = (("revocations", len(times)), ("measured", by_watch),
+                                               ("not_seen", not_seen), ("by_crl_publication", by_crl),
+                                               ("pending", pending), ("untracked", untracked))
+    definition = _m6_definition(by_watch, by_crl)
     if not times:
         reason = ("no revocation by a certpilot CA in the window" if not untracked else
                   f"{untracked} revocation(s) in the window, none by a certpilot CA (no CRL of its own to follow)")
         return Sli("M6", "revocation propagation time", "seconds", None, definition, reason=reason, details=details)
     return Sli("M6", "revocation propagation time", "seconds", max(times), definition,
                details=(("median_seconds", percentile(times, 0.5)), *details))
+
+
+_M6_MEASURED = ("to its certificate.revocation_visible (the CRL at its distribution point and its OCSP responder "
+                "both said revoked, read as a relying party)")
+_M6_CRL = "to its certpilot CA's next ca.crl_issued (no relying-party measurement)"
+
+
+def _m6_definition(by_watch: int, by_crl: int) -> str:
+    """Says which measure the value rests on: the relying party's watch, the CRL publication, or both."""
+    if by_watch and by_crl:
+        how = f"{_M6_MEASURED} for {by_watch}, else {_M6_CRL} for {by_crl}"
+    elif by_watch:
+        how = _M6_MEASURED
+    else:
+        how = _M6_CRL
+    return (f"certificate.revoked in the window {how}: the worst (one not seen yet, or in no CRL yet, counts "
+            "with its age)")
 
 
 def _m7(events: _Events) -> Sli:

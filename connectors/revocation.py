@@ -22,6 +22,12 @@ current.
 A URL that failed to answer (refused, timed out, an HTTP error) is not asked again for ``retry_after``
 seconds: a black-holed CA costs one timeout per run, not one per certificate. ``unreachable()`` lists
 such URLs with the reason, for the monitor to report.
+
+Propagation (seed metric M6): ``watch_revocation(certificate, issuer, revoked_at)`` is the relying
+party's view after a revocation: it reads the CRL at the certificate's own distribution point (afresh
+each time, never the cache) and asks the OCSP responder in its AIA, polling until both say revoked or
+its timeout ends, and returns a ``Propagation`` (certpilot.propagation) with the seconds from the
+revocation to each being seen; certpilot.propagation.record_propagation records it.
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certpilot.clock import Clock, utcnow
 from certpilot.errors import endpoint_label
+from certpilot.propagation import Propagation
 
-__all__ = ["MAX_CRL_BYTES", "MAX_OCSP_BYTES", "Revocation", "RevocationChecker", "RevocationStatus", "Unanswered"]
+__all__ = ["MAX_CRL_BYTES", "MAX_OCSP_BYTES", "Propagation", "Revocation", "RevocationChecker", "RevocationStatus",
+           "Unanswered", "watch_revocation"]
 
 MAX_CRL_BYTES = 16 * 1024 * 1024  # the largest public CRLs are a few MiB
 MAX_OCSP_BYTES = 64 * 1024  # a response for one certificate is a few KiB, with a delegated responder's certificate
@@ -247,18 +255,22 @@ class RevocationChecker:
         with url_lock:  # one fetch per URL however many certificates ask at once
             crl = self._cached(url)
             if crl is None:
-                der = self._fetch("CRL", url, "GET", None, self.max_crl_bytes, "application/pkix-crl")
-                try:
-                    crl = x509.load_der_x509_crl(der)
-                except ValueError:
-                    try:
-                        crl = x509.load_pem_x509_crl(der)
-                    except ValueError:
-                        raise _FetchError(f"the CRL at {url} is not a CRL (neither DER nor PEM)",
-                                          unreachable=False) from None
+                crl = self._download_crl(url)
                 if crl.next_update_utc is not None and crl.next_update_utc > self._clock():
-                    self._keep(url, crl, der)
+                    self._keep(url, crl)
         return self._usable(url, crl, issuer)
+
+    def _download_crl(self, url: str, timeout: float | None = None,
+                      headers: dict[str, str] | None = None) -> x509.CertificateRevocationList:
+        """The CRL at ``url`` from the network (never the cache), not yet checked. _FetchError."""
+        der = self._fetch("CRL", url, "GET", None, self.max_crl_bytes, "application/pkix-crl", timeout, headers)
+        try:
+            return x509.load_der_x509_crl(der)
+        except ValueError:
+            try:
+                return x509.load_pem_x509_crl(der)
+            except ValueError:
+                raise _FetchError(f"the CRL at {url} is not a CRL (neither DER nor PEM)", unreachable=False) from None
 
     def _usable(self, url: str, crl: x509.CertificateRevocationList,
                 issuer: x509.Certificate) -> x509.CertificateRevocationList:
@@ -297,7 +309,7 @@ class RevocationChecker:
         self._remember(url, crl)
         return crl
 
-    def _keep(self, url: str, crl: x509.CertificateRevocationList, raw: bytes) -> None:
+    def _keep(self, url: str, crl: x509.CertificateRevocationList) -> None:
         self._remember(url, crl)
         path = self._path(url)
         if path is not None:
@@ -323,10 +335,11 @@ class RevocationChecker:
 
     # ------------------------------------------------------------------------------------------- OCSP
 
-    def _ocsp(self, url: str, certificate: x509.Certificate, issuer: x509.Certificate) -> Revocation:
+    def _ocsp(self, url: str, certificate: x509.Certificate, issuer: x509.Certificate,
+              timeout: float | None = None) -> Revocation:
         request = ocsp.OCSPRequestBuilder().add_certificate(certificate, issuer, hashes.SHA1()).build()
         body = self._fetch("OCSP", url, "POST", request.public_bytes(serialization.Encoding.DER), self.max_ocsp_bytes,
-                           "application/ocsp-response")
+                           "application/ocsp-response", timeout)
         try:
             response = ocsp.load_der_ocsp_response(body)
         except ValueError:
@@ -379,8 +392,10 @@ class RevocationChecker:
 
     # ---------------------------------------------------------------------------------------- network
 
-    def _fetch(self, what: str, url: str, method: str, body: bytes | None, limit: int, content_type: str) -> bytes:
-        """The body at ``url``, read within ``timeout`` in all and at most ``limit`` bytes. _FetchError."""
+    def _fetch(self, what: str, url: str, method: str, body: bytes | None, limit: int, content_type: str,
+               timeout: float | None = None, extra_headers: dict[str, str] | None = None) -> bytes:
+        """The body at ``url``, read within ``timeout`` (default: the checker's) in all and at most
+        ``limit`` bytes. _FetchError."""
         where = _where(url)
         now = time.monotonic()
         with self._lock:
@@ -388,14 +403,16 @@ class RevocationChecker:
         if failed is not None and failed[0] > now:
             raise _FetchError(f"{failed[1].reason} (not asked again for {self.retry_after:g} s)", unreachable=True)
         doing = "fetching the CRL" if what == "CRL" else "asking the OCSP responder"
-        deadline = now + self.timeout
-        headers = {"Accept": content_type}
+        timeout = self.timeout if timeout is None else max(0.001, min(timeout, self.timeout))
+        deadline = now + timeout
+        headers = {"Accept": content_type, **(extra_headers or {})}
         if body is not None:
             headers["Content-Type"] = "application/ocsp-request"
         try:
             chunks: list[bytes] = []
             received = 0
-            with self._client.stream(method, url, content=body, headers=headers) as response:
+            with self._client.stream(method, url, content=body, headers=headers,
+                                     timeout=httpx.Timeout(timeout)) as response:
                 if response.status_code != 200:
                     raise self._failure(what, url, f"{what} {url} ({where}): HTTP {response.status_code} while {doing}")
                 for chunk in response.iter_bytes(_CHUNK):
@@ -410,7 +427,7 @@ class RevocationChecker:
                 self.fetches += 1
             return b"".join(chunks)
         except httpx.TimeoutException:
-            raise self._failure(what, url, f"{what} {url} ({where}) did not answer within {self.timeout:g} s while "
+            raise self._failure(what, url, f"{what} {url} ({where}) did not answer within {timeout:.3g} s while "
                                            f"{doing}") from None
         except httpx.HTTPError as exc:
             raise self._failure(what, url, f"{what} {url} ({where}): {type(exc).__name__} while {doing}: "
@@ -420,3 +437,81 @@ class RevocationChecker:
         with self._lock:
             self._failed[url] = (time.monotonic() + self.retry_after, Unanswered(url, what, _where(url), reason))
         return _FetchError(reason, unreachable=True)
+
+
+# ------------------------------------------------------------------------------------ propagation
+
+WATCH_REQUEST_TIMEOUT = 5.0  # seconds for one CRL or OCSP request while watching (less when the watch ends sooner)
+
+
+def watch_revocation(certificate: x509.Certificate, issuer: x509.Certificate, revoked_at: dt.datetime, *,
+                     timeout: float = 30.0, interval: float = 0.1, clock: Clock = utcnow,
+                     request_timeout: float = WATCH_REQUEST_TIMEOUT,
+                     transport: httpx.BaseTransport | None = None) -> Propagation:
+    """Watch a revocation reach relying parties: read the CRL at the certificate's own CRL distribution
+    point (fetched afresh every time, never from a cache; its issuer and signature checked against
+    ``issuer``, and current) and ask the OCSP responder named in its AIA (a real OCSP request; the
+    response verified as ``RevocationChecker`` does), every ``interval`` seconds until both list it as
+    revoked or ``timeout`` seconds have passed. Seconds are counted from ``revoked_at`` to when each was
+    first seen (``clock``, wall time). A certificate that names only one of the two is judged by that
+    one. Never raises for the network or for what a CA sent: ``detail`` says what was seen and what did
+    not answer, naming the URL. Every request has its own timeout, never past the watch's end."""
+    if revoked_at.tzinfo is None:
+        raise ValueError("revoked_at must be an aware UTC datetime")
+    if not timeout > 0 or not interval > 0:
+        raise ValueError(f"timeout and interval must be positive, not {timeout} and {interval}")
+    crl_urls, ocsp_urls = _crl_urls(certificate), _ocsp_urls(certificate)
+    crl_url, ocsp_url = (crl_urls[0] if crl_urls else None), (ocsp_urls[0] if ocsp_urls else None)
+    if crl_url is None and ocsp_url is None:
+        return Propagation(None, None, None, None, None, "the certificate names no CRL distribution point and no "
+                                                         "OCSP responder: nothing to watch")
+    serial = certificate.serial_number
+    seen: dict[str, float] = {}  # "crl"/"ocsp" -> seconds from revoked_at
+    last: dict[str, str] = {}  # what each said last
+    started = time.monotonic()
+    deadline = started + timeout
+    no_cache = {"Cache-Control": "no-cache"}
+    with RevocationChecker(timeout=request_timeout, retry_after=0.0, clock=clock, transport=transport) as checker:
+        while True:
+            if crl_url is not None and "crl" not in seen:
+                budget = deadline - time.monotonic()
+                try:
+                    crl = checker._usable(crl_url, checker._download_crl(crl_url, budget, no_cache), issuer)
+                except _FetchError as exc:
+                    if not (exc.unreachable and budget < request_timeout and "crl" in last):
+                        last["crl"] = exc.reason  # (a request cut short by the watch's end keeps the answer before)
+                else:
+                    if crl.get_revoked_certificate_by_serial_number(serial) is not None:
+                        seen["crl"] = max(0.0, (clock() - revoked_at).total_seconds())
+                        last["crl"] = f"the CRL at {crl_url}{checker._crl_number(crl)} lists it"
+                    else:
+                        last["crl"] = f"the CRL at {crl_url}{checker._crl_number(crl)} does not list it yet"
+            if ocsp_url is not None and "ocsp" not in seen:
+                budget = deadline - time.monotonic()
+                try:
+                    answer = checker._ocsp(ocsp_url, certificate, issuer, budget)
+                except _FetchError as exc:
+                    if not (exc.unreachable and budget < request_timeout and "ocsp" in last):
+                        last["ocsp"] = exc.reason
+                else:
+                    if answer.status == RevocationStatus.REVOKED:
+                        seen["ocsp"] = max(0.0, (clock() - revoked_at).total_seconds())
+                        last["ocsp"] = f"the OCSP responder {ocsp_url} says revoked"
+                    else:
+                        last["ocsp"] = f"the OCSP responder {ocsp_url} still says {answer.status}"
+            done = (crl_url is None or "crl" in seen) and (ocsp_url is None or "ocsp" in seen)
+            if done or time.monotonic() + interval >= deadline:
+                break
+            time.sleep(interval)
+    waited = time.monotonic() - started
+    parts = []
+    for key, url in (("crl", crl_url), ("ocsp", ocsp_url)):
+        if url is None:
+            parts.append(f"the certificate names no {'CRL distribution point' if key == 'crl' else 'OCSP responder'}")
+        elif key in seen:
+            parts.append(f"{last[key]} after {seen[key]:.3g} s")
+        else:
+            parts.append(f"not seen revoked within {waited:.3g} s: {last.get(key, 'not asked')}")
+    crl_seconds, ocsp_seconds = seen.get("crl"), seen.get("ocsp")
+    seconds = max(seen.values()) if done else None
+    return Propagation(crl_url, ocsp_url, crl_seconds, ocsp_seconds, seconds, "; ".join(parts))
