@@ -10,6 +10,15 @@ The account is registered once per (directory URL, issuer name) and reused: its 
 the keystore and its URL recorded in the AcmeAccount table (certpilot.acme_accounts). The key is
 decrypted once per AcmeIssuer object and kept only in memory; it is never logged or put in an error.
 
+An order is journalled (certpilot.issuance.OrderJournal): its URL is recorded as soon as the CA has
+created it, and an issuance given a journal that holds an order resumes it (POST-as-GET) instead of
+ordering again: a valid order's certificate is downloaded, a ready one finalized, a pending one
+authorized; one the CA calls invalid, expired or unknown is replaced by a new order. So a run killed
+mid-order and started again does not get the CA to issue twice.
+
+Revocation is signed by the account, or by the certificate's own key (its JWK in the JWS header, no
+account: RFC 8555 7.6) when the caller holds it, as a key-compromise revocation should be.
+
 One AcmeIssuer may be used from several threads at once: each thread gets its own HTTP session and
 nonce pool; the account is set up once under a lock.
 """
@@ -37,7 +46,6 @@ from acme import errors as acme_errors
 from acme import jws as acme_jws
 from acme import messages
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -283,20 +291,21 @@ class AcmeIssuer:
         identifiers = _identifiers(csr)
         if not identifiers:
             raise PermanentError(f"{self.name}: the CSR names no DNS name or IP address to order")
-        return self._with_account("issue", lambda net: self._order(net, csr, identifiers, replaces))
+        return self._with_account("issue", lambda net: self._order(net, csr, identifiers, replaces, journal))
 
     def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags, *,
                key: PrivateKeyTypes | None = None) -> None:
-        """Revoke with an RFC 5280 reason (signed by the account that ordered it). Revoking a
-        certificate the CA already revoked is not an error."""
+        """Revoke with an RFC 5280 reason: signed by the account (which must have ordered it or hold
+        authorisations for its names), or, with ``key`` (the certificate's own private key), by that key,
+        its JWK in the protected header and no account (RFC 8555 7.6: the proof a key-compromise
+        revocation needs). Revoking a certificate the CA already revoked is not an error."""
         if reason not in REASON_CODES:
             raise PermanentError(f"{self.name}: unknown revocation reason {reason}")
+        revocation = messages.Revocation(certificate=certificate, reason=REASON_CODES[reason])
 
-        def run(net: _Network) -> None:
+        def send(net: _Network) -> None:
             try:
-                response = net.post(self._directory_of(net)["revokeCert"],
-                                    messages.Revocation(certificate=certificate, reason=REASON_CODES[reason]),
-                                    new_nonce_url=self._directory_of(net)["newNonce"])
+                response = self._post(net, self._directory_of(net)["revokeCert"], revocation)
             except messages.Error as problem:
                 if _code(problem) == "alreadyRevoked":
                     logger.info("%s: serial %x was already revoked", self.name, certificate.serial_number)
@@ -305,7 +314,17 @@ class AcmeIssuer:
             if response.status_code != 200:
                 raise AcmeServerError("about:blank", f"revokeCert answered HTTP {response.status_code}", ca=self.name)
 
-        self._with_account("revoke", run)
+        if key is None:
+            self._with_account("revoke", send)
+            return
+        if spki_sha256(key.public_key()) != spki_sha256(certificate.public_key()):
+            raise PermanentError(f"{self.name}: the key given to sign the revocation of serial "
+                                 f"{certificate.serial_number:x} is not that certificate's key")
+        jwk, alg = _certificate_jwk(key, self.name)
+        with self._edge("revoke"):
+            net = self._network(jwk, alg, account_url=None)  # no account: the JWS carries the key's JWK
+            net.budget = _Budget(self._clock() + self.order_timeout, self.max_rate_limit_wait)
+            send(net)
 
     def renewal_info(self, certificate: x509.Certificate) -> RenewalWindow | None:
         """The CA's suggested renewal window (RFC 9773), or None when the CA has no renewalInfo, does
@@ -517,13 +536,67 @@ class AcmeIssuer:
     # -- an order ---------------------------------------------------------------------------------------
 
     def _order(self, net: _Network, csr: x509.CertificateSigningRequest, identifiers: list[messages.Identifier],
-               replaces: x509.Certificate | None) -> IssuedCertificate:
+               replaces: x509.Certificate | None, journal: OrderJournal | None) -> IssuedCertificate:
+        """Resume the journal's order if it can still give this CSR its certificate; else place a new
+        one, and record it in the journal before anything else happens to it."""
+        resumed = self._resume(net, journal, identifiers) if journal is not None else None
+        if resumed is not None:
+            order_url, order = resumed
+            try:
+                return self._complete(net, order_url, order, csr)
+            except _OtherKey:
+                logger.warning("%s: order %s was finalized with another key than this CSR's: placing a new order",
+                               self.name, order_url)
         directory = self._directory_of(net)
         replaces_id = None
         if replaces is not None and directory.to_partial_json().get("renewalInfo"):
             replaces_id = ari_cert_id(replaces)
         order_url, order = self._new_order(net, identifiers, replaces_id)
-        order = self._authorize(net, order_url, order)
+        if journal is not None:
+            journal.record_order(order_url)
+        try:
+            return self._complete(net, order_url, order, csr)
+        except _OtherKey:
+            raise AcmeServerError("malformed", "the CA returned a certificate for another public key than the CSR's",
+                                  ca=self.name) from None
+
+    def _resume(self, net: _Network, journal: OrderJournal,
+                identifiers: list[messages.Identifier]) -> tuple[str, messages.Order] | None:
+        """The journal's order, read again (POST-as-GET), when it can still be completed for these
+        identifiers (pending, ready, processing or valid); None when there is none, or when the CA says
+        it is invalid, expired, unknown (404) or not this account's: then a new order is placed. A CA
+        that does not answer raises: ordering again could issue twice."""
+        order_url = journal.order_url()
+        if not order_url:
+            return None
+        try:
+            order = messages.Order.from_json(self._post(net, order_url, None).json())
+        except (messages.Error, acme_errors.ClientError) as exc:
+            status = _status_of(exc)
+            code = _code(exc) if isinstance(exc, messages.Error) else None
+            if status is None or status >= 500 or status == 429 or code in ("accountDoesNotExist", "rateLimited"):
+                raise
+            logger.info("%s: order %s cannot be resumed (HTTP %s%s): placing a new order", self.name, order_url,
+                        status, f", {code}" if code else "")
+            return None
+        if order.status not in (messages.STATUS_PENDING, messages.STATUS_READY, messages.STATUS_PROCESSING,
+                                messages.STATUS_VALID):
+            logger.info("%s: order %s is %s: placing a new order", self.name, order_url, order.status.name)
+            return None
+        if _identifier_set(order.identifiers) != _identifier_set(identifiers):
+            logger.info("%s: order %s is for other identifiers than this CSR's: placing a new order",
+                        self.name, order_url)
+            return None
+        logger.info("%s: resuming order %s (%s)", self.name, order_url, order.status.name)
+        return order_url, order
+
+    def _complete(self, net: _Network, order_url: str, order: messages.Order,
+                  csr: x509.CertificateSigningRequest) -> IssuedCertificate:
+        """Take an order from where it is (pending, ready, processing or valid) to the certificate:
+        authorize, finalize with ``csr``, poll, download. _OtherKey when the certificate it ends with is
+        not for the CSR's public key."""
+        if order.status == messages.STATUS_PENDING:
+            order = self._authorize(net, order_url, order)
         response: requests.Response | None = None
         if order.status == messages.STATUS_READY:
             response = self._post(net, order.finalize, messages.CertificateRequest(csr=csr))
@@ -543,8 +616,7 @@ class AcmeIssuer:
                                    ca=self.name)
         chain = self._download(net, certificate_url)
         if spki_sha256(chain[0].public_key()) != spki_sha256(csr.public_key()):
-            raise AcmeServerError("malformed", "the CA returned a certificate for another public key than the CSR's",
-                                  ca=self.name)
+            raise _OtherKey()
         return IssuedCertificate(tuple(c.public_bytes(serialization.Encoding.DER) for c in chain))
 
     def _new_order(self, net: _Network, identifiers: list[messages.Identifier],
@@ -661,6 +733,27 @@ class AcmeIssuer:
         return RenewalWindow(start=start, end=end,
                              retry_after=dt.timedelta(seconds=seconds) if seconds is not None else None,
                              explanation_url=body.get("explanationURL"))
+
+
+class _OtherKey(Exception):
+    """An order's certificate is for another public key than the CSR's."""
+
+
+def _identifier_set(identifiers: Sequence[messages.Identifier]) -> set[tuple[str, str]]:
+    return {(str(i.typ.name), str(i.value).lower()) for i in identifiers}
+
+
+def _certificate_jwk(key: PrivateKeyTypes, ca: str) -> tuple[jose.JWK, jose.JWASignature]:
+    """The JWK and algorithm to sign a revocation with a certificate's own key (EC P-256, P-384,
+    P-521 or RSA: what ACME CAs issue for)."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        alg = {"secp256r1": jose.ES256, "secp384r1": jose.ES384, "secp521r1": jose.ES512}.get(key.curve.name)
+        if alg is not None:
+            return jose.JWKEC(key=key), alg
+    elif isinstance(key, rsa.RSAPrivateKey):
+        return jose.JWKRSA(key=key), jose.RS256
+    raise PermanentError(f"{ca}: a revocation cannot be signed with a {type(key).__name__.removeprefix('_')} "
+                         "certificate key; revoke it with the account instead")
 
 
 def _code(problem: messages.Error) -> str:
