@@ -248,13 +248,15 @@ def store(engine: sa.Engine, plan: RenewalPlan, issued: IssuedCertificate, key_r
 
 
 def record_issued(session: Session, row: ManagedCertificate, issued: IssuedCertificate, key_ref: KeyRef,
-                  actor: audit.Actor, now: dt.datetime | None = None) -> Renewal:
+                  actor: audit.Actor, now: dt.datetime | None = None, *, replaces: str | None = None) -> Renewal:
     """Check what the issuer returned and, only if it is right, make it the current certificate.
 
     The leaf must carry the public key of ``key_ref`` and every managed name; anything else is refused
     (PermanentError) and the inventory is left as it was. Then the leaf and its chain are upserted,
     the leaf is linked to the managed certificate and to the one it replaces, which is superseded,
     and the issuance is audited: one ``certificate.issued`` event (the issuer records nothing).
+    ``replaces``: the fingerprint of the certificate it replaces, when that is not the newest active
+    one (revoke-and-replace with revoke_first revokes it before its replacement is issued).
     """
     now = now or utcnow()
     if not issued.chain_der:
@@ -286,7 +288,7 @@ def record_issued(session: Session, row: ManagedCertificate, issued: IssuedCerti
     previous = [c for c, in session.execute(sa.select(col(Certificate.fingerprint_sha256)).where(
         col(Certificate.managed_certificate_id) == row.id, col(Certificate.status) == "active",
         col(Certificate.fingerprint_sha256) != fp).order_by(col(Certificate.not_before).desc()))]
-    replaces = previous[0] if previous else None
+    replaces = replaces or (previous[0] if previous else None)
     if len(records) > 1:
         inventory.upsert(session, [inventory.Observation(r, None, "issued") for r in records[1:]], actor, now=now)
     inventory.upsert(session, [inventory.Observation(records[0], None, "issued")], actor,
