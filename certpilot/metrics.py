@@ -27,9 +27,11 @@ Names follow the tools whose dashboards and alert rules operators already have:
   renewal time does not show either).
 - ``certpilot_*``: renewals and deployments by result and issued certificates (counters over the whole
   audit trail), the issuance latency histogram (``issuance_seconds`` of certificate.issued events that
-  carry it), revocation propagation per private CA (seconds from its latest revocation to the first CRL
-  published after it, or so far while there is none: certpilot publishes a CRL with each revocation, so
-  a value above zero means a revocation that has not reached the CRL), each discovery source's last
+  carry it), revocation propagation per private CA (seconds from its latest revocation until relying
+  parties saw it, as certpilot's watch measured it: its CRL and its OCSP responder both said revoked,
+  certpilot.propagation; without a measurement, to the first CRL published after it; so far while
+  neither: certpilot publishes a CRL with each revocation, so a value above zero without a
+  measurement means a revocation that has not reached the CRL), each discovery source's last
   complete run, open alerts by severity and state, the latest endpoint checks (by result, by problem,
   and each place serving a revoked certificate), inventory counts by status; the SLIs when given.
   The counters are kept up to date incrementally: the process remembers, per engine, the tally of the
@@ -67,7 +69,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped
 from sqlmodel import Session, col
 
-from certpilot import audit
+from certpilot import audit, propagation
 from certpilot.clock import utcnow
 from certpilot.database import read_session
 from certpilot.managed import ARI_FRESH_FOR
@@ -554,11 +556,14 @@ def _audit_counters(tally: AuditTally) -> list[Metric]:
 
 
 def _revocation(session: Session, now: dt.datetime) -> list[Metric]:
-    """Per private CA: how long its latest revocation took to reach a published CRL, and its CRL's
-    nextUpdate. While no CRL was published since the latest revocation, the time elapsed so far."""
-    propagation = GaugeMetricFamily(
-        "certpilot_revocation_propagation_seconds", "Per private CA: seconds from its latest revocation to the "
-        "first CRL it published after it (so far, while none is published yet).", labels=["ca"])
+    """Per private CA: how long its latest revocation took to become visible, and its CRL's nextUpdate.
+    Visible: as measured by a relying party's watch (certificate.revocation_visible: its CRL and its OCSP
+    both said revoked); without a measurement, until the CA's first CRL published after it. While
+    neither has happened, the time elapsed so far."""
+    propagation_seconds = GaugeMetricFamily(
+        "certpilot_revocation_propagation_seconds", "Per private CA: seconds from its latest revocation until "
+        "relying parties saw it (its CRL and OCSP both said revoked, as certpilot measured it), else until the "
+        "first CRL the CA published after it (so far, while neither).", labels=["ca"])
     next_update = GaugeMetricFamily("x509_crl_next_update", "Unix time of the nextUpdate field of the private CA's "
                                     "current CRL.", labels=["ca", "issuer_CN"])
     cas = session.connection().execute(sa.select(col(CertificateAuthority.name), col(CertificateAuthority.issuing_fingerprint),
@@ -569,10 +574,18 @@ def _revocation(session: Session, now: dt.datetime) -> list[Metric]:
     for name, issuing, crl_next_update, subject in cas:
         if crl_next_update is not None:
             next_update.add_metric([name, name_attributes(subject).get("CN", "")], crl_next_update.timestamp())
-        revoked = session.connection().execute(sa.select(sa.func.max(col(Certificate.revoked_at)))
-                                  .where(col(Certificate.issuer_fingerprint) == issuing,
-                                         col(Certificate.status) == "revoked")).scalar()
-        if revoked is None:
+        latest = session.connection().execute(sa.select(col(Certificate.fingerprint_sha256), col(Certificate.revoked_at))
+                                              .where(col(Certificate.issuer_fingerprint) == issuing,
+                                                     col(Certificate.status) == "revoked",
+                                                     col(Certificate.revoked_at).is_not(None))
+                                              .order_by(col(Certificate.revoked_at).desc()).limit(1)).first()
+        if latest is None:
+            continue
+        fingerprint, revoked = latest
+        watched = propagation.measurements(session, [fingerprint], since=revoked.replace(microsecond=0)).get(fingerprint)
+        if watched is not None:
+            seconds = watched.seconds if watched.seconds is not None else (now - revoked).total_seconds()
+            propagation_seconds.add_metric([name], max(0.0, seconds))
             continue
         # A CRL is dated in whole seconds (its thisUpdate), so the one published with a revocation
         # may be dated up to a second before the revocation time.
@@ -581,8 +594,8 @@ def _revocation(session: Session, now: dt.datetime) -> list[Metric]:
                                                         col(AuditEvent.object) == f"ca:{name}",
                                                         col(AuditEvent.at) >= revoked.replace(microsecond=0))
                                                  ).scalar()
-        propagation.add_metric([name], max(0.0, ((published or now) - revoked).total_seconds()))
-    return [propagation, next_update]
+        propagation_seconds.add_metric([name], max(0.0, ((published or now) - revoked).total_seconds()))
+    return [propagation_seconds, next_update]
 
 
 def _sources(session: Session) -> Metric:

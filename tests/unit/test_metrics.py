@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from certpilot import alerts, audit, ca, inventory, keystore, managed, metrics, renewing, sli, targets
+from certpilot import alerts, audit, ca, inventory, keystore, managed, metrics, propagation, renewing, sli, targets
 from certpilot.database import read_session, write_session
 from certpilot.errors import PermanentError
+from certpilot.issuance import build_csr
 from certpilot.models import AuditEvent, Certificate, EndpointCheck, Location, SourceRun
 from certpilot.sample_estate import Authority, issue_leaf
 from certpilot.settings import load_settings
@@ -194,6 +195,37 @@ def test_only_certificates_in_service_have_series(engine: sa.Engine, pki: Author
     assert one(found, "x509_crl_next_update", ca="internal")[1] == row.crl_next_update.timestamp()
     assert one(found, "certpilot_certificates_issued_total")[1] == 1  # the CA's issuance, not a renewal
     assert one(found, "certpilot_renewals_total", result="success")[1] == 0
+
+
+def test_revocation_propagation_is_the_relying_partys_measurement_when_there_is_one(engine: sa.Engine) -> None:
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    key = ec.generate_private_key(ec.SECP256R1())
+    with write_session(engine) as session:
+        ca.init_ca(session, ring(), ACTOR, "internal", "http://127.0.0.1:8080", now=now - dt.timedelta(hours=2))
+        issued = [ca.issue(session, ring(), ACTOR, "internal", build_csr(key, [f"p{i}.example.test"]), "tls-server",
+                           now=now - dt.timedelta(hours=1)).leaf for i in range(2)]
+        first, latest = (fingerprint_sha256(c) for c in issued)
+        ca.revoke(session, ring(), ACTOR, first, x509.ReasonFlags.superseded, now=now - dt.timedelta(minutes=20))
+        ca.revoke(session, ring(), ACTOR, latest, x509.ReasonFlags.key_compromise, now=now - dt.timedelta(minutes=10))
+    found = samples(metrics.render(engine, now))
+    assert one(found, "certpilot_revocation_propagation_seconds", ca="internal")[1] == 0  # in a CRL at once
+
+    def watched(seconds: float | None) -> propagation.Propagation:
+        return propagation.Propagation("http://127.0.0.1:8080/internal/issuing.crl",
+                                       "http://127.0.0.1:8080/internal/ocsp", seconds, seconds, seconds, "")
+
+    with write_session(engine) as session:  # an older revocation's measurement is not the latest's
+        propagation.record_propagation(session, first, watched(9.0), ACTOR, now=now - dt.timedelta(minutes=9))
+    assert one(samples(metrics.render(engine, now)), "certpilot_revocation_propagation_seconds", ca="internal")[1] == 0
+    with write_session(engine) as session:
+        propagation.record_propagation(session, latest, watched(1.25), ACTOR, now=now - dt.timedelta(minutes=9))
+    text = metrics.render(engine, now)
+    promtool_check(text)
+    assert one(samples(text), "certpilot_revocation_propagation_seconds", ca="internal")[1] == 1.25
+    with write_session(engine) as session:  # watched again, not seen within the watch: the time so far
+        propagation.record_propagation(session, latest, watched(None), ACTOR, now=now - dt.timedelta(minutes=8))
+    found = samples(metrics.render(engine, now))
+    assert one(found, "certpilot_revocation_propagation_seconds", ca="internal")[1] == 600
 
 
 def test_label_sets_kept_between_renders_follow_owner_changes_and_removals(engine: sa.Engine, pki: Authority) -> None:

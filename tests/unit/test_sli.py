@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from certpilot import audit, ca, inventory, keystore, managed, renewing, sli
+from certpilot import audit, ca, inventory, keystore, managed, propagation, renewing, sli
 from certpilot.clock import utcnow
 from certpilot.database import read_session, write_session
 from certpilot.errors import InvalidOptionError, MasterKeyError, TransientError
@@ -265,6 +265,62 @@ def test_revocation_propagation_none_and_pending(engine: sa.Engine, now: dt.date
                                                               {"ca": "corp"}))
     m6 = report(engine, now).get("M6")  # no CRL since: at least two hours and counting
     assert m6.value == 7200 and m6.detail("pending") == 1 and m6.shown == "2.0 h"
+
+
+def watched(seconds: float | None, crl: float | None, ocsp: float | None) -> propagation.Propagation:
+    """What connectors.revocation.watch_revocation returns (the watch itself is tested over HTTP in
+    tests/integration/test_revocation_propagation.py)."""
+    return propagation.Propagation("http://127.0.0.1:8080/corp/issuing.crl", "http://127.0.0.1:8080/corp/ocsp",
+                                   crl, ocsp, seconds, "seen" if seconds is not None else "not seen")
+
+
+def test_revocation_propagation_measured_by_a_relying_party_comes_first(engine: sa.Engine, now: dt.datetime) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    t0 = now - dt.timedelta(days=1)
+    with write_session(engine) as session:
+        ca.init_ca(session, ring(), CLI, "corp", "http://127.0.0.1:8080", now=t0 - dt.timedelta(days=1))
+        leaves = [ca.issue(session, ring(), CLI, "corp", build_csr(key, [f"w{i}.example.test"]), "tls-server",
+                           now=t0).leaf for i in range(3)]
+    fps = [leaf.fingerprint(hashes.SHA256()).hex() for leaf in leaves]
+    with write_session(engine) as session:  # each revocation is in a CRL at once: 0 s by CRL publication
+        for fp in fps:
+            ca.revoke(session, ring(), CLI, fp, x509.ReasonFlags.key_compromise, now=t0)
+    with write_session(engine) as session:  # the relying party saw the first after 2.5 s
+        propagation.record_propagation(session, fps[0], watched(2.5, 0.4, 2.5), CLI, now=t0 + dt.timedelta(seconds=3))
+    m6 = report(engine, now).get("M6")
+    assert m6.value == 2.5
+    assert (m6.detail("measured"), m6.detail("by_crl_publication"), m6.detail("not_seen")) == (1, 2, 0)
+    assert "revocation_visible" in m6.definition and "ca.crl_issued" in m6.definition and "for 1" in m6.definition
+
+    with write_session(engine) as session:  # the others measured too: the definition names only the watch
+        propagation.record_propagation(session, fps[1], watched(0.2, 0.2, 0.1), CLI, now=t0 + dt.timedelta(seconds=3))
+        propagation.record_propagation(session, fps[2], watched(1.0, 1.0, 0.5), CLI, now=t0 + dt.timedelta(seconds=3))
+    m6 = report(engine, now).get("M6")
+    assert m6.value == 2.5 and m6.detail("median_seconds") == 1.0
+    assert (m6.detail("measured"), m6.detail("by_crl_publication")) == (3, 0)
+    assert "revocation_visible" in m6.definition and "ca.crl_issued" not in m6.definition
+
+    # a watch that ended before both said revoked: not known to be visible, counted with its age
+    with write_session(engine) as session:
+        propagation.record_propagation(session, fps[1], watched(None, 0.2, None), CLI, now=t0 + dt.timedelta(minutes=1))
+    m6 = report(engine, now).get("M6")
+    assert m6.value == (now - t0).total_seconds() and m6.detail("not_seen") == 1
+
+
+def test_an_acme_revocation_is_tracked_once_measured(engine: sa.Engine, now: dt.datetime) -> None:
+    fp = "c" * 64
+    append(engine, now - dt.timedelta(hours=1), audit.Change("certificate.revoked", f"certificate:{fp}",
+                                                              {"ca": "acme/letsencrypt"}))
+    assert report(engine, now).get("M6").detail("untracked") == 1
+    with write_session(engine) as session:
+        propagation.record_propagation(session, fp, watched(4.0, 4.0, 1.5), CLI, now=now - dt.timedelta(minutes=59))
+    m6 = report(engine, now).get("M6")
+    assert m6.value == 4.0 and (m6.detail("measured"), m6.detail("untracked")) == (1, 0)
+    # a measurement before the revocation (of an earlier watch) does not count for it
+    append(engine, now - dt.timedelta(minutes=30), audit.Change("certificate.revoked", f"certificate:{fp}",
+                                                                {"ca": "acme/letsencrypt"}))
+    m6 = report(engine, now).get("M6")
+    assert (m6.detail("measured"), m6.detail("untracked")) == (1, 1)
 
 
 # ------------------------------------------------------------------------------------ audit completeness (M10)
