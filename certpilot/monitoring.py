@@ -37,7 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -219,6 +219,13 @@ def parse_tls_locator(locator: str) -> tuple[str, int, str | None]:
     return parts.hostname, port, sni or None
 
 
+def location_place(locator: str) -> Place:
+    """The place of an endpoint location: where to handshake, and the name the leaf must match (its SNI, else
+    its host unless that is an IP address). ValueError for a locator that is not ``tls://``."""
+    host, port, sni = parse_tls_locator(locator)
+    return Place(locator, host, port, sni, sni or (None if is_ip_address(host) else host))
+
+
 def _owner_and_tags(cert_owner: str | None, cert_tags: Mapping[str, str] | None, managed_owner: str | None,
                     managed_tags: Mapping[str, str] | None) -> tuple[str | None, dict[str, str]]:
     return cert_owner or managed_owner, {**(managed_tags or {}), **(cert_tags or {})}
@@ -245,13 +252,12 @@ def places(session: Session, schedule: Sequence[Scheduled]) -> list[Place]:
         if held is not None and (held.managed or not managed_name):
             continue  # the newest location first; one that belongs to a managed certificate wins
         try:
-            host, port, sni = parse_tls_locator(locator)
+            endpoint = location_place(locator)
         except ValueError:
             continue
         owner, tags = _owner_and_tags(cert_owner, cert_tags, managed_owner, managed_tags)
-        found[locator] = Place(locator, host, port, sni, sni or (None if is_ip_address(host) else host),
-                               current.get(managed_name) if managed_name else None, managed_name, owner=owner,
-                               tags=tags)
+        found[locator] = replace(endpoint, expected=current.get(managed_name) if managed_name else None,
+                                 managed=managed_name, owner=owner, tags=tags)
     for target, name, owner, tags in session.execute(
             sa.select(Target, col(m.name), col(m.owner), col(m.tags))
             .join(m, col(m.id) == col(Target.managed_certificate_id))

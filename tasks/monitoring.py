@@ -151,9 +151,10 @@ def _load(cache: dict[str, Any], reference: str) -> Any:
     return found
 
 
-def _target_place(place: Place, target: Any, cache: dict[str, Any]) -> tuple[Place, tuple[bytes, ...]]:
+def target_place(place: Place, target: Any, cache: dict[str, Any]) -> tuple[Place, tuple[bytes, ...]]:
     """The place of a target, with the TLS address and name its deployer verifies (none for a store),
-    and the target's own trust anchors. Raises when its deployer cannot be built."""
+    and the target's own trust anchors. Raises when its deployer cannot be built. ``cache``: blocks loaded
+    so far, by reference (shared by the calls of one task)."""
     if not target.block:
         raise ValueError(f"target {target.name} of {place.managed} names no block")
     deployer = build_deployer(_load(cache, target.block), target.name, target.kind, dict(target.settings))
@@ -198,7 +199,7 @@ def plan_checks(trust_bundle_pem: str | None = None, use_system_trust: bool = Tr
             places.append(place)
             continue
         try:
-            place, own = _target_place(place, target, cache)
+            place, own = target_place(place, target, cache)
         except Exception as exc:  # noqa: BLE001 - the place is reported as not checkable, the others go on
             unchecked.append(Observed(place.place, error=f"cannot build its deployer: {redact(exc)}", method="api"))
         else:
@@ -236,11 +237,17 @@ def probe_places(places: list[Place], anchors: Sequence[bytes], trust: Mapping[s
 @task(name="read-back-targets", cache_policy=NO_CACHE, timeout_seconds=600)
 def read_back_targets(places: list[Place]) -> list[Observed]:
     """What each store target (ACM, a load balancer listener, Key Vault) holds, read through its deployer."""
+    with read_session(get_engine()) as session:
+        rows = monitoring.targets(session)
+    return read_back(places, rows)
+
+
+def read_back(places: Sequence[Place], rows: Mapping[str, Any]) -> list[Observed]:
+    """What each target place holds, read through its deployer's current(); ``rows``: the Target rows by place.
+    A deployer that cannot be built or read is that place's error, not the batch's."""
     engine = get_engine()
     cache: dict[str, Any] = {}
     held: dict[str, str | None | Exception] = {}
-    with read_session(engine) as session:
-        rows = monitoring.targets(session)
     for place in places:
         target = rows[place.place]
         try:
