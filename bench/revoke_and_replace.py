@@ -413,8 +413,7 @@ def main() -> int:
             before = fleet.current()
             old = old_certificates(engine, before)
             assert fleet.issuing is not None
-            served_before = fleet.served()
-            if served_before != before:
+            if fleet.not_serving_current():
                 raise SystemExit("the fleet does not serve its certificates before the run")
             watcher = None if args.no_watch else Watcher(engine, old, fleet.issuing).start()
             parameters: dict[str, Any] = {"issuer": CA_NAME, "dry_run": False, "reason": "key-compromise"}
@@ -445,8 +444,9 @@ def main() -> int:
             after = fleet.current()
             served = fleet.served()
             old_fps = set(old)
-            still = sorted(name for name, fp in served.items() if fp in old_fps)
-            wrong = sorted(name for name, fp in served.items() if fp != after.get(name) and fp not in old_fps)
+            still = sorted(f"{site.managed} on {site.instance}" for site, fp in served.items() if fp in old_fps)
+            wrong = sorted(f"{site.managed} on {site.instance}" for site, fp in served.items()
+                           if fp != after.get(site.managed) and fp not in old_fps)
             unchanged = sorted(name for name in before if after.get(name) == before[name])
             for label, names in (("endpoints still serving an old certificate", still),
                                  ("endpoints not serving their current certificate", wrong),
@@ -463,7 +463,7 @@ def main() -> int:
                 ok = False
                 log(f"CHECK FAILED: {len(problems)} old certificate(s) not revoked on the wire: " + "; ".join(problems[:5]))
             if ok:
-                log(f"checked: all {count} endpoints serve their new certificate (a handshake each), all {count} old "
+                log(f"checked: all {len(served)} endpoints serve their new certificate (a handshake each), all {count} old "
                     "certificates are revoked in the inventory, by the CRL at their distribution point and by the OCSP "
                     "responder in their AIA, and every target's verified fingerprint is its desired one")
 

@@ -1,10 +1,12 @@
 """A fleet on loopback for drills, tests and benchmarks: one sshd (lab.sshd) fronting N nginx and M haproxy
 instances (lab.nginx, lab.haproxy), each serving several TLS names, and K managed certificates from a private
-CA in the inventory, each with one target (its name's site on one instance), issued and proven served.
+CA in the inventory, each with a target on R instances (``replicas``: its name's site there), issued and
+proven served.
 
     with Fleet(workdir, engine, key_ring, certificates=50, nginx=4, haproxy=1) as fleet:
         fleet.save_block()          # the targets' SSH host block, for flows run against a Prefect API
-        fleet.served()              # {managed name: fingerprint served on the wire}
+        fleet.served()              # {site: fingerprint served on the wire}
+        fleet.current()             # {managed name: fingerprint of its current certificate}
 
 What ``start()`` builds, in this order (``timings`` says how long each part took):
 
@@ -13,15 +15,19 @@ What ``start()`` builds, in this order (``timings`` says how long each part took
    ``ca_url`` as their CRL distribution point and OCSP responder. Without ``ca_url`` the fleet serves the
    CA itself (connectors.http_service, the listener `certpilot serve` and `ca serve` run) on a free port;
    with it, whoever listens there does (``certpilot serve --listen``, say).
-3. ``issue``: K managed certificates (``layout``: name i goes to instance i mod (N+M), nginx first) and their
-   first certificates, signed through the core (certpilot.ca.open_signer, once) with each key sealed in the
-   keystore and the certificate recorded as the managed certificate's current one (renewing.record_issued).
-4. ``servers``: the instances started with those certificates already in place (the estate as found).
+3. ``issue``: K managed certificates (``layout``: name i goes to instances i .. i+R-1 mod (N+M), nginx first)
+   and their first certificates, signed through the core (certpilot.ca.open_signer, once) with each key
+   sealed in the keystore and the certificate recorded as the managed certificate's current one
+   (renewing.record_issued). With ``issuer=(block reference, Issuer)`` (ACME, say) there is no private CA:
+   the managed certificates name that issuer block and their first certificates come from it
+   (renewing.renew_one), and ``trust`` is the root their chains lead to.
+4. ``servers``: the instances started with those certificates already in place (the estate as found; with
+   an ``issuer``, placeholders, which step 6 replaces).
 5. ``targets``: each managed certificate's target, ``ssh-nginx`` or ``ssh-haproxy`` through the SSH host
    block ``ssh-host/<block>`` (not saved until ``save_block``: building the fleet needs no Prefect API).
 6. ``verify``: certpilot.rollout.bring_to for every target, one worker per instance over one SSH login each,
    as the deploy flow does it: it finds each certificate in place, proves it served on the wire, and
-   records the target's desired and verified fingerprint (it would deploy one that is not in place).
+   records the target's desired and verified fingerprint (it deploys one that is not in place).
 
 Everything listens on 127.0.0.1 on free ports; ``stop()`` stops what ``start()`` started.
 """
@@ -44,7 +50,7 @@ from certpilot import audit, ca, keystore, managed, renewing, rollout, targets
 from certpilot.database import read_session, write_session
 from certpilot.deployment import DeployBundle, key_to_pem
 from certpilot.errors import CertpilotError, NotFoundError
-from certpilot.issuance import IssuedCertificate, build_csr
+from certpilot.issuance import IssuedCertificate, Issuer, build_csr
 from certpilot.keys import generate_private_key
 from lab.haproxy import HaproxyInstance
 from lab.nginx import NginxInstance
@@ -60,7 +66,7 @@ VERIFY_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class Site:
-    """One managed certificate, served under its DNS name by one instance (its one target)."""
+    """One place a managed certificate is served: its DNS name on one instance (its target there)."""
 
     managed: str  # the managed certificate's name
     server_name: str  # its DNS name, the SNI to ask for
@@ -68,16 +74,20 @@ class Site:
     kind: str  # ssh-nginx or ssh-haproxy
 
 
-def layout(certificates: int, nginx: int, haproxy: int, *, prefix: str = "cert",
+def layout(certificates: int, nginx: int, haproxy: int, *, replicas: int = 1, prefix: str = "cert",
            domain: str = "fleet.test") -> list[Site]:
-    """Certificate i goes to instance i mod (nginx + haproxy), the nginx instances first."""
-    if certificates < 1 or nginx < 0 or haproxy < 0 or nginx + haproxy < 1:
-        raise ValueError("a fleet needs at least one certificate and one instance")
+    """Certificate i goes to instances i, i+1, ... i+replicas-1 (mod nginx + haproxy), the nginx instances
+    first; its DNS name is the same on each."""
     instances = [(f"nginx{i:02d}", NGINX) for i in range(nginx)] + [(f"haproxy{i:02d}", HAPROXY) for i in range(haproxy)]
+    if certificates < 1 or nginx < 0 or haproxy < 0 or not instances:
+        raise ValueError("a fleet needs at least one certificate and one instance")
+    if not 1 <= replicas <= len(instances):
+        raise ValueError(f"replicas must be between 1 and the {len(instances)} instances, not {replicas}")
     sites = []
     for i in range(certificates):
-        instance, kind = instances[i % len(instances)]
-        sites.append(Site(f"{prefix}-{i:04d}", f"{prefix}-{i:04d}.{instance}.{domain}", instance, kind))
+        for r in range(replicas):
+            instance, kind = instances[(i + r) % len(instances)]
+            sites.append(Site(f"{prefix}-{i:04d}", f"{prefix}-{i:04d}.{domain}", instance, kind))
     return sites
 
 
@@ -85,15 +95,20 @@ class Fleet:
     """The lab's sshd, its nginx and haproxy instances, and the managed certificates they serve."""
 
     def __init__(self, workdir: Path, engine: sa.Engine, key_ring: Callable[[], keystore.KeyRing], *,
-                 certificates: int = 10, nginx: int = 2, haproxy: int = 1, ca_name: str = "fleet",
-                 ca_url: str | None = None, block: str = "fleet", prefix: str = "cert", domain: str = "fleet.test",
-                 validity_days: int = 30, owner: str | None = None, actor: audit.Actor = ACTOR) -> None:
+                 certificates: int = 10, nginx: int = 2, haproxy: int = 1, replicas: int = 1,
+                 ca_name: str = "fleet", ca_url: str | None = None, issuer: tuple[str, Issuer] | None = None,
+                 trust: x509.Certificate | None = None, block: str = "fleet", prefix: str = "cert",
+                 domain: str = "fleet.test", validity_days: int = 30, owner: str | None = None,
+                 actor: audit.Actor = ACTOR) -> None:
+        if issuer is not None and trust is None:
+            raise ValueError("a fleet with its own issuer needs the root its chains lead to (trust)")
         self.workdir = Path(workdir)
         self.engine = engine
         self.key_ring = key_ring
-        self.sites = layout(certificates, nginx, haproxy, prefix=prefix, domain=domain)
+        self.sites = layout(certificates, nginx, haproxy, replicas=replicas, prefix=prefix, domain=domain)
         self.ca_name = ca_name
         self.ca_url = ca_url
+        self.issuer = issuer
         self.block = block
         self.validity_days = validity_days
         self.owner = owner
@@ -101,8 +116,8 @@ class Fleet:
         self.sshd = SshServer(self.workdir / "sshd")
         self.nginx: dict[str, NginxInstance] = {}
         self.haproxy: dict[str, HaproxyInstance] = {}
-        self.root: x509.Certificate | None = None
-        self.issuing: x509.Certificate | None = None
+        self.root: x509.Certificate | None = trust
+        self.issuing: x509.Certificate | None = None  # the private CA's issuing certificate
         self.timings: dict[str, float] = {}
         self._ca_service: Any = None  # connectors.http_service.HTTPService, when the fleet serves its CA
 
@@ -115,11 +130,21 @@ class Fleet:
     def instances(self) -> list[str]:
         return sorted({s.instance for s in self.sites})
 
-    def site(self, name: str) -> Site:
-        for site in self.sites:
-            if site.managed == name:
-                return site
-        raise KeyError(f"no managed certificate {name!r} in the fleet")
+    @property
+    def names(self) -> list[str]:
+        """The managed certificates' names, in order."""
+        return list(dict.fromkeys(s.managed for s in self.sites))
+
+    def sites_of(self, name: str) -> list[Site]:
+        """Where managed certificate ``name`` is served."""
+        found = [site for site in self.sites if site.managed == name]
+        if not found:
+            raise KeyError(f"no managed certificate {name!r} in the fleet")
+        return found
+
+    @property
+    def issuer_reference(self) -> str:
+        return self.issuer[0] if self.issuer is not None else f"private-ca/{self.ca_name}"
 
     def endpoint(self, site: Site) -> tuple[str, int, str]:
         """(host, port, SNI) where ``site`` is served."""
@@ -156,8 +181,9 @@ class Fleet:
     def start(self) -> Fleet:
         try:
             self._timed("sshd", self._start_sshd)
-            self._timed("ca", self._ensure_ca)
-            pairs = self._timed("issue", self._issue)
+            if self.issuer is None:
+                self._timed("ca", self._ensure_ca)
+            pairs = self._timed("issue", self._issue if self.issuer is None else self._issue_with_issuer)
             self._timed("servers", lambda: self._start_servers(pairs))
             pairs.clear()
             self._timed("targets", self._add_targets)
@@ -192,34 +218,48 @@ class Fleet:
             self.root, self.issuing = ca.ca_certificates(session, authority)
             self.ca_url = authority.base_url
 
+    def _spec(self, name: str) -> managed.ManagedSpec:
+        server_name = self.sites_of(name)[0].server_name
+        return managed.ManagedSpec(name=name, dns_names=(server_name,), issuer=self.issuer_reference,
+                                   validity_days=self.validity_days, owner=self.owner)
+
     def _issue(self) -> dict[str, tuple[bytes, bytes]]:
-        """Every site's managed certificate and its first certificate: {server name: (chain PEM, key PEM)}."""
+        """Every managed certificate and its first certificate from the private CA: {DNS name: (chain PEM, key PEM)}."""
         ring = self.key_ring()
         pairs: dict[str, tuple[bytes, bytes]] = {}
-        for start in range(0, len(self.sites), 100):  # one transaction per hundred
+        names = self.names
+        for start in range(0, len(names), 100):  # one transaction per hundred
             with write_session(self.engine) as session:
                 signer = ca.open_signer(session, ring, self.ca_name)
                 chain_der = signer.certificate.public_bytes(Encoding.DER)
-                for site in self.sites[start:start + 100]:
-                    row = managed.add(session, managed.ManagedSpec(
-                        name=site.managed, dns_names=(site.server_name,), issuer=f"private-ca/{self.ca_name}",
-                        validity_days=self.validity_days, owner=self.owner), self.actor)
+                for name in names[start:start + 100]:
+                    row = managed.add(session, self._spec(name), self.actor)
                     key = generate_private_key(row.key_algorithm)
                     ref = keystore.store_private_key(session, key, ring, self.actor, "generated")
                     cert = signer.sign(build_csr(key, list(row.dns_names)), "tls-server", validity_days=self.validity_days)
                     renewing.record_issued(session, row, IssuedCertificate((cert.public_bytes(Encoding.DER), chain_der)),
                                            ref, self.actor)
-                    pairs[site.server_name] = (cert.public_bytes(Encoding.PEM) + signer.certificate.public_bytes(Encoding.PEM),
+                    pairs[row.dns_names[0]] = (cert.public_bytes(Encoding.PEM) + signer.certificate.public_bytes(Encoding.PEM),
                                                key_to_pem(key))
                 del signer
         return pairs
+
+    def _issue_with_issuer(self) -> dict[str, tuple[bytes, bytes]]:
+        """Every managed certificate and its first certificate from ``issuer`` (no pairs: deployed in step 6)."""
+        assert self.issuer is not None
+        with write_session(self.engine) as session:
+            for name in self.names:
+                managed.add(session, self._spec(name), self.actor)
+        for name in self.names:
+            renewing.renew_one(self.engine, name, self.issuer[1], self.key_ring, self.actor)
+        return {}
 
     def _start_servers(self, pairs: dict[str, tuple[bytes, bytes]]) -> None:
         user = self.sshd.user
         # One at a time: the ports of running instances are taken, so free_port skips them.
         for instance in self.instances:
             names = [s.server_name for s in self.sites if s.instance == instance]
-            mine = {name: pairs[name] for name in names}
+            mine = {name: pairs[name] for name in names if name in pairs}
             prefix = self.sshd.home / instance
             if instance.startswith("nginx"):
                 self.nginx[instance] = NginxInstance(prefix, names, user=user, pairs=mine).start()
@@ -233,13 +273,13 @@ class Fleet:
                 targets.configure(session, site.managed, site.instance, site.kind, self.block_reference,
                                   self.settings(site), self.actor)
 
-    def prove_served(self, sites: Sequence[Site] | None = None) -> dict[str, rollout.Outcome]:
+    def prove_served(self, sites: Sequence[Site] | None = None) -> dict[Site, rollout.Outcome]:
         """certpilot.rollout.bring_to for each site's current certificate, one worker per instance over one
-        SSH login each: {managed name: outcome}. LabError naming every site that failed."""
+        SSH login each: {site: outcome}. LabError naming every site that failed."""
         from blocks.targets import build_deployer
 
         chosen = list(self.sites if sites is None else sites)
-        outcomes: dict[str, rollout.Outcome] = {}
+        outcomes: dict[Site, rollout.Outcome] = {}
         failures: dict[str, str] = {}
 
         def one_instance(instance: str) -> None:
@@ -247,9 +287,9 @@ class Fleet:
             try:
                 for site in (s for s in chosen if s.instance == instance):
                     try:
-                        outcomes[site.managed] = self._bring(block, site, build_deployer)
+                        outcomes[site] = self._bring(block, site, build_deployer)
                     except (CertpilotError, rollout.TargetFailed) as exc:
-                        failures[site.managed] = str(exc)
+                        failures[f"{site.managed} on {site.instance}"] = str(exc)
             finally:
                 block.connection().close()
 
@@ -281,16 +321,16 @@ class Fleet:
         """{managed name: fingerprint of its current certificate in the inventory}."""
         with read_session(self.engine) as session:
             out = {}
-            for site in self.sites:
-                row = managed.current_certificate(session, managed.get(session, site.managed))
+            for name in self.names:
+                row = managed.current_certificate(session, managed.get(session, name))
                 if row is not None:
-                    out[site.managed] = row.fingerprint_sha256
+                    out[name] = row.fingerprint_sha256
             return out
 
     def served(self, sites: Iterable[Site] | None = None, *, timeout: float = 5.0,
-               workers: int = 16) -> dict[str, str | None]:
-        """{managed name: fingerprint of the leaf its endpoint serves on the wire, one handshake each; None
-        when the handshake failed}."""
+               workers: int = 16) -> dict[Site, str | None]:
+        """{site: fingerprint of the leaf it serves on the wire, one handshake each; None when the handshake
+        failed}."""
         from connectors.tls_verify import TlsProbeError, fetch_chain
 
         chosen = list(self.sites if sites is None else sites)
@@ -303,7 +343,12 @@ class Fleet:
                 return None
 
         with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(chosen)))) as pool:
-            return {site.managed: found for site, found in zip(chosen, pool.map(one, chosen), strict=True)}
+            return dict(zip(chosen, pool.map(one, chosen), strict=True))
+
+    def not_serving_current(self) -> list[Site]:
+        """The sites whose endpoint does not serve their managed certificate's current certificate."""
+        current = self.current()
+        return [site for site, found in self.served().items() if found is None or found != current.get(site.managed)]
 
     # ------------------------------------------------------------------------------------ stopping it
     def stop(self) -> None:
