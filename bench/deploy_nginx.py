@@ -70,7 +70,7 @@ from blocks.ssh import SshHostBlock  # noqa: E402
 from blocks.targets import build_deployer  # noqa: E402
 from certpilot import audit, ca, keystore, managed, renewing, rollout, targets  # noqa: E402
 from certpilot.database import get_engine, read_session, write_session  # noqa: E402
-from certpilot.deployment import DeployBundle, Deployer, Receipt, Verification, key_to_pem  # noqa: E402
+from certpilot.deployment import DeployBundle, Deployer, Receipt, Removal, Verification, key_to_pem  # noqa: E402
 from certpilot.errors import NotFoundError  # noqa: E402
 from certpilot.issuance import build_csr  # noqa: E402
 from certpilot.keys import generate_private_key  # noqa: E402
@@ -213,8 +213,14 @@ class TimedDeployer:
     def rollback(self, receipt: Receipt) -> None:
         self._timed("rollback", lambda: self.inner.rollback(receipt))
 
-    def remove(self) -> None:
-        self.inner.remove()
+    def remove(self) -> Removal:
+        return self.inner.remove()
+
+    def restore(self, removal: Removal) -> str:
+        return self.inner.restore(removal)
+
+    def purge(self, removal: Removal) -> None:
+        self.inner.purge(removal)
 
 
 @dataclass

@@ -4,8 +4,13 @@ A deployer is built for one target (an nginx site on an SSH host, an ACM certifi
 certificate...) from that target's settings. ``deploy`` installs a bundle and returns a Receipt,
 public facts only, that ``rollback`` uses to put back exactly what was there before. ``verify``
 proves that the target now serves the expected certificate (on the wire for endpoints, by an API
-read-back for stores) and raises VerificationError otherwise. ``remove`` retires what certpilot put
-there. ``current`` says which certificate the target holds now, for reconciling a mixed fleet.
+read-back for stores) and raises VerificationError otherwise. ``current`` says which certificate the
+target holds now, for reconciling a mixed fleet.
+
+Retiring a target takes two steps, so that it can be undone until the operator confirms: ``remove``
+takes the certificate off the target but keeps what it took (backup files, a soft-deleted vault
+certificate, a stored certificate taken off a listener) and returns a Removal naming it; ``restore``
+puts that back; ``purge`` destroys what was kept, after which nothing can be restored.
 
 Secrets: a DeployBundle carries the key only as a function that unseals it; a deployer calls it at
 the moment it writes the key and keeps nothing. Receipts, errors and logs never hold key material.
@@ -123,6 +128,35 @@ class Receipt:
 
 
 @dataclass(frozen=True)
+class Removal:
+    """What ``remove`` took off one target and where it kept it, for ``restore`` (until ``purge``):
+    public facts only (it is an audit event's details and a task result).
+
+    ``undo`` is the deployer's own JSON-able record (backup file names, the vault certificate's name,
+    the listener's stored certificates). ``served`` says whether the target's endpoint still served the
+    removed certificate just after the removal (None: not an endpoint, or not checked); ``note`` what
+    the operator must know about the target's state (e.g. nginx still serves it from memory).
+    """
+
+    target: str
+    kind: str
+    fingerprint: str | None  # the certificate the target held (None: it held none)
+    undo: dict[str, Any] = field(default_factory=dict)
+    served: bool | None = None
+    note: str = ""
+    at: dt.datetime = field(default_factory=utcnow)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "kind": self.kind, "fingerprint": self.fingerprint, "undo": dict(self.undo),
+                "served": self.served, "note": self.note, "at": self.at.isoformat()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Removal:
+        return cls(data["target"], data["kind"], data.get("fingerprint"), dict(data.get("undo") or {}),
+                   data.get("served"), data.get("note") or "", dt.datetime.fromisoformat(data["at"]))
+
+
+@dataclass(frozen=True)
 class Verification:
     """Proof that a target serves ``fingerprint``: where it was checked and how."""
 
@@ -159,6 +193,17 @@ class Deployer(Protocol):
 
     def rollback(self, receipt: Receipt) -> None: ...
 
-    def remove(self) -> None: ...
+    def remove(self) -> Removal:
+        """Take the certificate off the target, keeping what was taken for ``restore``. Idempotent: a
+        target removed before (and not restored) gives the same Removal again."""
+        ...
+
+    def restore(self, removal: Removal) -> str:
+        """Put back what ``removal`` took (before ``purge``); what was done, in a few words."""
+        ...
+
+    def purge(self, removal: Removal) -> None:
+        """Destroy what ``removal`` kept: nothing can be restored after. Idempotent."""
+        ...
 
     def current(self) -> str | None: ...

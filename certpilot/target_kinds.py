@@ -136,11 +136,14 @@ class SshSettings(TargetSettings):
                                                                   "served consistently.")
     verify_consecutive: int = Field(default=5, ge=1, description="Handshakes in a row that must show it.")
     command_timeout: float = Field(default=60.0, gt=0, description="Seconds for each remote command.")
-    remove_previous: bool = Field(default=False, description="remove() also deletes the .certpilot-previous "
-                                                             "backups.")
-    remove_command: str | None = Field(default=None, description="Run by remove() after the files are deleted "
+    remove_previous: bool = Field(default=False, description="purge() (a confirmed retirement) also deletes the "
+                                                             ".certpilot-previous backups of earlier deploys.")
+    remove_command: str | None = Field(default=None, description="Run by remove() after the files are moved aside "
                                                                  "(e.g. a script that disables the site and "
-                                                                 "reloads); default none.")
+                                                                 "reloads); default none: nothing is reloaded.")
+    restore_command: str | None = Field(default=None, description="Run by restore() after the files are back, "
+                                                                  "before the test and reload (e.g. a script that "
+                                                                  "enables the site again); default none.")
 
     @model_validator(mode="before")
     @classmethod

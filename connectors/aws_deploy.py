@@ -24,8 +24,15 @@ Rollback: ``aws-acm`` re-imports the previous certificate with its key, which ce
 from its own keystore through the BundleLookup (ACM never exports an imported key): without it,
 rollback raises PermanentDeployError. A certificate certpilot imported as new is deleted instead.
 The listener kinds swap the previous certificate(s) back and delete what they stored once nothing
-uses it. ``remove`` takes certpilot's SNI entries off the listener and deletes the certificates it
-stored for the target; a certificate still on any listener (a default one, say) is refused.
+uses it.
+
+Retiring: ``aws-acm``'s ``remove`` deletes the ACM certificate (refused while a listener uses it); ACM
+cannot undelete, so ``restore`` imports it again from certpilot's inventory and keystore (through the
+BundleLookup), tagged with the target, under a new ARN (a target configured with a certificate_arn must
+be pointed at it: the restore says so); ``purge`` has nothing left to delete. The listener kinds'
+``remove`` takes certpilot's SNI entries off the listener and keeps the certificates it stored for the
+target until ``purge`` deletes them (a certificate still on any listener is refused); ``restore`` puts
+the entries back. A listener's default certificate is never removed: a listener needs one.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from certpilot.deployment import (
     DeployBundle,
     PermanentDeployError,
     Receipt,
+    Removal,
     Verification,
     VerificationError,
 )
@@ -182,11 +190,42 @@ class AcmDeployer:
             raise VerificationError(self.name, expected, served, reason)
         return Verification(self.name, expected, "api", f"acm get_certificate {arn} in {self.region}")
 
-    def remove(self) -> None:
+    def remove(self) -> Removal:
+        """Delete the ACM certificate (refused while anything uses it); ``restore`` imports it again."""
         arn = self._arn()
-        if arn:
-            self.account.delete_certificate(arn)  # refuses while a listener uses it
-            self.certificate_arn = None
+        held = self.account.fingerprint_at(arn) if arn else None
+        if arn is None or held is None:
+            return Removal(self.name, self.kind, None, {"certificate_arn": arn, "region": self.region}, None,
+                           f"{arn or 'no certificate'} in {self.region}: nothing to delete")
+        self.account.delete_certificate(arn)  # refuses while a listener uses it
+        self.certificate_arn = None if not self._given_arn else self.certificate_arn
+        logger.info("%s: deleted %s", self._where, arn)
+        return Removal(self.name, self.kind, held, {"certificate_arn": arn, "region": self.region}, None,
+                       f"deleted {arn} from ACM, which cannot undelete: a restore imports it again from certpilot's "
+                       "keystore, under a new ARN")
+
+    def restore(self, removal: Removal) -> str:
+        """Import the removed certificate again (with its key, from certpilot's keystore), tagged with the target."""
+        fp = removal.fingerprint
+        if fp is None:
+            return "nothing was removed"
+        arn = self._arn()
+        if arn and self.account.fingerprint_at(arn) == fp:
+            return f"{arn} holds it already"
+        bundle = self.lookup(fp) if self.lookup else None
+        if bundle is None or bundle.fingerprint != fp:
+            raise PermanentDeployError(f"{self._where}: cannot restore {fp[:16]}: its private key is not in "
+                                       "certpilot's keystore, and ACM cannot undelete")
+        new_arn = self._import(bundle, None)
+        old_arn = removal.undo.get("certificate_arn")
+        if not self._given_arn:
+            self.certificate_arn = new_arn
+            return f"imported again as {new_arn}"
+        return (f"imported again as {new_arn}; ACM cannot undelete {old_arn}: set the target's certificate_arn to "
+                "the new ARN")
+
+    def purge(self, removal: Removal) -> None:
+        """Nothing to do: remove deleted the ACM certificate already; certpilot's inventory keeps the record."""
 
     def current(self) -> str | None:
         arn = self._arn()
@@ -328,14 +367,40 @@ class _ListenerDeployer:
                                 f"listener {self.listener_arn} has no SNI certificate with that fingerprint "
                                 f"({len(fingerprints)} SNI certificates)")
 
-    def remove(self) -> None:
-        listener = self.account.listener(self.listener_arn)
-        if self.role == "sni":
-            mine = self._managed_sni(listener)
-            if mine:
-                self._remove_sni(mine)
+    def remove(self) -> Removal:
+        """Take certpilot's SNI entries off the listener; what it stored is kept until ``purge``."""
+        if self.role == "default":
+            raise PermanentDeployError(f"{self._where}: a listener needs a default certificate, so certpilot does "
+                                       "not take it off: deploy another certificate there, or remove the listener")
+        mine = self._managed_sni(self.account.listener(self.listener_arn))
+        held = self.account.fingerprint_at(mine[0]) if mine else None
+        if mine:
+            self._remove_sni(mine)
+        kept = self._stored_by_me()
+        logger.info("%s: took %s off the listener", self._where, ", ".join(mine) or "nothing")
+        return Removal(self.name, self.kind, held, {"listener_arn": self.listener_arn, "taken_off": mine,
+                                                    "kept": kept}, None,
+                       f"taken off listener {self.listener_arn}; the {len(kept)} certificate(s) stored for the target "
+                       "are kept until the retirement is confirmed")
+
+    def restore(self, removal: Removal) -> str:
+        """Put the SNI entries ``remove`` took off back on the listener."""
+        if removal.undo.get("listener_arn") != self.listener_arn:
+            raise PermanentDeployError(f"{self._where}: the removal is for {removal.undo.get('listener_arn')}")
+        arns = [str(a) for a in removal.undo.get("taken_off") or []]
+        if not arns and removal.fingerprint:
+            arns = [a for a in self._stored_by_me() if self.account.fingerprint_at(a) == removal.fingerprint][:1]
+        missing = [a for a in arns if a not in self.account.listener(self.listener_arn).sni]
+        if arns and not missing:
+            return "the listener holds it already"
+        if missing:
+            self._add_sni(missing)
+        return f"put {', '.join(missing) or 'nothing'} back on listener {self.listener_arn}"
+
+    def purge(self, removal: Removal) -> None:
+        """Delete the certificates stored for the target (refused while any listener holds one)."""
         for arn in self._stored_by_me():
-            self.account.delete_certificate(arn)  # refuses while any listener holds it
+            self.account.delete_certificate(arn)
 
     def current(self) -> str | None:
         listener = self.account.listener(self.listener_arn)

@@ -39,7 +39,8 @@ fingerprint and it must be enabled. rollback() re-imports the previous version's
 chain, read with GET /secrets/{name}/{version} and kept only inside that function) as a new version, so
 the previous certificate is current again; if there was none, it deletes the certificate. remove()
 deletes the certificate: Key Vault soft-deletes it (recoverable for the retention period; purge it, or
-let the vault's retention run out, before reusing the name).
+let the vault's retention run out, before reusing the name); restore() recovers it from the deleted
+certificates, purge() purges it (a confirmed retirement).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ from certpilot.deployment import (
     DeployError,
     PermanentDeployError,
     Receipt,
+    Removal,
     Verification,
     VerificationError,
 )
@@ -529,10 +531,46 @@ class AzureKeyVaultDeployer:
             traceback.clear_frames(exc.__traceback__)  # the finished frames that held the secret
             raise
 
-    def remove(self) -> None:
+    def remove(self) -> Removal:
         """Delete the certificate (all its versions). Key Vault soft-deletes it: recoverable, and its name not
         reusable, until purged or until the vault's retention period ends. An absent certificate is fine."""
+        held = self.current()
         self._delete("removing the certificate", purge=False)
+        return Removal(self.name, self.kind, held, {"vault": self.connection.host,
+                                                    "certificate_name": self.certificate_name}, None,
+                       "soft-deleted in Key Vault: recoverable until purged" if held else
+                       f"{self.locator} did not exist: nothing deleted")
+
+    def restore(self, removal: Removal) -> str:
+        """Recover the soft-deleted certificate."""
+        if removal.fingerprint is None:
+            return "nothing was removed"
+        if self.current() == removal.fingerprint:
+            return f"{self.locator} holds it already"
+        client = self._calls.client
+        poller = self._calls.run(self.where, "recovering the deleted certificate",
+                                 lambda: client.begin_recover_deleted_certificate(self.certificate_name,
+                                                                                  _polling_interval=0.5),
+                                 absent_ok=True)
+        if poller is None:
+            raise PermanentDeployError(f"{self.where}: there is no deleted certificate to recover (purged?)")
+        self._calls.run(self.where, "waiting for the recovery",
+                        lambda: poller.wait(timeout=self.connection.worst_case_seconds))
+        now = self.current()
+        if now != removal.fingerprint:
+            raise PermanentDeployError(f"{self.where}: after the recovery the vault holds {str(now)[:16]}, not "
+                                       f"{removal.fingerprint[:16]}")
+        log.info("%s: recovered", self.where)
+        return f"recovered {self.locator} from the vault's deleted certificates"
+
+    def purge(self, removal: Removal) -> None:
+        """Purge the soft-deleted certificate (needs the purge permission); one already gone is fine."""
+        if removal.fingerprint is None:
+            return
+        client = self._calls.client
+        self._calls.run(self.where, "purging the deleted certificate",
+                        lambda: client.purge_deleted_certificate(self.certificate_name), absent_ok=True)
+        log.info("%s: purged", self.where)
 
     def _delete(self, action: str, *, purge: bool) -> None:
         client = self._calls.client

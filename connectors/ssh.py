@@ -604,6 +604,15 @@ class SshConnection:
                 self._discard(temporary)
                 raise self._translate(exc, path, "cannot replace") from None
 
+    def move(self, source: str, destination: str) -> None:
+        """Rename ``source`` to ``destination`` on the host (atomic, replaces a file there). Unlike
+        ``commit``, a failure leaves ``source`` where it was."""
+        with self._lock:
+            try:
+                self.sftp().posix_rename(source, destination)
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                raise self._translate(exc, source, f"cannot move to {destination}") from None
+
     def _discard(self, temporary: str) -> None:
         try:
             transport = self._connection

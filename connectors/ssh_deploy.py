@@ -19,12 +19,19 @@ restores later; the Receipt's ``undo`` names the backups and ``previous_fingerpr
 against the backup before it is restored (a later deploy replaces the backup, so only the latest
 deploy's receipt can be rolled back).
 
-What ``remove`` means: certpilot retires the files it wrote at the target's paths (the certificate and
-key, or the PEM) and any temporary uploads it left there. The ``.certpilot-previous`` pair holds what was
-there before certpilot (or before its last deploy): it is kept unless ``remove_previous`` is true. No
-server is reloaded, because its configuration still names the removed files: take the site out of the
-configuration first, or give ``remove_command`` (run after the files are gone, e.g. a script that
-disables the site and reloads).
+Retiring (``remove``, ``restore``, ``purge``): ``remove`` moves the files at the target's paths (the
+certificate and key, or the PEM) to ``<path>.certpilot-retired`` (same directory, same mode: a rename),
+drops temporary uploads left there, runs ``remove_command`` if the target has one, and then looks on the
+wire: the Removal says whether the endpoint still serves the removed certificate. Without a
+``remove_command`` no server is reloaded, on purpose: the server's configuration still names the files,
+so ``nginx -t`` fails and nginx refuses a reload (it keeps serving the certificate from memory) until
+the site is taken out of its configuration; the Removal's note says so. haproxy with a runtime socket is
+asked to drop the certificate from memory (``del ssl cert``); haproxy 2.6 refuses while a ``bind ...
+crt`` line uses it, and the note says that too. ``restore`` moves the files back, runs
+``restore_command`` (e.g. a script that enables the site again), then tests and reloads nginx, or hands
+haproxy the PEM again (runtime API or reload). ``purge`` deletes the ``.certpilot-retired`` files, and the
+``.certpilot-previous`` pair of earlier deploys (what was there before certpilot, or before its last
+deploy) only when ``remove_previous`` is true.
 
 Settings (typed models in certpilot.target_kinds, NginxSettings and HaproxySettings, which hold the
 keys, defaults and rules; a dict is validated through them). In short, of kind ``ssh-nginx`` (NginxDeployer):
@@ -59,8 +66,9 @@ Settings of both kinds:
                      ``trust_pem`` is accepted as another name for it
   verify_timeout     seconds to wait until the new certificate is served consistently, default 10
   verify_consecutive handshakes in a row that must show it, default 5
-  remove_previous    remove() also deletes the .certpilot-previous backups, default false
-  remove_command     run by remove() after the files are deleted, default none
+  remove_previous    purge() also deletes the .certpilot-previous backups, default false
+  remove_command     run by remove() after the files are moved aside, default none (nothing is reloaded)
+  restore_command    run by restore() after the files are back, before the test and reload, default none
 """
 
 from __future__ import annotations
@@ -68,25 +76,27 @@ from __future__ import annotations
 import functools
 import logging
 import shlex
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from cryptography import x509
 
-from certpilot.deployment import (DeployBundle, DeployError, PermanentDeployError, Receipt, Verification,
+from certpilot.deployment import (DeployBundle, DeployError, PermanentDeployError, Receipt, Removal, Verification,
                                   fingerprint)
 from certpilot.errors import ParseError
 from certpilot.formats import load_bundle
 from certpilot.target_kinds import HaproxySettings, NginxSettings, SshSettings, TargetKind, validate_settings
 from connectors.ssh import RemoteCommandError, SshConnection, SshError, SshUnavailableError, trim_output
-from connectors.tls_verify import wait_until_served
+from connectors.tls_verify import TlsProbeError, fetch_chain, wait_until_served
 
-__all__ = ["BACKUP_SUFFIX", "HaproxyDeployer", "NginxDeployer"]
+__all__ = ["BACKUP_SUFFIX", "RETIRED_SUFFIX", "HaproxyDeployer", "NginxDeployer"]
 
 log = logging.getLogger(__name__)
 
 BACKUP_SUFFIX = ".certpilot-previous"
+RETIRED_SUFFIX = ".certpilot-retired"  # where remove() keeps the files it took off, until purge()
 MAX_CERTIFICATE_FILE = 1024 * 1024
 
 
@@ -168,15 +178,83 @@ class _SshDeployer:
         for path in paths:
             self.ssh.regular_file(path)
 
-    def _remove_files(self, paths: list[str]) -> None:
-        for path in paths:
+    # retiring ---------------------------------------------------------------------------------------
+    def _move_aside(self, paths: list[str], certificate_path: str) -> tuple[dict[str, str], str | None]:
+        """Move each of ``paths`` to its retired name (a file moved by an earlier call counts as moved).
+        The moves by path, and the fingerprint of the certificate in ``certificate_path`` (or in its
+        retired copy, when an earlier call moved it)."""
+        retired = {path: path + RETIRED_SUFFIX for path in paths}
+        self._refuse_links([*paths, *retired.values()])
+        _, held = self._fingerprint_of(certificate_path)
+        if held is None:
+            _, held = self._fingerprint_of(retired[certificate_path])
+        moved: dict[str, str] = {}
+        for path, backup in retired.items():
             self.ssh.remove_stale_temporaries(path)
-            self.ssh.remove(path)
+            if self.ssh.regular_file(path) is not None:
+                self.ssh.move(path, backup)
+                moved[path] = backup
+            elif self.ssh.regular_file(backup) is not None:
+                moved[path] = backup
+        return moved, held
+
+    def _served_now(self, fingerprint: str | None, *, wait: bool) -> bool | None:
+        """Whether the endpoint serves ``fingerprint`` now: one handshake, or with ``wait`` handshakes until
+        it stops, for at most verify_timeout (a reload lets old workers finish). None: nothing to look for."""
+        if fingerprint is None:
+            return None
+        e = self.endpoint
+        deadline = time.monotonic() + (e.timeout if wait else 0.0)
+        while True:
+            try:
+                served = fetch_chain(e.host, e.port, sni=e.sni, timeout=min(e.timeout, 5.0)).fingerprint == fingerprint
+            except TlsProbeError:
+                served = False
+            if not served or time.monotonic() >= deadline:
+                return served
+            time.sleep(0.1)
+
+    def _where_served(self, served: bool | None) -> str:
+        e = self.endpoint
+        place = f"{e.host}:{e.port}" + (f" (sni {e.sni})" if e.sni else "")
+        return "" if served is None else f"{place} {'still serves' if served else 'no longer serves'} it"
+
+    def _removal(self, moved: dict[str, str], held: str | None, served: bool | None, notes: list[str],
+                 **undo: Any) -> Removal:
+        seen = self._where_served(served)
+        note = "; ".join([*([seen] if seen else []), *notes])
+        log.info("%s: moved %s aside on %s%s", self.name, ", ".join(moved) or "nothing", self.ssh.where,
+                 f" ({note})" if note else "")
+        return Removal(self.name, self.kind, held, {"files": moved, **undo}, served, note)
+
+    def _put_back(self, removal: Removal) -> int:
+        """Move the files ``removal`` kept back to their paths; how many were moved (a file moved back
+        before counts as back). Refuses to overwrite a file that came back some other way."""
+        files = {str(k): str(v) for k, v in dict(removal.undo.get("files") or {}).items()}
+        self._refuse_links([*files, *files.values()])
+        moved = 0
+        for path, backup in files.items():
+            if self.ssh.regular_file(backup) is not None:
+                if self.ssh.regular_file(path) is not None:
+                    raise PermanentDeployError(f"{self.name}: both {path} and its retired copy {backup} exist on "
+                                               f"{self.ssh.where}: not overwritten; move one of them aside")
+                self.ssh.move(backup, path)
+                moved += 1
+            elif self.ssh.regular_file(path) is None:
+                raise PermanentDeployError(f"{self.name}: neither {path} nor its retired copy {backup} exists on "
+                                           f"{self.ssh.where}: nothing to restore (purged?)")
+        return moved
+
+    @_named
+    def purge(self, removal: Removal) -> None:
+        """Delete the retired copies (and, with remove_previous, the .certpilot-previous ones)."""
+        files = {str(k): str(v) for k, v in dict(removal.undo.get("files") or {}).items()}
+        self._refuse_links(list(files.values()))
+        for path, backup in files.items():
+            self.ssh.remove(backup)
             if self.settings.remove_previous:
                 self.ssh.remove(path + BACKUP_SUFFIX)
-        if self.settings.remove_command:
-            self._run(self.settings.remove_command, "remove command")
-        log.info("%s: removed %s", self.name, ", ".join(paths))
+        log.info("%s: purged %s on %s", self.name, ", ".join(files.values()) or "nothing", self.ssh.where)
 
     def _fail(self, what: str, exc: Exception, restored: str) -> PermanentDeployError | DeployError:
         """The error of a failed step, after the previous state was restored (``restored`` says how)."""
@@ -305,8 +383,33 @@ class NginxDeployer(_SshDeployer):
         log.info("%s: rolled back to %s on %s", self.name, (receipt.previous_fingerprint or "?")[:16], self.ssh.where)
 
     @_named
-    def remove(self) -> None:
-        self._remove_files([self.certificate_path, self.key_path])
+    def remove(self) -> Removal:
+        """Move the certificate and key files aside; nginx is reloaded only by a remove_command."""
+        moved, held = self._move_aside([self.certificate_path, self.key_path], self.certificate_path)
+        command = self.settings.remove_command
+        if command:
+            self._run(command, "remove command")
+            notes = ["its remove_command ran"]
+        else:
+            notes = [f"nginx was not reloaded: its configuration still names {self.certificate_path} and "
+                     f"{self.key_path}, so `nginx -t` fails and nginx refuses a reload (serving the certificate "
+                     "from memory meanwhile) until the site is taken out of its configuration, which a "
+                     "remove_command on the target can do"]
+        return self._removal(moved, held, self._served_now(held, wait=bool(command)), notes)
+
+    @_named
+    def restore(self, removal: Removal) -> str:
+        """Move the files back, run restore_command, test and reload nginx."""
+        moved = self._put_back(removal)
+        try:
+            if self.settings.restore_command:
+                self._run(self.settings.restore_command, "restore command")
+            self._run(self.test_command, "configuration test")
+            self._run(self.reload_command, "reload")
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail("restore", exc, "the files are back but nginx did not take them") from None
+        log.info("%s: restored %s on %s", self.name, (removal.fingerprint or "?")[:16], self.ssh.where)
+        return f"{moved} file(s) moved back, nginx tested and reloaded"
 
 
 class HaproxyDeployer(_SshDeployer):
@@ -449,8 +552,58 @@ class HaproxyDeployer(_SshDeployer):
         log.info("%s: rolled back to %s on %s", self.name, (receipt.previous_fingerprint or "?")[:16], self.ssh.where)
 
     @_named
-    def remove(self) -> None:
-        self._remove_files([self.pem_path])
+    def remove(self) -> Removal:
+        """Move the PEM aside; ask haproxy to drop the certificate from memory (runtime API), which it
+        refuses while a bind line uses it; reload only by a remove_command."""
+        moved, held = self._move_aside([self.pem_path], self.pem_path)
+        notes: list[str] = []
+        dropped = False
+        if self.runtime_socket and held is not None:
+            try:
+                answer = self._runtime(f"del ssl cert {self._cert_argument}\n".encode())
+            except RemoteCommandError as exc:
+                answer = f"the runtime API client failed: {exc.stderr}"
+            dropped = "deleted" in answer.lower()
+            notes.append("haproxy dropped it from memory (runtime API)" if dropped else
+                         "haproxy keeps serving it from memory: the runtime API did not drop it "
+                         f"({trim_output(answer) or 'no answer'}); a bind line's crt names it, so take it out of "
+                         "the configuration and reload")
+        command = self.settings.remove_command
+        if command:
+            self._run(command, "remove command")
+            notes.append("its remove_command ran")
+        elif not dropped:
+            notes.append(f"haproxy was not reloaded: its configuration still names {self.pem_path}, so a reload "
+                         "fails until the configuration drops it, which a remove_command on the target can do")
+        served = self._served_now(held, wait=bool(command) or dropped)
+        return self._removal(moved, held, served, notes, dropped_from_memory=dropped)
+
+    @_named
+    def restore(self, removal: Removal) -> str:
+        """Move the PEM back, run restore_command, and hand it to haproxy again (runtime API or reload)."""
+        moved = self._put_back(removal)
+        if self.settings.restore_command:
+            self._run(self.settings.restore_command, "restore command")
+        data, _ = self._fingerprint_of(self.pem_path)
+        try:
+            if data is None:
+                raise PermanentDeployError(f"{self.name}: {self.pem_path} is missing on {self.ssh.where} after "
+                                           "the restore")
+            payload = _pem_payload(data)
+            if self.runtime_socket and removal.undo.get("dropped_from_memory"):
+                answer = self._runtime(f"new ssl cert {self._cert_argument}\n".encode())
+                if "new empty certificate store" not in answer.lower() and "already exists" not in answer.lower():
+                    raise PermanentDeployError(f"{self.name}: haproxy refused `new ssl cert {self.pem_path}`: "
+                                               f"{trim_output(answer) or 'no answer'}")
+            try:
+                self._apply(payload, "restore")
+            except Exception as exc:  # noqa: BLE001
+                raise self._fail("restore", exc, f"{self.pem_path} is back but haproxy did not take it") from None
+        finally:
+            del data
+        log.info("%s: restored %s on %s", self.name, (removal.fingerprint or "?")[:16], self.ssh.where)
+        how = "runtime API" if self.runtime_socket else "reload"
+        return f"{moved} file(s) moved back, handed to haproxy ({how})"
 
 
 # Sent to the stats socket by python3 on the host when socat is missing: stdin in, answer out, 10 s timeout.

@@ -130,6 +130,22 @@ def test_without_an_arn_a_new_certificate_is_imported_found_again_and_deleted_by
         again.verify(first.fingerprint)
 
 
+def test_remove_deletes_restore_imports_it_again_from_the_keystore(
+        moto: MotoServer, account: AwsAccount, leaves: Leaves) -> None:
+    bundle = leaves.bundle("api", "api.example.test")
+    AcmDeployer(account, "api-acm", {"region": REGION}).deploy(bundle)
+    target = AcmDeployer(account, "api-acm", {"region": REGION}, lookup=leaves.lookup)
+    removal = target.remove()
+    assert removal.fingerprint == bundle.fingerprint and _arns(moto) == []
+    detail = target.restore(removal)
+    [arn] = _arns(moto)
+    assert arn in detail and _held(moto, arn) == bundle.fingerprint
+    assert AcmDeployer(account, "api-acm", {"region": REGION}).current() == bundle.fingerprint  # found by its tag
+    with pytest.raises(PermanentDeployError, match="not in certpilot's keystore"):
+        AcmDeployer(account, "api-acm", {"region": REGION}).restore(target.remove())  # no lookup: no key
+    assert _arns(moto) == []
+
+
 def test_removing_a_certificate_a_listener_uses_is_refused(moto: MotoServer, account: AwsAccount, leaves: Leaves,
                                                            existing: tuple[str, DeployBundle]) -> None:
     arn, _ = existing

@@ -147,11 +147,15 @@ def test_remove_takes_sni_entries_off_but_refuses_a_default_certificate_in_use(
     default = ElbListenerDeployer(account, "web-lb", {"listener_arn": listener, "role": "default"})
     stored = default.deploy(leaves.bundle("web", "web.example.test")).undo["stored"]
 
-    sni.remove()
-    assert _certificates(moto, listener) == (stored, [extra_arn]) and _iam_arns(moto) == set()
+    removal = sni.remove()
+    assert _certificates(moto, listener) == (stored, [extra_arn]) and len(_iam_arns(moto)) == 1  # kept
     assert sni.current() is None
+    sni.restore(removal)
+    assert sni.current() == removal.fingerprint and len(_certificates(moto, listener)[1]) == 2
+    sni.purge(sni.remove())
+    assert _certificates(moto, listener) == (stored, [extra_arn]) and _iam_arns(moto) == set()
 
-    with pytest.raises(PermanentDeployError, match="still used by") as refused:
+    with pytest.raises(PermanentDeployError, match="needs a default certificate") as refused:
         default.remove()  # moto would delete it from under the listener
     assert listener in str(refused.value)
     assert stored in _acm_arns(moto) and _certificates(moto, listener)[0] == stored

@@ -163,6 +163,23 @@ def test_remove_deletes_and_tolerates_absence(
     target.remove()
 
 
+def test_remove_soft_deletes_restore_recovers_purge_purges(
+        keyvault: KeyVaultServer, sdk: CertificateClient, deployer: MakeDeployer, issue: Issue) -> None:
+    target = deployer("web")
+    bundle = issue()[0]
+    target.deploy(bundle)
+    removal = target.remove()
+    assert removal.fingerprint == bundle.fingerprint and keyvault.is_deleted("web")
+    assert "recovered" in target.restore(removal)
+    assert not keyvault.is_deleted("web") and _current_fingerprint(sdk, "web") == bundle.fingerprint
+    removal = target.remove()
+    target.purge(removal)
+    assert not keyvault.is_deleted("web") and keyvault.latest("web") is None
+    with pytest.raises(PermanentDeployError, match="no deleted certificate to recover"):
+        target.restore(removal)
+    target.purge(removal)  # gone already: fine
+
+
 def test_settings_are_checked(deployer: MakeDeployer) -> None:
     with pytest.raises(PermanentDeployError, match="certificate_name must be"):
         deployer("not a name!")

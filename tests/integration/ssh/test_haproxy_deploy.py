@@ -12,7 +12,7 @@ from certpilot.deployment import PermanentDeployError
 from certpilot.formats import load_bundle
 from certpilot.x509info import fingerprint_sha256
 from connectors.ssh import SshConnection
-from connectors.ssh_deploy import BACKUP_SUFFIX, HaproxyDeployer
+from connectors.ssh_deploy import BACKUP_SUFFIX, RETIRED_SUFFIX, HaproxyDeployer
 from lab.haproxy import HaproxyInstance
 from lab.sshd import SshServer
 from tests.integration.ssh.conftest import Pki, served, served_steadily
@@ -93,15 +93,21 @@ def test_without_a_runtime_socket_the_reload_command_is_used(haproxy: HaproxyIns
     target.verify(before)
 
 
-def test_remove_retires_the_pem_and_keeps_the_previous_one(sshd: SshServer, ssh: SshConnection, pki: Pki) -> None:
+def test_remove_moves_the_pem_aside_restore_puts_it_back_purge_deletes_it(
+        sshd: SshServer, ssh: SshConnection, pki: Pki) -> None:
     directory = sshd.home / "remove-lb"
     directory.mkdir()
     sshd.chown(directory)
     pem_path = directory / "lb.pem"
     target = HaproxyDeployer("lb-remove", ssh, {"pem_path": str(pem_path), "reload_command": "true"})
     target.deploy(pki.bundle("remove.test"))
-    target.deploy(pki.bundle("remove.test"))
-    target.remove()
-    assert [p.name for p in directory.iterdir()] == ["lb.pem" + BACKUP_SUFFIX]
-    assert stat.S_IMODE((directory / ("lb.pem" + BACKUP_SUFFIX)).stat().st_mode) == 0o600
+    second = target.deploy(pki.bundle("remove.test"))
+    removal = target.remove()
+    assert removal.fingerprint == second.fingerprint and "haproxy was not reloaded" in removal.note
+    assert sorted(p.name for p in directory.iterdir()) == ["lb.pem" + BACKUP_SUFFIX, "lb.pem" + RETIRED_SUFFIX]
+    assert stat.S_IMODE((directory / ("lb.pem" + RETIRED_SUFFIX)).stat().st_mode) == 0o600
     assert target.current() is None
+    target.restore(removal)
+    assert target.current() == second.fingerprint
+    target.purge(target.remove())
+    assert [p.name for p in directory.iterdir()] == ["lb.pem" + BACKUP_SUFFIX]

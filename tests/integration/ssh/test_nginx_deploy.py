@@ -4,6 +4,7 @@ certificate still served, nothing half-written and a precise error."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from pathlib import Path
@@ -16,7 +17,7 @@ from certpilot.deployment import DeployBundle, DeployError, PermanentDeployError
 from certpilot.errors import KeyMismatchError
 from certpilot.formats import load_bundle
 from connectors.ssh import SshConnection, SshHostKeyError, is_temporary
-from connectors.ssh_deploy import BACKUP_SUFFIX, NginxDeployer
+from connectors.ssh_deploy import BACKUP_SUFFIX, RETIRED_SUFFIX, NginxDeployer
 from connectors.tls_verify import fetch_chain
 from lab.nginx import NginxInstance
 from lab.sshd import SshServer, generate_client_key, openssh_public_line
@@ -247,7 +248,7 @@ def test_settings_are_checked(ssh: SshConnection) -> None:
         NginxDeployer("web-x", ssh, {"certificate_path": "/a", "key_path": "/b", "certifcate_path": "/c"})
 
 
-def test_remove_deletes_what_certpilot_wrote_and_keeps_the_previous_pair(
+def test_remove_moves_the_pair_aside_restore_puts_it_back_purge_deletes_it(
         sshd: SshServer, ssh: SshConnection, pki: Pki) -> None:
     directory = sshd.home / "remove-site"
     directory.mkdir()
@@ -260,12 +261,32 @@ def test_remove_deletes_what_certpilot_wrote_and_keeps_the_previous_pair(
     assert first.previous_fingerprint is None and not first.undo["had_previous"]
     with pytest.raises(PermanentDeployError, match="nothing to roll back to"):
         target.rollback(first)
-    target.deploy(pki.bundle("remove.test"))
-    target.remove()
+    second = target.deploy(pki.bundle("remove.test"))
+    key_bytes = key_path.read_bytes()
+    removal = target.remove()
+    assert removal.fingerprint == second.fingerprint
+    assert sorted(p.name for p in directory.iterdir()) == sorted([
+        "fullchain.pem" + BACKUP_SUFFIX, "privkey.pem" + BACKUP_SUFFIX,
+        "fullchain.pem" + RETIRED_SUFFIX, "privkey.pem" + RETIRED_SUFFIX])
+    retired_key = directory / ("privkey.pem" + RETIRED_SUFFIX)
+    assert retired_key.read_bytes() == key_bytes and stat.S_IMODE(retired_key.stat().st_mode) == 0o600
+    assert target.current() is None
+    assert "nginx was not reloaded" in removal.note and removal.served is False  # nothing listens on :443 here
+    assert target.remove().undo == removal.undo  # again: the same files, already aside
+
+    assert "2 file(s) moved back" in target.restore(removal)
+    assert target.current() == second.fingerprint and key_path.read_bytes() == key_bytes
+    assert not any(p.name.endswith(RETIRED_SUFFIX) for p in directory.iterdir())
+    with pytest.raises(PermanentDeployError, match="neither .* nor its retired copy"):
+        target.restore(dataclasses.replace(removal, undo={"files": {str(cert_path) + ".x": str(cert_path) + ".y"}}))
+
+    removal = target.remove()
+    target.purge(removal)
     assert sorted(p.name for p in directory.iterdir()) == ["fullchain.pem" + BACKUP_SUFFIX,
                                                            "privkey.pem" + BACKUP_SUFFIX]
-    assert target.current() is None
-    NginxDeployer("web-remove", ssh, {**settings, "remove_previous": True}).remove()
+    with pytest.raises(PermanentDeployError, match="nothing to restore"):
+        target.restore(removal)
+    NginxDeployer("web-remove", ssh, {**settings, "remove_previous": True}).purge(removal)
     assert list(directory.iterdir()) == []
 
 
