@@ -40,8 +40,9 @@ from certpilot.errors import NotFoundError, PermanentError
 from certpilot.issuance import Issuer
 from certpilot.managed import KeyRingSource
 from certpilot.models import AuditEvent, Certificate, CertificateAuthority, ManagedCertificate
+from certpilot.propagation import Propagation
 
-__all__ = ["EVENT", "MIN_PREFIX", "RevocationOutcome", "already_revoked", "find_certificate", "issuer_of",
+__all__ = ["EVENT", "MIN_PREFIX", "RevocationOutcome", "RevocationReport", "already_revoked", "find_certificate", "issuer_of", "managed_name",
            "private_ca_of", "revoke"]
 
 EVENT = "certificate.revoked"
@@ -67,6 +68,42 @@ class RevocationOutcome:
         return {"fingerprint_sha256": self.fingerprint_sha256, "serial": self.serial_hex, "managed": self.managed,
                 "issuer": self.issuer, "reason": self.reason, "revoked_at": inventory.iso(self.revoked_at),
                 "already_revoked": self.already, "signed_with": self.signed_with}
+
+
+_SIGNED_WITH = {"ca": "the CA's own key (CRL and OCSP)", "account": "the issuer's ACME account",
+                "certificate-key": "the certificate's own key", "unknown": "unknown (revoked outside certpilot)"}
+
+
+@dataclass(frozen=True)
+class RevocationReport:
+    """What a revocation did (``outcome``) and, when it was watched, how long relying parties took to see
+    it (``propagation``; None when not watched, or nothing changed)."""
+
+    outcome: RevocationOutcome
+    propagation: Propagation | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.outcome.as_dict(),
+                "propagation": self.propagation.as_dict() if self.propagation is not None else None}
+
+    def lines(self) -> list[str]:
+        """What happened, for logs and the CLI."""
+        o = self.outcome
+        what = f"{o.fingerprint_sha256} (serial {o.serial_hex}" + (f", managed certificate {o.managed})" if o.managed
+                                                                    else ")")
+        when = inventory.iso(o.revoked_at)
+        if o.already:
+            return [f"{what} was already revoked on {when} (reason {o.reason}) by {o.issuer}: nothing changed"]
+        out = [f"revoked {what} with {o.issuer}: reason {o.reason}, at {when}; signed with "
+               f"{_SIGNED_WITH.get(o.signed_with, o.signed_with)}"]
+        p = self.propagation
+        if p is not None and p.seconds is not None:
+            parts = [f"{label} {value:.2f} s" for label, value in (("CRL", p.crl_seconds), ("OCSP", p.ocsp_seconds))
+                     if value is not None]
+            out.append(f"relying parties see it revoked after {p.seconds:.2f} s ({', '.join(parts)})")
+        elif p is not None:
+            out.append(f"not seen revoked by relying parties within the watch: {p.detail}")
+        return out
 
 
 # ------------------------------------------------------------------------------------------ finding
@@ -142,7 +179,8 @@ def private_ca_of(session: Session, certificate: Certificate) -> str | None:
                         .where(CertificateAuthority.issuing_fingerprint == certificate.issuer_fingerprint)).first()
 
 
-def _managed_name(session: Session, certificate: Certificate) -> str | None:
+def managed_name(session: Session, certificate: Certificate) -> str | None:
+    """The name of the managed certificate ``certificate`` belongs to, or None."""
     if certificate.managed_certificate_id is None:
         return None
     row = session.get(ManagedCertificate, certificate.managed_certificate_id)
@@ -171,7 +209,7 @@ def already_revoked(session: Session, certificate: Certificate, issuer: str | No
     signed_with = "ca" if ca_name else str(first.get("signed_with") or "unknown")
     return RevocationOutcome(
         fingerprint_sha256=certificate.fingerprint_sha256, serial_hex=certificate.serial_hex,
-        managed=_managed_name(session, certificate),
+        managed=managed_name(session, certificate),
         issuer=str(first.get("issuer") or first.get("ca") or issuer or ca_name or "unknown"),
         reason=reason_name(certificate.revocation_reason) or "unspecified",
         revoked_at=certificate.revoked_at or certificate.created_at, already=True, signed_with=signed_with)
@@ -216,6 +254,6 @@ def revoke(engine: sa.Engine, fingerprint: str, reason: x509.ReasonFlags, issuer
                 "issuer": issuer.name, "serial": row.serial_hex, "reason": reason.value,
                 "previous_status": previous, "signed_with": signed_with})], now)
         return RevocationOutcome(
-            fingerprint_sha256=fingerprint, serial_hex=row.serial_hex, managed=_managed_name(session, row),
+            fingerprint_sha256=fingerprint, serial_hex=row.serial_hex, managed=managed_name(session, row),
             issuer=issuer.name, reason=reason_name(row.revocation_reason) or "unspecified",
             revoked_at=row.revoked_at or now, already=False, signed_with=signed_with)
