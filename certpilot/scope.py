@@ -42,6 +42,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from certpilot import inventory
+from certpilot.ca import reason_name
 from certpilot import names as name_rules
 from certpilot.clock import utcnow
 from certpilot.errors import InvalidNameError, NotFoundError, PermanentError
@@ -488,7 +489,7 @@ def decide(*, fingerprint: str, status: str, not_after: dt.datetime, revoked_at:
            available_issuers: Collection[str] | None) -> tuple[Action, str]:
     """What a revoke-and-replace does with one certificate, and why (a pure function of the time)."""
     revoked = status == "revoked"
-    revoked_words = f"revoked already on {_day(revoked_at)} ({revocation_reason or 'no reason recorded'})"
+    revoked_words = f"revoked already on {_day(revoked_at)} ({reason_name(revocation_reason) or 'no reason recorded'})"
     if not_after < now:
         return Action.NOTHING, f"expired on {_day(not_after)}: no client trusts it any more, nothing to revoke"
     if revoked and not current:
