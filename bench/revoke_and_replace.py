@@ -9,7 +9,8 @@ What it does, all on loopback in a temporary directory (its own PREFECT_HOME and
 1. Not timed: a Prefect server with its services (lab.prefect_server), started while the fleet is built;
    the fleet (lab.fleet): one sshd, A nginx and B haproxy instances run by the lab user, N managed
    certificates from the private CA "bench" (SQLite inventory), each served by one site of one instance
-   and recorded as verified there. The CA's certificates point their CRL distribution point and OCSP
+   and recorded as verified there; each instance has its own SSH host block, as a host of its own would
+   (so the run logs in once per instance). The CA's certificates point their CRL distribution point and OCSP
    responder at the HTTP listener of `certpilot serve`, which is then started as an operator runs it
    (`certpilot serve --listen 127.0.0.1:P`, PREFECT_RUNNER_POLL_FREQUENCY=1): it serves every
    deployment and the CA's CRL and OCSP. The SSH host block and the issuer block are saved.
@@ -390,7 +391,8 @@ def main() -> int:
         listen_port = free_port()
         started = time.perf_counter()
         fleet = Fleet(WORK / "fleet", engine, ring, certificates=count, nginx=nginx, haproxy=haproxy, ca_name=CA_NAME,
-                      ca_url=f"http://127.0.0.1:{listen_port}", block="bench-fleet", prefix="rr", domain="bench.test")
+                      ca_url=f"http://127.0.0.1:{listen_port}", block="bench", block_per_instance=True, prefix="rr",
+                      domain="bench.test")
         fleet.start()
         log(f"fleet: {count} managed certificates on {nginx} nginx and {haproxy} haproxy over SSH, built in "
             f"{time.perf_counter() - started:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in fleet.timings.items())

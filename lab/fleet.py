@@ -24,7 +24,8 @@ What ``start()`` builds, in this order (``timings`` says how long each part took
 4. ``servers``: the instances started with those certificates already in place (the estate as found; with
    an ``issuer``, placeholders, which step 6 replaces).
 5. ``targets``: each managed certificate's target, ``ssh-nginx`` or ``ssh-haproxy`` through the SSH host
-   block ``ssh-host/<block>`` (not saved until ``save_block``: building the fleet needs no Prefect API).
+   block ``ssh-host/<block>`` (or one per instance, ``block_per_instance``; not saved until ``save_block``:
+   building the fleet needs no Prefect API).
 6. ``verify``: certpilot.rollout.bring_to for every target, one worker per instance over one SSH login each,
    as the deploy flow does it: it finds each certificate in place, proves it served on the wire, and
    records the target's desired and verified fingerprint (it deploys one that is not in place).
@@ -97,7 +98,8 @@ class Fleet:
     def __init__(self, workdir: Path, engine: sa.Engine, key_ring: Callable[[], keystore.KeyRing], *,
                  certificates: int = 10, nginx: int = 2, haproxy: int = 1, replicas: int = 1,
                  ca_name: str = "fleet", ca_url: str | None = None, issuer: tuple[str, Issuer] | None = None,
-                 trust: x509.Certificate | None = None, block: str = "fleet", prefix: str = "cert",
+                 trust: x509.Certificate | None = None, block: str = "fleet", block_per_instance: bool = False,
+                 prefix: str = "cert",
                  domain: str = "fleet.test", validity_days: int = 30, owner: str | None = None,
                  actor: audit.Actor = ACTOR) -> None:
         if issuer is not None and trust is None:
@@ -110,6 +112,7 @@ class Fleet:
         self.ca_url = ca_url
         self.issuer = issuer
         self.block = block
+        self.block_per_instance = block_per_instance
         self.validity_days = validity_days
         self.owner = owner
         self.actor = actor
@@ -122,9 +125,10 @@ class Fleet:
         self._ca_service: Any = None  # connectors.http_service.HTTPService, when the fleet serves its CA
 
     # ------------------------------------------------------------------------------------ what it is
-    @property
-    def block_reference(self) -> str:
-        return f"ssh-host/{self.block}"
+    def block_name(self, instance: str) -> str:
+        """The SSH host block of ``instance``'s targets: ``block``, or ``block-<instance>`` with
+        ``block_per_instance`` (as if each instance were a host of its own: one SSH login each)."""
+        return f"{self.block}-{instance}" if self.block_per_instance else self.block
 
     @property
     def instances(self) -> list[str]:
@@ -171,11 +175,12 @@ class Fleet:
                             command_timeout=COMMAND_TIMEOUT)
 
     def save_block(self) -> None:
-        """Save the targets' SSH host block under ``block`` (needs a Prefect API)."""
+        """Save the targets' SSH host block(s) (needs a Prefect API)."""
         from blocks.ssh import SshHostBlock
 
         SshHostBlock.register_type_and_schema()
-        self.host_block().save(self.block, overwrite=True)
+        for name in sorted({self.block_name(instance) for instance in self.instances}):
+            self.host_block().save(name, overwrite=True)
 
     # ------------------------------------------------------------------------------------ building it
     def start(self) -> Fleet:
@@ -270,7 +275,8 @@ class Fleet:
     def _add_targets(self) -> None:
         with write_session(self.engine) as session:
             for site in self.sites:
-                targets.configure(session, site.managed, site.instance, site.kind, self.block_reference,
+                targets.configure(session, site.managed, site.instance, site.kind,
+                                  f"ssh-host/{self.block_name(site.instance)}",
                                   self.settings(site), self.actor)
 
     def prove_served(self, sites: Sequence[Site] | None = None) -> dict[Site, rollout.Outcome]:
