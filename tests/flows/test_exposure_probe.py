@@ -1,0 +1,102 @@
+"""The exposure probe against real TLS endpoints on loopback (the TLS farm): an unmanaged discovered location
+that still serves an old certificate is an exposure; a location that serves something else now is clean;
+places that cannot be probed (nothing listening, a file over SSH, a target whose block is gone) are
+unverified, never clean; a ghost location is not probed at all."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from certpilot import audit, inventory, keystore, managed, renewing, targets
+from certpilot.clock import utcnow
+from certpilot.database import get_engine, write_session
+from certpilot.exposure import ExposureReport
+from certpilot.issuance import IssuedCertificate
+from certpilot.models import Location
+from certpilot.x509info import describe_certificate
+from lab.ports import free_port
+from lab.tls_farm import TlsFarm, issue_farm_leaf, plan
+from tasks.exposure import probe_exposure
+from tests.private_ca_service import key_ring
+
+ACTOR = audit.Actor("test")
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsFarm]:
+    with TlsFarm.run(tmp_path_factory.mktemp("exposure-farm"), plan(2, expiry_days=(60,), domain="exp.test")) as running:
+        yield running
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+@flow(name="exposure-check")
+def _check(old: list[str]) -> ExposureReport:
+    return probe_exposure(old, timeout=2.0)
+
+
+def test_an_old_certificate_still_served_at_an_unmanaged_location_is_an_exposure(farm: TlsFarm) -> None:
+    served_old, answers_anew = farm.of_kind("good")
+    old_served = x509.load_der_x509_certificate(served_old.chain[0])  # what the farm still serves there
+    later = utcnow() + dt.timedelta(days=60)
+    v1, v1_key = issue_farm_leaf(farm.ca, ["shop.exp.test"], later)  # shop's old one, seen where the farm now
+    v2, v2_key = issue_farm_leaf(farm.ca, ["shop.exp.test"], later)  # serves its own certificate
+    unreachable, _ = issue_farm_leaf(farm.ca, ["gone.exp.test"], later)
+    on_disk, _ = issue_farm_leaf(farm.ca, ["file.exp.test"], later)
+    refused = f"tls://127.0.0.1:{free_port()}"
+    with write_session(get_engine()) as session:
+        row = managed.add(session, managed.ManagedSpec("shop", ("shop.exp.test",), "private-ca/corp"), ACTOR)
+        for leaf, key in ((v1, v1_key), (v2, v2_key)):
+            ref = keystore.store_private_key(session, key, key_ring(), ACTOR, "generated")
+            renewing.record_issued(session, row, IssuedCertificate((_der(leaf), _der(farm.ca.intermediate))), ref, ACTOR)
+        targets.add(session, "shop", "nginx-1", "ssh-nginx", "ssh-host/exposure-missing",
+                    {"certificate_path": "/etc/ssl/shop.pem", "key_path": "/etc/ssl/shop.key"}, ACTOR)
+        inventory.upsert(session, [
+            inventory.Observation(describe_certificate(old_served), served_old.locator, "tls-scan:lab"),
+            inventory.Observation(describe_certificate(v1), answers_anew.locator, "tls-scan:lab"),
+            inventory.Observation(describe_certificate(unreachable), refused, "tls-scan:lab"),
+            inventory.Observation(describe_certificate(on_disk), "ssh://web9/etc/ssl/file.pem", "ssh:web9"),
+            inventory.Observation(describe_certificate(on_disk), "tls://127.0.0.1:1?sni=ghost.exp.test", "tls-scan:lab"),
+        ], ACTOR)
+        session.execute(sa.update(Location).where(Location.locator == "tls://127.0.0.1:1?sni=ghost.exp.test")
+                        .values(ghost=True))
+    old = [describe_certificate(c).fingerprint_sha256 for c in (old_served, v1, unreachable, on_disk)]
+
+    state = _check(old, return_state=True)
+    assert state.is_completed(), state.message
+    report: ExposureReport = state.result()  # type: ignore[assignment]
+
+    [exposed] = report.exposures
+    assert (exposed.place, exposed.kind, exposed.managed, exposed.old) == (served_old.locator, "location", None, old[0])
+    assert exposed.where == "discovered location (unmanaged), seen by tls-scan:lab"
+    [clean] = report.clean
+    assert (clean.place, clean.managed, clean.served, clean.old) == (answers_anew.locator, "shop",
+                                                                     answers_anew.fingerprint, None)
+    unverified = {r.place: r.error or "" for r in report.unverified}
+    assert set(unverified) == {refused, "ssh://web9/etc/ssl/file.pem", "target:shop/nginx-1"}
+    assert "refused" in unverified[refused]
+    assert "not a TLS endpoint" in unverified["ssh://web9/etc/ssl/file.pem"] and "ssh:web9" in unverified[
+        "ssh://web9/etc/ssl/file.pem"]
+    assert "cannot build its deployer" in unverified["target:shop/nginx-1"]
+    assert "ssh-host/exposure-missing" in unverified["target:shop/nginx-1"]
+    assert all("ghost" not in r.place for r in report.results)  # a ghost location is not probed
+    assert report.summary() == ("5 place(s) of 4 old certificate(s) checked: 1 still serve an old certificate, "
+                                "3 could not be verified, 1 clean")
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    markdown = {a.key: str(a.data) for a in artifacts if a.key}["exposure"]
+    assert "## Exposures: still serving an old certificate (1)" in markdown
+    assert f"`{old[0][:16]}`" in markdown and "## Unverified: could not be probed (3)" in markdown
