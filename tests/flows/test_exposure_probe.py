@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from sqlmodel import col
 
 from certpilot import audit, inventory, keystore, managed, renewing, targets
 from certpilot.clock import utcnow
@@ -69,13 +70,13 @@ def test_an_old_certificate_still_served_at_an_unmanaged_location_is_an_exposure
             inventory.Observation(describe_certificate(on_disk), "ssh://web9/etc/ssl/file.pem", "ssh:web9"),
             inventory.Observation(describe_certificate(on_disk), "tls://127.0.0.1:1?sni=ghost.exp.test", "tls-scan:lab"),
         ], ACTOR)
-        session.execute(sa.update(Location).where(Location.locator == "tls://127.0.0.1:1?sni=ghost.exp.test")
+        session.execute(sa.update(Location).where(col(Location.locator) == "tls://127.0.0.1:1?sni=ghost.exp.test")
                         .values(ghost=True))
     old = [describe_certificate(c).fingerprint_sha256 for c in (old_served, v1, unreachable, on_disk)]
 
     state = _check(old, return_state=True)
     assert state.is_completed(), state.message
-    report: ExposureReport = state.result()  # type: ignore[assignment]
+    report: ExposureReport = state.result()
 
     [exposed] = report.exposures
     assert (exposed.place, exposed.kind, exposed.managed, exposed.old) == (served_old.locator, "location", None, old[0])
