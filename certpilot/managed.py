@@ -122,6 +122,18 @@ def get(session: Session, name: str) -> ManagedCertificate:
     return row
 
 
+def in_service(session: Session, name: str) -> ManagedCertificate:
+    """The managed certificate ``name``, refused (PermanentError) when it is retired or being retired:
+    such a one is not renewed or deployed (certpilot.retiring)."""
+    row = get(session, name)
+    if row.status == "retiring":
+        raise PermanentError(f"managed certificate {name} is being retired: restore it (`certpilot managed restore "
+                             f"{name}`) before renewing or deploying it")
+    if row.status != "active":
+        raise PermanentError(f"managed certificate {name} is {row.status}: it is no longer renewed or deployed")
+    return row
+
+
 def list_managed(session: Session, include_retired: bool = False) -> list[ManagedCertificate]:
     query = select(ManagedCertificate)
     if not include_retired:

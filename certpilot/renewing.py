@@ -200,9 +200,10 @@ def step_error(name: str, step: Step, issuer: str, exc: BaseException, kept: str
 # ------------------------------------------------------------------------------------------ the steps
 
 def plan(engine: sa.Engine, name: str) -> RenewalPlan:
-    """Step load: the managed certificate ``name`` and what it replaces. NotFoundError if none."""
+    """Step load: the managed certificate ``name`` and what it replaces. NotFoundError if none;
+    PermanentError for one that is retired or being retired."""
     with read_session(engine) as session:
-        row = managed.get(session, name)
+        row = managed.in_service(session, name)
         current = managed.current_certificate(session, row)
         count = len(targets.list_targets(session, name))
     return RenewalPlan(row.name, row.issuer, row.profile, row.key_algorithm, row.validity_days,
@@ -306,7 +307,8 @@ def record_issued(session: Session, row: ManagedCertificate, issued: IssuedCerti
     changes = [audit.Change("certificate.issued", f"certificate:{fp}", {
         "managed": row.name, "issuer": row.issuer, "serial": serial, "not_after": leaf.not_valid_after_utc.isoformat(),
         "key": str(key_ref), "replaces": replaces, "profile": row.profile,
-        **({"issuance_seconds": issued.issuance_seconds} if issued.issuance_seconds is not None else {})})]
+        **({"issuance_seconds": issued.issuance_seconds} if issued.issuance_seconds is not None else {}),
+        **({"notes": list(issued.notes)} if issued.notes else {})})]
     changes += [audit.Change("certificate.superseded", f"certificate:{old}", {"managed": row.name, "by": fp})
                 for old in previous]
     audit.append(session, actor, changes, now)

@@ -22,10 +22,10 @@ from sqlmodel import Session, col, select
 from certpilot import audit, keystore
 from certpilot.clock import utcnow
 from certpilot.database import read_session
-from certpilot.deployment import DeployBundle, key_to_pem
+from certpilot.deployment import DeployBundle, Removal, key_to_pem
 from certpilot.errors import NotFoundError, PermanentError
 from certpilot.keystore import KeyRing
-from certpilot.managed import current_certificate, get
+from certpilot.managed import current_certificate, get, in_service
 from certpilot.models import Certificate, ManagedCertificate, Target
 from certpilot.target_kinds import TargetKind, TargetSettingsError, parse_kind, unknown_keys
 
@@ -154,6 +154,40 @@ def record_rolled_back(session: Session, target: Target, fingerprint: str | None
             **values)
 
 
+def record_removed(session: Session, target: Target, removal: Removal, actor: audit.Actor,
+                   now: dt.datetime | None = None) -> None:
+    """The target was taken off (restorable: ``removal`` names what was kept); it should serve nothing."""
+    _update(session, target, actor, "target.removed", {"removal": removal.as_dict()}, now,
+            desired_fingerprint=None, verified_fingerprint=None, verified_at=None, last_error=None)
+
+
+def record_restored(session: Session, target: Target, fingerprint: str | None, how: str | None, actor: audit.Actor,
+                    now: dt.datetime | None = None) -> None:
+    """What ``removal`` took was put back; ``how`` is the verification's method, None when not proven served."""
+    now = now or utcnow()
+    values: dict[str, Any] = {"desired_fingerprint": fingerprint}
+    if how is not None:
+        values.update(verified_fingerprint=fingerprint, verified_at=now, last_error=None)
+    _update(session, target, actor, "target.restored", {"fingerprint": fingerprint, "verified": how}, now, **values)
+
+
+def record_purged(session: Session, target: Target, removal: Removal, actor: audit.Actor,
+                  now: dt.datetime | None = None) -> None:
+    """What the removal kept was destroyed: nothing can be restored there."""
+    _update(session, target, actor, "target.purged", {"removal": removal.as_dict()}, now)
+
+
+def delete(session: Session, managed_name: str, name: str, actor: audit.Actor, details: dict[str, Any],
+           now: dt.datetime | None = None) -> None:
+    """Delete the target's record (audited with ``details``: what was done on the target itself)."""
+    target = get_target(session, managed_name, name)
+    audit.append(session, actor, [audit.Change("target.deleted", f"target:{managed_name}/{name}", {
+        "kind": target.kind, "block": target.block, "settings": public_settings(target.settings),
+        "desired": target.desired_fingerprint, "verified": target.verified_fingerprint, **details})], now)
+    session.delete(target)
+    session.flush()
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a deploy run of managed certificate ``name`` will do: serve ``fingerprint`` on ``targets``."""
@@ -164,8 +198,9 @@ class Plan:
 
 
 def plan(session: Session, managed_name: str, fingerprint: str | None = None) -> Plan:
-    """Deploy the given certificate, or the managed certificate's current one, to all its targets."""
-    managed = get(session, managed_name)
+    """Deploy the given certificate, or the managed certificate's current one, to all its targets (a retired
+    one, or one being retired, is refused: certpilot.managed.in_service)."""
+    managed = in_service(session, managed_name)
     if fingerprint is None:
         current = current_certificate(session, managed)
         if current is None:

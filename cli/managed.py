@@ -15,7 +15,7 @@ from certpilot.status import next_renewal
 from certpilot.timespan import parse_timespan
 from cli.console import JsonOption, cell, line, out, print_json
 from cli.issuer_blocks import check_issuer_block
-from cli.options import KeyAlgorithm, Profile, actor, parse_tags, whole_days
+from cli.options import KeyAlgorithm, Profile, RevocationReason, actor, parse_tags, whole_days
 
 app = typer.Typer(help="Managed certificates: what should exist, and when it renews.", no_args_is_help=True)
 
@@ -149,3 +149,89 @@ def renew_command(
     else:
         renewals.print_summary(summary)
 
+
+
+# ------------------------------------------------------------------------------------------- retire
+
+def _retire_directly(name: str, action: str, revoke: str | None, destroy_key: bool, confirm: bool) -> Any:
+    """A retire or restore run without a Prefect API: each target's step in a thread of this process."""
+    import logging
+
+    from certpilot import retiring
+    from cli.fleet import _stderr_log, in_threads, retrying
+    from tasks.deployment import RETRY_DELAYS
+    from tasks.retirement import revoker, run_step
+
+    who, log = actor(), _stderr_log(logging.CRITICAL)
+
+    def run_one(step: retiring.TargetStep) -> retiring.TargetOutcome:
+        return run_step(step, who, log)
+
+    run_steps = in_threads(retrying(run_one, RETRY_DELAYS))
+    if action == "restore":
+        return retiring.restore(get_engine(), name, run_steps, who, log=log)
+    return retiring.retire(get_engine(), name, run_steps, who, revoke=revoke, destroy_key=destroy_key,
+                           confirm_now=confirm, revoker=revoker(name, who), log=log)
+
+
+def _run_retirement(name: str, action: str, revoke: str | None = None, destroy_key: bool = False,
+                    confirm: bool = False, as_json: bool = False) -> None:
+    from certpilot import retiring
+    from cli import prefect_api
+
+    with read_session(get_engine()) as session:
+        retiring.state(session, name)  # fail fast on an unknown name, before starting Prefect
+    try:
+        if prefect_api.configured():
+            from flows.retire import restore_retired, retire
+
+            state = (restore_retired(name, return_state=True) if action == "restore" else
+                     retire(name, revoke, destroy_key, confirm, return_state=True))
+            report = prefect_api.flow_result(state)
+        else:
+            prefect_api.no_history_note()
+            report = _retire_directly(name, action, revoke, destroy_key, confirm)
+    except retiring.RetirementFailed as failed:
+        if not as_json:
+            for text in failed.report.lines():
+                out.print(line(text))
+        raise
+    if report.failed:
+        if not as_json:
+            for text in report.lines():
+                out.print(line(text))
+        raise retiring.RetirementFailed(report)
+    if as_json:
+        print_json(report.as_dict())
+        return
+    for text in report.lines():
+        out.print(line(text))
+
+
+@app.command("retire")
+def managed_retire_command(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The managed certificate to retire.")],
+    revoke: Annotated[Optional[RevocationReason], typer.Option(
+        help="Revoke its certificates that are still valid, for this reason, when the retirement is confirmed.")] = None,
+    destroy_key: Annotated[bool, typer.Option("--destroy-key", help=(
+        "Crypto-shred every key of it when the retirement is confirmed (cannot be undone)."))] = False,
+    confirm: Annotated[bool, typer.Option("--confirm", help=(
+        "Confirm the retirement (now, or one begun earlier): purge what the targets kept, revoke and destroy keys "
+        "if asked, mark it retired. Nothing can be restored after."))] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Retire a managed certificate: take it off every target, keeping what was taken restorable
+    (`certpilot managed restore NAME`) until confirmed with --confirm. Renewal stops at once. Runs the
+    retire flow when PREFECT_API_URL is set."""
+    _run_retirement(name, "retire", revoke.value if revoke else None, destroy_key, confirm, as_json)
+
+
+@app.command("restore")
+def managed_restore_command(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The managed certificate being retired.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Put a managed certificate that is being retired back on every target, proven served, and make it
+    active again: possible until its retirement is confirmed. Runs the restore-retired flow when
+    PREFECT_API_URL is set."""
+    _run_retirement(name, "restore", as_json=as_json)

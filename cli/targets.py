@@ -147,3 +147,32 @@ def target_list_command(
     if mixed:
         summary.append(f", {mixed} not verified serving what they should", style="yellow")
     out.print(summary)
+
+
+@app.command("remove")
+def target_remove_command(
+    managed_name: Annotated[str, typer.Argument(help="The managed certificate.")],
+    name: Annotated[str, typer.Argument(help="The target to remove.")],
+    keep_files: Annotated[bool, typer.Option("--keep-files", help=(
+        "Only delete the target's record: leave its files, stores and server as they are."))] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove one target: take the certificate off it (its files moved aside then deleted, its store entry
+    deleted) and delete its record, audited. The server is reloaded only by the target's remove_command:
+    see the output for what it still serves."""
+    from certpilot import retiring
+    from tasks.deployment import close, deployer_for
+
+    engine = get_engine()
+    with read_session(engine) as session:
+        targets.get_target(session, managed_name, name)  # NotFoundError before any block is loaded
+    deployer = None if keep_files else deployer_for(managed_name, name)[1]
+    try:
+        outcome = retiring.remove_target(engine, managed_name, name, deployer, actor())
+    finally:
+        if deployer is not None:
+            close(deployer)
+    if as_json:
+        print_json({"managed": managed_name, **outcome.as_dict(), "deleted": True})
+        return
+    out.print(Text(f"removed target {name} ({outcome.kind}) of {managed_name}: {outcome.detail}"))
