@@ -6,10 +6,17 @@ CertificateAuthority row ties them together. The root key signs only the interme
 exported and removed (crypto-shredded) to keep it offline; issuance, CRLs and OCSP need only the
 issuing key.
 
-Issuance takes a CSR (its signature verified) and a profile: ``tls-server`` (serverAuth, the CA/B
-Forum DV policy, a certificate that passes the Baseline Requirements lint) or ``tls-client``
-(clientAuth). Validity is capped by the CA/B Forum maximum in force on the issue date
-(``max_validity_days``) and counted inclusively, as the Baseline Requirements count it.
+Issuance takes a CSR (its signature verified) and a profile, one of ``CA_PROFILES``: a record of its
+name, extended key usage, default and maximum validity (``certpilot ca profiles``). ``tls-server``
+(serverAuth) and ``tls-client`` (clientAuth). A private certificate is not a publicly trusted one: the
+CA/B Forum maximum (``max_validity_days``, SC-081) does not bind it, the profile's own maximum does.
+A request over that maximum is refused (CertificateRequestError naming the profile and its maximum);
+a validity that would outlive the issuing CA certificate is cut at its end, and the cut is said (a
+``Validity.note`` that ``sign``/``issue`` return with the certificate, printed by the CLI and
+recorded with the issuance), never silent. Validity is counted inclusively, as the Baseline
+Requirements count it. A tls-server certificate whose validity is within the CA/B Forum maximum on
+its issue date (the default always is until 2029-03-15) carries the CA/B Forum DV policy and passes
+the Baseline Requirements lint; a longer one does not claim that policy.
 
 Revocation marks the inventory row and issues a new full CRL at once. CRLs are signed by the issuing
 key, numbered from 1, valid for ``CRL_VALIDITY`` and reissued when less than ``CRL_REFRESH_MARGIN``
@@ -43,7 +50,7 @@ from sqlmodel import Session, col, select
 from certpilot import audit, inventory, keystore
 from certpilot.clock import utcnow
 from certpilot.errors import InvalidDnsNameError, NotFoundError, PermanentError
-from certpilot.issuance import PROFILES, IssuedCertificate
+from certpilot.issuance import IssuedCertificate
 from certpilot.keys import key_matches_certificate
 from certpilot.models import AuditEvent, Certificate, CertificateAuthority
 from certpilot.names import normalise_dns_name
@@ -51,7 +58,6 @@ from certpilot.x509info import describe_certificate, fingerprint_sha256, is_issu
 
 ROOT_VALIDITY = dt.timedelta(days=3652)  # about ten years
 ISSUING_VALIDITY = dt.timedelta(days=1826)  # about five years
-DEFAULT_VALIDITY_DAYS = 90  # when the caller names none (and the CA/B Forum maximum allows it)
 CRL_VALIDITY = dt.timedelta(days=7)  # thisUpdate to nextUpdate (the Baseline Requirements allow 10 days)
 CRL_REFRESH_MARGIN = dt.timedelta(days=3, hours=12)  # reissue the CRL when less than this is left
 OCSP_VALIDITY = dt.timedelta(hours=12)  # thisUpdate to nextUpdate of an OCSP response (BR: 8 hours to 10 days)
@@ -76,6 +82,92 @@ REASONS: dict[str, x509.ReasonFlags] = {
 
 class CertificateRequestError(PermanentError):
     """A CSR the CA will not sign; the message says why."""
+
+
+@dataclass(frozen=True)
+class CAProfile:
+    """What the private CA issues under one profile name: its extended key usage, and the validity it
+    gives when none is asked for (``default_days``) and at most (``max_days``), in days counted
+    inclusively; ``why`` justifies the maximum."""
+
+    name: str
+    purpose: str
+    extended_key_usage: tuple[x509.ObjectIdentifier, ...]
+    default_days: int
+    max_days: int
+    why: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "purpose": self.purpose,
+                "extended_key_usage": [_EKU_NAMES.get(o, o.dotted_string) for o in self.extended_key_usage],
+                "default_days": self.default_days, "max_days": self.max_days, "why": self.why}
+
+
+_EKU_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
+
+# The private CA's profiles. The names are certpilot.issuance.PROFILES (what a managed certificate asks for).
+CA_PROFILES: dict[str, CAProfile] = {p.name: p for p in (
+    CAProfile("tls-server", "TLS servers (serverAuth)", (ExtendedKeyUsageOID.SERVER_AUTH,), 90, 825,
+              "825 days is the longest TLS server certificate Apple platforms accept from any CA, private roots "
+              "included (iOS 13, macOS 10.15); the default of 90 days keeps renewal automatic and exercised"),
+    CAProfile("tls-client", "TLS clients: services, devices, people (clientAuth)", (ExtendedKeyUsageOID.CLIENT_AUTH,),
+              365, 1095,
+              "no client limits client certificates; three years bounds a key enrolled on a device by hand, "
+              "renewed with the device, and revocation covers a compromise before then; the default is a year"),
+)}
+
+
+@dataclass(frozen=True)
+class Validity:
+    """When a certificate is valid (``not_before`` to ``not_after``, both included): ``days`` asked
+    for (the profile's default when none), and a ``note`` when the end was cut at the issuing CA's."""
+
+    profile: CAProfile
+    not_before: dt.datetime
+    not_after: dt.datetime
+    days: int
+    note: str | None = None
+
+    @property
+    def inclusive_days(self) -> float:
+        return (self.not_after - self.not_before + dt.timedelta(seconds=1)) / dt.timedelta(days=1)
+
+
+def get_profile(name: str) -> CAProfile:
+    """The private CA's profile ``name``; CertificateRequestError naming the profiles otherwise."""
+    profile = CA_PROFILES.get(name)
+    if profile is None:
+        raise CertificateRequestError(f"unknown profile {name!r}; choose one of {', '.join(CA_PROFILES)}")
+    return profile
+
+
+def plan_validity(ca_name: str, issuing: x509.Certificate, profile_name: str, validity_days: int | None,
+                  now: dt.datetime) -> Validity:
+    """The validity of a certificate CA ``ca_name`` (issuing certificate ``issuing``) signs under
+    ``profile_name`` at ``now``: ``validity_days`` or the profile's default, counted inclusively (N days
+    from 00:00:00 end at 23:59:59). Refused (CertificateRequestError) over the profile's maximum or under
+    one day; PermanentError when the issuing certificate is not valid at ``now``; cut at the issuing
+    certificate's end, with a note that says so."""
+    profile = get_profile(profile_name)
+    now = _second(now)
+    days = profile.default_days if validity_days is None else validity_days
+    if days < 1:
+        raise CertificateRequestError(f"validity of {days} days: ask for at least 1")
+    if days > profile.max_days:
+        raise CertificateRequestError(
+            f"validity of {days} days is over profile {profile.name}'s maximum of {profile.max_days} days (CA "
+            f"{ca_name}): ask for at most {profile.max_days} (`certpilot ca profiles` lists each profile's limits)")
+    ca_start, ca_end = issuing.not_valid_before_utc, issuing.not_valid_after_utc
+    if not ca_start <= now < ca_end:
+        raise PermanentError(f"CA {ca_name}: the issuing certificate is not valid at {now:%Y-%m-%d %H:%M:%S} UTC "
+                             f"(valid {ca_start:%Y-%m-%d} to {ca_end:%Y-%m-%d})")
+    not_after = now + dt.timedelta(days=days, seconds=-1)
+    if not_after <= ca_end:
+        return Validity(profile, now, not_after, days)
+    given = (ca_end - now + dt.timedelta(seconds=1)) / dt.timedelta(days=1)
+    note = (f"capped at the issuing CA's expiry {ca_end:%Y-%m-%d %H:%M:%S} UTC: {given:.1f} of the {days} days asked "
+            f"for (CA {ca_name}'s issuing certificate ends then; a certificate cannot outlive its issuer)")
+    return Validity(profile, now, ca_end, days, note)
 
 
 def max_validity_days(day: dt.date | dt.datetime) -> int:
@@ -312,44 +404,37 @@ class CASigner:
 
     def sign(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
              now: dt.datetime | None = None) -> x509.Certificate:
-        """A certificate for ``csr`` under ``profile`` (tls-server or tls-client), its signature and
-        names checked first. Validity: ``validity_days`` (default 90), capped by the CA/B Forum
-        maximum on the issue date and by the issuing certificate's own expiry; counted inclusively."""
-        if profile not in PROFILES:
-            raise CertificateRequestError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-        now = _second(now or utcnow())
+        """A certificate for ``csr`` under ``profile`` (one of CA_PROFILES), its signature and names
+        checked first (see ``sign_planned`` for the validity, whose note this drops: callers that
+        show or record what they issue use ``sign_planned``)."""
+        return self.sign_planned(csr, profile, validity_days=validity_days, now=now)[0]
+
+    def sign_planned(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
+                     now: dt.datetime | None = None) -> tuple[x509.Certificate, Validity]:
+        """A certificate for ``csr`` under ``profile`` and its validity (``plan_validity``): the
+        profile's default or ``validity_days``, refused over the profile's maximum before anything is
+        signed, cut at the issuing certificate's end with a note."""
+        validity = plan_validity(self.name, self.certificate, profile, validity_days, now or utcnow())
         public_key = _check_csr(csr, profile)
         sans = _check_sans(csr, profile)
-        days = min(DEFAULT_VALIDITY_DAYS if validity_days is None else validity_days, max_validity_days(now))
-        if days < 1:
-            raise CertificateRequestError(f"validity of {validity_days} days: ask for at least 1")
-        not_after = now + dt.timedelta(days=days, seconds=-1)  # inclusive: N days from 00:00:00 end at 23:59:59
-        ca_start, ca_end = self.certificate.not_valid_before_utc, self.certificate.not_valid_after_utc
-        if not ca_start <= now < ca_end:
-            raise PermanentError(f"CA {self.name}: the issuing certificate is not valid at {now:%Y-%m-%d %H:%M:%S} UTC "
-                                 f"(valid {ca_start:%Y-%m-%d} to {ca_end:%Y-%m-%d})")
-        not_after = min(not_after, ca_end)
         common_name = _common_name(csr, sans)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else [])
-        if profile == "tls-server":
-            eku = [ExtendedKeyUsageOID.SERVER_AUTH]
-        else:
-            eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
         extensions = [
             x509.Extension(x509.SubjectAlternativeName.oid, not common_name, x509.SubjectAlternativeName(sans)),
             x509.Extension(x509.BasicConstraints.oid, True, x509.BasicConstraints(ca=False, path_length=None)),
             x509.Extension(x509.KeyUsage.oid, True, _LEAF_KEY_USAGE),
-            x509.Extension(x509.ExtendedKeyUsage.oid, False, x509.ExtendedKeyUsage(eku)),
+            x509.Extension(x509.ExtendedKeyUsage.oid, False,
+                           x509.ExtendedKeyUsage(list(validity.profile.extended_key_usage))),
             self._aki,
             x509.Extension(x509.SubjectKeyIdentifier.oid, False, x509.SubjectKeyIdentifier.from_public_key(public_key)),
             self._aia,
             self._crl_dp,
         ]
-        if profile == "tls-server":
-            extensions.append(_DV_POLICIES)
-        builder = x509.CertificateBuilder(self.certificate.subject, subject, public_key, _serial(), now, not_after,
-                                          extensions)
-        return builder.sign(self._key, self._hash)
+        if profile == "tls-server" and validity.inclusive_days <= max_validity_days(validity.not_before):
+            extensions.append(_DV_POLICIES)  # it meets the Baseline Requirements' validity: it may say so
+        builder = x509.CertificateBuilder(self.certificate.subject, subject, public_key, _serial(),
+                                          validity.not_before, validity.not_after, extensions)
+        return builder.sign(self._key, self._hash), validity
 
     # -------------------------------------------------------------------------------- CRLs
 
@@ -507,7 +592,8 @@ def open_signer(session: Session, ring: keystore.KeyRing, name: str) -> CASigner
 
 
 def store_issued(session: Session, actor: audit.Actor, signer: CASigner, certificates: Sequence[x509.Certificate],
-                 profile: str, *, replaces: x509.Certificate | None = None, now: dt.datetime | None = None) -> None:
+                 profile: str, *, replaces: x509.Certificate | None = None, now: dt.datetime | None = None,
+                 notes: Sequence[str] = ()) -> None:
     """Record certificates the signer issued in the inventory (no location: they were issued, not seen)."""
     records = [describe_certificate(c) for c in certificates]
     inventory.upsert(session, [inventory.Observation(r, None, SOURCE) for r in records], actor, now=now)
@@ -519,18 +605,25 @@ def store_issued(session: Session, actor: audit.Actor, signer: CASigner, certifi
         replaced = None
     audit.append(session, actor, [audit.Change("certificate.issued", f"certificate:{r.fingerprint_sha256}", {
         "ca": signer.name, "profile": profile, "serial": r.serial_hex, "not_after": r.not_after.isoformat(),
-        "replaces": replaced}) for r in records], now)
+        "replaces": replaced, **({"notes": list(notes)} if notes else {})}) for r in records], now)
 
 
 def sign(session: Session, ring: keystore.KeyRing, name: str, csr: x509.CertificateSigningRequest, profile: str, *,
          validity_days: int | None = None, now: dt.datetime | None = None) -> IssuedCertificate:
     """Sign ``csr`` with CA ``name``; nothing is written (the Issuer role: whoever asked records the
     certificate, and OCSP and CRLs know it once it is in the inventory). Returns the leaf and the
-    issuing CA certificate."""
+    issuing CA certificate, with the validity's note (a cut at the CA's expiry) in ``notes``.
+    A request over the profile's maximum is refused before the issuing key is decrypted."""
+    get_profile(profile)
     signer = open_signer(session, ring, name)
-    cert = signer.sign(csr, profile, validity_days=validity_days, now=now)
+    cert, validity = signer.sign_planned(csr, profile, validity_days=validity_days, now=now)
+    return _issued(signer, cert, validity)
+
+
+def _issued(signer: CASigner, cert: x509.Certificate, validity: Validity) -> IssuedCertificate:
     return IssuedCertificate((cert.public_bytes(serialization.Encoding.DER),
-                              signer.certificate.public_bytes(serialization.Encoding.DER)))
+                              signer.certificate.public_bytes(serialization.Encoding.DER)),
+                             notes=(validity.note,) if validity.note else ())
 
 
 def issue(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: str,
@@ -539,12 +632,13 @@ def issue(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: st
     """Sign ``csr`` with CA ``name`` and record the certificate in the inventory, with one
     certificate.issued event (caller's write transaction): `certpilot ca issue`, a CSR from a file.
     A renewal signs only (``sign``) and records through certpilot.renewing. Returns the leaf and the
-    issuing CA certificate."""
+    issuing CA certificate, with the validity's note in ``notes`` (recorded in the event too)."""
+    get_profile(profile)
     signer = open_signer(session, ring, name)
-    cert = signer.sign(csr, profile, validity_days=validity_days, now=now)
-    store_issued(session, actor, signer, [cert], profile, replaces=replaces, now=now)
-    return IssuedCertificate((cert.public_bytes(serialization.Encoding.DER),
-                              signer.certificate.public_bytes(serialization.Encoding.DER)))
+    cert, validity = signer.sign_planned(csr, profile, validity_days=validity_days, now=now)
+    issued = _issued(signer, cert, validity)
+    store_issued(session, actor, signer, [cert], profile, replaces=replaces, now=now, notes=issued.notes)
+    return issued
 
 
 # ------------------------------------------------------------------------------------------ revocation

@@ -28,10 +28,13 @@ PROFILES = ("tls-server", "tls-client")
 class IssuedCertificate:
     """A leaf and the chain that goes with it, as DER, leaf first; ``issuance_seconds``: how long the
     CA took, from the request to the certificate received (set by certpilot.renewing.issue, which
-    times the issuer; None when not measured)."""
+    times the issuer; None when not measured); ``notes``: what the issuer changed from the request and
+    says so (the private CA: a validity cut at its issuing certificate's expiry), recorded with the
+    issuance."""
 
     chain_der: tuple[bytes, ...]
     issuance_seconds: float | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def leaf(self) -> x509.Certificate:

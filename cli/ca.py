@@ -1,5 +1,5 @@
-"""The ca commands: certpilot's private CA (init, its issuer block, list, serve, issue, revoke, CRLs,
-the root key)."""
+"""The ca commands: certpilot's private CA (init, its issuer block, list, profiles, serve, issue, revoke,
+CRLs, the root key)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def ca_issue_command(
     csr: Annotated[Path, typer.Option("--csr", metavar="FILE", help="The CSR (PEM or DER), or - for stdin.", allow_dash=True)],
     profile: Annotated[Profile, typer.Option(help="What the certificate is for.")] = Profile.TLS_SERVER,
     days: Annotated[Optional[int], typer.Option(metavar="DAYS", min=1, help=(
-        "Validity in days (default 90; capped by the CA/B Forum maximum)."))] = None,
+        "Validity in days (default: the profile's; over the profile's maximum is refused, see `certpilot ca "
+        "profiles`; cut, and said, at the issuing CA's expiry)."))] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE", help=(
         "Write the chain (leaf, issuing CA) as PEM here instead of stdout."))] = None,
     as_json: JsonOption = False,
@@ -148,7 +149,8 @@ def ca_issue_command(
         output.write_bytes(chain)
     result = {"fingerprint_sha256": leaf.fingerprint(hashes.SHA256()).hex(), "serial": format(leaf.serial_number, "x"),
               "not_after": inventory.iso(leaf.not_valid_after_utc), "ca": name, "profile": profile.value,
-              "output": str(output) if output else None, "chain_pem": chain.decode("ascii")}
+              "notes": list(issued.notes), "output": str(output) if output else None,
+              "chain_pem": chain.decode("ascii")}
     if as_json:
         print_json(result)
         return
@@ -156,6 +158,31 @@ def ca_issue_command(
         sys.stdout.buffer.write(chain)
     err.print(line(f"issued {result['fingerprint_sha256']} serial {result['serial']}, valid until "
                    f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC" + (f"; wrote {output}" if output else "")))
+    for text in issued.notes:
+        note(text)
+
+
+@app.command("profiles")
+def ca_profiles_command(as_json: JsonOption = False) -> None:
+    """The private CA's profiles: what each is for, its extended key usage, the validity it gives by
+    default and at most (days, counted inclusively), and why that maximum."""
+    from certpilot import ca
+
+    rows = [p.as_dict() for p in ca.CA_PROFILES.values()]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("profile", "purpose", "EKU", "default days", "max days"):
+        table.add_column(column, no_wrap=column != "purpose")
+    for r in rows:
+        table.add_row(cell(r["name"]), cell(r["purpose"]), cell(", ".join(r["extended_key_usage"])),
+                      cell(r["default_days"]), cell(r["max_days"]))
+    out.print(table)
+    for r in rows:
+        out.print(line(f"{r['name']}: at most {r['max_days']} days: {r['why']}"))
+    out.print(line("The CA/B Forum maximum (398 days, 200 from 2026-03-15, ...) binds publicly trusted certificates, "
+                   "not these; a tls-server certificate within it carries the CA/B Forum DV policy."))
 
 
 @app.command("revoke")

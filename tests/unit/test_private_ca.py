@@ -1,5 +1,6 @@
 """The private CA's core: what it issues (linted by pkilint against the CA/B Forum Baseline
-Requirements, validity capped by the date), what it refuses, the signer that keeps its key, and the
+Requirements within their validity limit; each profile's own maximum, refused beyond it; cut and said at
+the issuing CA's end), what it refuses, the signer that keeps its key, and the
 root key's export and removal; the ``ca`` commands. Real keys and certificates throughout."""
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from typer.testing import CliRunner
 from certpilot import audit, ca, inventory, keystore
 from cli.main import app
 from certpilot.database import read_session, write_session
-from certpilot.issuance import build_csr
-from certpilot.models import AuditEvent, Certificate, CertificateAuthority, PrivateKey
+from certpilot.issuance import PROFILES, build_csr
+from certpilot.models import AuditEvent, Certificate, CertificateAuthority, ManagedCertificate, PrivateKey
 from certpilot.sample_estate import issue_leaf, make_ca
 from certpilot.settings import load_settings
 from certpilot.x509info import describe_certificate
@@ -121,25 +122,68 @@ def test_tls_server_certificate_passes_pkilint(engine: sa.Engine, tmp_path: Path
 
 
 @SQLITE_ONLY
-@pytest.mark.parametrize(("issued_at", "cap"), [
+@pytest.mark.parametrize(("issued_at", "cabf"), [
     (dt.datetime(2026, 3, 14, 0, 0, tzinfo=UTC), 398),
     (dt.datetime(2026, 3, 15, 0, 0, tzinfo=UTC), 200),
     (dt.datetime(2027, 3, 14, 23, 59, 59, tzinfo=UTC), 200),
     (dt.datetime(2027, 3, 15, 0, 0, tzinfo=UTC), 100),
     (dt.datetime(2029, 3, 15, 0, 0, tzinfo=UTC), 47),
 ])
-def test_validity_is_capped_by_the_issue_date(engine: sa.Engine, issued_at: dt.datetime, cap: int) -> None:
+def test_within_the_cabf_maximum_a_server_certificate_passes_the_lint_and_beyond_it_claims_no_dv_policy(
+        engine: sa.Engine, issued_at: dt.datetime, cabf: int) -> None:
+    """The CA/B Forum maximum of the issue date binds publicly trusted certificates, not the private
+    CA's: up to it, a tls-server certificate carries the DV policy and passes pkilint; longer (up to the
+    profile's maximum) it is issued as asked, without claiming the Baseline Requirements' policy."""
     _init(engine, now=dt.datetime(2026, 1, 1, tzinfo=UTC))
     signer = _signer(engine)
     csr = build_csr(_p256(), ["api.example.com"])
-    cert = signer.sign(csr, "tls-server", validity_days=500, now=issued_at)
-    assert cert.not_valid_before_utc == issued_at
-    assert _inclusive_days(cert) == cap  # 00:00:00 to 23:59:59 N days later is N days, as the BRs count
-    assert _errors(cabf_findings(cert)) == []
-    shorter = signer.sign(csr, "tls-server", validity_days=10, now=issued_at)
-    assert _inclusive_days(shorter) == 10
+    within = signer.sign(csr, "tls-server", validity_days=cabf, now=issued_at)
+    assert within.not_valid_before_utc == issued_at
+    assert _inclusive_days(within) == cabf  # 00:00:00 to 23:59:59 N days later is N days, as the BRs count
+    assert _errors(cabf_findings(within)) == []
+    assert _policies(within) == ["2.23.140.1.2.1"]
+    longer = signer.sign(csr, "tls-server", validity_days=500, now=issued_at)
+    assert _inclusive_days(longer) == 500  # not cut to the CA/B Forum maximum, silently or otherwise
+    assert _policies(longer) == []
     default = signer.sign(csr, "tls-server", now=issued_at)
-    assert _inclusive_days(default) == min(ca.DEFAULT_VALIDITY_DAYS, cap)
+    assert _inclusive_days(default) == ca.CA_PROFILES["tls-server"].default_days == 90
+    assert _policies(default) == (["2.23.140.1.2.1"] if 90 <= cabf else [])
+
+
+def _policies(cert: x509.Certificate) -> list[str]:
+    try:
+        policies = cert.extensions.get_extension_for_class(x509.CertificatePolicies).value
+    except x509.ExtensionNotFound:
+        return []
+    return [p.policy_identifier.dotted_string for p in policies]
+
+
+def test_the_profiles_are_the_managed_profiles_with_their_own_limits() -> None:
+    assert tuple(ca.CA_PROFILES) == PROFILES  # what a managed certificate may ask for, each stated here
+    for profile in ca.CA_PROFILES.values():
+        assert 1 <= profile.default_days <= profile.max_days and profile.why
+    assert ca.CA_PROFILES["tls-server"].max_days > ca.max_validity_days(dt.date(2026, 3, 15))  # not the CA/B limit
+    assert ca.CA_PROFILES["tls-server"].extended_key_usage == (ExtendedKeyUsageOID.SERVER_AUTH,)
+    assert ca.CA_PROFILES["tls-client"].extended_key_usage == (ExtendedKeyUsageOID.CLIENT_AUTH,)
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("profile", ["tls-server", "tls-client"])
+def test_a_request_over_the_profiles_maximum_is_refused_and_at_it_is_granted(engine: sa.Engine, profile: str) -> None:
+    _init(engine)
+    maximum = ca.CA_PROFILES[profile].max_days
+    csr = build_csr(_p256(), ["long.example.com"])
+    with pytest.raises(ca.CertificateRequestError,
+                       match=f"validity of {maximum + 1} days is over profile {profile}'s maximum of {maximum} days"), \
+            write_session(engine) as session:
+        ca.issue(session, _ring(), _actor(), "corp", csr, profile, validity_days=maximum + 1)
+    with write_session(engine) as session:
+        issued = ca.issue(session, _ring(), _actor(), "corp", csr, profile, validity_days=maximum)
+    assert _inclusive_days(issued.leaf) == maximum and issued.notes == ()
+    with read_session(engine) as session:  # the refused one left nothing behind
+        leaves = session.execute(sa.select(sa.func.count()).select_from(Certificate)
+                                 .where(Certificate.is_ca.is_(False))).scalar_one()
+    assert leaves == 1
 
 
 @SQLITE_ONLY
@@ -260,12 +304,26 @@ def test_refused_requests_issue_nothing(engine: sa.Engine, make_csr, profile: st
 
 
 @SQLITE_ONLY
-def test_validity_never_outlives_the_issuing_ca(engine: sa.Engine) -> None:
+def test_validity_never_outlives_the_issuing_ca_and_the_cut_is_said(engine: sa.Engine) -> None:
     _init(engine, now=dt.datetime(2026, 1, 1, tzinfo=UTC))
     signer = _signer(engine)
     end = signer.certificate.not_valid_after_utc
-    cert = signer.sign(build_csr(_p256(), ["late.example.com"]), "tls-server", now=end - dt.timedelta(days=3))
+    cert, validity = signer.sign_planned(build_csr(_p256(), ["late.example.com"]), "tls-server",
+                                         now=end - dt.timedelta(days=3))
     assert cert.not_valid_after_utc == end
+    assert validity.note is not None and validity.note.startswith(
+        f"capped at the issuing CA's expiry {end:%Y-%m-%d %H:%M:%S} UTC: 3.0 of the 90 days asked for")
+    with write_session(engine) as session:  # `ca issue` returns the note and records it with the issuance
+        issued = ca.issue(session, _ring(), _actor(), "corp", build_csr(_p256(), ["late2.example.com"]), "tls-client",
+                          validity_days=30, now=end - dt.timedelta(days=10))
+    assert issued.leaf.not_valid_after_utc == end and len(issued.notes) == 1 and "10.0 of the 30 days" in issued.notes[0]
+    with read_session(engine) as session:
+        event = session.execute(sa.select(AuditEvent).where(AuditEvent.action == "certificate.issued")).scalars().one()
+    assert json.loads(event.details)["notes"] == list(issued.notes)
+    with read_session(engine) as session:
+        unchanged = ca.sign(session, _ring(), "corp", build_csr(_p256(), ["early.example.com"]), "tls-server",
+                            now=end - dt.timedelta(days=200))
+    assert unchanged.notes == () and _inclusive_days(unchanged.leaf) == 90
     with pytest.raises(ca.PermanentError, match="not valid at"):
         signer.sign(build_csr(_p256(), ["later.example.com"]), "tls-server", now=end + dt.timedelta(seconds=1))
 
@@ -447,7 +505,10 @@ def test_ca_command_errors_are_clear(engine: sa.Engine, tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200"}
     (tmp_path / "nosan.pem").write_bytes(_csr_without_san(_p256()).public_bytes(serialization.Encoding.PEM))
     (tmp_path / "junk.csr").write_bytes(b"not a CSR")
+    (tmp_path / "good.pem").write_bytes(build_csr(_p256(), ["long.example.com"]).public_bytes(serialization.Encoding.PEM))
     cases = {("ca", "issue", "nope", "--csr", str(tmp_path / "nosan.pem")): "no CA named 'nope' (there are: corp)",
+             ("ca", "issue", "corp", "--csr", str(tmp_path / "good.pem"), "--days", "900"):
+                 "validity of 900 days is over profile tls-server's maximum of 825 days (CA corp)",
              ("ca", "issue", "corp", "--csr", str(tmp_path / "nosan.pem")): "the CSR has no subjectAltName",
              ("ca", "issue", "corp", "--csr", str(tmp_path / "junk.csr")): "is not a CSR in PEM or DER"}
     running = {args: subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE,
@@ -457,3 +518,78 @@ def test_ca_command_errors_are_clear(engine: sa.Engine, tmp_path: Path) -> None:
         assert process.returncode == 1, stderr
         assert cases[args] in " ".join(stderr.split()) and "Traceback" not in stderr
         assert stdout == ""
+
+
+@SQLITE_ONLY
+def test_ca_profiles_and_issue_as_long_as_the_profile_allows(engine: sa.Engine, tmp_path: Path) -> None:
+    """`ca profiles` states each profile's limits; `ca issue --days 730` gets 730 days (it got 200, the
+    CA/B Forum maximum, without a word); at the issuing CA's end the cut is printed."""
+    runner = CliRunner()
+    shown = json.loads(runner.invoke(app, ["ca", "profiles", "--json"]).stdout)
+    assert shown == [p.as_dict() for p in ca.CA_PROFILES.values()]
+    assert [(p["name"], p["extended_key_usage"], p["default_days"], p["max_days"]) for p in shown] == [
+        ("tls-server", ["serverAuth"], 90, 825), ("tls-client", ["clientAuth"], 365, 1095)]
+    table = runner.invoke(app, ["ca", "profiles"])
+    assert table.exit_code == 0 and "tls-server" in table.stdout and "825" in table.stdout and "Apple" in table.stdout
+
+    _init(engine)
+    (tmp_path / "req.pem").write_bytes(build_csr(_p256(), ["two-years.example.com"]).public_bytes(serialization.Encoding.PEM))
+    result = runner.invoke(app, ["ca", "issue", "corp", "--csr", str(tmp_path / "req.pem"), "--days", "730", "--json"])
+    assert result.exit_code == 0, result.output
+    issued = json.loads(result.stdout)
+    assert _inclusive_days(x509.load_pem_x509_certificates(issued["chain_pem"].encode())[0]) == 730
+    assert issued["notes"] == []
+
+    with write_session(engine) as session:  # a CA whose issuing certificate ends in about six days
+        ca.init_ca(session, _ring(), _actor(), "old", BASE_URL,
+                   now=dt.datetime.now(UTC) - ca.ISSUING_VALIDITY + dt.timedelta(days=6))
+    result = runner.invoke(app, ["ca", "issue", "old", "--csr", str(tmp_path / "req.pem"), "-o", str(tmp_path / "c.pem")])
+    assert result.exit_code == 0, result.output
+    leaf, issuing = x509.load_pem_x509_certificates((tmp_path / "c.pem").read_bytes())
+    assert leaf.not_valid_after_utc == issuing.not_valid_after_utc
+    assert "note: capped at the issuing CA's expiry" in " ".join(result.stderr.split())
+    assert "of the 90 days asked for" in " ".join(result.stderr.split())
+
+
+def test_a_managed_certificate_over_its_profiles_maximum_fails_at_the_issue_step(engine: sa.Engine) -> None:
+    from certpilot import managed, renewing
+    from connectors.private_ca import PrivateCAIssuer
+
+    _init(engine)
+    with write_session(engine) as session:
+        managed.add(session, managed.ManagedSpec(name="archive", dns_names=("archive.example.com",),
+                                                 issuer="private-ca/corp", validity_days=900), _actor())
+    issuer = PrivateCAIssuer(engine, "corp", _ring)
+    with pytest.raises(renewing.PermanentRenewalError) as caught:
+        renewing.renew_one(engine, "archive", issuer, _ring, _actor())
+    assert caught.value.step is renewing.Step.ISSUE
+    assert "validity of 900 days is over profile tls-server's maximum of 825 days (CA corp)" in str(caught.value)
+    with read_session(engine) as session:
+        row = managed.get(session, "archive")
+        assert row.last_error is not None and "maximum of 825 days" in row.last_error
+        assert session.execute(sa.select(sa.func.count()).select_from(Certificate)
+                               .where(Certificate.is_ca.is_(False))).scalar_one() == 0  # nothing was signed
+    with write_session(engine) as session:  # within the maximum it renews, as long as it asked
+        session.execute(sa.update(ManagedCertificate).where(ManagedCertificate.name == "archive")
+                        .values(validity_days=800))
+    renewed = renewing.renew_one(engine, "archive", issuer, _ring, _actor())
+    assert (renewed.not_after - dt.datetime.now(UTC)) > dt.timedelta(days=799)
+
+
+@SQLITE_ONLY
+def test_a_renewal_cut_at_the_issuing_cas_expiry_records_the_note(engine: sa.Engine) -> None:
+    from certpilot import managed, renewing
+    from connectors.private_ca import PrivateCAIssuer
+
+    _init(engine, now=dt.datetime.now(UTC) - ca.ISSUING_VALIDITY + dt.timedelta(days=20))
+    with write_session(engine) as session:
+        managed.add(session, managed.ManagedSpec(name="late", dns_names=("late.example.com",),
+                                                 issuer="private-ca/corp", validity_days=30,
+                                                 renew_before_days=5), _actor())
+    renewed = renewing.renew_one(engine, "late", PrivateCAIssuer(engine, "corp", _ring), _ring, _actor())
+    with read_session(engine) as session:
+        issuing = ca.ca_certificates(session, ca.get_ca(session, "corp"))[1]
+        event = session.execute(sa.select(AuditEvent).where(AuditEvent.action == "certificate.issued")).scalars().one()
+    assert renewed.not_after == issuing.not_valid_after_utc
+    notes = json.loads(event.details)["notes"]
+    assert len(notes) == 1 and notes[0].startswith("capped at the issuing CA's expiry") and "of the 30 days" in notes[0]
