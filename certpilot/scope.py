@@ -277,8 +277,22 @@ def _names_clause(session: Session, names: Sequence[str]) -> sa.ColumnElement[bo
     return col(Certificate.managed_certificate_id).in_(list(found.values()))
 
 
+def _certificate(session: Session, fingerprint: str) -> tuple[str, str, str | None, str | None]:
+    """(fingerprint, subject, SKI, SPKI) of the certificate with this fingerprint or unique prefix: a whole one
+    by its primary key, a prefix by certpilot.inventory.resolve (NotFoundError, AmbiguousError)."""
+    c = Certificate
+    if len(fingerprint) == 64:
+        row = session.execute(sa.select(col(c.fingerprint_sha256), col(c.subject), col(c.subject_key_id),
+                                        col(c.spki_sha256)).where(col(c.fingerprint_sha256) == fingerprint)).first()
+        if row is None:
+            raise NotFoundError(f"no certificate with fingerprint {fingerprint!r} in the inventory")
+        return row[0], row[1], row[2], row[3]
+    found = inventory.resolve(session, fingerprint)
+    return found.fingerprint_sha256, found.subject, found.subject_key_id, found.spki_sha256
+
+
 def _fingerprints_clause(session: Session, fingerprints: Sequence[str]) -> sa.ColumnElement[bool]:
-    full = [inventory.resolve(session, fp).fingerprint_sha256 for fp in fingerprints]  # NotFound / Ambiguous
+    full = [_certificate(session, fp)[0] for fp in fingerprints]
     return col(Certificate.fingerprint_sha256).in_(full)
 
 
@@ -322,8 +336,8 @@ def _issuer_clause(session: Session, issuer: str) -> sa.ColumnElement[bool]:
         return col(c.managed_certificate_id).in_(sa.select(col(m.id)).where(col(m.issuer) == issuer))
     digits = issuer.lower().replace(":", "")
     if MIN_PREFIX <= len(digits) <= 64 and set(digits) <= _HEX:  # the issuing CA certificate's fingerprint
-        ca_cert = inventory.resolve(session, digits)
-        return _issued_by([(ca_cert.fingerprint_sha256, ca_cert.subject, ca_cert.subject_key_id)])
+        fp, subject, ski, _ = _certificate(session, digits)
+        return _issued_by([(fp, subject, ski)])
     rows = _ca_rows(session, sa.and_(col(c.subject) == issuer, col(c.is_ca).is_(True)))
     if rows:
         return _issued_by(rows)
@@ -340,14 +354,14 @@ def _public_key_clause(session: Session, public_key: str) -> sa.ColumnElement[bo
             sa.select(col(c.fingerprint_sha256)).where(col(c.spki_sha256) == public_key).limit(1)).first():
         spkis.add(public_key)
     try:
-        holder = inventory.resolve(session, public_key)
+        holder_spki = _certificate(session, public_key)[3]
     except NotFoundError:
         if not spkis:
             raise NotFoundError(f"public key {public_key!r}: no certificate in the inventory carries a public key "
                                 "with this SHA-256, nor has this fingerprint") from None
     else:
-        if holder.spki_sha256:
-            spkis.add(holder.spki_sha256)
+        if holder_spki:
+            spkis.add(holder_spki)
     return col(c.spki_sha256).in_(sorted(spkis))
 
 
