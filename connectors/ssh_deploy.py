@@ -76,6 +76,7 @@ from __future__ import annotations
 import functools
 import logging
 import shlex
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -412,6 +413,27 @@ class NginxDeployer(_SshDeployer):
         return f"{moved} file(s) moved back, nginx tested and reloaded"
 
 
+_LOCKED = "Operations on certificates are currently locked"  # another client's operation is under way
+_RUNTIME_LOCKS: dict[tuple[str, str], threading.Lock] = {}  # (SSH host, stats socket) -> its swap lock
+_RUNTIME_LOCKS_GUARD = threading.Lock()
+
+
+def _runtime_lock(where: str, socket_path: str) -> threading.Lock:
+    """The lock that serialises this process's certificate swaps on one haproxy instance (its stats socket
+    on one host), whichever deployer or connection makes them: haproxy has one transaction at a time."""
+    with _RUNTIME_LOCKS_GUARD:
+        return _RUNTIME_LOCKS.setdefault((where, socket_path), threading.Lock())
+
+
+def _other_transaction(answer: str, path: str) -> str | None:
+    """The file of another transaction that haproxy says it put our ``set ssl cert`` into, if any."""
+    for marker in ("Transaction updated for certificate ", "Transaction created for certificate "):
+        if marker in answer:
+            named = answer.split(marker, 1)[1].split("\n", 1)[0].strip().rstrip("!").strip()
+            return named if named and named != path else None
+    return None
+
+
 class HaproxyDeployer(_SshDeployer):
     """A haproxy ``crt`` on an SSH host: one PEM file, swapped in memory through the runtime API."""
 
@@ -486,26 +508,44 @@ class HaproxyDeployer(_SshDeployer):
         return self._fail(what, exc, restored)
 
     def _apply(self, payload: bytes, why: str) -> None:
-        """Make haproxy serve ``payload``: the runtime API (set, commit; abort on any failure) or a reload."""
+        """Make haproxy serve ``payload``: the runtime API (set, commit; abort on any failure) or a reload.
+
+        haproxy keeps ONE certificate transaction for the whole process: a second client's ``set ssl cert``
+        while one is open is refused ("currently locked") or, in 2.6, taken into the open transaction of
+        another file ("Transaction updated for certificate <other>"), whose commit would then serve this
+        payload under the other file. So this process swaps one certificate at a time per haproxy instance
+        (``_runtime_lock``), waits while another client holds the lock, and aborts a transaction that
+        turns out to be another file's instead of letting it be committed."""
         if not self.runtime_socket:
             self._run(str(self.reload_command), "reload")
             return
-        answer = self._runtime(f"set ssl cert {self._cert_argument} <<\n".encode() + payload + b"\n")
-        if "Transaction created" not in answer and "Transaction updated" not in answer:
-            self._abort()
-            raise PermanentDeployError(f"{self.name}: haproxy refused `set ssl cert {self.pem_path}` ({why}): "
-                                       f"{trim_output(answer) or 'no answer'}")
-        answer = self._runtime(f"commit ssl cert {self._cert_argument}\n".encode())
-        if "Success!" not in answer:
-            self._abort()
-            raise PermanentDeployError(f"{self.name}: haproxy refused `commit ssl cert {self.pem_path}` ({why}): "
-                                       f"{trim_output(answer) or 'no answer'}")
+        with _runtime_lock(self.ssh.where, str(self.runtime_socket)):
+            deadline = time.monotonic() + self.command_timeout
+            while True:
+                answer = self._runtime(f"set ssl cert {self._cert_argument} <<\n".encode() + payload + b"\n")
+                other = _other_transaction(answer, self.pem_path)
+                if other is not None:  # our payload went into another client's transaction: never commit that
+                    self._abort(other)
+                if (_LOCKED not in answer and other is None) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            if other is not None or ("Transaction created" not in answer and "Transaction updated" not in answer):
+                self._abort()
+                raise PermanentDeployError(f"{self.name}: haproxy refused `set ssl cert {self.pem_path}` ({why}): "
+                                           f"{trim_output(answer) or 'no answer'}")
+            answer = self._runtime(f"commit ssl cert {self._cert_argument}\n".encode())
+            if "Success!" not in answer:
+                self._abort()
+                raise PermanentDeployError(f"{self.name}: haproxy refused `commit ssl cert {self.pem_path}` ({why}): "
+                                           f"{trim_output(answer) or 'no answer'}")
 
-    def _abort(self) -> None:
+    def _abort(self, path: str | None = None) -> None:
+        """Abort the open certificate transaction of ``path`` (default: this target's file)."""
         try:
-            self._runtime(f"abort ssl cert {self._cert_argument}\n".encode())
+            argument = self._cert_argument if path is None else _runtime_argument(path, "pem_path", self.name)
+            self._runtime(f"abort ssl cert {argument}\n".encode())
         except Exception:  # noqa: BLE001 - the transaction may not exist; the caller reports the real failure
-            log.debug("%s: abort ssl cert %s failed", self.name, self.pem_path)
+            log.debug("%s: abort ssl cert %s failed", self.name, path or self.pem_path)
 
     def _runtime(self, request: bytes) -> str:
         """Send ``request`` to the stats socket through the SSH host (on stdin); haproxy's answer."""
