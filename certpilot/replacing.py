@@ -57,6 +57,7 @@ from certpilot import audit, ca, inventory, managed, renewing, revoking, rollout
 from certpilot.clock import Clock, utcnow
 from certpilot.database import read_session, write_session
 from certpilot.errors import NotFoundError, PermanentError, TransientError, redact
+from certpilot.exposure import Exposure, ExposureReport
 from certpilot.issuance import Issuer
 from certpilot.keys import generate_private_key, public_key_sha256
 from certpilot.keystore import KeyRef, store_private_key
@@ -67,7 +68,6 @@ from certpilot.scope import Action, InScope, Scope
 __all__ = [
     "Campaign",
     "CampaignReport",
-    "Exposure",
     "Item",
     "ItemJournal",
     "NothingInScope",
@@ -585,19 +585,6 @@ def load_item(engine: sa.Engine, item_id: int) -> Item:
 # ------------------------------------------------------------------------------------------ report
 
 @dataclass(frozen=True)
-class Exposure:
-    """A place that still serves one of the campaign's old certificates after the run."""
-
-    place: str  # a target (target:<managed>/<name>) or a discovered location's locator
-    fingerprint: str  # the old certificate served there
-    managed: str | None
-    detail: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
 class ItemReport:
     """One certificate in the report: old -> new, where the new one is proven served, when the old was revoked."""
 
@@ -615,13 +602,12 @@ class CampaignReport:
 
     campaign: Campaign
     items: tuple[ItemReport, ...]
-    exposures: tuple[Exposure, ...]
+    exposure: ExposureReport | None  # the probe after the run (None: not probed)
     seconds: float
-    flow_run: str | None = None
 
     @classmethod
-    def of(cls, engine: sa.Engine, campaign: Campaign, exposures: Sequence[Exposure], seconds: float,
-           flow_run: str | None = None) -> CampaignReport:
+    def of(cls, engine: sa.Engine, campaign: Campaign, exposure: ExposureReport | None,
+           seconds: float) -> CampaignReport:
         names = sorted({i.managed for i in campaign.items if i.managed})
         with read_session(engine) as session:
             targets: dict[str, list[Target]] = {}
@@ -636,7 +622,17 @@ class CampaignReport:
             own = targets.get(item.managed or "", []) if item.action == Action.REPLACE else []
             verified = sum(1 for t in own if item.new_fingerprint and t.verified_fingerprint == item.new_fingerprint)
             reports.append(ItemReport(item, len(own), verified))
-        return cls(campaign, tuple(reports), tuple(exposures), round(seconds, 3), flow_run)
+        return cls(campaign, tuple(reports), exposure, round(seconds, 3))
+
+    @property
+    def exposures(self) -> list[Exposure]:
+        """The places that still serve an old certificate."""
+        return self.exposure.exposures if self.exposure is not None else []
+
+    @property
+    def unverified(self) -> list[Exposure]:
+        """The places that could not be probed: not known to be clean."""
+        return self.exposure.unverified if self.exposure is not None else []
 
     def by_state(self, *states: State) -> list[ItemReport]:
         return [r for r in self.items if r.item.state in states]
@@ -656,20 +652,22 @@ class CampaignReport:
                 "revoked": sum(1 for i in items if i.revoked_at is not None),
                 "revoked_only": sum(1 for i in items if i.action == Action.REVOKE and i.state is State.DONE),
                 "skipped": sum(1 for i in items if i.state is State.SKIPPED),
-                "failed": len(self.failed), "exposures": len(self.exposures)}
+                "failed": len(self.failed), "exposures": len(self.exposures), "unverified": len(self.unverified)}
 
     def as_dict(self) -> dict[str, Any]:
         c = self.campaign
         return {"campaign": c.id, "scope": c.scope, "reason": c.reason, "revoke_first": c.revoke_first,
                 "status": c.status, "resumed": c.resumed, "seconds": self.seconds, "totals": self.totals(),
-                "items": [r.as_dict() for r in self.items], "exposures": [e.as_dict() for e in self.exposures]}
+                "items": [r.as_dict() for r in self.items],
+                "exposure": self.exposure.as_dict() if self.exposure is not None else None}
 
     def lines(self) -> list[str]:
         t = self.totals()
         c = self.campaign
         out = [f"revoke-and-replace campaign {c.id} ({c.reason}{', revoke first' if c.revoke_first else ''}"
                f"{', resumed' if c.resumed else ''}): {t['replaced']} replaced, {t['revoked']} revoked, "
-               f"{t['skipped']} skipped, {t['failed']} failed, {t['exposures']} exposure(s) in {self.seconds:.1f} s"]
+               f"{t['skipped']} skipped, {t['failed']} failed, {t['exposures']} exposure(s), {t['unverified']} place(s) "
+               f"unverified in {self.seconds:.1f} s"]
         for r in self.items:
             i = r.item
             if i.state is State.SKIPPED:
@@ -679,8 +677,8 @@ class CampaignReport:
                 out.append(f"  done     {i.label} {i.old_fingerprint[:16]}{new}, revoked {inventory.iso(i.revoked_at)}")
             else:
                 out.append(f"  FAILED   {i.label} {i.old_fingerprint[:16]} ({i.state}): {i.error}")
-        out += [f"  EXPOSED  {e.place} still serves {e.fingerprint[:16]}"
-                f"{f' ({e.managed})' if e.managed else ''}: {e.detail}" for e in self.exposures]
+        out += [f"  EXPOSED  {e.place} ({e.where}) still serves {(e.old or '?')[:16]}" for e in self.exposures]
+        out += [f"  unverified {e.place} ({e.where}): {e.error}" for e in self.unverified]
         return out
 
     def markdown(self, max_rows: int = 1000) -> str:
@@ -694,9 +692,13 @@ class CampaignReport:
                  " | ".join(f"**{k.replace('_', ' ')}**: {v}" for k, v in t.items()), ""]
         if self.exposures:
             lines += ["## Exposures: places still serving an old certificate", "",
-                      "| place | old certificate | managed | detail |", "|---|---|---|---|"]
-            lines += [f"| {_cell(e.place)} | {e.fingerprint[:16]} | {_cell(e.managed)} | {_cell(e.detail)} |"
-                      for e in self.exposures[:max_rows]]
+                      "| place | what | old certificate served |", "|---|---|---|"]
+            lines += [f"| {_cell(e.place)} | {_cell(e.where)} | {(e.old or '')[:16]} |" for e in self.exposures[:max_rows]]
+            lines.append("")
+        if self.unverified:
+            lines += ["## Unverified: places that could not be probed (not known to be clean)", "",
+                      "| place | what | why |", "|---|---|---|"]
+            lines += [f"| {_cell(e.place)} | {_cell(e.where)} | {_cell(e.error)} |" for e in self.unverified[:max_rows]]
             lines.append("")
         rows = sorted(self.items, key=lambda r: (r.item.state in (State.DONE, State.SKIPPED), r.item.id))
         lines += ["## Certificates", "",
@@ -734,7 +736,7 @@ class RevokeAndReplaceFailed(PermanentError):
             more = f"; and {len(failed) - 20} more" if len(failed) > 20 else ""
             parts.append(f"{len(failed)} replacement(s) failed, not revoked unless revoke_first: {shown}{more}")
         if report.exposures:
-            shown = "; ".join(f"{e.place} serves {e.fingerprint[:16]}" for e in report.exposures[:20])
+            shown = "; ".join(f"{e.place} ({e.where}) serves {(e.old or '?')[:16]}" for e in report.exposures[:20])
             more = f"; and {len(report.exposures) - 20} more" if len(report.exposures) > 20 else ""
             parts.append(f"{len(report.exposures)} exposure(s), places still serving an old certificate: {shown}{more}")
         super().__init__(f"revoke-and-replace campaign {report.campaign.id}: " + "; ".join(parts))
