@@ -17,6 +17,13 @@ Keys are paired with certificates by public key: a key in the same file (haproxy
 any file found. ``details`` then record ``key_path`` and ``key_mode`` (octal string) of the pairing key.
 The key itself is returned (Found.key, for the leaf it pairs with) only with ``import_keys=True``;
 otherwise keys are dropped as soon as their public key is known.
+
+Server configurations: a file the globs match that is an nginx or haproxy configuration naming
+certificate files (certpilot.server_configs) is read as one, not reported as a problem. The certificate
+and key files it names are read too, matched by the globs or not (a missing one is a Problem naming the
+configuration), and each certificate file's ``details["served_by"]`` lists how it is served (server,
+configuration file, key file, listen addresses, server names, haproxy's admin stats socket): what
+adoption proposes deployment targets from. So ``/etc/nginx/**/*.conf`` alone finds what nginx serves.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from certpilot.discovery import Found, Problem
 from certpilot.errors import ParseError, PasswordError
 from certpilot.formats import Bundle, load_bundle
+from certpilot.server_configs import Served, is_server_config, parse
 from connectors.ssh import RemotePathError, SshConnection, is_temporary
 
 __all__ = ["SshSource"]
@@ -110,10 +118,23 @@ class SshSource:
         yield from problems.values()
         certificate_files: list[_CertFile] = []
         keys: dict[str, _Key] = {}
-        for path in sorted(files):
+        served: list[Served] = []
+        pending = sorted(files)
+        while pending:
+            path = pending.pop(0)
             outcome = self._read(path, files[path])
             if isinstance(outcome, Problem):
                 yield outcome
+                continue
+            if isinstance(outcome, list):  # a server configuration: read the files it names as well
+                served += outcome
+                for named in sorted({p for s in outcome for p in (s.certificate_path, s.key_path) if p}):
+                    found = self._named_file(named, path, files)
+                    if isinstance(found, Problem):
+                        yield found
+                    elif found is not None:
+                        files[named] = found
+                        pending.append(named)
                 continue
             bundle, attrs_mode, mtime = outcome
             for key in bundle.private_keys:
@@ -123,9 +144,27 @@ class SshSource:
                                                    files[path], mtime, bundle.notes))
             del bundle
         for item in certificate_files:
-            yield self._found(item, keys)
+            yield self._found(item, keys, [s for s in served if s.serves(item.path)])
 
-    def _read(self, path: str, size: int) -> Problem | tuple[Bundle, int, int | None]:
+    def _named_file(self, path: str, config: str, files: dict[str, int]) -> Problem | int | None:
+        """The size of a file a configuration names, to be read; None when it is read already, or is a
+        directory (haproxy's crt: its files are read when the globs match them); a Problem when missing."""
+        if path in files or is_temporary(path):
+            return None
+        if len(files) >= self.max_files:
+            return Problem(self.locator(path), f"named by {config}, but over the limit of {self.max_files} files: "
+                                               "not read")
+        try:
+            attrs = self.ssh.stat(path)
+        except RemotePathError as exc:
+            return Problem(self.locator(path), f"named by {config}: {exc.reason}")
+        if attrs is None:
+            return Problem(self.locator(path), f"named by {config}, but there is no such file")
+        if stat_module.S_ISDIR(attrs.st_mode or 0):
+            return None
+        return attrs.st_size or 0
+
+    def _read(self, path: str, size: int) -> Problem | list[Served] | tuple[Bundle, int, int | None]:
         where = self.locator(path)
         if size > self.max_file_bytes:
             return Problem(where, f"file is {size} bytes, over the limit of {self.max_file_bytes}: skipped")
@@ -139,7 +178,8 @@ class SshSource:
         try:
             return self._parse(data, where), mode, mtime
         except ParseError as exc:  # PasswordError included
-            return Problem(where, exc.detail)
+            served = parse(data, path) if is_server_config(data) else []
+            return served or Problem(where, exc.detail)
         finally:
             del data
 
@@ -157,7 +197,7 @@ class SshSource:
         raise PasswordError(f"password-protected, and none of the {len(self._passwords)} configured password(s) "
                             "opens it", where)
 
-    def _found(self, item: _CertFile, keys: dict[str, _Key]) -> Found:
+    def _found(self, item: _CertFile, keys: dict[str, _Key], served: list[Served]) -> Found:
         leaf = item.certificates[0]
         details: dict[str, object] = {"path": item.path, "format": item.bundle_format, "size": item.size,
                                       "mode": f"{item.attrs_mode:04o}", "certificates": len(item.certificates)}
@@ -169,5 +209,7 @@ class SshSource:
         if key is not None:
             details["key_path"] = key.path
             details["key_mode"] = f"{key.mode:04o}"
+        if served:
+            details["served_by"] = [s.as_dict() for s in served]
         return Found(tuple(c.public_bytes(serialization.Encoding.DER) for c in item.certificates),
                      self.locator(item.path), details, key.key if key is not None and self.import_keys else None)
