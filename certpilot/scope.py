@@ -319,10 +319,10 @@ def _issued_by(ca_rows: Sequence[tuple[str, str, str | None]]) -> sa.ColumnEleme
     return sa.or_(*clauses)
 
 
-def _ca_rows(session: Session, where: sa.ColumnElement[bool]) -> list[tuple[str, str, str | None]]:
+def _ca_rows(session: Session, condition: sa.ColumnElement[bool]) -> list[tuple[str, str, str | None]]:
     c = Certificate
     return [(fp, subject, ski) for fp, subject, ski in session.execute(
-        sa.select(col(c.fingerprint_sha256), col(c.subject), col(c.subject_key_id)).where(where)).all()]
+        sa.select(col(c.fingerprint_sha256), col(c.subject), col(c.subject_key_id)).where(condition)).all()]
 
 
 def _issuer_clause(session: Session, issuer: str) -> sa.ColumnElement[bool]:
