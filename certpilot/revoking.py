@@ -42,7 +42,8 @@ from certpilot.managed import KeyRingSource
 from certpilot.models import AuditEvent, Certificate, CertificateAuthority, ManagedCertificate
 from certpilot.propagation import Propagation
 
-__all__ = ["EVENT", "MIN_PREFIX", "RevocationOutcome", "RevocationReport", "already_revoked", "find_certificate", "issuer_of", "managed_name",
+__all__ = ["EVENT", "MIN_PREFIX", "RevocationOutcome", "RevocationReport", "already_revoked", "find_certificate",
+           "issuer_of", "managed_name",
            "private_ca_of", "revoke"]
 
 EVENT = "certificate.revoked"
@@ -62,7 +63,7 @@ class RevocationOutcome:
     reason: str  # CLI name: key-compromise, superseded, ... (certpilot.ca.REASONS)
     revoked_at: dt.datetime
     already: bool
-    signed_with: str  # "ca" (private CA), "account" or "certificate-key" (ACME); "unknown" when revoked outside certpilot
+    signed_with: str  # "ca" (private CA), "account" or "certificate-key" (ACME); "unknown": revoked outside certpilot
 
     def as_dict(self) -> dict[str, Any]:
         return {"fingerprint_sha256": self.fingerprint_sha256, "serial": self.serial_hex, "managed": self.managed,

@@ -62,7 +62,8 @@ def private_ca_block(ca_name: str) -> str | None:
             if exc.response.status_code == 404:  # the block type was never registered
                 return None
             raise
-    names = sorted(d.name for d in documents if d.name and not d.is_anonymous and (d.data or {}).get("ca_name") == ca_name)
+    names = sorted(d.name for d in documents
+                   if d.name and not d.is_anonymous and (d.data or {}).get("ca_name") == ca_name)
     return f"{PRIVATE_CA}/{names[0]}" if names else None
 
 
@@ -83,8 +84,8 @@ def locate(certificate: str, issuer: str | None = None) -> Located:
         block = private_ca_block(ca_name)
         if block is None:
             raise PermanentError(f"certificate {fingerprint[:16]} ({subject}) was issued by private CA {ca_name}, and "
-                                 f"no private-ca issuer block names that CA: save one with `certpilot ca register-block "
-                                 f"{ca_name}`, or name the issuer block with --issuer")
+                                 "no private-ca issuer block names that CA: save one with "
+                                 f"`certpilot ca register-block {ca_name}`, or name the issuer block with --issuer")
     if block is None:
         raise PermanentError(f"certificate {fingerprint[:16]} ({subject}) is not managed and was not issued by a "
                              "certpilot private CA: name the issuer block that can revoke it (--issuer, e.g. "

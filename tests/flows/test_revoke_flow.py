@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from cryptography import x509
 from prefect.logging.handlers import APILogHandler
-from sqlmodel import select
+from sqlmodel import col, select
 from typer.testing import CliRunner
 
 from blocks.issuers import AcmeIssuerBlock, PrivateCABlock
@@ -91,7 +91,8 @@ def drill(block_types: None, certpilot_home: Path, tmp_path: Path) -> Iterator[D
     with private_ca_served(engine, CA_NAME) as served:
         PrivateCABlock(ca_name=CA_NAME).save(CA_NAME, overwrite=True)
         with write_session(engine) as session:
-            managed.add(session, managed.ManagedSpec(name=NAME, dns_names=(NAME,), issuer=f"private-ca/{CA_NAME}"), ACTOR)
+            managed.add(session, managed.ManagedSpec(name=NAME, dns_names=(NAME,), issuer=f"private-ca/{CA_NAME}"),
+                        ACTOR)
         renewing.renew_one(engine, NAME, served.issuer, _ring, ACTOR)
         yield Drill(engine, served, tmp_path)
 
@@ -120,7 +121,8 @@ def test_the_flow_revokes_records_once_and_measures_propagation(drill: Drill, pr
     assert view.crl_reason == x509.ReasonFlags.key_compromise
     row = drill.row(fingerprint)
     assert (row.status, row.revocation_reason, row.revoked_at) == ("revoked", "keyCompromise", outcome.revoked_at)
-    assert view.crl_entry is not None and view.crl_entry.revocation_date_utc == row.revoked_at.replace(microsecond=0)  # type: ignore[union-attr]
+    assert row.revoked_at is not None and view.crl_entry is not None
+    assert view.crl_entry.revocation_date_utc == row.revoked_at.replace(microsecond=0)
     assert len(drill.events("certificate.revoked", fingerprint)) == 1
     # Propagation: both the CRL and OCSP were seen saying revoked, and recorded once.
     propagation = report.propagation
@@ -146,7 +148,7 @@ def test_the_flow_revokes_records_once_and_measures_propagation(drill: Drill, pr
 
     # No private key byte anywhere in Prefect: results, runs, task runs, logs, artifacts, its database and storage.
     with read_session(drill.engine) as session:
-        rows = session.exec(select(PrivateKey).where(PrivateKey.destroyed_at.is_(None))).all()  # type: ignore[union-attr]
+        rows = session.exec(select(PrivateKey).where(col(PrivateKey.destroyed_at).is_(None))).all()
         keys = [keystore.load_private_key(session, keystore.KeyRef(r.id), _ring()) for r in rows]
     assert len(keys) >= 3  # the CA's two and the certificate's
     haystacks: dict[str, bytes] = {"result": json.dumps(report.as_dict()).encode() + pickle.dumps(report)}

@@ -52,8 +52,8 @@ def _issue_and_record(engine: sa.Engine, issuer: AcmeIssuer, ring: KeyRing, name
     key = generate_private_key("ec-p256")
     issued = issuer.issue(build_csr(key, [name]), "tls-server")
     with write_session(engine) as session:
-        inventory.upsert(session, [inventory.Observation(describe_certificate(c), None, "issued") for c in issued.chain],
-                         ACTOR)
+        inventory.upsert(session, [inventory.Observation(describe_certificate(c), None, "issued")
+                                   for c in issued.chain], ACTOR)
         if keep_key:
             keystore.store_private_key(session, key, ring, ACTOR, origin="generated")
     return issued, key

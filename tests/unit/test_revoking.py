@@ -33,7 +33,8 @@ def _leaf(authority: Authority, name: str, serial: int) -> x509.Certificate:
     now = utcnow()
     return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
             .issuer_name(authority.certificate.subject).public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
-            .serial_number(serial).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+            .serial_number(serial).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
             .sign(authority.key, hashes.SHA256()))
 
 
