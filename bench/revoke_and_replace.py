@@ -13,7 +13,9 @@ What it does, all on loopback in a temporary directory (its own PREFECT_HOME and
    (so the run logs in once per instance). The CA's certificates point their CRL distribution point and OCSP
    responder at the HTTP listener of `certpilot serve`, which is then started as an operator runs it
    (`certpilot serve --listen 127.0.0.1:P`, PREFECT_RUNNER_POLL_FREQUENCY=1): it serves every
-   deployment and the CA's CRL and OCSP. The SSH host block and the issuer block are saved.
+   deployment and the CA's CRL and OCSP. The SSH host blocks and the issuer block are saved; the
+   scheduled deployments (renew-due, discover, monitor) are paused, so that none of their runs shares
+   the machine with the one measured.
 2. Timed: ONE revoke-and-replace run of every certificate the CA issued (scope issuer=bench, dry_run
    false, the reason key-compromise), created through the Prefect API on the served deployment as the
    UI's run form does, until the run is final. The figure is from its creation to its final state;
@@ -26,7 +28,8 @@ What it does, all on loopback in a temporary directory (its own PREFECT_HOME and
    inventory and, asked afresh, by the CRL at its distribution point and by the OCSP responder in its
    AIA (watch_revocation once more); every target's verified fingerprint is its desired one.
 4. Where the time went: the run's task runs by name from the Prefect API (count, total, median, first
-   start, last end), the inventory's audit events of the run by action over time, and the CPU seconds
+   start, last end); one certificate's replacement step by step (from its task run and the audit events
+   of its steps: issue, deploy, verify, revoke); the inventory's audit events by action over time; the CPU seconds
    used by `certpilot serve` with its flow-run process, the Prefect server, sshd with nginx and
    haproxy, and this process, against the machine's load.
 
@@ -106,6 +109,12 @@ def _proc_stat(pid: int) -> tuple[int, int] | None:
     except OSError:
         return None
     return int(fields[1]), sum(int(v) for v in fields[11:15])  # ppid; utime, stime, cutime, cstime
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process alone (its children, the lab's servers among them, are counted apart)."""
+    times = os.times()
+    return times.user + times.system
 
 
 def tree_cpu_seconds(roots: list[int]) -> float:
@@ -227,6 +236,20 @@ class Watcher:
 
 # ------------------------------------------------------------------------------------------ the run
 
+def pause_schedules() -> list[str]:
+    """Pause every scheduled deployment (renew-due, discover, monitor), so that no scheduled run shares the
+    machine with the one measured (a monitor run in the middle of it opened an alert per endpoint)."""
+    from prefect.client.orchestration import get_client
+
+    paused = []
+    with get_client(sync_client=True) as client:
+        for deployment in client.read_deployments(limit=200):
+            if deployment.schedules and not deployment.paused:
+                client.pause_deployment(deployment.id)
+                paused.append(deployment.name)
+    return sorted(paused)
+
+
 def start_run(parameters: dict[str, Any]) -> tuple[str, float]:
     """Create a run of the served deployment through the API, as the UI's run form does: (id, when)."""
     from prefect.client.orchestration import get_client
@@ -294,6 +317,54 @@ def task_breakdown(runs: list[Any], run_start: dt.datetime | None) -> list[str]:
     return lines
 
 
+PHASES = (("start", "issued", "new key, CSR, issue, store"),
+          ("issued", "desired", "plan the deployment"),
+          ("desired", "deployed", "upload, test, reload (all targets)"),
+          ("deployed", "verified", "verify on the wire"),
+          ("verified", "revoked", "revoke the old certificate (new CRL)"),
+          ("revoked", "replaced", "record the item done"),
+          ("replaced", "end", "end of the task run"))
+
+
+def phase_breakdown(engine: sa.Engine, runs: list[Any], since: dt.datetime) -> list[str]:
+    """Per certificate, the time between the steps of its replacement, from its task run's start and end
+    (Prefect) and the audit events of its steps (the inventory): median, 95th percentile and the sum
+    over all certificates, per phase."""
+    marks: dict[str, dict[str, dt.datetime]] = defaultdict(dict)
+    for run in runs:
+        found = re.fullmatch(r"replace-(rr-\d{4})", run.name)
+        if found and run.start_time and run.end_time:
+            marks[found.group(1)].update(start=run.start_time, end=run.end_time)
+    with read_session(engine) as session:
+        events = session.execute(sa.select(col(AuditEvent.action), col(AuditEvent.object), col(AuditEvent.at),
+                                           col(AuditEvent.details)).where(col(AuditEvent.at) >= since, col(AuditEvent.action).in_(
+            ["certificate.issued", "target.desired", "target.deployed", "target.verified", "certificate.revoked",
+             "certificate.replaced"]))).all()
+    owner_of_old: dict[str, str] = {}
+    for action, obj, at, details in events:
+        if action == "certificate.replaced":
+            owner_of_old[obj] = json.loads(details)["managed"]
+    for action, obj, at, details in events:
+        at = at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)
+        if action == "certificate.issued":
+            name, mark = json.loads(details).get("managed"), "issued"
+        elif action.startswith("target."):
+            name, mark = obj.split(":", 1)[1].split("/")[0], action.split(".")[1]
+        else:
+            name, mark = owner_of_old.get(obj), action.split(".")[1]
+        if name is None:
+            continue
+        keep = min if mark == "desired" else max  # the first target planned, the last one done
+        marks[name][mark] = keep(marks[name][mark], at) if mark in marks[name] else at
+    lines = []
+    for first, then, what in PHASES:
+        gaps = sorted((m[then] - m[first]).total_seconds() for m in marks.values() if first in m and then in m)
+        if gaps:
+            lines.append(f"  {what:<40} median {statistics.median(gaps):6.3f} s  p95 "
+                         f"{gaps[max(0, int(len(gaps) * 0.95) - 1)]:6.3f} s  sum {sum(gaps):7.1f} s  ({len(gaps)} certificates)")
+    return lines
+
+
 def audit_timeline(engine: sa.Engine, since: dt.datetime) -> list[str]:
     """The inventory's audit events since ``since``, by action: count, first and last (seconds after)."""
     with read_session(engine) as session:
@@ -354,6 +425,12 @@ def targets_recorded(engine: sa.Engine, fleet: Fleet, current: dict[str, str]) -
     return problems
 
 
+def revoked_in_inventory(engine: sa.Engine, fingerprints: list[str]) -> list[str]:
+    with read_session(engine) as session:
+        return list(session.execute(sa.select(col(Certificate.fingerprint_sha256)).where(
+            col(Certificate.fingerprint_sha256).in_(fingerprints), col(Certificate.status) == "revoked")).scalars())
+
+
 def run_propagation(engine: sa.Engine, fingerprints: list[str]) -> dict[str, Any]:
     """The run's own measurements: the latest certificate.revocation_visible event of each certificate."""
     from certpilot.propagation import measurements
@@ -407,7 +484,8 @@ def main() -> int:
             PrivateCABlock.register_type_and_schema()
             PrivateCABlock(ca_name=CA_NAME).save(CA_NAME, overwrite=True)
             serve = Served(server.api_url, listen_port)
-            log(f"certpilot serve serving after {serve.wait_serving():.1f} s; Prefect server at {server.url}")
+            log(f"certpilot serve serving after {serve.wait_serving():.1f} s; Prefect server at {server.url}; "
+                f"schedules paused for the measurement: {', '.join(pause_schedules()) or 'none'}")
             crl = httpx.get(f"{fleet.ca_url}/{CA_NAME}/issuing.crl", timeout=10)
             if crl.status_code != 200:
                 raise SystemExit(f"the CA's CRL at {fleet.ca_url} answers {crl.status_code}")
@@ -421,9 +499,10 @@ def main() -> int:
             parameters: dict[str, Any] = {"issuer": CA_NAME, "dry_run": False, "reason": "key-compromise"}
             if args.concurrency:
                 parameters["concurrency"] = args.concurrency
-            roots = {"serve": [serve.process.pid], "prefect server": [server.process.pid],
-                     "sshd, nginx, haproxy": fleet_pids(fleet), "this process": [os.getpid()]}
+            roots = {"certpilot serve with its flow run": [serve.process.pid], "prefect server": [server.process.pid],
+                     "sshd, nginx, haproxy": fleet_pids(fleet)}
             cpu_before = {name: tree_cpu_seconds(pids) for name, pids in roots.items()}
+            cpu_before["this process (the watch)"] = own_cpu_seconds()
             load_before = load_average()
             since = dt.datetime.now(dt.timezone.utc)
             run_id, created = start_run(parameters)
@@ -431,6 +510,7 @@ def main() -> int:
             run = wait_final(run_id, serve)
             elapsed = time.monotonic() - created
             cpu_used = {name: tree_cpu_seconds(pids) - cpu_before[name] for name, pids in roots.items()}
+            cpu_used["this process (the watch)"] = own_cpu_seconds() - cpu_before["this process (the watch)"]
             load_after = load_average()
             if watcher is not None:
                 watcher.stop()
@@ -480,13 +560,15 @@ def main() -> int:
                 log(f"propagation seen by this process's watch: {len(watcher.results)} watched, {len(watched)} seen; "
                     + (f"median {statistics.median(watched):.2f} s, max {max(watched):.2f} s (from the revocation "
                        "time, including up to 0.2 s before the watch noticed it)" if watched else "none visible"))
-            if measured and len(seen) == len(old):
+            revoked_now = revoked_in_inventory(engine, list(old))
+            if seen and len(seen) >= len(revoked_now):
                 visible_max, visible_from = max(seen), "the run's certificate.revocation_visible events"
-            elif watched and len(watched) == len(old):
-                visible_max, visible_from = max(watched), "this process's watch (the run recorded "
-                visible_from += f"{len(seen)} of {len(old)})"
+            elif watcher is not None and watched and len(watched) >= len(revoked_now):
+                visible_max = max(watched)
+                visible_from = f"this process's watch (the run recorded {len(seen)} of {len(revoked_now)} revocations)"
             else:
-                visible_max, visible_from = float("nan"), "nowhere: not every revocation was seen"
+                visible_max, visible_from = float("nan"), (f"nowhere: of {len(revoked_now)} revocations the run saw "
+                                                           f"{len(seen)}, this process {len(watched)}")
                 ok = False
 
             # Where the time went
@@ -494,6 +576,9 @@ def main() -> int:
             log(f"where the time went: {len(runs)} task runs of the flow run (name, count, total, median, span "
                 "from the flow run's start)")
             for line in task_breakdown(runs, run.start_time):
+                log(line)
+            log("one certificate's replacement, step by step (its task run and the audit events of its steps):")
+            for line in phase_breakdown(engine, runs, since):
                 log(line)
             log("audit events in the inventory since the run was created (action, count, first and last, seconds):")
             for line in audit_timeline(engine, since):
