@@ -336,10 +336,11 @@ def phase_breakdown(engine: sa.Engine, runs: list[Any], since: dt.datetime) -> l
         if found and run.start_time and run.end_time:
             marks[found.group(1)].update(start=run.start_time, end=run.end_time)
     with read_session(engine) as session:
+        steps = ["certificate.issued", "target.desired", "target.deployed", "target.verified", "certificate.revoked",
+                 "certificate.replaced"]
         events = session.execute(sa.select(col(AuditEvent.action), col(AuditEvent.object), col(AuditEvent.at),
-                                           col(AuditEvent.details)).where(col(AuditEvent.at) >= since, col(AuditEvent.action).in_(
-            ["certificate.issued", "target.desired", "target.deployed", "target.verified", "certificate.revoked",
-             "certificate.replaced"]))).all()
+                                           col(AuditEvent.details))
+                                 .where(col(AuditEvent.at) >= since, col(AuditEvent.action).in_(steps))).all()
     owner_of_old: dict[str, str] = {}
     for action, obj, at, details in events:
         if action == "certificate.replaced":
@@ -360,8 +361,9 @@ def phase_breakdown(engine: sa.Engine, runs: list[Any], since: dt.datetime) -> l
     for first, then, what in PHASES:
         gaps = sorted((m[then] - m[first]).total_seconds() for m in marks.values() if first in m and then in m)
         if gaps:
-            lines.append(f"  {what:<40} median {statistics.median(gaps):6.3f} s  p95 "
-                         f"{gaps[max(0, int(len(gaps) * 0.95) - 1)]:6.3f} s  sum {sum(gaps):7.1f} s  ({len(gaps)} certificates)")
+            p95 = gaps[max(0, int(len(gaps) * 0.95) - 1)]
+            lines.append(f"  {what:<40} median {statistics.median(gaps):6.3f} s  p95 {p95:6.3f} s  "
+                         f"sum {sum(gaps):7.1f} s  ({len(gaps)} certificates)")
     return lines
 
 
@@ -376,7 +378,8 @@ def audit_timeline(engine: sa.Engine, since: dt.datetime) -> list[str]:
     def rel(at: dt.datetime) -> float:
         return ((at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)) - since).total_seconds()
 
-    return [f"  {action:<40} {count:>5}  from {rel(first):6.1f} to {rel(last):6.1f} s" for action, count, first, last in rows]
+    return [f"  {action:<40} {count:>5}  from {rel(first):6.1f} to {rel(last):6.1f} s"
+            for action, count, first, last in rows]
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -543,17 +546,19 @@ def main() -> int:
             revoked, problems = revoked_on_the_wire(engine, old, fleet.issuing)
             if problems:
                 ok = False
-                log(f"CHECK FAILED: {len(problems)} old certificate(s) not revoked on the wire: " + "; ".join(problems[:5]))
+                log(f"CHECK FAILED: {len(problems)} old certificate(s) not revoked on the wire: "
+                    + "; ".join(problems[:5]))
             if ok:
-                log(f"checked: all {len(served)} endpoints serve their new certificate (a handshake each), all {count} old "
-                    "certificates are revoked in the inventory, by the CRL at their distribution point and by the OCSP "
-                    "responder in their AIA, and every target's verified fingerprint is its desired one")
+                log(f"checked: all {len(served)} endpoints serve their new certificate (a handshake each), all {count} "
+                    "old certificates are revoked in the inventory, by the CRL at their distribution point and by the "
+                    "OCSP responder in their AIA, and every target's verified fingerprint is its desired one")
 
             # Propagation: the run's own measurements, and this process's watch
             measured = run_propagation(engine, list(old))
             seen = [m.seconds for m in measured.values() if m.seconds is not None]
             if measured:
-                log(f"propagation recorded by the run: {len(measured)} certificate(s), {len(seen)} seen by CRL and OCSP; "
+                log(f"propagation recorded by the run: {len(measured)} certificate(s), {len(seen)} seen by CRL and "
+                    "OCSP; "
                     + (f"median {statistics.median(seen):.2f} s, max {max(seen):.2f} s" if seen else "none visible"))
             watched = [p.seconds for p in (watcher.results.values() if watcher else []) if p.seconds is not None]
             if watcher is not None:

@@ -79,7 +79,8 @@ def layout(certificates: int, nginx: int, haproxy: int, *, replicas: int = 1, pr
            domain: str = "fleet.test") -> list[Site]:
     """Certificate i goes to instances i, i+1, ... i+replicas-1 (mod nginx + haproxy), the nginx instances
     first; its DNS name is the same on each."""
-    instances = [(f"nginx{i:02d}", NGINX) for i in range(nginx)] + [(f"haproxy{i:02d}", HAPROXY) for i in range(haproxy)]
+    instances = ([(f"nginx{i:02d}", NGINX) for i in range(nginx)]
+                 + [(f"haproxy{i:02d}", HAPROXY) for i in range(haproxy)])
     if certificates < 1 or nginx < 0 or haproxy < 0 or not instances:
         raise ValueError("a fleet needs at least one certificate and one instance")
     if not 1 <= replicas <= len(instances):
@@ -237,15 +238,16 @@ class Fleet:
             with write_session(self.engine) as session:
                 signer = ca.open_signer(session, ring, self.ca_name)
                 chain_der = signer.certificate.public_bytes(Encoding.DER)
+                chain_pem = signer.certificate.public_bytes(Encoding.PEM)
                 for name in names[start:start + 100]:
                     row = managed.add(session, self._spec(name), self.actor)
                     key = generate_private_key(row.key_algorithm)
                     ref = keystore.store_private_key(session, key, ring, self.actor, "generated")
-                    cert = signer.sign(build_csr(key, list(row.dns_names)), "tls-server", validity_days=self.validity_days)
-                    renewing.record_issued(session, row, IssuedCertificate((cert.public_bytes(Encoding.DER), chain_der)),
-                                           ref, self.actor)
-                    pairs[row.dns_names[0]] = (cert.public_bytes(Encoding.PEM) + signer.certificate.public_bytes(Encoding.PEM),
-                                               key_to_pem(key))
+                    cert = signer.sign(build_csr(key, list(row.dns_names)), "tls-server",
+                                       validity_days=self.validity_days)
+                    issued = IssuedCertificate((cert.public_bytes(Encoding.DER), chain_der))
+                    renewing.record_issued(session, row, issued, ref, self.actor)
+                    pairs[row.dns_names[0]] = (cert.public_bytes(Encoding.PEM) + chain_pem, key_to_pem(key))
                 del signer
         return pairs
 

@@ -4,9 +4,9 @@ benchmarks and the demo.
 ``HaproxyInstance(prefix, name, user=...)`` writes ``PREFIX/haproxy.cfg``: one TLS frontend on a free
 port of 127.0.0.1 whose ``crt`` is ``PREFIX/certs/<name>.pem`` (certificate, chain and key in one file,
 0600), answering every request itself; ``also_serves=(...)`` adds a ``crt`` per further name on the same
-bind, chosen by SNI (``name``'s is the default), each swapped on its own (``deploy_settings(other)``); the stats socket ``PREFIX/admin.sock`` at ``level admin`` for the
-runtime API (``set ssl cert`` / ``commit ssl cert`` swap the certificate in memory, no reload); and the
-pid file. It runs in the foreground in master-worker mode (``-W``) as the given user, so that
+bind, chosen by SNI (``name``'s is the default), each swapped on its own (``deploy_settings(other)``); the
+stats socket ``PREFIX/admin.sock`` at ``level admin`` for the runtime API (``set ssl cert`` / ``commit ssl
+cert`` swap a certificate in memory, no reload; one transaction at a time per haproxy); and the pid file. It runs in the foreground in master-worker mode (``-W``) as the given user, so that
 ``kill -USR2 $(cat PIDFILE)`` reloads it (the fallback when no runtime API is used).
 """
 
