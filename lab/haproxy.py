@@ -6,8 +6,9 @@ port of 127.0.0.1 whose ``crt`` is ``PREFIX/certs/<name>.pem`` (certificate, cha
 0600), answering every request itself; ``also_serves=(...)`` adds a ``crt`` per further name on the same
 bind, chosen by SNI (``name``'s is the default), each swapped on its own (``deploy_settings(other)``); the
 stats socket ``PREFIX/admin.sock`` at ``level admin`` for the runtime API (``set ssl cert`` / ``commit ssl
-cert`` swap a certificate in memory, no reload; one transaction at a time per haproxy); and the pid file. It runs in the foreground in master-worker mode (``-W``) as the given user, so that
-``kill -USR2 $(cat PIDFILE)`` reloads it (the fallback when no runtime API is used).
+cert`` swap a certificate in memory, no reload; one transaction at a time per haproxy); and the pid file.
+It runs in the foreground in master-worker mode (``-W``) as the given user, so that ``kill -USR2 $(cat
+PIDFILE)`` reloads it (the fallback when no runtime API is used).
 """
 
 from __future__ import annotations
