@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Annotated, Any, Optional
 
@@ -212,7 +213,8 @@ def _run_retirement(name: str, action: str, revoke: str | None = None, destroy_k
 def managed_retire_command(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The managed certificate to retire.")],
     revoke: Annotated[Optional[RevocationReason], typer.Option(
-        help="Revoke its certificates that are still valid, for this reason, when the retirement is confirmed.")] = None,
+        help="Revoke its certificates that are still valid, for this reason, when the retirement is confirmed.")]
+    = None,
     destroy_key: Annotated[bool, typer.Option("--destroy-key", help=(
         "Crypto-shred every key of it when the retirement is confirmed (cannot be undone)."))] = False,
     confirm: Annotated[bool, typer.Option("--confirm", help=(
@@ -235,3 +237,93 @@ def managed_restore_command(
     active again: possible until its retirement is confirmed. Runs the restore-retired flow when
     PREFECT_API_URL is set."""
     _run_retirement(name, "restore", as_json=as_json)
+
+
+# -------------------------------------------------------------------------------------------- adopt
+
+def _target_values(values: list[str] | None, proposed: list[Any]) -> dict[str, dict[str, Any]]:
+    """--set [TARGET:]KEY=VALUE as settings per proposed target name: with a TARGET, for that one; without,
+    for every proposed target whose kind takes KEY. Values are JSON when they parse as JSON, else text."""
+    import json
+
+    from certpilot.target_kinds import valid_keys
+
+    out: dict[str, dict[str, Any]] = {t.name: {} for t in proposed}
+    for value in values or []:
+        left, sep, text = value.partition("=")
+        target, colon, key = left.rpartition(":")
+        if not sep or not key:
+            raise typer.BadParameter(f"{value!r} is not [TARGET:]KEY=VALUE", param_hint="--set")
+        try:
+            parsed: Any = json.loads(text)
+        except json.JSONDecodeError:
+            parsed = text
+        chosen = [t for t in proposed if (t.name == target if colon else t.kind and key in valid_keys(t.kind))]
+        if colon and not chosen:
+            raise typer.BadParameter(f"no proposed target named {target!r} (proposed: "
+                                     f"{', '.join(t.name for t in proposed) or 'none'})", param_hint="--set")
+        for t in chosen:
+            if t.kind and key not in valid_keys(t.kind):
+                raise typer.BadParameter(f"{t.kind} has no setting {key!r}; valid keys: "
+                                         f"{', '.join(valid_keys(t.kind))}", param_hint="--set")
+            out[t.name][key] = parsed
+        if not chosen:
+            raise typer.BadParameter(f"no proposed target takes the setting {key!r}", param_hint="--set")
+    return out
+
+
+@app.command("adopt")
+def managed_adopt_command(
+    fingerprint: Annotated[str, typer.Argument(metavar="FINGERPRINT", help=(
+        "The discovered certificate: its SHA-256 fingerprint, or a unique prefix."))],
+    *,
+    name: Annotated[str, typer.Option(metavar="NAME", help="The managed certificate's name.")],
+    issuer: Annotated[str, typer.Option(metavar="BLOCK", help=(
+        "The issuer block that renews it, BLOCK-TYPE/NAME, e.g. private-ca/internal or acme-issuer/letsencrypt."))],
+    target_block: Annotated[Optional[str], typer.Option(metavar="SSH_BLOCK", help=(
+        "The SSH host block the proposed SSH targets deploy through (default: the block that discovered them)."))]
+    = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="[TARGET:]KEY=VALUE", help=(
+        "A setting for a proposed target (repeatable), e.g. what the proposal says it needs: "
+        "web-nginx:reload_command='nginx -s reload'. Without TARGET: every target whose kind takes it."))] = None,
+    skip_target: Annotated[Optional[list[str]], typer.Option(metavar="TARGET", help=(
+        "Do not add this proposed target (repeatable)."))] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Adopt without asking.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Adopt a discovered certificate that nothing manages: it becomes managed certificate NAME, with its
+    DNS names and key type, and deployment targets proposed from where discovery saw it (an SSH path nginx
+    serves becomes an ssh-nginx target, with the endpoint to verify). The proposal is printed and you
+    confirm it (--yes: without asking; --json without --yes: the proposal only, nothing changes)."""
+    from certpilot import adoption
+
+    engine = get_engine()
+    with read_session(engine) as session:
+        proposal = adoption.propose(session, fingerprint, target_block=target_block)
+        adoption.check_name(session, name)
+    check_issuer_block(issuer)
+    skipped = set(skip_target or ())
+    unknown = skipped - {t.name for t in proposal.targets}
+    if unknown:
+        raise typer.BadParameter(f"no proposed target named {', '.join(sorted(unknown))}", param_hint="--skip-target")
+    values = _target_values(set_, list(proposal.targets))
+    proposed = [t.with_settings(values[t.name]) for t in proposal.targets if t.name not in skipped]
+    proposal = dataclasses.replace(proposal, targets=tuple(proposed))
+    if as_json and not yes:
+        print_json({"proposal": proposal.as_dict(), "adopted": None})
+        return
+    if not as_json:
+        for text in proposal.lines():
+            out.print(line(text))
+        if not yes and not typer.confirm(f"adopt it as managed certificate {name} from {issuer}?", default=False):
+            out.print(line("not adopted: nothing changed"))
+            return
+    with write_session(engine) as session:
+        adopted = adoption.adopt(session, proposal.fingerprint, name, issuer, proposed, actor())
+    if as_json:
+        print_json({"proposal": proposal.as_dict(), "adopted": adopted.as_dict()})
+        return
+    out.print(line(f"adopted {adopted.fingerprint[:16]} as managed certificate {name} from {issuer}, with "
+                   f"{len(adopted.targets)} target(s){': ' + ', '.join(adopted.targets) if adopted.targets else ''}"))
+    for text in adopted.skipped:
+        out.print(line(f"not added: {text}"))

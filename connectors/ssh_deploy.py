@@ -603,7 +603,8 @@ class HaproxyDeployer(_SshDeployer):
                 answer = self._runtime(f"del ssl cert {self._cert_argument}\n".encode())
             except RemoteCommandError as exc:
                 answer = f"the runtime API client failed: {exc.stderr}"
-            # haproxy 2.6: "Certificate '<path>' deleted!", or "Can't remove the certificate: ... in use, can't be deleted!"
+            # haproxy 2.6: "Certificate '<path>' deleted!", or "Can't remove the certificate: ... in use, can't be
+            # deleted!"
             dropped = answer.lstrip().lower().startswith("certificate ") and "deleted!" in answer
             notes.append("haproxy dropped it from memory (runtime API)" if dropped else
                          "haproxy keeps serving it from memory: the runtime API did not drop it "
