@@ -190,6 +190,27 @@ class Served:
 
 # ------------------------------------------------------------------------------------------ a relying party
 
+class SharedTransport(httpx.BaseTransport):
+    """One connection pool for every watch (each watch's client would otherwise build its own, with a TLS
+    context loaded from the CA bundle: about 15 ms of CPU for an http:// URL that needs none). Closing a
+    client that uses it leaves it open; ``shut`` closes it."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        pass
+
+    def shut(self) -> None:
+        self.inner.close()
+
+
+TRANSPORT = SharedTransport()
+
+
 class Watcher:
     """During the run: every old certificate that turns revoked in the inventory is watched as a relying
     party would (watch_revocation: the CRL at its distribution point, the OCSP responder in its AIA)."""
@@ -226,7 +247,8 @@ class Watcher:
     def _watch(self, fingerprint: str, revoked_at: dt.datetime) -> None:
         from connectors.revocation import watch_revocation
 
-        self.results[fingerprint] = watch_revocation(self.old[fingerprint], self.issuing, revoked_at, timeout=30)
+        self.results[fingerprint] = watch_revocation(self.old[fingerprint], self.issuing, revoked_at, timeout=30,
+                                                     transport=TRANSPORT)
 
     def stop(self) -> None:
         self._stop.set()
@@ -405,7 +427,7 @@ def revoked_on_the_wire(engine: sa.Engine, old: dict[str, x509.Certificate],
 
     def check(fp: str) -> str | None:
         at = rows[fp] if rows[fp].tzinfo else rows[fp].replace(tzinfo=dt.timezone.utc)
-        seen = watch_revocation(old[fp], issuing, at, timeout=10, interval=0.2)
+        seen = watch_revocation(old[fp], issuing, at, timeout=10, interval=0.2, transport=TRANSPORT)
         if seen.crl_seconds is None or seen.ocsp_seconds is None:
             return f"{fp[:16]}: {seen.detail}"
         return None
@@ -574,7 +596,7 @@ def main() -> int:
             else:
                 visible_max, visible_from = float("nan"), (f"nowhere: of {len(revoked_now)} revocations the run saw "
                                                            f"{len(seen)}, this process {len(watched)}")
-                ok = False
+                ok = ok and watcher is None  # --no-watch: not measured, not failed
 
             # Where the time went
             runs = task_runs(run_id)
@@ -598,6 +620,7 @@ def main() -> int:
         if fleet is not None:
             fleet.stop()
         server.stop()
+        TRANSPORT.shut()
         get_engine().dispose()
         if not args.keep:
             shutil.rmtree(WORK, ignore_errors=True)
