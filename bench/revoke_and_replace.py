@@ -33,6 +33,10 @@ What it does, all on loopback in a temporary directory (its own PREFECT_HOME and
    used by `certpilot serve` with its flow-run process, the Prefect server, sshd with nginx and
    haproxy, and this process, against the machine's load.
 
+With ``--profile`` the flow is called in this process instead (same server, same fleet, same scope) with a
+sampling profiler of all its threads: where its threads spend their time, by certpilot function and the
+library frame each waits or computes in (cProfile sees only the thread that starts it).
+
 The output ends with `figure revoke_and_replace_seconds: S s` (goal at most 120),
 `figure revoked_certificates: N` (old certificates revoked by CRL and OCSP both),
 `figure still_served_after: N endpoints` (endpoints serving an old certificate after the run; goal 0)
@@ -59,6 +63,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import FrameType
 from typing import Any
 from uuid import UUID
 
@@ -254,6 +259,142 @@ class Watcher:
         self._stop.set()
         self._thread.join(timeout=30)
         self._pool.shutdown(wait=True)
+
+
+# ------------------------------------------------------------------------------------------ profiling
+
+class Sampler:
+    """A sampling profiler of every thread of this process (cProfile sees one thread; the flow's work runs in
+    its task runner's threads): every ``interval`` seconds, each thread running certpilot's code is
+    charged to its innermost frame in the checkout (certpilot, connectors, blocks, tasks, flows) and to the
+    frame it is in (the library function it waits in or computes in)."""
+
+    PROJECT = tuple(str(ROOT / part) + os.sep for part in ("certpilot", "connectors", "blocks", "tasks", "flows"))
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.pairs: dict[tuple[str, str], int] = defaultdict(int)  # (project frame, leaf frame) -> samples
+        self.project: dict[str, int] = defaultdict(int)  # project function (innermost) -> samples
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
+
+    def start(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    @staticmethod
+    def _name(frame: Any) -> str:
+        path = frame.f_code.co_filename
+        short = path.split(str(ROOT) + os.sep, 1)[-1].split("site-packages" + os.sep, 1)[-1]
+        return f"{short}:{frame.f_code.co_name}"
+
+    def _loop(self) -> None:
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval):
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                leaf, inner = self._name(frame), None
+                walk: FrameType | None = frame
+                while walk is not None:
+                    if walk.f_code.co_filename.startswith(self.PROJECT):
+                        inner = self._name(walk)
+                        break
+                    walk = walk.f_back
+                if inner is None:
+                    continue
+                self.samples += 1
+                self.pairs[(inner, leaf)] += 1
+                self.project[inner] += 1
+
+    def lines(self, top: int = 25) -> list[str]:
+        total = max(1, self.samples)
+        out = [f"  {self.samples} thread samples every {self.interval * 1000:.0f} ms of threads in certpilot's code; "
+               "share of them by innermost certpilot function:"]
+        for name, count in sorted(self.project.items(), key=lambda kv: -kv[1])[:top]:
+            out.append(f"    {count / total:6.1%}  {name}")
+        out.append("  by innermost certpilot function and the frame it was in:")
+        for (inner, leaf), count in sorted(self.pairs.items(), key=lambda kv: -kv[1])[:top]:
+            out.append(f"    {count / total:6.1%}  {inner}  <-  {leaf}")
+        return out
+
+
+class WriteLockMeter:
+    """How long the inventory's write lock is held (SQLite: from BEGIN IMMEDIATE acquired to the commit), by
+    whom: each write transaction of this process is charged to the innermost certpilot function outside
+    certpilot/database.py that opened it. Writers queue on that lock, so its busy share bounds the run."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.held: dict[str, list[float]] = defaultdict(list)  # opener -> seconds held, each transaction
+        self.intervals: list[tuple[float, float]] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> WriteLockMeter:
+        sa.event.listen(self.engine, "begin", self._begin)
+        sa.event.listen(self.engine, "commit", self._end)
+        sa.event.listen(self.engine, "rollback", self._end)
+        return self
+
+    def stop(self) -> None:
+        sa.event.remove(self.engine, "begin", self._begin)
+        sa.event.remove(self.engine, "commit", self._end)
+        sa.event.remove(self.engine, "rollback", self._end)
+
+    def _begin(self, conn: Any) -> None:  # after certpilot.database's own "begin" hook took the lock
+        if not conn.get_execution_options().get("certpilot_write", False):
+            return
+        opener, frame = "?", sys._getframe(1)
+        while frame is not None:
+            path = frame.f_code.co_filename
+            if path.startswith(Sampler.PROJECT) and not path.endswith(os.path.join("certpilot", "database.py")):
+                opener = Sampler._name(frame)
+                break
+            frame = frame.f_back  # type: ignore[assignment]
+        conn.info["bench_write"] = (time.monotonic(), opener)
+
+    def _end(self, conn: Any) -> None:
+        started = conn.info.pop("bench_write", None)
+        if started is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self.held[started[1]].append(now - started[0])
+            self.intervals.append((started[0], now))
+
+    def lines(self, wall: float, top: int = 15) -> list[str]:
+        busy, end = 0.0, float("-inf")
+        for begin, finish in sorted(self.intervals):  # the union of the intervals
+            if finish > end:
+                busy += finish - max(begin, end)
+                end = finish
+        count = sum(len(v) for v in self.held.values())
+        total = sum(sum(v) for v in self.held.values())
+        out = [f"  the inventory's write lock (SQLite BEGIN IMMEDIATE): {count} write transactions held it "
+               f"{total:.1f} s in all, busy {busy:.1f} s of the {wall:.1f} s run ({busy / max(wall, 1e-9):.0%}); "
+               "by opener (transactions, total, median, max):"]
+        for opener, values in sorted(self.held.items(), key=lambda kv: -sum(kv[1]))[:top]:
+            out.append(f"    {len(values):>6}  {sum(values):7.2f} s  {statistics.median(values) * 1000:7.1f} ms  "
+                       f"{max(values) * 1000:7.1f} ms  {opener}")
+        return out
+
+
+def run_in_process(parameters: dict[str, Any], sampler: Sampler) -> tuple[str, float, Any]:
+    """The flow called in this process (against the same Prefect server), sampled: (run id, start, state)."""
+    from flows.revoke_and_replace import revoke_and_replace
+
+    sampler.start()
+    started = time.monotonic()
+    try:
+        state = revoke_and_replace(**parameters, return_state=True)
+    finally:
+        sampler.stop()
+    return str(state.state_details.flow_run_id), started, state
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -475,6 +616,9 @@ def main() -> int:
     parser.add_argument("--haproxy", type=int, help="haproxy instances (default 5, --quick 1)")
     parser.add_argument("--concurrency", type=int, help="the run's concurrency parameter (default: the flow's)")
     parser.add_argument("--no-watch", action="store_true", help="no relying-party watch during the run")
+    parser.add_argument("--profile", action="store_true", help=(
+        "call the flow in this process (same Prefect server, same fleet) with a sampling profiler of all its "
+        "threads, instead of starting it on the served deployment"))
     parser.add_argument("--keep", action="store_true", help=f"keep the work directory ({WORK})")
     args = parser.parse_args()
     count = args.certificates or (50 if args.quick else 500)
@@ -527,15 +671,26 @@ def main() -> int:
             roots = {"certpilot serve with its flow run": [serve.process.pid], "prefect server": [server.process.pid],
                      "sshd, nginx, haproxy": fleet_pids(fleet)}
             cpu_before = {name: tree_cpu_seconds(pids) for name, pids in roots.items()}
-            cpu_before["this process (the watch)"] = own_cpu_seconds()
+            mine = "this process (the watch)" if not args.profile else "this process (the flow and the watch)"
+            cpu_before[mine] = own_cpu_seconds()
             load_before = load_average()
             since = dt.datetime.now(dt.timezone.utc)
-            run_id, created = start_run(parameters)
-            log(f"revoke-and-replace run {run_id} created with {json.dumps(parameters)}; waiting ...")
+            sampler = Sampler() if args.profile else None
+            meter = WriteLockMeter(engine) if args.profile else None
+            if sampler is not None and meter is not None:
+                log(f"revoke-and-replace called in this process with {json.dumps(parameters)}, profiled ...")
+                meter.start()
+                try:
+                    run_id, created, _ = run_in_process(parameters, sampler)
+                finally:
+                    meter.stop()
+            else:
+                run_id, created = start_run(parameters)
+                log(f"revoke-and-replace run {run_id} created with {json.dumps(parameters)}; waiting ...")
             run = wait_final(run_id, serve)
             elapsed = time.monotonic() - created
             cpu_used = {name: tree_cpu_seconds(pids) - cpu_before[name] for name, pids in roots.items()}
-            cpu_used["this process (the watch)"] = own_cpu_seconds() - cpu_before["this process (the watch)"]
+            cpu_used[mine] = own_cpu_seconds() - cpu_before[mine]
             load_after = load_average()
             if watcher is not None:
                 watcher.stop()
@@ -604,6 +759,12 @@ def main() -> int:
                 "from the flow run's start)")
             for line in task_breakdown(runs, run.start_time):
                 log(line)
+            if sampler is not None and meter is not None:
+                log("where the flow's threads spent their time (sampled, in this process):")
+                for line in sampler.lines():
+                    log(line)
+                for line in meter.lines(elapsed):
+                    log(line)
             log("one certificate's replacement, step by step (its task run and the audit events of its steps):")
             for line in phase_breakdown(engine, runs, since):
                 log(line)
