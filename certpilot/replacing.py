@@ -301,7 +301,8 @@ def resolve_scope(session: Session, scope: Scope, now: dt.datetime,
     return out
 
 
-def finish_campaign(engine: sa.Engine, campaign_id: int, actor: audit.Actor, now: dt.datetime | None = None) -> Campaign:
+def finish_campaign(engine: sa.Engine, campaign_id: int, actor: audit.Actor,
+                    now: dt.datetime | None = None) -> Campaign:
     """Close the campaign: done when every item is done or skipped, failed (and resumable) otherwise;
     one ``replacement.finished`` audit event."""
     now = now or utcnow()
@@ -319,7 +320,7 @@ def finish_campaign(engine: sa.Engine, campaign_id: int, actor: audit.Actor, now
         audit.append(session, actor, [audit.Change("replacement.finished", f"replacement:{campaign_id}", {
             "status": run.status, **{s.value: states.count(s) for s in State if states.count(s)},
             "failed": [i.label for i in failed][:50]})], now)
-        return _load(session, run, campaign.resumed)
+        return _load(session, run)
 
 
 # ------------------------------------------------------------------------------------------ one item
@@ -461,8 +462,8 @@ def _done(r: Replacer, row: ReplacementItem, run: ReplacementRun) -> None:
     now = r.clock()
     with write_session(r.engine) as session:
         _write(session, row.id, State.DONE, now, error=None)
-        audit.append(session, r.actor, [audit.Change("certificate.replaced" if row.new_fingerprint else
-                                                     "certificate.revocation_done", f"certificate:{row.old_fingerprint}", {
+        action = "certificate.replaced" if row.new_fingerprint else "certificate.revocation_done"
+        audit.append(session, r.actor, [audit.Change(action, f"certificate:{row.old_fingerprint}", {
             "managed": row.managed, "by": row.new_fingerprint, "campaign": run.id, "reason": run.reason,
             "revoke_first": run.revoke_first})], now)
     checkpoint(row.id, str(State.DONE))
@@ -571,7 +572,7 @@ def run_campaign(engine: sa.Engine, campaign: Campaign, run_items: RunItems, con
             else:
                 log.error("canary %s did not complete (%s): the others go on, each protecting itself "
                           "(never revoked before its replacement is verified)", first.label, first.error)
-    return finish_campaign(engine, campaign.id, actor)
+    return dataclasses.replace(finish_campaign(engine, campaign.id, actor), resumed=campaign.resumed)
 
 
 def load_item(engine: sa.Engine, item_id: int) -> Item:
@@ -612,9 +613,9 @@ class CampaignReport:
         with read_session(engine) as session:
             targets: dict[str, list[Target]] = {}
             if names:
-                rows = session.exec(select(Target, col(ManagedCertificate.name))
-                                    .join(ManagedCertificate, col(ManagedCertificate.id) == Target.managed_certificate_id)
-                                    .where(col(ManagedCertificate.name).in_(names))).all()
+                m = ManagedCertificate
+                rows = session.exec(select(Target, col(m.name)).join(m, col(m.id) == Target.managed_certificate_id)
+                                    .where(col(m.name).in_(names))).all()
                 for target, name in rows:
                     targets.setdefault(name, []).append(target)
         reports = []
@@ -666,14 +667,15 @@ class CampaignReport:
         c = self.campaign
         out = [f"revoke-and-replace campaign {c.id} ({c.reason}{', revoke first' if c.revoke_first else ''}"
                f"{', resumed' if c.resumed else ''}): {t['replaced']} replaced, {t['revoked']} revoked, "
-               f"{t['skipped']} skipped, {t['failed']} failed, {t['exposures']} exposure(s), {t['unverified']} place(s) "
-               f"unverified in {self.seconds:.1f} s"]
+               f"{t['skipped']} skipped, {t['failed']} failed, {t['exposures']} exposure(s), "
+               f"{t['unverified']} place(s) unverified in {self.seconds:.1f} s"]
         for r in self.items:
             i = r.item
             if i.state is State.SKIPPED:
                 out.append(f"  skipped  {i.label} {i.old_fingerprint[:16]}: {i.why}")
             elif i.state is State.DONE:
-                new = f" -> {i.new_fingerprint[:16]}, served on {r.verified}/{r.targets} target(s)" if i.new_fingerprint else ""
+                new = (f" -> {i.new_fingerprint[:16]}, served on {r.verified}/{r.targets} target(s)"
+                       if i.new_fingerprint else "")
                 out.append(f"  done     {i.label} {i.old_fingerprint[:16]}{new}, revoked {inventory.iso(i.revoked_at)}")
             else:
                 out.append(f"  FAILED   {i.label} {i.old_fingerprint[:16]} ({i.state}): {i.error}")
@@ -693,7 +695,8 @@ class CampaignReport:
         if self.exposures:
             lines += ["## Exposures: places still serving an old certificate", "",
                       "| place | what | old certificate served |", "|---|---|---|"]
-            lines += [f"| {_cell(e.place)} | {_cell(e.where)} | {(e.old or '')[:16]} |" for e in self.exposures[:max_rows]]
+            lines += [f"| {_cell(e.place)} | {_cell(e.where)} | {(e.old or '')[:16]} |"
+                      for e in self.exposures[:max_rows]]
             lines.append("")
         if self.unverified:
             lines += ["## Unverified: places that could not be probed (not known to be clean)", "",
@@ -706,9 +709,11 @@ class CampaignReport:
                   "|---|---|---|---|---|---|---|---|"]
         for r in rows[:max_rows]:
             i = r.item
+            served = f"{r.verified}/{r.targets}" if i.action == Action.REPLACE else ""
+            note = i.error or (i.why if i.state is State.SKIPPED else "")
             lines.append(f"| {_cell(i.label)} | {i.action} | {i.state} | {i.old_fingerprint[:16]} | "
-                         f"{(i.new_fingerprint or '')[:16]} | {f'{r.verified}/{r.targets}' if i.action == Action.REPLACE else ''} | "
-                         f"{_cell(inventory.iso(i.revoked_at))} | {_cell(i.error or (i.why if i.state is State.SKIPPED else ''))} |")
+                         f"{(i.new_fingerprint or '')[:16]} | {served} | {_cell(inventory.iso(i.revoked_at))} | "
+                         f"{_cell(note)} |")
         if len(rows) > max_rows:
             lines.append(f"| ... and {len(rows) - max_rows} more | | | | | | | |")
         return "\n".join(lines)

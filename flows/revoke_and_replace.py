@@ -23,20 +23,16 @@ import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, cast
 
-import sqlalchemy as sa
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 from pydantic import Field
-from sqlmodel import col
 
 from certpilot.blast_radius import BlastRadius
-from certpilot.database import get_engine, read_session
-from certpilot.errors import PermanentError, redact
-from certpilot.issuance import Issuer
+from certpilot.database import get_engine
+from certpilot.errors import PermanentError
 from certpilot.managed import certificate_tag
-from certpilot.models import ManagedCertificate
 from certpilot.replacing import Campaign, CampaignReport, Item, RevokeAndReplaceFailed, run_campaign
 from certpilot.scope import Action, Scope
 from flows.runners import thread_pool
@@ -48,18 +44,19 @@ from tasks.inventory import run_actor
 from tasks.renewal import (
     DEFAULT_ISSUER_SLOTS,
     IssuerUnavailable,
-    SharedSlotIssuer,
     ensure_issuer_limits,
     hold_issuer_slots,
     key_ring,
     limit_name,
-    load_issuer,
 )
 from tasks.replacement import (
     Deployers,
     available_issuers,
     blast_radius,
     issuer_names,
+    issuer_source,
+    issuers_of,
+    load_issuers,
     open_replacement,
     publish_replacement_report,
     replace_certificate,
@@ -68,6 +65,10 @@ from tasks.replacement import (
 
 MAX_CONCURRENCY = 32  # certificates replaced at once, whatever a run asks for
 TARGET_CONCURRENCY = 4  # one certificate's targets deployed at once after its canary target
+# The run holds its issuers' concurrency slots under a lease this long, renewed while it runs: a run that is
+# killed holds them until the lease expires, so this is how long the run started after it may wait for them
+# (Prefect's own default is 300 s; its server takes no less than 60).
+ISSUER_LEASE_SECONDS = 60.0
 Text = Annotated[str, Field(min_length=1, max_length=512)]  # a criterion of the run form: one value
 Values = Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=10_000)]  # any of them
 Reason = Literal["key-compromise", "superseded", "affiliation-changed", "cessation-of-operation",
@@ -99,18 +100,6 @@ def run_name() -> str:
         summary = "invalid-scope"
     summary = summary if len(summary) <= 80 else summary[:77] + "..."
     return f"revoke-and-replace-{summary}" + ("-dry-run" if parameters.get("dry_run", True) else "")
-
-
-def _issuers(names: set[str]) -> dict[str, Issuer | IssuerUnavailable]:
-    """Each issuer block the campaign needs, built into its connector once for the run (or why it cannot be)."""
-    engine, ring, actor = get_engine(), key_ring(), run_actor()
-    out: dict[str, Issuer | IssuerUnavailable] = {}
-    for name in sorted(names):
-        try:
-            out[name] = load_issuer(name, engine, ring, actor)
-        except Exception as exc:  # noqa: BLE001 - its certificates fail at their first CA step, with this reason
-            out[name] = IssuerUnavailable(name, redact(exc))
-    return out
 
 
 def _windowed(context: Any) -> Any:
@@ -222,36 +211,25 @@ def _dry_run(scope: Scope, revoke_first: bool) -> State[Any]:
 
 def _run(campaign: Campaign, concurrency: int) -> Campaign:
     """Every unfinished item of the campaign, with the issuers it needs loaded once and throttled by their
-    concurrency limits, and each target's block loaded once (one SSH login per host)."""
-    engine, actor = get_engine(), run_actor()
-    pending = [i for i in campaign.items if not i.finished and i.managed]
-    needed = _issuers_of(engine, pending)
+    concurrency limits (the slots held for the whole run, shared by its task runs), and each target's
+    block loaded once (one SSH login per host)."""
+    engine, actor, logger = get_engine(), run_actor(), get_run_logger()
+    needed = issuers_of([i for i in campaign.items if not i.finished])
     limits = ensure_issuer_limits(sorted(needed), DEFAULT_ISSUER_SLOTS) if needed else {}
-    connectors = _issuers(needed)
-    paused = {i for i in needed if limits.get(limit_name(i), 1) < 1}
+    connectors = load_issuers(sorted(needed), actor)
+    paused = {i: f"issuer {i} is paused: its concurrency limit {limit_name(i)} has 0 slots"
+              for i in needed if limits.get(limit_name(i), 1) < 1}
     usable = {i for i, c in connectors.items() if i not in paused and not isinstance(c, IssuerUnavailable)}
     width = max(1, min(concurrency, MAX_CONCURRENCY))
     deployers = Deployers(key_ring())
+    held = {i: min(limits.get(limit_name(i), 1), width) for i in usable}
+    if held:
+        taking = ", ".join(f"{n} of {limit_name(i)}" for i, n in sorted(held.items()))
+        logger.info("taking %s of the issuers' concurrency slots (a run killed holding them keeps them for up to "
+                    "%g s)", taking, ISSUER_LEASE_SECONDS)
     try:
-        with hold_issuer_slots({i: min(limits.get(limit_name(i), 1), width) for i in usable}) as slots:
-            def issuer_for(name: str) -> Issuer:
-                found = connectors.get(name)
-                if name in paused:
-                    raise PermanentError(f"issuer {name} is paused: its concurrency limit {limit_name(name)} has 0 slots")
-                if found is None or isinstance(found, IssuerUnavailable):
-                    raise PermanentError(found.reason if isinstance(found, IssuerUnavailable)
-                                         else f"issuer block {name} was not loaded for this run")
-                return SharedSlotIssuer(found, slots[name])
-
-            context = replacer(issuer_for, deployers, TARGET_CONCURRENCY)
-            return run_campaign(engine, campaign, _windowed(context), width, actor, get_run_logger())
+        with hold_issuer_slots(held, lease_seconds=ISSUER_LEASE_SECONDS) as slots:
+            context = replacer(issuer_source(connectors, slots, paused), deployers, TARGET_CONCURRENCY, actor, logger)
+            return run_campaign(engine, campaign, _windowed(context), width, actor, logger)
     finally:
         deployers.close()
-
-
-def _issuers_of(engine: Any, items: Sequence[Item]) -> set[str]:
-    """The issuer blocks of the items' managed certificates (each reissues and revokes through its own)."""
-    names = sorted({i.managed for i in items if i.managed})
-    with read_session(engine) as session:
-        return set(session.execute(sa.select(col(ManagedCertificate.issuer))
-                                   .where(col(ManagedCertificate.name).in_(names))).scalars())

@@ -172,12 +172,19 @@ class SharedSlotIssuer:
 
 
 @contextmanager
-def hold_issuer_slots(counts: Mapping[str, int]) -> Iterator[dict[str, threading.BoundedSemaphore]]:
+def hold_issuer_slots(counts: Mapping[str, int], lease_seconds: float | None = None,
+                      ) -> Iterator[dict[str, threading.BoundedSemaphore]]:
     """Hold ``counts[issuer]`` slots of each issuer's concurrency limit (strict) while the block runs;
-    yields one semaphore of as many slots per issuer, for the batch's task runs to share."""
+    yields one semaphore of as many slots per issuer, for the batch's task runs to share.
+
+    ``lease_seconds``: how long the server keeps the slots of a process that died holding them (renewed
+    every three quarters of it meanwhile; a renewal that fails then only logs). Default: Prefect's 300 s,
+    and a failed renewal ends the run."""
+    lease: dict[str, Any] = ({} if lease_seconds is None else
+                             {"lease_duration": lease_seconds, "raise_on_lease_renewal_failure": False})
     with ExitStack() as stack:
         for issuer, count in sorted(counts.items()):
-            stack.enter_context(concurrency(limit_name(issuer), occupy=count, strict=True))
+            stack.enter_context(concurrency(limit_name(issuer), occupy=count, strict=True, **lease))
         yield {issuer: threading.BoundedSemaphore(count) for issuer, count in counts.items()}
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,7 +42,8 @@ from certpilot import audit, replacing, rollout, targets
 from certpilot.blast_radius import BlastRadius
 from certpilot.database import get_engine, read_session
 from certpilot.deployment import DeployBundle, Deployer
-from certpilot.errors import NotFoundError, TransientError, redact
+from certpilot.errors import NotFoundError, PermanentError, TransientError, redact
+from certpilot.issuance import Issuer
 from certpilot.managed import KeyRingSource
 from certpilot.models import ManagedCertificate
 from certpilot.rate_limits import RateLimits, limits_for
@@ -53,7 +54,7 @@ from certpilot.scope import resolve as resolve_scope
 from tasks.deployment import RETRY_DELAYS, close
 from tasks.history import tag_with_certificate
 from tasks.inventory import retry_transient_only, run_actor
-from tasks.renewal import issuer_block, key_ring
+from tasks.renewal import IssuerUnavailable, SharedSlotIssuer, issuer_block, key_ring, load_issuer
 
 REPLACE_RETRY_DELAYS: list[float] = [2, 10]  # before the first and the second retry of one certificate
 # One certificate, end to end: an order that waits for its issuer's slot and for validation, a deployment
@@ -87,18 +88,60 @@ def rate_limits(blocks: dict[str, Any]) -> dict[str, RateLimits | None]:
     return {name: limits_for(getattr(block, "directory_url", None)) for name, block in blocks.items()}
 
 
+def load_issuers(names: Sequence[str], actor: audit.Actor) -> dict[str, Issuer | IssuerUnavailable]:
+    """Each issuer block built into its connector, once for the run (or why it cannot be)."""
+    engine, ring = get_engine(), key_ring()
+    out: dict[str, Issuer | IssuerUnavailable] = {}
+    for name in sorted(set(names)):
+        try:
+            out[name] = load_issuer(name, engine, ring, actor)
+        except Exception as exc:  # noqa: BLE001 - its certificates fail at their first CA step, with this reason
+            out[name] = IssuerUnavailable(name, redact(exc))
+    return out
+
+
+def issuer_source(connectors: Mapping[str, Issuer | IssuerUnavailable], slots: Mapping[str, threading.BoundedSemaphore],
+                  paused: Mapping[str, str] | None = None) -> Callable[[str], Issuer]:
+    """The run's issuer by block name: its connector taking one of ``slots[name]`` per order
+    (SharedSlotIssuer); PermanentError naming why for one that is paused or could not be loaded."""
+    def issuer_for(name: str) -> Issuer:
+        if paused and name in paused:
+            raise PermanentError(paused[name])
+        found = connectors.get(name)
+        if isinstance(found, IssuerUnavailable):
+            raise PermanentError(found.reason)
+        if found is None or name not in slots:
+            raise PermanentError(f"issuer block {name} was not loaded for this run")
+        return SharedSlotIssuer(found, slots[name])
+    return issuer_for
+
+
+def issuers_of(items: Sequence[Item]) -> set[str]:
+    """The issuer blocks of the items' managed certificates (each reissues and revokes through its own)."""
+    names = sorted({i.managed for i in items if i.managed})
+    with read_session(get_engine()) as session:
+        return set(session.execute(sa.select(col(ManagedCertificate.issuer))
+                                   .where(col(ManagedCertificate.name).in_(names))).scalars())
+
+
 # ------------------------------------------------------------------------------------------ dry run
+
+def radius_of(scope: Scope, revoke_first: bool, log: Any) -> BlastRadius:
+    """What a revoke-and-replace of ``scope`` would do and cost, from the inventory; each issuer block is
+    loaded (not built) to know whether it is available and what rate limits it publishes."""
+    blocks, problems = available_issuers(issuer_names())
+    for name, why in problems.items():
+        log.warning("issuer block %s is not available: %s", name, why)
+    with read_session(get_engine()) as session:
+        found = resolve_scope(session, scope, available_issuers=set(blocks))
+    return BlastRadius.of(scope, found, rate_limits(blocks), revoke_first)
+
 
 @task(name="blast-radius", cache_policy=NO_CACHE, timeout_seconds=600)
 def blast_radius(scope: Scope, revoke_first: bool) -> BlastRadius:
     """What a revoke-and-replace of ``scope`` would do, and what it costs (the dry run), published as the
     ``blast-radius`` artifact of the run. Nothing is generated, ordered, deployed, revoked or written."""
-    blocks, problems = available_issuers(issuer_names())
-    for name, why in problems.items():
-        get_run_logger().warning("issuer block %s is not available: %s", name, why)
-    with read_session(get_engine()) as session:
-        found = resolve_scope(session, scope, available_issuers=set(blocks))
-    radius = BlastRadius.of(scope, found, rate_limits(blocks), revoke_first)
+    radius = radius_of(scope, revoke_first, get_run_logger())
     create_markdown_artifact(key="blast-radius", markdown=radius.markdown(),
                              description=f"Dry run: {radius.summary()}"[:500])
     return radius
@@ -197,10 +240,9 @@ def target_steps(deployers: Deployers, actor: audit.Actor, log: Any) -> rollout.
     return run
 
 
-def replacer(issuers: Callable[[str], Any], deployers: Deployers, target_concurrency: int) -> Replacer:
-    """What the run's task runs share: the inventory, the issuers, the deployers, the run's actor."""
-    actor = run_actor()
-    log = get_run_logger()
+def replacer(issuers: Callable[[str], Any], deployers: Deployers, target_concurrency: int, actor: audit.Actor,
+             log: Any) -> Replacer:
+    """What the run's certificates share: the inventory, the issuers, the deployers, who acts, the log."""
     return Replacer(get_engine(), issuers, deployers.ring, actor, target_steps(deployers, actor, log),
                     target_concurrency, log)
 
@@ -243,5 +285,6 @@ def publish_replacement_report(report: CampaignReport) -> str:
     return markdown
 
 
-__all__ = ["Deployers", "available_issuers", "blast_radius", "issuer_names", "key_ring", "open_replacement",
-           "publish_replacement_report", "rate_limits", "replace_certificate", "replacer", "target_steps"]
+__all__ = ["Deployers", "available_issuers", "blast_radius", "issuer_names", "issuer_source", "issuers_of", "key_ring",
+           "load_issuers", "open_replacement", "publish_replacement_report", "radius_of", "rate_limits",
+           "replace_certificate", "replacer", "target_steps"]
