@@ -102,6 +102,30 @@ MAX_CERTIFICATE_FILE = 1024 * 1024
 
 
 _R = TypeVar("_R")
+_INSTANCE_LOCKS: dict[tuple[str, str], threading.RLock] = {}  # (SSH host, server instance) -> its lock
+_INSTANCE_LOCKS_GUARD = threading.Lock()
+
+
+def _instance_lock(where: str, instance: str) -> threading.RLock:
+    """The lock that serialises this process's changes to one server instance on one host (an nginx by its
+    reload command, a haproxy by its stats socket), whichever deployer or SSH connection makes them.
+    Several certificates of one instance are deployed at once by a fleet run; one instance takes one
+    change at a time: nginx's configuration test and reload read every site's files, so another site's
+    swap half done (its new key beside its old certificate) would fail them; haproxy keeps one
+    certificate transaction for the whole process."""
+    with _INSTANCE_LOCKS_GUARD:
+        return _INSTANCE_LOCKS.setdefault((where, instance), threading.RLock())
+
+
+def _one_at_a_time(method: Callable[..., _R]) -> Callable[..., _R]:
+    """A deployer's change (files, test, reload or runtime swap) holds its instance's lock (``_instance_lock``)."""
+
+    @functools.wraps(method)
+    def wrapper(self: _SshDeployer, *args: Any, **kwargs: Any) -> _R:
+        with _instance_lock(self.ssh.where, self.instance):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _named(method: Callable[..., _R]) -> Callable[..., _R]:
@@ -130,6 +154,7 @@ class Endpoint:
 
 class _SshDeployer:
     kind: TargetKind
+    instance: str  # the server instance on the host that the target is part of (see _instance_lock)
 
     def __init__(self, name: str, connection: SshConnection, settings: SshSettings | Mapping[str, Any]) -> None:
         self.name = name
@@ -277,6 +302,7 @@ class NginxDeployer(_SshDeployer):
         self.certificate_mode = nginx.file_mode
         self.test_command = nginx.test_command
         self.reload_command = nginx.reload_command
+        self.instance = nginx.reload_command  # the nginx this site belongs to: one per reload command and host
 
     @_named
     def current(self) -> str | None:
@@ -288,6 +314,7 @@ class NginxDeployer(_SshDeployer):
         return fp
 
     @_named
+    @_one_at_a_time
     def deploy(self, bundle: DeployBundle) -> Receipt:
         ssh, cert_path, key_path = self.ssh, self.certificate_path, self.key_path
         self._refuse_links([cert_path, key_path, cert_path + BACKUP_SUFFIX, key_path + BACKUP_SUFFIX])
@@ -360,6 +387,7 @@ class NginxDeployer(_SshDeployer):
         return self._fail(what, exc, restored)
 
     @_named
+    @_one_at_a_time
     def rollback(self, receipt: Receipt) -> None:
         """Put back the pair the receipt's deploy replaced, test, reload."""
         undo = receipt.undo
@@ -384,6 +412,7 @@ class NginxDeployer(_SshDeployer):
         log.info("%s: rolled back to %s on %s", self.name, (receipt.previous_fingerprint or "?")[:16], self.ssh.where)
 
     @_named
+    @_one_at_a_time
     def remove(self) -> Removal:
         """Move the certificate and key files aside; nginx is reloaded only by a remove_command."""
         moved, held = self._move_aside([self.certificate_path, self.key_path], self.certificate_path)
@@ -399,6 +428,7 @@ class NginxDeployer(_SshDeployer):
         return self._removal(moved, held, self._served_now(held, wait=bool(command)), notes)
 
     @_named
+    @_one_at_a_time
     def restore(self, removal: Removal) -> str:
         """Move the files back, run restore_command, test and reload nginx."""
         moved = self._put_back(removal)
@@ -414,17 +444,6 @@ class NginxDeployer(_SshDeployer):
 
 
 _LOCKED = "Operations on certificates are currently locked"  # another client's operation is under way
-_RUNTIME_LOCKS: dict[tuple[str, str], threading.Lock] = {}  # (SSH host, stats socket) -> its swap lock
-_RUNTIME_LOCKS_GUARD = threading.Lock()
-
-
-def _runtime_lock(where: str, socket_path: str) -> threading.Lock:
-    """The lock that serialises this process's certificate swaps on one haproxy instance (its stats socket
-    on one host), whichever deployer or connection makes them: haproxy has one transaction at a time."""
-    with _RUNTIME_LOCKS_GUARD:
-        return _RUNTIME_LOCKS.setdefault((where, socket_path), threading.Lock())
-
-
 def _other_transaction(answer: str, path: str) -> str | None:
     """The file of another transaction that haproxy says it put our ``set ssl cert`` into, if any."""
     for marker in ("Transaction updated for certificate ", "Transaction created for certificate "):
@@ -446,6 +465,7 @@ class HaproxyDeployer(_SshDeployer):
         self.runtime_socket = haproxy.runtime_socket or None
         self.runtime_client = haproxy.runtime_client
         self.reload_command = haproxy.reload_command or None
+        self.instance = self.runtime_socket or str(self.reload_command)  # the haproxy this crt belongs to
         self._cert_argument = _runtime_argument(self.pem_path, "pem_path", name)
         if self.runtime_socket:
             _refuse_control_characters(self.runtime_socket, "runtime_socket", name)
@@ -465,6 +485,7 @@ class HaproxyDeployer(_SshDeployer):
         return fp
 
     @_named
+    @_one_at_a_time
     def deploy(self, bundle: DeployBundle) -> Receipt:
         ssh, path = self.ssh, self.pem_path
         self._refuse_links([path, path + BACKUP_SUFFIX])
@@ -513,31 +534,30 @@ class HaproxyDeployer(_SshDeployer):
         haproxy keeps ONE certificate transaction for the whole process: a second client's ``set ssl cert``
         while one is open is refused ("currently locked") or, in 2.6, taken into the open transaction of
         another file ("Transaction updated for certificate <other>"), whose commit would then serve this
-        payload under the other file. So this process swaps one certificate at a time per haproxy instance
-        (``_runtime_lock``), waits while another client holds the lock, and aborts a transaction that
-        turns out to be another file's instead of letting it be committed."""
+        payload under the other file. So this process changes one certificate at a time per haproxy instance
+        (its callers hold ``_instance_lock``), waits while another client holds haproxy's lock, and aborts a
+        transaction that turns out to be another file's instead of letting it be committed."""
         if not self.runtime_socket:
             self._run(str(self.reload_command), "reload")
             return
-        with _runtime_lock(self.ssh.where, str(self.runtime_socket)):
-            deadline = time.monotonic() + self.command_timeout
-            while True:
-                answer = self._runtime(f"set ssl cert {self._cert_argument} <<\n".encode() + payload + b"\n")
-                other = _other_transaction(answer, self.pem_path)
-                if other is not None:  # our payload went into another client's transaction: never commit that
-                    self._abort(other)
-                if (_LOCKED not in answer and other is None) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
-            if other is not None or ("Transaction created" not in answer and "Transaction updated" not in answer):
-                self._abort()
-                raise PermanentDeployError(f"{self.name}: haproxy refused `set ssl cert {self.pem_path}` ({why}): "
-                                           f"{trim_output(answer) or 'no answer'}")
-            answer = self._runtime(f"commit ssl cert {self._cert_argument}\n".encode())
-            if "Success!" not in answer:
-                self._abort()
-                raise PermanentDeployError(f"{self.name}: haproxy refused `commit ssl cert {self.pem_path}` ({why}): "
-                                           f"{trim_output(answer) or 'no answer'}")
+        deadline = time.monotonic() + self.command_timeout
+        while True:
+            answer = self._runtime(f"set ssl cert {self._cert_argument} <<\n".encode() + payload + b"\n")
+            other = _other_transaction(answer, self.pem_path)
+            if other is not None:  # our payload went into another client's transaction: never commit that
+                self._abort(other)
+            if (_LOCKED not in answer and other is None) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        if other is not None or ("Transaction created" not in answer and "Transaction updated" not in answer):
+            self._abort()
+            raise PermanentDeployError(f"{self.name}: haproxy refused `set ssl cert {self.pem_path}` ({why}): "
+                                       f"{trim_output(answer) or 'no answer'}")
+        answer = self._runtime(f"commit ssl cert {self._cert_argument}\n".encode())
+        if "Success!" not in answer:
+            self._abort()
+            raise PermanentDeployError(f"{self.name}: haproxy refused `commit ssl cert {self.pem_path}` ({why}): "
+                                       f"{trim_output(answer) or 'no answer'}")
 
     def _abort(self, path: str | None = None) -> None:
         """Abort the open certificate transaction of ``path`` (default: this target's file)."""
@@ -566,6 +586,7 @@ class HaproxyDeployer(_SshDeployer):
         return f"if command -v socat >/dev/null 2>&1; then exec {socat}; else exec {python}; fi"
 
     @_named
+    @_one_at_a_time
     def rollback(self, receipt: Receipt) -> None:
         """Serve the receipt's previous certificate again (runtime API or reload) and restore the file."""
         undo = receipt.undo
@@ -592,6 +613,7 @@ class HaproxyDeployer(_SshDeployer):
         log.info("%s: rolled back to %s on %s", self.name, (receipt.previous_fingerprint or "?")[:16], self.ssh.where)
 
     @_named
+    @_one_at_a_time
     def remove(self) -> Removal:
         """Move the PEM aside; ask haproxy to drop the certificate from memory (runtime API), which it
         refuses while a bind line uses it; reload only by a remove_command."""
@@ -621,6 +643,7 @@ class HaproxyDeployer(_SshDeployer):
         return self._removal(moved, held, served, notes, dropped_from_memory=dropped)
 
     @_named
+    @_one_at_a_time
     def restore(self, removal: Removal) -> str:
         """Move the PEM back, run restore_command, and hand it to haproxy again (runtime API or reload)."""
         moved = self._put_back(removal)
