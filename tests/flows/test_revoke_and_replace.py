@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,20 +28,22 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from cryptography import x509
+from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL
 from sqlmodel import col, func, select
 
-from certpilot import audit, managed, targets
+from certpilot import audit, keystore, managed, targets
 from certpilot.blast_radius import BlastRadius
 from certpilot.database import read_session, write_session
-from certpilot.models import AuditEvent, Certificate, ReplacementItem, ReplacementRun, Target
+from certpilot.models import AuditEvent, Certificate, PrivateKey, ReplacementItem, ReplacementRun, Target
 from certpilot.replacing import CampaignReport, State
 from certpilot.scope import Scope
 from connectors.revocation import RevocationChecker, RevocationStatus, watch_revocation
 from flows.revoke_and_replace import revoke_and_replace
 from lab.fleet import Fleet
-from tests.flows.fleet_fixtures import CA_NAME, inventory, make_fleet  # noqa: F401 (fixtures)
+from tests.flows.fleet_fixtures import CA_NAME, inventory, make_fleet, ring  # noqa: F401 (fixtures)
 from tests.flows.test_renew_flows import _artifacts, _flow_run, _logs, _task_runs
+from tests.keyprobe import leaks
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = {"issuer": CA_NAME, "dry_run": False}
@@ -52,7 +55,8 @@ ACTOR = audit.Actor("test")
 def _snapshot(engine: sa.Engine) -> tuple[Any, ...]:
     """Everything a dry run must leave alone: certificates and their status, targets, keys, the audit head."""
     with read_session(engine) as session:
-        certificates = sorted(session.execute(sa.select(col(Certificate.fingerprint_sha256), col(Certificate.status))).all())
+        certificates = sorted(session.execute(sa.select(col(Certificate.fingerprint_sha256),
+                                                        col(Certificate.status))).all())
         rows = sorted((t.name, t.desired_fingerprint, t.verified_fingerprint) for t in session.exec(select(Target)))
         head = session.exec(select(func.max(AuditEvent.seq))).one()
         campaigns = session.exec(select(func.count()).select_from(ReplacementRun)).one()
@@ -224,6 +228,40 @@ def test_a_replacement_that_fails_verification_is_not_revoked(make_fleet: Callab
     _served_everywhere(fleet)
 
 
+def test_no_key_byte_reaches_prefect(make_fleet: Callable[..., Fleet],
+                                     prefect_files: Callable[[], dict[str, bytes]]) -> None:
+    """After a real run (one replacement failing verification, so its error travels too): no private key,
+    old or new, in the flow run, its task runs, logs, artifacts, state message, result, Prefect's database
+    or its result storage."""
+    fleet = make_fleet(certificates=2, nginx=1, haproxy=1)
+    broken = fleet.sites[1]
+    with write_session(fleet.engine) as session:
+        row = targets.get_target(session, broken.managed, broken.instance)
+        targets.configure(session, broken.managed, broken.instance, row.kind, row.block or "",
+                          {**row.settings, "verify_port": fleet.endpoint(fleet.sites[0])[1], "verify_timeout": 1},
+                          ACTOR)
+    state = revoke_and_replace(**REAL, return_state=True)
+    assert state.is_failed()
+    with read_session(fleet.engine) as session:
+        keys = [keystore.load_private_key(session, keystore.KeyRef(r.id), ring())
+                for r in session.exec(select(PrivateKey).where(col(PrivateKey.destroyed_at).is_(None)))]
+    assert len(keys) >= 2 + 2 + 2  # the CA's two, the two old certificates' and the two new ones'
+    run_id = state.state_details.flow_run_id
+    haystacks: dict[str, bytes] = {"state message": (state.message or "").encode(),
+                                   "failure": pickle.dumps(state.result(raise_on_failure=False)),
+                                   "flow run": _flow_run(run_id).model_dump_json().encode(),
+                                   "logs": _logs(run_id).encode()}
+    for task_run in _task_runs(run_id):
+        haystacks[f"task run {task_run.name}"] = task_run.model_dump_json().encode()
+    for key in ("revoke-and-replace", *(f"certificate-{name}" for name in fleet.current())):
+        for artifact in _artifacts(run_id, key):
+            haystacks[f"artifact {key}"] = str(artifact.data).encode()
+    APILogHandler().flush()
+    haystacks.update(prefect_files())
+    for where, data in haystacks.items():
+        assert leaks(data, keys) == [], f"private key material found in {where}"
+
+
 # ------------------------------------------------------------------------------------------ kills
 
 def _kill_at(state: str, nth: int, parameters: dict[str, Any]) -> None:
@@ -268,10 +306,12 @@ def test_killed_then_run_again_converges(make_fleet: Callable[..., Fleet], state
     for name, fingerprint in old.items():
         # Issued once for each old certificate, however often the run was started.
         assert _issued_for(fleet.engine, fingerprint) == [new[name]]
-        issued = [e for e in events if e.action == "certificate.issued" and json.loads(e.details).get("replaces") == fingerprint]
+        issued = [e for e in events
+                  if e.action == "certificate.issued" and json.loads(e.details).get("replaces") == fingerprint]
         assert len(issued) == 1
         # Revoked only after its replacement was proven served on its target.
-        revoked = [e.seq for e in events if e.action == "certificate.revoked" and e.object == f"certificate:{fingerprint}"]
+        revoked = [e.seq for e in events
+                   if e.action == "certificate.revoked" and e.object == f"certificate:{fingerprint}"]
         verified = [e.seq for e in events if e.action == "target.verified" and e.object.startswith(f"target:{name}/")
                     and json.loads(e.details)["fingerprint"] == new[name]]
         assert len(revoked) == 1 and verified and min(verified) < revoked[0], name

@@ -63,7 +63,8 @@ def test_the_certificates_of_one_haproxy_deployed_at_once(sshd: SshServer, pki: 
     pairs = {name: pki.pair(name) for name in SITES}
     with HaproxyInstance(sshd.home / f"haproxy-{tmp_path.name}", SITES[0], also_serves=SITES[1:], user=sshd.user,
                          pairs=pairs) as haproxy:
-        deployers = [HaproxyDeployer(f"lb-{name}", ssh, {**haproxy.deploy_settings(name), "verify_trust": pki.trust_pem})
+        deployers = [HaproxyDeployer(f"lb-{name}", ssh,
+                                     {**haproxy.deploy_settings(name), "verify_trust": pki.trust_pem})
                      for name, ssh in zip(SITES, connections, strict=True)]
         for _ in range(2):
             bundles = [pki.bundle(name) for name in SITES]
