@@ -605,10 +605,11 @@ class CampaignReport:
     items: tuple[ItemReport, ...]
     exposure: ExposureReport | None  # the probe after the run (None: not probed)
     seconds: float
+    probe_error: str | None = None  # why the exposure probe did not run to its end
 
     @classmethod
-    def of(cls, engine: sa.Engine, campaign: Campaign, exposure: ExposureReport | None,
-           seconds: float) -> CampaignReport:
+    def of(cls, engine: sa.Engine, campaign: Campaign, exposure: ExposureReport | None, seconds: float,
+           probe_error: str | None = None) -> CampaignReport:
         names = sorted({i.managed for i in campaign.items if i.managed})
         with read_session(engine) as session:
             targets: dict[str, list[Target]] = {}
@@ -623,7 +624,7 @@ class CampaignReport:
             own = targets.get(item.managed or "", []) if item.action == Action.REPLACE else []
             verified = sum(1 for t in own if item.new_fingerprint and t.verified_fingerprint == item.new_fingerprint)
             reports.append(ItemReport(item, len(own), verified))
-        return cls(campaign, tuple(reports), exposure, round(seconds, 3))
+        return cls(campaign, tuple(reports), exposure, round(seconds, 3), probe_error)
 
     @property
     def exposures(self) -> list[Exposure]:
@@ -635,16 +636,13 @@ class CampaignReport:
         """The places that could not be probed: not known to be clean."""
         return self.exposure.unverified if self.exposure is not None else []
 
-    def by_state(self, *states: State) -> list[ItemReport]:
-        return [r for r in self.items if r.item.state in states]
-
     @property
     def failed(self) -> list[ItemReport]:
         return [r for r in self.items if r.item.state not in (State.DONE, State.SKIPPED)]
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.exposures
+        return not self.failed and not self.exposures and self.probe_error is None
 
     def totals(self) -> dict[str, int]:
         items = [r.item for r in self.items]
@@ -660,7 +658,8 @@ class CampaignReport:
         return {"campaign": c.id, "scope": c.scope, "reason": c.reason, "revoke_first": c.revoke_first,
                 "status": c.status, "resumed": c.resumed, "seconds": self.seconds, "totals": self.totals(),
                 "items": [r.as_dict() for r in self.items],
-                "exposure": self.exposure.as_dict() if self.exposure is not None else None}
+                "exposure": self.exposure.as_dict() if self.exposure is not None else None,
+                "probe_error": self.probe_error}
 
     def lines(self) -> list[str]:
         t = self.totals()
@@ -681,17 +680,23 @@ class CampaignReport:
                 out.append(f"  FAILED   {i.label} {i.old_fingerprint[:16]} ({i.state}): {i.error}")
         out += [f"  EXPOSED  {e.place} ({e.where}) still serves {(e.old or '?')[:16]}" for e in self.exposures]
         out += [f"  unverified {e.place} ({e.where}): {e.error}" for e in self.unverified]
+        if self.probe_error:
+            out.append(f"  EXPOSURE NOT PROBED: {self.probe_error}")
         return out
 
     def markdown(self, max_rows: int = 1000) -> str:
         c = self.campaign
         t = self.totals()
-        verdict = ("FAILED" if self.failed else "EXPOSED" if self.exposures else "done")
+        verdict = ("FAILED" if self.failed else "EXPOSED" if self.exposures
+                   else "exposure not probed" if self.probe_error else "done")
         lines = [f"# Revoke-and-replace: {verdict}", "",
                  f"Campaign {c.id}, scope `{_cell(Scope(**_scope_args(c.scope)).describe())}`, reason **{c.reason}**"
                  f"{', revoke first' if c.revoke_first else ', replace then revoke'}"
                  f"{' (resumed)' if c.resumed else ''}; {self.seconds:.1f} s.", "",
                  " | ".join(f"**{k.replace('_', ' ')}**: {v}" for k, v in t.items()), ""]
+        if self.probe_error:
+            lines += [f"**The exposure probe did not complete**: {_cell(self.probe_error)}. Whether an old "
+                      "certificate is still served somewhere is not known.", ""]
         if self.exposures:
             lines += ["## Exposures: places still serving an old certificate", "",
                       "| place | what | old certificate served |", "|---|---|---|"]
@@ -744,6 +749,9 @@ class RevokeAndReplaceFailed(PermanentError):
             shown = "; ".join(f"{e.place} ({e.where}) serves {(e.old or '?')[:16]}" for e in report.exposures[:20])
             more = f"; and {len(report.exposures) - 20} more" if len(report.exposures) > 20 else ""
             parts.append(f"{len(report.exposures)} exposure(s), places still serving an old certificate: {shown}{more}")
+        if report.probe_error:
+            parts.append(f"the exposure probe did not complete ({report.probe_error}): whether an old certificate "
+                         "is still served somewhere is not known")
         super().__init__(f"revoke-and-replace campaign {report.campaign.id}: " + "; ".join(parts))
 
     def __reduce__(self) -> tuple[Any, ...]:

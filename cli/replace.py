@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from certpilot.blast_radius import BlastRadius
-from certpilot.errors import TransientError
+from certpilot.errors import TransientError, redact
 from certpilot.replacing import CampaignReport, Item, RevokeAndReplaceFailed
 from certpilot.scope import Scope
 from cli import prefect_api
@@ -41,10 +41,9 @@ def directly(scope: Scope, reason: str, revoke_first: bool, dry_run: bool,
              concurrency: int) -> BlastRadius | CampaignReport:
     """The flow's path without Prefect run history (see the module docstring)."""
     from certpilot import replacing
-    from certpilot.database import get_engine
-    from certpilot.exposure import places_of, report, targets_of
     from certpilot.clock import utcnow
-    from certpilot.database import read_session
+    from certpilot.database import get_engine, read_session
+    from certpilot.exposure import places_of, report, targets_of
     from tasks.exposure import observe
     from tasks.renewal import DEFAULT_ISSUER_SLOTS, IssuerUnavailable, key_ring
     from tasks.replacement import (Deployers, available_issuers, issuer_names, issuer_source, issuers_of, load_issuers,
@@ -85,13 +84,16 @@ def directly(scope: Scope, reason: str, revoke_first: bool, dry_run: bool,
     finally:
         deployers.close()
     old = [i.old_fingerprint for i in campaign.items if i.action in ("replace", "revoke")]
-    exposure = None
+    exposure, probe_error = None, None
     if old:
-        with read_session(engine) as session:
-            places = places_of(session, old)
-            rows = targets_of(session, places)
-        exposure = report(places, observe(places, rows), old, utcnow())
-    result = CampaignReport.of(engine, campaign, exposure, time.monotonic() - started)
+        try:
+            with read_session(engine) as session:
+                places = places_of(session, old)
+                rows = targets_of(session, places)
+            exposure = report(places, observe(places, rows), old, utcnow())
+        except Exception as exc:  # noqa: BLE001 - the report says the probe did not complete, and why
+            probe_error = redact(exc)
+    result = CampaignReport.of(engine, campaign, exposure, time.monotonic() - started, probe_error)
     if not result.ok:
         raise RevokeAndReplaceFailed(result)
     return result

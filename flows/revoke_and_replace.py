@@ -184,8 +184,14 @@ def revoke_and_replace(
         if history is not None and not history.is_completed():
             logger.warning("the certificates' history artifacts were not published: %s", history.message)
     old = [i.old_fingerprint for i in campaign.items if i.action in (Action.REPLACE, Action.REVOKE)]
-    exposure = probe_exposure(old, publish=False) if old else None
-    report = CampaignReport.of(get_engine(), campaign, exposure, time.monotonic() - started)
+    exposure, probe_error = None, None
+    if old:
+        probed = probe_exposure(old, publish=False, return_state=True)
+        if probed.is_completed():
+            exposure = probed.result()
+        else:
+            probe_error = probed.message or "the exposure probe ended without a result"
+    report = CampaignReport.of(get_engine(), campaign, exposure, time.monotonic() - started, probe_error)
     publish_replacement_report(report)
     for line in report.lines():
         (logger.error if "FAILED" in line or "EXPOSED" in line else logger.info)("%s", line)
