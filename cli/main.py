@@ -15,7 +15,7 @@ import typer
 from certpilot.database import get_engine
 from certpilot.settings import load_settings
 from cli import alerts as alerts_cli
-from cli import audit, ca, fleet, inventory, keys, managed, report, revoke, serve, status, targets
+from cli import audit, ca, fleet, inventory, keys, managed, replace, report, revoke, serve, status, targets
 from cli.console import CertpilotGroup, JsonOption, err, line, out, print_json
 
 app = typer.Typer(cls=CertpilotGroup, help="certpilot: certificate lifecycle management.", no_args_is_help=True,
@@ -28,6 +28,7 @@ app.add_typer(ca.app, name="ca")
 app.add_typer(managed.app, name="managed")
 app.command("renew")(managed.renew_command)
 app.command("revoke")(revoke.revoke_command)
+app.command("revoke-and-replace")(replace.revoke_and_replace_command)
 app.add_typer(targets.app, name="target")
 app.command("deploy")(fleet.deploy_command)
 app.command("discover")(fleet.discover_command)
