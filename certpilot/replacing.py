@@ -34,7 +34,8 @@ they served (rolled back). Running the campaign again resumes failed items from 
 reached (their key, order and certificate are kept).
 
 ``run_campaign`` orders the items: the first unfinished replacement alone (the canary: replaced,
-verified and revoked before any other starts, unless one was already done), then the rest, at most
+verified and revoked before any other starts, unless one was already done; if it fails, no other starts
+and the campaign stays resumable), then the rest, at most
 ``concurrency`` at once, through the caller's seam (``RunItems``: Prefect task runs in the flow, threads
 on the CLI). ``CampaignReport`` is what the run did, with the exposures found after it.
 """
@@ -544,8 +545,8 @@ never raises for an item."""
 def run_campaign(engine: sa.Engine, campaign: Campaign, run_items: RunItems, concurrency: int,
                  actor: audit.Actor, log: Any = None) -> Campaign:
     """Advance every unfinished item of ``campaign``: the canary (the first unfinished replacement,
-    alone, unless a replacement of this campaign is done already), then the other replacements and the
-    revocations, at most ``concurrency`` at once. An item whose run ended in an error without recording
+    alone, unless a replacement of this campaign is done already; a failed canary stops the run there),
+    then the other replacements and the revocations, at most ``concurrency`` at once. An item whose run ended in an error without recording
     a failure (retries exhausted, a crash) is marked failed with that error. Then the campaign is
     finished (done, or failed and resumable). Returns it as it now stands."""
     pending = [i for i in campaign.items if not i.finished]
@@ -564,14 +565,19 @@ def run_campaign(engine: sa.Engine, campaign: Campaign, run_items: RunItems, con
         for item, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, ReplacementFailed):
                 mark_failed(engine, item.id, redact(result), actor)
-        if log is not None and index == 0 and len(batches) == 2:
+        if index == 0 and len(batches) == 2:
             first = load_item(engine, batch[0].id)
-            if first.state is State.DONE:
+            if first.state is not State.DONE:
+                # A canary that fails is most often the run's own problem (the issuer, the key type, a
+                # reload command all certificates share): stop before touching the rest of the fleet.
+                if log is not None:
+                    log.error("canary %s did not complete (%s): the other %d certificate(s) were not started; "
+                              "fix the cause and run the same scope again to resume", first.label, first.error,
+                              len(batches[1][0]))
+                break
+            if log is not None:
                 log.info("canary %s replaced, verified and revoked: %s -> %s", first.label,
                          first.old_fingerprint[:16], (first.new_fingerprint or "?")[:16])
-            else:
-                log.error("canary %s did not complete (%s): the others go on, each protecting itself "
-                          "(never revoked before its replacement is verified)", first.label, first.error)
     return dataclasses.replace(finish_campaign(engine, campaign.id, actor), resumed=campaign.resumed)
 
 
@@ -738,13 +744,17 @@ class RevokeAndReplaceFailed(PermanentError):
 
     def __init__(self, report: CampaignReport) -> None:
         self.report = report
-        failed = report.failed
+        waiting = [r for r in report.failed if r.item.state is State.PENDING and not r.item.error]
+        failed = [r for r in report.failed if r not in waiting]
         parts = []
         if failed:
             shown = "; ".join(f"{r.item.label} ({r.item.old_fingerprint[:16]}): {r.item.error or r.item.state}"
                               for r in failed[:20])
             more = f"; and {len(failed) - 20} more" if len(failed) > 20 else ""
             parts.append(f"{len(failed)} replacement(s) failed, not revoked unless revoke_first: {shown}{more}")
+        if waiting:
+            parts.append(f"{len(waiting)} certificate(s) not started because the canary failed (run the same scope "
+                         "again to resume)")
         if report.exposures:
             shown = "; ".join(f"{e.place} ({e.where}) serves {(e.old or '?')[:16]}" for e in report.exposures[:20])
             more = f"; and {len(report.exposures) - 20} more" if len(report.exposures) > 20 else ""

@@ -235,3 +235,24 @@ def test_an_unknown_reason_is_refused(engine: sa.Engine, estate: dict[str, str])
     with pytest.raises(PermanentError, match="unknown revocation reason 'compromised'"):
         replacing.open_campaign(engine, Scope(names=("alpha",)), "compromised", False, ACTOR)
 
+
+
+def test_a_failed_canary_stops_the_run_before_the_others_start(engine: sa.Engine, estate: dict[str, str]) -> None:
+    """The canary (alpha, first by name) is refused: beta's replacement and the revoke-only item are not
+    started, nothing is revoked, the campaign is failed and resumable; run again, it finishes."""
+    campaign = replacing.open_campaign(engine, Scope(issuer=CA_NAME), "key-compromise", False, ACTOR)
+    refused = _replacer(engine, RefusingIssuer(PrivateCAIssuer(engine, CA_NAME, _ring)))  # type: ignore[arg-type]
+
+    stopped = replacing.run_campaign(engine, campaign, _one_by_one(refused), 4, ACTOR)
+
+    states = {i.old_fingerprint: i.state for i in stopped.items}
+    assert stopped.status == "failed" and states[estate["alpha"]] is State.FAILED
+    assert states[estate["beta"]] is State.PENDING and states[estate["beta-old"]] is State.PENDING
+    assert all(_row(engine, fp).status != "revoked" for fp in (estate["alpha"], estate["beta"], estate["beta-old"]))
+    message = str(replacing.RevokeAndReplaceFailed(replacing.CampaignReport.of(engine, stopped, None, 0.0)))
+    assert "1 replacement(s) failed" in message and "2 certificate(s) not started because the canary failed" in message
+
+    finished = replacing.run_campaign(engine, replacing.open_campaign(engine, Scope(issuer=CA_NAME), "key-compromise",
+                                                                      False, ACTOR), _one_by_one(_replacer(engine)), 4, ACTOR)
+    assert finished.status == "done"
+    assert all(_row(engine, fp).status == "revoked" for fp in (estate["alpha"], estate["beta"], estate["beta-old"]))
