@@ -667,9 +667,15 @@ def ca_of(session: Session, cert: Certificate) -> CertificateAuthority:
 
 
 def revoke(session: Session, ring: keystore.KeyRing, actor: audit.Actor, fingerprint: str,
-           reason: x509.ReasonFlags, *, ca_name: str | None = None, now: dt.datetime | None = None) -> Certificate:
+           reason: x509.ReasonFlags, *, ca_name: str | None = None, now: dt.datetime | None = None,
+           publish: bool = True) -> Certificate:
     """Revoke a certificate a certpilot CA issued (CA ``ca_name`` only, when given) and publish that
     CA's new CRL, in the caller's write transaction.
+
+    With ``publish=False`` the CA's CRL is only marked stale: the next fetch (``current_crl``, which the
+    HTTP listener serves) or refresh issues one CRL for every revocation since, so a burst of revocations
+    (an emergency revoke-and-replace of a fleet) costs one CRL per fetch instead of one per revocation.
+    OCSP answers from the inventory, so it says revoked as soon as the transaction commits either way.
 
     Revoking again changes nothing, except that a later ``keyCompromise`` replaces an earlier reason
     (the revocation time stays)."""
@@ -695,8 +701,12 @@ def revoke(session: Session, ring: keystore.KeyRing, actor: audit.Actor, fingerp
     session.add(row)
     session.flush()
     audit.append(session, actor, [change], now)
-    signer = open_signer(session, ring, ca.name)
-    _publish_crl(session, actor, ca, signer, now)
+    if publish:
+        _publish_crl(session, actor, ca, open_signer(session, ring, ca.name), now)
+    else:
+        ca.crl_der = None  # stale: crl_due() now says so, and the next reader issues the new CRL
+        session.add(ca)
+        session.flush()
     return row
 
 

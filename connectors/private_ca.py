@@ -3,9 +3,9 @@
 The CA lives in the inventory (certpilot.ca): this connector decrypts the issuing key inside a
 signer for one call and lets it go. Issuing only signs: like any issuer, it returns the chain and
 writes nothing; the renewal's store step records the certificate (one certificate.issued event), and
-from then on OCSP and the CRL know its serial. Revoking marks the inventory row and publishes a new
-CRL at once; OCSP answers from the inventory, so both reflect a revocation as soon as the
-transaction commits.
+from then on OCSP and the CRL know its serial. Revoking marks the inventory row and the CA's CRL
+stale; OCSP answers from the inventory, so it reflects a revocation as soon as the transaction
+commits, and the next fetch of the CRL (certpilot serve) issues one listing it.
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ class PrivateCAIssuer:
 
     def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags, *,
                key: PrivateKeyTypes | None = None) -> None:
-        """Mark ``certificate`` revoked in the inventory and publish a new CRL."""
+        """Mark ``certificate`` revoked in the inventory (OCSP says so at once) and the CA's CRL stale: the
+        next fetch of the CRL issues a new one listing it (one CRL for a burst of revocations)."""
         with write_session(self.engine) as session:
             ca.revoke(session, self._key_ring(), self._actor, fingerprint_sha256(certificate), reason,
-                      ca_name=self.ca_name)
+                      ca_name=self.ca_name, publish=False)
 
     def renewal_info(self, certificate: x509.Certificate) -> RenewalWindow | None:
         """The private CA offers no ARI: renewal follows the managed certificate's own policy."""

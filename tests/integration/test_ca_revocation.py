@@ -370,3 +370,26 @@ def test_parse_listen() -> None:
     assert parse_listen(":8443") == ("127.0.0.1", 8443)
     with pytest.raises(ValueError):
         parse_listen("host:99999")
+
+
+def test_a_burst_of_revocations_makes_one_crl_at_the_next_fetch(served: Served) -> None:
+    """The issuer's revoke marks the CRL stale instead of signing one per revocation: OCSP says revoked at
+    once, and the next fetch of the CRL issues one new CRL listing all of them."""
+    crl_url = f"{served.server.url}/corp/issuing.crl"
+    first = _crl_number(x509.load_der_x509_crl(served.get(crl_url)[2]))
+    leaves = [served.issue(f"burst{i}.example.com").leaf for i in range(3)]
+
+    def crls_issued() -> int:
+        with read_session(served.engine) as session:
+            return len(session.execute(sa.select(AuditEvent.seq).where(AuditEvent.action == "ca.crl_issued")).all())
+
+    before = crls_issued()
+    for leaf in leaves:
+        served.issuer.revoke(leaf, x509.ReasonFlags.key_compromise)
+        assert "leaf.pem: revoked" in served.openssl_ocsp(leaf)
+    assert crls_issued() == before  # nothing signed yet
+
+    crl = x509.load_der_x509_crl(served.get(crl_url)[2])
+    assert _crl_number(crl) == first + 1 and crls_issued() == before + 1
+    assert all(crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None for leaf in leaves)
+    assert _crl_number(x509.load_der_x509_crl(served.get(crl_url)[2])) == first + 1  # not stale any more
