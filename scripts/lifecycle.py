@@ -12,7 +12,10 @@ shows in its UI. Steps:
    certificate served and flags what is gone as ghosts;
 4. the monitor flow, twice: what is served against what should be, the silent stalls, de-duplicated
    alerts delivered to a webhook receiver on loopback (the second run tells nothing new), the SLIs;
-5. the expiry report, the targets' state and the audit chain.
+5. an emergency drill: revoke-and-replace of www.lab.test for a key compromise, its blast radius (a
+   dry run) first, then for real: a new key, issued, deployed canary-first and verified on every
+   target, the old certificate revoked, every place it was seen probed for exposure;
+6. the expiry report, the targets' state and the audit chain.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from flows.deploy import deploy_certificate
 from flows.discover import discover
 from flows.monitor import monitor
 from flows.renew import renew_due
+from flows.revoke_and_replace import revoke_and_replace
 from lab import tls_farm
 from lab.haproxy import HaproxyInstance
 from lab.nginx import NginxInstance
@@ -188,6 +192,15 @@ def main() -> int:
                       f"webhook messages so far: {len(hook.requests)}")
         for request in hook.requests[:5]:
             out.print(f"  {request.json()['subject']}", markup=False)
+
+        if web:
+            step(f"emergency drill: {MANAGED}'s key is compromised; revoke-and-replace, the blast radius first")
+            radius = revoke_and_replace(names=[MANAGED], return_state=True)
+            out.print(radius.message or "", markup=False)
+            state = revoke_and_replace(names=[MANAGED], dry_run=False, return_state=True)
+            replaced = state.result(raise_on_failure=False)
+            for line in (replaced.lines() if state.is_completed() else [state.message or "failed"]):
+                out.print(f"  {line}", markup=False)
 
         step("report")
         with read_session(engine) as session:
