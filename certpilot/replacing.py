@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ __all__ = [
 ]
 
 _MAX_ERROR = 1000
+_log = logging.getLogger(__name__)
 
 
 class State(StrEnum):
@@ -371,6 +373,9 @@ class Replacer:
     target_concurrency: int = 4
     log: Any = None  # a logging.Logger or Prefect's run logger; None: certpilot.rollout's
     clock: Clock = utcnow
+    # Called once an old certificate is revoked (the flow watches relying parties see it and records how
+    # long that took); its failure is logged, never the item's.
+    on_revoked: Callable[[revoking.RevocationOutcome], Any] | None = None
 
 
 def _set(r: Replacer, item_id: int, state: State, **values: Any) -> None:
@@ -456,6 +461,12 @@ def _revoke(r: Replacer, row: ReplacementItem, run: ReplacementRun) -> None:
     outcome = revoking.revoke(r.engine, row.old_fingerprint, ca.parse_reason(run.reason), r.issuers(block),
                               r.key_ring, r.actor, now=r.clock())
     _set(r, row.id, State.REVOKED, revoked_at=outcome.revoked_at)
+    if r.on_revoked is not None:
+        try:
+            r.on_revoked(outcome)
+        except Exception as exc:  # noqa: BLE001 - a watch that fails is reported, the revocation stands
+            (r.log or _log).warning("%s: revoked, but its propagation was not measured: %s", row.managed or
+                                    row.old_fingerprint[:16], redact(exc))
 
 
 def _done(r: Replacer, row: ReplacementItem, run: ReplacementRun) -> None:

@@ -48,6 +48,7 @@ from certpilot.managed import KeyRingSource
 from certpilot.models import ManagedCertificate
 from certpilot.rate_limits import RateLimits, limits_for
 from certpilot.replacing import Campaign, CampaignReport, Item, Replacer
+from certpilot.revoking import RevocationOutcome
 from certpilot.rollout import DeployStep, Outcome, Step
 from certpilot.scope import Scope
 from certpilot.scope import resolve as resolve_scope
@@ -55,11 +56,13 @@ from tasks.deployment import RETRY_DELAYS, close
 from tasks.history import tag_with_certificate
 from tasks.inventory import retry_transient_only, run_actor
 from tasks.renewal import IssuerUnavailable, SharedSlotIssuer, issuer_block, key_ring, load_issuer
+from tasks.revocation import watch_and_record
 
 REPLACE_RETRY_DELAYS: list[float] = [2, 10]  # before the first and the second retry of one certificate
 # One certificate, end to end: an order that waits for its issuer's slot and for validation, a deployment
 # to its targets with verification polling, a revocation. Every network call inside has its own timeout.
 REPLACE_TIMEOUT_SECONDS = 3600
+PROPAGATION_WATCH_SECONDS = 10.0  # after each revocation: until its CRL and OCSP both say revoked, at most this
 
 
 # ------------------------------------------------------------------------------------------ issuers
@@ -243,8 +246,15 @@ def target_steps(deployers: Deployers, actor: audit.Actor, log: Any) -> rollout.
 def replacer(issuers: Callable[[str], Any], deployers: Deployers, target_concurrency: int, actor: audit.Actor,
              log: Any) -> Replacer:
     """What the run's certificates share: the inventory, the issuers, the deployers, who acts, the log."""
+    def watch(outcome: RevocationOutcome) -> None:  # as a relying party: recorded for M6
+        propagation = watch_and_record(outcome, PROPAGATION_WATCH_SECONDS, actor)
+        if propagation is not None and propagation.seconds is None:
+            log.warning("%s: revoked, but not seen by both its CRL and its OCSP responder within %g s: %s",
+                        outcome.managed or outcome.fingerprint_sha256[:16], PROPAGATION_WATCH_SECONDS,
+                        propagation.detail)
+
     return Replacer(get_engine(), issuers, deployers.ring, actor, target_steps(deployers, actor, log),
-                    target_concurrency, log)
+                    target_concurrency, log, on_revoked=watch)
 
 
 def _certificate_run_name() -> str:

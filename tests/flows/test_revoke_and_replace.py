@@ -32,7 +32,7 @@ from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL
 from sqlmodel import col, func, select
 
-from certpilot import audit, keystore, managed, targets
+from certpilot import audit, keystore, managed, propagation, targets
 from certpilot.blast_radius import BlastRadius
 from certpilot.database import read_session, write_session
 from certpilot.models import AuditEvent, Certificate, PrivateKey, ReplacementItem, ReplacementRun, Target
@@ -159,6 +159,10 @@ def test_key_compromise_replaces_everywhere_then_revokes(make_fleet: Callable[..
     [artifact] = _artifacts(run_id, "revoke-and-replace")
     assert "# Revoke-and-replace: done" in artifact.data and all(fp[:16] in artifact.data for fp in old.values())
     assert "canary" in _logs(run_id)
+    # Each revocation watched as a relying party would (its CRL and its OCSP responder) and recorded once (M6).
+    with read_session(fleet.engine) as session:
+        seen = propagation.measurements(session, list(old.values()))
+    assert sorted(seen) == sorted(old.values()) and all(m.seconds is not None and m.seconds < 10 for m in seen.values())
 
 
 def _issued_for(engine: sa.Engine, old: str) -> list[str]:
