@@ -87,6 +87,7 @@ from certpilot.database import get_engine, read_session  # noqa: E402
 from certpilot.models import AuditEvent, Certificate  # noqa: E402
 from sqlmodel import col  # noqa: E402
 from certpilot.settings import load_settings  # noqa: E402
+from connectors.revocation import SharedTransport  # noqa: E402
 from lab.fleet import Fleet  # noqa: E402
 from lab.ports import free_port  # noqa: E402
 from lab.prefect_server import PrefectServer  # noqa: E402
@@ -194,24 +195,6 @@ class Served:
 
 
 # ------------------------------------------------------------------------------------------ a relying party
-
-class SharedTransport(httpx.BaseTransport):
-    """One connection pool for every watch (each watch's client would otherwise build its own, with a TLS
-    context loaded from the CA bundle: about 15 ms of CPU for an http:// URL that needs none). Closing a
-    client that uses it leaves it open; ``shut`` closes it."""
-
-    def __init__(self) -> None:
-        self.inner = httpx.HTTPTransport()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        return self.inner.handle_request(request)
-
-    def close(self) -> None:
-        pass
-
-    def shut(self) -> None:
-        self.inner.close()
-
 
 TRANSPORT = SharedTransport()
 

@@ -46,8 +46,8 @@ def directly(scope: Scope, reason: str, revoke_first: bool, dry_run: bool,
     from certpilot.exposure import places_of, report, targets_of
     from tasks.exposure import observe
     from tasks.renewal import DEFAULT_ISSUER_SLOTS, IssuerUnavailable, key_ring
-    from tasks.replacement import (Deployers, available_issuers, issuer_names, issuer_source, issuers_of, load_issuers,
-                                   radius_of, replacer)
+    from tasks.replacement import (Deployers, PropagationWatch, available_issuers, issuer_names, issuer_source,
+                                   issuers_of, load_issuers, radius_of, replacer)
 
     log = _stderr_log(logging.WARNING)
     if dry_run:
@@ -61,9 +61,9 @@ def directly(scope: Scope, reason: str, revoke_first: bool, dry_run: bool,
     width = max(1, min(concurrency, MAX_CONCURRENCY))
     slots = {name: threading.BoundedSemaphore(DEFAULT_ISSUER_SLOTS) for name, c in connectors.items()
              if not isinstance(c, IssuerUnavailable)}
-    deployers = Deployers(key_ring())
+    deployers, watch = Deployers(key_ring()), PropagationWatch(who, log)
     try:
-        context = replacer(issuer_source(connectors, slots), deployers, 4, who, log)
+        context = replacer(issuer_source(connectors, slots), deployers, 4, who, log, watch)
 
         def one(item: Item) -> Item:
             for delay in [*RETRY_DELAYS, None]:
@@ -83,6 +83,7 @@ def directly(scope: Scope, reason: str, revoke_first: bool, dry_run: bool,
         campaign = replacing.run_campaign(engine, campaign, run_items, width, who, log)
     finally:
         deployers.close()
+        watch.close()
     old = [i.old_fingerprint for i in campaign.items if i.action in ("replace", "revoke")]
     exposure, probe_error = None, None
     if old:

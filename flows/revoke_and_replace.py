@@ -51,6 +51,7 @@ from tasks.renewal import (
 )
 from tasks.replacement import (
     Deployers,
+    PropagationWatch,
     available_issuers,
     blast_radius,
     issuer_names,
@@ -227,7 +228,7 @@ def _run(campaign: Campaign, concurrency: int) -> Campaign:
               for i in needed if limits.get(limit_name(i), 1) < 1}
     usable = {i for i, c in connectors.items() if i not in paused and not isinstance(c, IssuerUnavailable)}
     width = max(1, min(concurrency, MAX_CONCURRENCY))
-    deployers = Deployers(key_ring())
+    deployers, watch = Deployers(key_ring()), PropagationWatch(actor, logger)
     held = {i: min(limits.get(limit_name(i), 1), width) for i in usable}
     if held:
         taking = ", ".join(f"{n} of {limit_name(i)}" for i, n in sorted(held.items()))
@@ -235,7 +236,11 @@ def _run(campaign: Campaign, concurrency: int) -> Campaign:
                     "%g s)", taking, ISSUER_LEASE_SECONDS)
     try:
         with hold_issuer_slots(held, lease_seconds=ISSUER_LEASE_SECONDS) as slots:
-            context = replacer(issuer_source(connectors, slots, paused), deployers, TARGET_CONCURRENCY, actor, logger)
+            context = replacer(issuer_source(connectors, slots, paused), deployers, TARGET_CONCURRENCY, actor, logger,
+                               watch)
             return run_campaign(engine, campaign, _windowed(context), width, actor, logger)
     finally:
         deployers.close()
+        watched = watch.close()
+        if watched:
+            logger.info("%d revocation(s) watched until their CRL and OCSP responder showed them, and recorded", watched)

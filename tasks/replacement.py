@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import sqlalchemy as sa
@@ -52,6 +52,7 @@ from certpilot.revoking import RevocationOutcome
 from certpilot.rollout import DeployStep, Outcome, Step
 from certpilot.scope import Scope
 from certpilot.scope import resolve as resolve_scope
+from connectors.revocation import SharedTransport
 from tasks.deployment import RETRY_DELAYS, close
 from tasks.history import tag_with_certificate
 from tasks.inventory import retry_transient_only, run_actor
@@ -243,18 +244,44 @@ def target_steps(deployers: Deployers, actor: audit.Actor, log: Any) -> rollout.
     return run
 
 
-def replacer(issuers: Callable[[str], Any], deployers: Deployers, target_concurrency: int, actor: audit.Actor,
-             log: Any) -> Replacer:
-    """What the run's certificates share: the inventory, the issuers, the deployers, who acts, the log."""
-    def watch(outcome: RevocationOutcome) -> None:  # as a relying party: recorded for M6
-        propagation = watch_and_record(outcome, PROPAGATION_WATCH_SECONDS, actor)
-        if propagation is not None and propagation.seconds is None:
-            log.warning("%s: revoked, but not seen by both its CRL and its OCSP responder within %g s: %s",
-                        outcome.managed or outcome.fingerprint_sha256[:16], PROPAGATION_WATCH_SECONDS,
-                        propagation.detail)
+class PropagationWatch:
+    """Watches each revocation of the run reach relying parties (its CRL and its OCSP responder), up to
+    PROPAGATION_WATCH_SECONDS, and records it (M6), on threads of its own, sharing one connection pool:
+    a certificate's replacement does not wait for its watch. ``close`` waits for every watch (end of run)."""
 
+    def __init__(self, actor: audit.Actor, log: Any, workers: int = 8) -> None:
+        self.actor, self.log = actor, log
+        self.transport = SharedTransport()
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="revocation-watch")
+        self.futures: list[Future[None]] = []
+
+    def submit(self, outcome: RevocationOutcome) -> None:
+        self.futures.append(self.pool.submit(self._watch, outcome))
+
+    def _watch(self, outcome: RevocationOutcome) -> None:
+        label = outcome.managed or outcome.fingerprint_sha256[:16]
+        try:
+            propagation = watch_and_record(outcome, PROPAGATION_WATCH_SECONDS, self.actor, self.transport)
+        except Exception as exc:  # noqa: BLE001 - a watch that fails is reported, the revocation stands
+            self.log.warning("%s: revoked, but its propagation was not measured: %s", label, redact(exc))
+            return
+        if propagation is not None and propagation.seconds is None:
+            self.log.warning("%s: revoked, but not seen by both its CRL and its OCSP responder within %g s: %s",
+                             label, PROPAGATION_WATCH_SECONDS, propagation.detail)
+
+    def close(self) -> int:
+        """Wait for every watch; how many there were."""
+        self.pool.shutdown(wait=True)
+        self.transport.shut()
+        return len(self.futures)
+
+
+def replacer(issuers: Callable[[str], Any], deployers: Deployers, target_concurrency: int, actor: audit.Actor,
+             log: Any, watch: PropagationWatch | None = None) -> Replacer:
+    """What the run's certificates share: the inventory, the issuers, the deployers, who acts, the log,
+    and the watch that measures each revocation's propagation."""
     return Replacer(get_engine(), issuers, deployers.ring, actor, target_steps(deployers, actor, log),
-                    target_concurrency, log, on_revoked=watch)
+                    target_concurrency, log, on_revoked=watch.submit if watch is not None else None)
 
 
 def _certificate_run_name() -> str:
@@ -295,6 +322,6 @@ def publish_replacement_report(report: CampaignReport) -> str:
     return markdown
 
 
-__all__ = ["Deployers", "available_issuers", "blast_radius", "issuer_names", "issuer_source", "issuers_of", "key_ring",
+__all__ = ["Deployers", "PropagationWatch", "available_issuers", "blast_radius", "issuer_names", "issuer_source", "issuers_of", "key_ring",
            "load_issuers", "open_replacement", "publish_replacement_report", "radius_of", "rate_limits",
            "replace_certificate", "replacer", "target_steps"]

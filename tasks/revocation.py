@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import httpx
 from cryptography import x509
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -102,7 +103,8 @@ def revoke_located(located: Located, reason: x509.ReasonFlags, actor: audit.Acto
     return revoking.revoke(engine, located.fingerprint_sha256, reason, issuer, ring, actor)
 
 
-def watch_and_record(outcome: RevocationOutcome, timeout: float, actor: audit.Actor) -> Propagation | None:
+def watch_and_record(outcome: RevocationOutcome, timeout: float, actor: audit.Actor,
+                     transport: httpx.BaseTransport | None = None) -> Propagation | None:
     """Watch ``outcome``'s revocation reach relying parties for up to ``timeout`` seconds and record it
     (one certificate.revocation_visible event). None for a certificate that was revoked already (nothing
     changed: nothing to measure) or that names neither a CRL nor an OCSP responder (nothing recorded)."""
@@ -118,7 +120,7 @@ def watch_and_record(outcome: RevocationOutcome, timeout: float, actor: audit.Ac
     if issuing is None:
         return Propagation(None, None, None, None, None, f"the certificate's issuer ({row.issuer}) is not in the "
                                                            "inventory, so its CRL and OCSP answers cannot be verified")
-    propagation = watch_revocation(leaf, issuing, outcome.revoked_at, timeout=timeout)
+    propagation = watch_revocation(leaf, issuing, outcome.revoked_at, timeout=timeout, transport=transport)
     if propagation.crl_url is None and propagation.ocsp_url is None:
         return propagation
     with write_session(get_engine()) as session:
