@@ -48,11 +48,12 @@ class HistoryEvent:
     details: dict[str, Any]
 
 
-def artifact_key(name: str) -> str:
-    """The key of managed certificate ``name``'s history artifacts: ``certificate-`` and the name in the
-    lower-case letters, digits and dashes that Prefect allows (``Web_1.prod`` -> ``certificate-web-1-prod``)."""
+def artifact_key(name: str, kind: str = "certificate") -> str:
+    """The key of managed certificate ``name``'s artifacts of ``kind`` (its history: ``certificate``; its
+    deployment and retirement reports): ``kind-`` and the name in the lower-case letters, digits and dashes
+    that Prefect allows (``Web_1.prod`` -> ``certificate-web-1-prod``)."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unnamed"
-    return f"certificate-{slug}"[:100]
+    return f"{kind}-{slug}"[:100]
 
 
 def audit_head(session: Session) -> int:

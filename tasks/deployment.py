@@ -32,6 +32,7 @@ from certpilot import audit, keystore, rollout, targets
 from certpilot.database import get_engine, read_session
 from certpilot.deployment import DeployBundle, Deployer, Receipt
 from certpilot.errors import NotFoundError, redact
+from certpilot.history import artifact_key
 from certpilot.dry_run import DeploymentPreview, TargetPreview
 from certpilot.rollout import Action, DeploymentPlan, DeploymentReport, Log, Outcome
 from certpilot.settings import load_settings
@@ -173,6 +174,5 @@ def report_markdown(report: DeploymentReport) -> str:
 
 @task(name="publish-deployment-report", timeout_seconds=120)
 def publish_deployment_report(report: DeploymentReport) -> None:
-    key = "deployment-" + "".join(c if c.isalnum() else "-" for c in report.name.lower())
-    create_markdown_artifact(key=key[:100], markdown=report_markdown(report),
+    create_markdown_artifact(key=artifact_key(report.name, "deployment"), markdown=report_markdown(report),
                              description=f"Deployment of {report.name}: outcome per target")

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from certpilot import audit, managed, retiring, revoking
 from certpilot.ca import parse_reason
 from certpilot.database import get_engine, read_session
+from certpilot.history import artifact_key
 from certpilot.issuance import Issuer
 from certpilot.retiring import RetirementReport, Revoked, TargetOutcome, TargetStep
 from certpilot.rollout import Log
@@ -94,6 +95,5 @@ def report_markdown(report: RetirementReport) -> str:
 
 @task(name="publish-retirement-report", timeout_seconds=120)
 def publish_retirement_report(report: RetirementReport) -> None:
-    key = "retirement-" + "".join(c if c.isalnum() else "-" for c in report.name.lower())
-    create_markdown_artifact(key=key[:100], markdown=report_markdown(report),
+    create_markdown_artifact(key=artifact_key(report.name, "retirement"), markdown=report_markdown(report),
                              description=f"{report.action} of {report.name}: outcome per target")
