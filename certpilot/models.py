@@ -120,6 +120,7 @@ class ManagedCertificate(SQLModel, table=True):
     name: str = Field(unique=True, index=True)
     dns_names: list[str] = _json([])
     ip_addresses: list[str] = _json([])
+    uris: list[str] = _json([])  # URI names, e.g. SPIFFE IDs (spiffe://prod.example/ns/api/sa/web)
     profile: str = Field(default="tls-server", max_length=64)
     key_algorithm: str = Field(default="ec-p256", max_length=16)
     validity_days: int | None = None
@@ -370,3 +371,42 @@ class ReplacementItem(SQLModel, table=True):
     revoked_at: dt.datetime | None = _time(nullable=True)
     error: str | None = None  # why it failed (redacted)
     updated_at: dt.datetime = _time()
+
+
+class PolicyViolation(SQLModel, table=True):
+    """One rule a certificate breaks (``place`` empty), or that a place serving it breaks (``place`` the
+    location's locator, for the endpoint rules), as the latest evaluation found it. Each evaluation of a
+    certificate (or a place) replaces its rows; ``first_seen`` survives while the violation persists."""
+
+    __tablename__ = "policy_violation"
+    __table_args__ = (sa.UniqueConstraint("certificate_fingerprint", "place", "rule", name="uq_policy_violation"),
+                      sa.Index("ix_policy_violation_rule", "rule"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    certificate_fingerprint: str = Field(foreign_key="certificate.fingerprint_sha256", index=True, max_length=64)
+    place: str = Field(default="")  # "" for a certificate rule; the locator for an endpoint rule
+    rule: str = Field(max_length=32)  # a certpilot.policy rule id: key-size, max-validity, ...
+    severity: str = Field(max_length=16)  # a certpilot.policy.Severity value
+    detail: str
+    waiver_id: int | None = Field(default=None, foreign_key="policy_waiver.id")  # set: waived, shown as such
+    first_seen: dt.datetime = _time()
+    last_seen: dt.datetime = _time()
+
+
+class PolicyWaiver(SQLModel, table=True):
+    """An exception to one rule for a scope, approved by someone, until ``expires_at``. Granting, revoking
+    and expiry are audited; an expired waiver stops applying and the evaluation says so."""
+
+    __tablename__ = "policy_waiver"
+
+    id: int | None = Field(default=None, primary_key=True)
+    rule: str = Field(max_length=32)
+    scope: str  # certificate=FP-or-name, owner=X, domain=suffix, tag:k=v, place=glob; comma-separated, all must match
+    reason: str
+    approver: str
+    expires_at: dt.datetime = _time(index=True)
+    created_by: str
+    created_at: dt.datetime = _time()
+    revoked_at: dt.datetime | None = _time(nullable=True)
+    revoked_by: str | None = None
+    expiry_noted_at: dt.datetime | None = _time(nullable=True)  # when an evaluation first saw it expired (audited)
