@@ -46,23 +46,15 @@ from sqlmodel import Session, col, select
 
 from certpilot import audit
 from certpilot.alerts import Bands, Severity, parse_scope
-from certpilot.errors import InvalidOptionError, PermanentError
+from certpilot.errors import InvalidOptionError
 from certpilot.models import AlertPolicy
+from certpilot.yaml_file import PolicyFileError, YamlReader, line_of
+
+__all__ = ["DEFAULT_POLICY", "Policy", "PolicyFileError", "Route", "StoredPolicy", "SuppressionSpec", "current_policy",
+           "load_policy", "parse_policy", "parse_suppressions", "stored_policy"]
 
 _BLOCK = re.compile(r"^[a-z0-9][a-z0-9-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _CLOCK = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
-
-
-class PolicyFileError(PermanentError):
-    """A policy or suppressions file that cannot be used: ``source`` (a path, or where it came from),
-    ``line`` (1-based, None when the file is not YAML at all) and ``problem``."""
-
-    def __init__(self, source: str, line: int | None, problem: str) -> None:
-        self.source, self.line, self.problem = source, line, problem
-        super().__init__(f"{source}:{line}: {problem}" if line else f"{source}: {problem}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.source, self.line, self.problem))
 
 
 @dataclass(frozen=True)
@@ -112,69 +104,8 @@ DEFAULT_POLICY = Policy()  # before any policy is loaded: nowhere to send, which
 
 # ------------------------------------------------------------------------------------------ parsing
 
-def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
-
-
-class _Reader:
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, node: yaml.Node | None, problem: str) -> PolicyFileError:
-        return PolicyFileError(self.source, _line(node) if node is not None else None, problem)
-
-    def document(self, text: str) -> yaml.Node:
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            raise PolicyFileError(self.source, mark.line + 1 if mark else None,
-                                  f"not valid YAML: {exc.problem or exc.context}") from None
-        except yaml.YAMLError as exc:
-            raise PolicyFileError(self.source, None, f"not valid YAML: {exc}") from None
-        if node is None:
-            raise PolicyFileError(self.source, None, "empty file")
-        return node
-
-    def mapping(self, node: yaml.Node, what: str, allowed: Sequence[str],
-                required: Sequence[str] = ()) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        if not isinstance(node, yaml.MappingNode):
-            raise self.fail(node, f"{what} must be a mapping with keys {', '.join(allowed)}")
-        found: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key, value in node.value:
-            name = str(key.value) if isinstance(key, yaml.ScalarNode) else ""
-            if name not in allowed:
-                raise self.fail(key, f"unknown key {name!r} in {what}: expected {', '.join(allowed)}")
-            if name in found:
-                raise self.fail(key, f"{name!r} given twice in {what}")
-            found[name] = (key, value)
-        for name in required:
-            if name not in found:
-                raise self.fail(node, f"{what} needs {name!r}")
-        return found
-
-    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
-            return []
-        if not isinstance(node, yaml.SequenceNode):
-            raise self.fail(node, f"{what} must be a list")
-        return list(node.value)
-
-    def text(self, node: yaml.Node, what: str) -> str:
-        if not isinstance(node, yaml.ScalarNode) or node.tag == "tag:yaml.org,2002:null" or not str(node.value).strip():
-            raise self.fail(node, f"{what} must be a non-empty text")
-        return str(node.value).strip()
-
-    def number(self, node: yaml.Node, what: str) -> float:
-        try:
-            if not isinstance(node, yaml.ScalarNode):
-                raise ValueError
-            value = float(node.value)
-        except ValueError:
-            raise self.fail(node, f"{what} must be a number of days") from None
-        if not value > 0:
-            raise self.fail(node, f"{what} must be more than 0 days, not {node.value}")
-        return value
+class _Reader(YamlReader):
+    """The shared line-numbered reader, plus notification block references."""
 
     def blocks(self, node: yaml.Node, what: str) -> tuple[str, ...]:
         names = []
@@ -185,16 +116,6 @@ class _Reader:
                                       "<block-type-slug>/<block-name>, e.g. custom-webhook/ops")
             names.append(name)
         return tuple(names)
-
-    def when(self, node: yaml.Node, what: str) -> dt.datetime:
-        value = self.text(node, what)
-        try:
-            moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            raise self.fail(node, f"{what} {value!r} is not an ISO 8601 time such as 2030-01-31T18:00:00Z") from None
-        if moment.tzinfo is None:
-            raise self.fail(node, f"{what} {value!r} has no time zone: add Z (UTC) or an offset such as +02:00")
-        return moment.astimezone(dt.timezone.utc)
 
 
 def _route(reader: _Reader, node: yaml.Node, what: str, with_match: bool) -> Route:
@@ -278,7 +199,7 @@ def parse_suppressions(text: str, source: str = "suppressions") -> list[Suppress
         if start is not None and end <= start:
             raise reader.fail(entry["end"][1], f"{what} ends before it starts")
         specs.append(SuppressionSpec(scope, end, reader.text(entry["reason"][1], f"{what}'s reason"), start,
-                                     _line(item)))
+                                     line_of(item)))
     return specs
 
 

@@ -5,6 +5,9 @@ CERTPILOT_DATABASE_URL  the inventory database (default: SQLite file inventory.d
 CERTPILOT_MASTER_KEY    the master key, 32 bytes in URL-safe base64
 CERTPILOT_MASTER_KEY_FILE  a file holding the master key (default: master.key in the home)
 CERTPILOT_ACTOR         who is acting, for the audit trail (default: cli:<login name>)
+CERTPILOT_POLICY        the certificate policy (certpilot.policy): a YAML file's path, or block:<name> for a
+                        certpilot-policy Prefect block (default: policy.yaml in the home when it exists,
+                        else the built-in policy)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class Settings:
     master_key_file: Path
     master_key_file_is_default: bool
     actor: str
+    policy: str | None = None  # CERTPILOT_POLICY as given; None: unset (see certpilot.policy.policy_location)
 
     @property
     def is_embedded_database(self) -> bool:
@@ -50,4 +54,5 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         master_key_file=Path(key_file).expanduser() if key_file else home / "master.key",
         master_key_file_is_default=not key_file,
         actor=env.get("CERTPILOT_ACTOR") or f"cli:{_login_name()}",
+        policy=(env.get("CERTPILOT_POLICY") or "").strip() or None,
     )
