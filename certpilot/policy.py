@@ -208,7 +208,7 @@ class Facts:
     key_curve: str | None                 # cryptography's curve name: secp256r1, secp384r1...
     signature_algorithm: str | None       # x509info's name (sha256WithRSAEncryption...); None for a request
     not_before: dt.datetime               # a request: the time of the request
-    not_after: dt.datetime                # a request: not_before + the validity asked
+    not_after: dt.datetime                # a request: not_before + the days asked (minus 1 s or not: whole days)
     public: bool                          # publicly trusted (Policy.is_public)
     issuer: str                           # the issuer's DN; for a request, the issuer block name
     issuer_names: tuple[str, ...]         # every name the issuer goes by: DN, issuer block...
@@ -583,7 +583,11 @@ def _max_validity(o: Mapping[str, Any]) -> CertificateCheck:
     days: int | None = o.get("days")
 
     def check(f: Facts, now: dt.datetime) -> str | None:
-        span = (f.not_after - f.not_before + _SECOND) / _DAY
+        request = f.fingerprint_sha256 is None
+        if request:  # a request asks for whole days: N days with or without the last second
+            span = float(round((f.not_after - f.not_before) / _DAY))
+        else:
+            span = (f.not_after - f.not_before + _SECOND) / _DAY
         if days is not None:
             limit, why = days, f"policy allows at most {days} days"
         elif f.public:
@@ -594,6 +598,8 @@ def _max_validity(o: Mapping[str, Any]) -> CertificateCheck:
             limit, why = profile.max_days, f"private profile {profile.name} allows at most {profile.max_days} days"
         if span <= limit:
             return None
+        if request:
+            return f"asks for {span:.0f} days on {f.not_before:%Y-%m-%d}; {why}"
         return f"valid {_validity(f)}, issued {f.not_before:%Y-%m-%d}; {why}"
     return check
 
@@ -892,6 +898,10 @@ class Policy:
             if detail is not None:
                 found.append(Violation(rule, severity, detail, facts.fingerprint_sha256, endpoint.place))
         return _waive(found, facts, waivers, now) if found and waivers else found
+
+    def scopes_for(self, facts: Facts) -> tuple[str, ...]:
+        """The names of the scopes that match ``facts``, in the order they apply."""
+        return tuple(scope.name for scope in self.scopes if scope.matches(facts))
 
     def owner_for(self, facts: Facts) -> str | None:
         """The owner the first matching ownership rule gives, or None."""
