@@ -29,8 +29,8 @@ from certpilot.models import Alert, AuditEvent, Certificate, Location, ManagedCe
 from certpilot.sli import INCIDENT_SEVERITIES, SEVERITIES, SliReport, shown_seconds
 
 __all__ = ["DayCount", "Deployment", "ExecutiveView", "ExpiringCertificate", "FailingRenewal", "OnCallView",
-           "OpenAlert", "Revocation", "escape", "executive_markdown", "executive_view", "on_call_markdown",
-           "on_call_view", "png_data_uri", "sli_markdown"]
+           "OpenAlert", "Revocation", "escape", "executive_markdown", "executive_view", "markdown_table",
+           "on_call_markdown", "on_call_view", "png_data_uri", "sli_markdown"]
 
 EXPIRY_HORIZONS = (6, 24, 72)  # hours: the on-call view's bands
 WEEKS_AHEAD = 12  # the expiry trend: certificates expiring in each of the next 12 weeks
@@ -53,7 +53,8 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """A markdown table's lines: ``header`` as given, every cell of ``rows`` escaped."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows]
     return lines
@@ -72,7 +73,7 @@ def sli_markdown(report: SliReport) -> str:
     rows = []
     for s in report.slis:
         rows.append((s.key, s.name, s.shown, s.ratio, s.shown_details))
-    lines += _table(("SLI", "what", "value", "of", "details"), rows)
+    lines += markdown_table(("SLI", "what", "value", "of", "details"), rows)
     lines += ["", "## Definitions", ""]
     lines += [f"- **{s.key}** {escape(s.definition)}" for s in report.slis]
     return "\n".join(lines)
@@ -165,7 +166,7 @@ def executive_markdown(view: ExecutiveView, chart_png: bytes | None = None) -> s
     m1, m2, m3, m9 = s.get("M1"), s.get("M2"), s.get("M3"), s.get("M9")
     lines = [f"# Certificates: executive view, {_when(view.generated_at)}", "",
              f"Window: the last {shown_seconds(s.window.total_seconds())}.", ""]
-    lines += _table(("", "now"), [
+    lines += markdown_table(("", "now"), [
         ("certificates in service", view.certificates),
         ("managed certificates", view.managed),
         ("places certificates are seen", view.places),
@@ -181,11 +182,11 @@ def executive_markdown(view: ExecutiveView, chart_png: bytes | None = None) -> s
         lines += [f"![Renewals and incidents per {'day' if view.trend_bin.days == 1 else 'week'}, and certificates "
                   f"expiring per week ahead]({png_data_uri(chart_png)})", ""]
     unit = "day" if view.trend_bin.days == 1 else "week from"
-    lines += _table((unit, "renewed", "failed", "incidents"),
+    lines += markdown_table((unit, "renewed", "failed", "incidents"),
                     [(d.start.strftime("%Y-%m-%d"), d.renewed, d.failed, d.incidents) for d in view.trend
                      if d.renewed or d.failed or d.incidents] or [("(none in the window)", 0, 0, 0)])
     lines += ["", "## Expiring ahead", ""]
-    lines += _table(("week from", "certificates expiring"),
+    lines += markdown_table(("week from", "certificates expiring"),
                     [(start.strftime("%Y-%m-%d"), n) for start, n in view.expiring_weeks])
     return "\n".join(lines)
 
@@ -338,23 +339,23 @@ def on_call_markdown(view: OnCallView) -> str:
     lines = [f"# Certificates: on call, {_when(view.generated_at)}", "",
              " · ".join(f"**{n}** expire within {h} h" for h, n in view.expiring), ""]
     lines += ["## Expiring within 72 hours", ""]
-    lines += _table(("hours left", "expires", "certificate", "fingerprint", "owner", "managed", "places"),
+    lines += markdown_table(("hours left", "expires", "certificate", "fingerprint", "owner", "managed", "places"),
                     [(f"{c.hours_left:.1f}", _when(c.not_after), c.name, c.fingerprint[:16], c.owner or "",
                       "yes" if c.managed else "no", c.places) for c in view.soonest]) if view.soonest else ["None."]
     lines += ["", "## Open PAGE and CRITICAL alerts", ""]
-    lines += _table(("severity", "since", "what", "condition", "owner", "summary", "acknowledged by"),
+    lines += markdown_table(("severity", "since", "what", "condition", "owner", "summary", "acknowledged by"),
                     [(a.severity, _when(a.first_seen), _short(a.object), a.condition, a.owner or "", a.summary,
                       a.acknowledged_by or "") for a in view.alerts]) if view.alerts else ["None."]
     lines += ["", "## Failing renewals", ""]
-    lines += _table(("managed certificate", "owner", "last attempt", "current expires", "error"),
+    lines += markdown_table(("managed certificate", "owner", "last attempt", "current expires", "error"),
                     [(f.name, f.owner or "", _when(f.last_attempt_at), _when(f.current_not_after) or "none",
                       f.error) for f in view.failing_renewals]) if view.failing_renewals else ["None."]
     lines += ["", f"## Revocations since {_when(view.revocations_since)}", ""]
-    lines += _table(("at", "certificate", "CA", "serial", "reason", "by"),
+    lines += markdown_table(("at", "certificate", "CA", "serial", "reason", "by"),
                     [(_when(r.at), r.certificate.removeprefix("certificate:")[:16], r.ca or "", r.serial or "",
                       r.reason or "", r.actor) for r in view.revocations]) if view.revocations else ["None."]
     lines += ["", "## Deployments in progress (desired is not what was last verified)", ""]
-    lines += _table(("managed certificate", "target", "kind", "desired", "verified", "since", "last error"),
+    lines += markdown_table(("managed certificate", "target", "kind", "desired", "verified", "since", "last error"),
                     [(d.managed, d.target, d.kind, d.desired[:16], (d.verified or "never")[:16], _when(d.updated_at),
                       d.last_error or "") for d in view.deployments]) if view.deployments else ["None."]
     return "\n".join(lines)
