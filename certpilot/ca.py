@@ -8,7 +8,12 @@ issuing key.
 
 Issuance takes a CSR (its signature verified) and a profile, one of ``CA_PROFILES``: a record of its
 name, extended key usage, default and maximum validity (``certpilot ca profiles``). ``tls-server``
-(serverAuth) and ``tls-client`` (clientAuth). A private certificate is not a publicly trusted one: the
+(serverAuth), ``tls-client`` (clientAuth) and ``mtls`` (both: a service that serves and calls others
+with one identity). tls-client and mtls certificates may carry URI names (a SPIFFE ID, checked against
+the SPIFFE ID standard by certpilot.names.normalise_uri, and then the only URI: an X.509-SVID has exactly
+one). A CA created with name constraints (certpilot.name_constraints: permitted and excluded DNS
+subtrees, URI hosts, IP ranges) carries them, critical, on its issuing certificate, and refuses to sign
+a name outside them before anything is signed. A private certificate is not a publicly trusted one: the
 CA/B Forum maximum (``max_validity_days``, SC-081) does not bind it, the profile's own maximum does.
 A request over that maximum is refused (CertificateRequestError naming the profile and its maximum);
 a validity that would outlive the issuing CA certificate is cut at its end, and the cut is said (a
@@ -47,13 +52,13 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 from sqlmodel import Session, col, select
 
-from certpilot import audit, inventory, keystore
+from certpilot import audit, inventory, keystore, name_constraints
 from certpilot.clock import utcnow
-from certpilot.errors import InvalidDnsNameError, NotFoundError, PermanentError
+from certpilot.errors import InvalidDnsNameError, InvalidUriError, NotFoundError, PermanentError
 from certpilot.issuance import IssuedCertificate
 from certpilot.keys import key_matches_certificate
 from certpilot.models import AuditEvent, Certificate, CertificateAuthority
-from certpilot.names import normalise_dns_name
+from certpilot.names import is_spiffe_id, normalise_dns_name, normalise_uri
 from certpilot.x509info import describe_certificate, fingerprint_sha256, is_issued_by, serial_hex
 
 ROOT_VALIDITY = dt.timedelta(days=3652)  # about ten years
@@ -114,6 +119,11 @@ CA_PROFILES: dict[str, CAProfile] = {p.name: p for p in (
               365, 1095,
               "no client limits client certificates; three years bounds a key enrolled on a device by hand, "
               "renewed with the device, and revocation covers a compromise before then; the default is a year"),
+    CAProfile("mtls", "service-to-service identities: mutual TLS, serving and calling (serverAuth, clientAuth)",
+              (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH), 90, 825,
+              "an mtls certificate is also a TLS server certificate, so the server limit binds it: 825 days is the "
+              "longest Apple platforms accept from any CA (as tls-server); machine identities are renewed by "
+              "certpilot, so the default is 90 days like tls-server's"),
 )}
 
 
@@ -231,9 +241,12 @@ def _check_base_url(base_url: str) -> str:
 # ------------------------------------------------------------------------------------------ creation
 
 def init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: str, base_url: str, *,
-            now: dt.datetime | None = None) -> CertificateAuthority:
+            now: dt.datetime | None = None,
+            constraints: name_constraints.NameConstraintSpec | None = None) -> CertificateAuthority:
     """Create a CA: a root and an issuing intermediate, their keys sealed in the keystore, both
-    certificates in the inventory, and its first (empty) CRL. In the caller's write transaction."""
+    certificates in the inventory, and its first (empty) CRL. In the caller's write transaction.
+    ``constraints`` (certpilot.name_constraints.parse): the names the CA may issue for, carried as a
+    critical NameConstraints extension on the issuing certificate."""
     if not _NAME.match(name):
         raise PermanentError(f"CA name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a "
                              "letter or digit (it becomes part of URLs)")
@@ -255,7 +268,7 @@ def init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: 
             .add_extension(_ca_key_usage(digital_signature=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
             .sign(root_key, hashes.SHA384()))
-    issuing = (x509.CertificateBuilder().subject_name(issuing_name).issuer_name(root_name)
+    issuing_builder = (x509.CertificateBuilder().subject_name(issuing_name).issuer_name(root_name)
                .public_key(issuing_key.public_key()).serial_number(_serial())
                .not_valid_before(now).not_valid_after(now + ISSUING_VALIDITY)
                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -268,8 +281,11 @@ def init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: 
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
                .add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
                    AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(urls.root_certificate))]),
-                   critical=False)
-               .sign(root_key, hashes.SHA384()))
+                   critical=False))
+    limits = constraints.extension() if constraints is not None else None
+    if limits is not None:  # critical, as RFC 5280 4.2.1.10 requires
+        issuing_builder = issuing_builder.add_extension(limits, critical=True)
+    issuing = issuing_builder.sign(root_key, hashes.SHA384())
     root_ref = keystore.store_private_key(session, root_key, ring, actor, "generated", now)
     issuing_ref = keystore.store_private_key(session, issuing_key, ring, actor, "generated", now)
     inventory.upsert(session, [inventory.Observation(describe_certificate(c), None, SOURCE) for c in (root, issuing)],
@@ -281,7 +297,8 @@ def init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: 
     session.flush()
     audit.append(session, actor, [audit.Change("ca.created", f"ca:{name}", {
         "root": row.root_fingerprint, "issuing": row.issuing_fingerprint, "root_key": str(root_ref),
-        "issuing_key": str(issuing_ref), "base_url": base})], now)
+        "issuing_key": str(issuing_ref), "base_url": base,
+        **({"name_constraints": name_constraints.describe(limits)} if limits is not None else {})})], now)
     signer = CASigner(name, urls, issuing, root, issuing_key)
     _publish_crl(session, actor, row, signer, now)
     return row
@@ -342,6 +359,7 @@ def list_cas(session: Session) -> list[dict[str, Any]]:
             "crl_number": ca.crl_number, "crl_next_update": inventory.iso(ca.crl_next_update),
             "urls": {"issuing_certificate": urls.issuing_certificate, "root_certificate": urls.root_certificate,
                      "crl": urls.crl, "ocsp": urls.ocsp},
+            "name_constraints": name_constraints.describe(name_constraints.of_certificate(issuing)),
             "created_at": inventory.iso(ca.created_at),
         })
     return out
@@ -365,7 +383,8 @@ class CASigner:
     with it. Open one with ``open_signer`` and let it go when the work is done.
     """
 
-    __slots__ = ("name", "urls", "certificate", "root", "_key", "_hash", "_aki", "_aia", "_crl_dp", "_ocsp_ids")
+    __slots__ = ("name", "urls", "certificate", "root", "_key", "_hash", "_aki", "_aia", "_crl_dp", "_ocsp_ids",
+                 "_constraints")
 
     def __init__(self, name: str, urls: CAUrls, certificate: x509.Certificate, root: x509.Certificate,
                  key: PrivateKeyTypes) -> None:
@@ -390,6 +409,7 @@ class CASigner:
         self._crl_dp = x509.Extension(x509.CRLDistributionPoints.oid, False, x509.CRLDistributionPoints([
             x509.DistributionPoint([x509.UniformResourceIdentifier(urls.crl)], None, None, None)]))
         self._ocsp_ids: dict[str, tuple[bytes, bytes]] = {}
+        self._constraints = name_constraints.of_certificate(certificate)
 
     def __repr__(self) -> str:
         return f"CASigner(name={self.name!r}, issuing={fingerprint_sha256(self.certificate)[:16]})"
@@ -417,7 +437,11 @@ class CASigner:
         validity = plan_validity(self.name, self.certificate, profile, validity_days, now or utcnow())
         public_key = _check_csr(csr, profile)
         sans = _check_sans(csr, profile)
-        common_name = _common_name(csr, sans)
+        outside = name_constraints.outside(self._constraints, sans)
+        if outside:
+            raise CertificateRequestError(f"CA {self.name} may not issue for these names (the name constraints on "
+                                          f"its issuing certificate): {'; '.join(outside)}")
+        common_name = _common_name(csr, sans, dns_only=self._constraints is not None)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else [])
         extensions = [
             x509.Extension(x509.SubjectAlternativeName.oid, not common_name, x509.SubjectAlternativeName(sans)),
@@ -530,13 +554,17 @@ def _check_sans(csr: x509.CertificateSigningRequest, profile: str) -> list[x509.
         raise CertificateRequestError("the CSR has no subjectAltName: put every DNS name (and IP address) the "
                                       "certificate is for in a SAN extension; the subject CN alone is not used")
     allowed: tuple[type[x509.GeneralName], ...] = (x509.DNSName, x509.IPAddress)
+    if profile == "mtls":
+        allowed += (x509.UniformResourceIdentifier,)
     if profile == "tls-client":
         allowed += (x509.UniformResourceIdentifier, x509.RFC822Name)
     sans: list[x509.GeneralName] = []
     for name in ext:
         if not isinstance(name, allowed):
+            hint = (" (URI names such as SPIFFE IDs go in the tls-client or mtls profile)"
+                    if isinstance(name, x509.UniformResourceIdentifier) else "")
             raise CertificateRequestError(f"{profile} certificates carry only "
-                                          f"{', '.join(t.__name__ for t in allowed)} SANs, not {name!r}")
+                                          f"{', '.join(t.__name__ for t in allowed)} SANs, not {name!r}{hint}")
         if isinstance(name, x509.DNSName):
             try:
                 name = x509.DNSName(normalise_dns_name(name.value, wildcard=True))
@@ -544,15 +572,30 @@ def _check_sans(csr: x509.CertificateSigningRequest, profile: str) -> list[x509.
                 raise CertificateRequestError(f"SAN {name.value!r} is not a valid DNS name: {exc.reason} (letters, "
                                               "digits and hyphens, A-labels for IDNs, an optional leading "
                                               "'*.')") from None
+        elif isinstance(name, x509.UniformResourceIdentifier):
+            try:
+                name = x509.UniformResourceIdentifier(normalise_uri(name.value))
+            except InvalidUriError as exc:
+                raise CertificateRequestError(f"URI SAN: {exc}") from None
         if name not in sans:
             sans.append(name)
+    uris = [n.value for n in sans if isinstance(n, x509.UniformResourceIdentifier)]
+    if len(uris) > 1 and any(is_spiffe_id(u) for u in uris):
+        raise CertificateRequestError(f"the CSR has {len(uris)} URI SANs ({', '.join(uris)}) with a SPIFFE ID among "
+                                      "them: an X.509-SVID carries exactly one URI SAN, its SPIFFE ID")
     return sans
 
 
-def _common_name(csr: x509.CertificateSigningRequest, sans: list[x509.GeneralName]) -> str | None:
-    """The CSR's CN when it is one of the SANs, else the first SAN; None when none fits in 64 characters."""
-    values = [str(n.value) for n in sans if isinstance(n, x509.DNSName | x509.IPAddress)] or \
-             [str(n.value) for n in sans]
+def _common_name(csr: x509.CertificateSigningRequest, sans: list[x509.GeneralName], *,
+                 dns_only: bool = False) -> str | None:
+    """The CSR's CN when it is one of the SANs, else the first SAN; None when none fits in 64 characters.
+    ``dns_only`` (a CA with name constraints): only a DNS SAN, since relying parties such as OpenSSL check
+    a CN that looks like a host name against the DNS constraints (an IP address in a CN would fail them)."""
+    if dns_only:
+        values = [str(n.value) for n in sans if isinstance(n, x509.DNSName)]
+    else:
+        values = [str(n.value) for n in sans if isinstance(n, x509.DNSName | x509.IPAddress)] or \
+                 [str(n.value) for n in sans]
     requested = [str(a.value).lower() for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     for candidate in requested + values:
         if candidate in values and len(candidate) <= 64:

@@ -261,6 +261,18 @@ class InvalidIpAddressError(InvalidNameError):
     what = "an IP address"
 
 
+class InvalidUriError(InvalidNameError):
+    """A URI name (a SPIFFE ID, or another absolute URI) a certificate cannot carry; a long one is shown
+    by its first 80 characters."""
+
+    what = "a usable URI name"
+
+    def __init__(self, value: str, reason: str) -> None:
+        self.value, self.reason = value, reason
+        shown = repr(value) if len(value) <= 120 else repr(value[:80]) + f"... ({len(value)} characters)"
+        super(InvalidNameError, self).__init__(f"{shown} is not {self.what}: {reason}")
+
+
 class EndpointError(CertpilotError):
     """Talking to the network endpoint ``host``:``port`` failed."""
 

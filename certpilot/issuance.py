@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from certpilot.keys import can_sign_certificates
 from certpilot.renewal import RenewalWindow
 
-PROFILES = ("tls-server", "tls-client")
+PROFILES = ("tls-server", "tls-client", "mtls")  # the private CA's (certpilot.ca.CA_PROFILES); ACME: tls-server
 
 
 @dataclass(frozen=True)
@@ -84,15 +84,21 @@ class Issuer(Protocol):
         ...
 
 
-def build_csr(key: PrivateKeyTypes, dns_names: Sequence[str], ip_addresses: Sequence[str] = ()) -> x509.CertificateSigningRequest:
-    """A CSR for these names, signed by ``key``; the subject CN is the first DNS name (or IP)."""
+def build_csr(key: PrivateKeyTypes, dns_names: Sequence[str], ip_addresses: Sequence[str] = (),
+              uris: Sequence[str] = ()) -> x509.CertificateSigningRequest:
+    """A CSR for these names (URIs such as SPIFFE IDs as uniformResourceIdentifier SANs), signed by
+    ``key``. The subject CN is the first DNS name, else the first IP address, else the first URI, and
+    only when it fits the 64 characters a CN may have; otherwise the subject is empty (the SANs are the
+    names: a SPIFFE X.509-SVID needs no CN)."""
     names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+    names += [x509.UniformResourceIdentifier(u) for u in uris]
     if not names:
-        raise ValueError("a certificate needs at least one DNS name or IP address")
-    common_name = (list(dns_names) + list(ip_addresses))[0]
+        raise ValueError("a certificate needs at least one name: a DNS name, an IP address or a URI")
+    common_name = (list(dns_names) + list(ip_addresses) + list(uris))[0]
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if len(common_name) <= 64 else []
     builder = (x509.CertificateSigningRequestBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
+               .subject_name(x509.Name(subject))
                .add_extension(x509.SubjectAlternativeName(names), critical=False))
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     if can_sign_certificates(key):

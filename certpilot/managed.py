@@ -57,6 +57,7 @@ class ManagedSpec:
     tags: dict[str, str] = field(default_factory=dict)
     renew_before_days: int | None = None  # None: at two thirds of the lifetime
     use_ari: bool = True
+    uris: tuple[str, ...] = ()  # URI names, e.g. a SPIFFE ID (profile tls-client or mtls, a private CA)
 
 
 def normalise_dns_name(name: str) -> str:
@@ -74,8 +75,11 @@ def _check_spec(spec: ManagedSpec) -> ManagedSpec:
                              "starting with a letter or digit, at most 128 characters")
     dns = tuple(dict.fromkeys(normalise_dns_name(n) for n in spec.dns_names))
     ips = tuple(dict.fromkeys(_normalise_ip(ip) for ip in spec.ip_addresses))
-    if not dns and not ips:
-        raise PermanentError(f"managed certificate {spec.name!r} needs at least one DNS name or IP address")
+    uris = tuple(dict.fromkeys(name_rules.normalise_uri(u) for u in spec.uris))
+    if not dns and not ips and not uris:
+        raise PermanentError(f"managed certificate {spec.name!r} needs at least one DNS name or IP address, or a URI "
+                             "(a SPIFFE ID, for a machine identity)")
+    _check_uris(spec, uris)
     if not _ISSUER.match(spec.issuer):
         raise PermanentError(f"issuer {spec.issuer!r} must name an issuer block as <block-type-slug>/<block-name>, "
                              "e.g. private-ca/internal or acme-issuer/letsencrypt")
@@ -92,7 +96,24 @@ def _check_spec(spec: ManagedSpec) -> ManagedSpec:
         raise PermanentError(f"renew-before ({spec.renew_before_days} days) must be shorter than the validity "
                              f"({spec.validity_days} days), or every certificate is due as soon as it is issued")
     return ManagedSpec(spec.name, dns, spec.issuer, ips, spec.profile, spec.key_algorithm, spec.validity_days,
-                       spec.owner, dict(spec.tags), spec.renew_before_days, spec.use_ari)
+                       spec.owner, dict(spec.tags), spec.renew_before_days, spec.use_ari, uris)
+
+
+def _check_uris(spec: ManagedSpec, uris: tuple[str, ...]) -> None:
+    """URI names go only where they can be issued: a tls-client or mtls certificate of a private CA (ACME
+    orders DNS names and IP addresses only), one URI when it is a SPIFFE ID (an X.509-SVID has exactly one)."""
+    if not uris:
+        return
+    if spec.issuer.startswith("acme-issuer/"):
+        raise PermanentError(f"managed certificate {spec.name!r}: {spec.issuer} cannot issue URI names (ACME has no "
+                             "URI identifiers, RFC 8555 orders DNS names and IP addresses): issue machine identities "
+                             "from a private CA (--issuer private-ca/NAME)")
+    if spec.profile == "tls-server":
+        raise PermanentError(f"managed certificate {spec.name!r}: URI names need profile tls-client or mtls "
+                             "(tls-server certificates carry DNS names and IP addresses only)")
+    if len(uris) > 1 and any(name_rules.is_spiffe_id(u) for u in uris):
+        raise PermanentError(f"managed certificate {spec.name!r}: {len(uris)} URIs with a SPIFFE ID among them; an "
+                             "X.509-SVID carries exactly one URI name, its SPIFFE ID")
 
 
 def add(session: Session, spec: ManagedSpec, actor: audit.Actor, now: dt.datetime | None = None) -> ManagedCertificate:
@@ -102,14 +123,16 @@ def add(session: Session, spec: ManagedSpec, actor: audit.Actor, now: dt.datetim
     if session.exec(select(ManagedCertificate.id).where(ManagedCertificate.name == spec.name)).first() is not None:
         raise PermanentError(f"a managed certificate named {spec.name!r} already exists")
     row = ManagedCertificate(name=spec.name, dns_names=list(spec.dns_names), ip_addresses=list(spec.ip_addresses),
-                             profile=spec.profile, key_algorithm=spec.key_algorithm, validity_days=spec.validity_days,
+                             uris=list(spec.uris), profile=spec.profile, key_algorithm=spec.key_algorithm,
+                             validity_days=spec.validity_days,
                              issuer=spec.issuer, owner=spec.owner, tags=dict(spec.tags),
                              renew_before_days=spec.renew_before_days, use_ari=spec.use_ari, status="active",
                              created_at=now)
     session.add(row)
     session.flush()
     audit.append(session, actor, [audit.Change("managed.added", f"managed:{spec.name}", {
-        "dns_names": row.dns_names, "ip_addresses": row.ip_addresses, "issuer": row.issuer, "profile": row.profile,
+        "dns_names": row.dns_names, "ip_addresses": row.ip_addresses, **({"uris": row.uris} if row.uris else {}),
+        "issuer": row.issuer, "profile": row.profile,
         "key_algorithm": row.key_algorithm, "validity_days": row.validity_days, "owner": row.owner, "tags": row.tags,
         "renew_before_days": row.renew_before_days, "use_ari": row.use_ari})], now)
     return row
@@ -169,7 +192,8 @@ class Scheduled:
 
 
 def _wanted_names(managed: ManagedCertificate) -> set[tuple[str, str]]:
-    return {("DNS", n.lower()) for n in managed.dns_names} | {("IP", ip) for ip in managed.ip_addresses}
+    return ({("DNS", n.lower()) for n in managed.dns_names} | {("IP", ip) for ip in managed.ip_addresses}
+            | {("URI", u) for u in managed.uris or ()})
 
 
 def ari_window(managed: ManagedCertificate, now: dt.datetime) -> RenewalWindow | None:
@@ -272,4 +296,5 @@ def uncovered_names(leaf: x509.Certificate, managed: ManagedCertificate) -> list
         sans = x509.SubjectAlternativeName([])
     have = {("DNS", n.lower().rstrip(".")) for n in sans.get_values_for_type(x509.DNSName)}
     have |= {("IP", str(ip)) for ip in sans.get_values_for_type(x509.IPAddress)}
+    have |= {("URI", u) for u in sans.get_values_for_type(x509.UniformResourceIdentifier)}
     return [f"{kind}:{value}" for kind, value in sorted(_wanted_names(managed) - have)]

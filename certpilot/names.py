@@ -22,6 +22,13 @@ An IP address (``normalise_ip_address``): IPv4 in dotted-quad form or IPv6 in an
 optionally in brackets (``[::1]``), without a zone index (``%eth0``: a certificate cannot carry one);
 returned in the ``ipaddress`` module's canonical text (``2001:DB8:0::1`` -> ``2001:db8::1``).
 
+A URI name (``normalise_uri``, a uniformResourceIdentifier SAN): an absolute URI (RFC 3986 scheme, then
+a scheme-specific part; RFC 5280 4.2.1.6), printable ASCII without spaces, at most 2048 bytes. A SPIFFE
+ID (``spiffe://`` scheme) must follow the SPIFFE ID standard: the scheme in lower case; a trust domain
+of lower-case letters, digits, '.', '-' and '_' (at most 255); no userinfo, port, query or fragment;
+a path (optional) of segments of letters, digits, '.', '-' and '_', none empty, '.' or '..', and no
+trailing '/'. URIs are compared exactly as given (a SPIFFE path is case-sensitive).
+
 Hostname matching (``check_hostname``, RFC 6125 / RFC 9525): a DNS name is compared with the
 certificate's DNS SANs, both normalised as above; a wildcard SAN matches exactly one left-most label
 (``*.a.b`` matches ``x.a.b``, not ``a.b`` nor ``y.x.a.b``); SANs that break the rule (``*.com``,
@@ -37,14 +44,21 @@ import idna
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from certpilot.errors import InvalidDnsNameError, InvalidIpAddressError
+from certpilot.errors import InvalidDnsNameError, InvalidIpAddressError, InvalidUriError
 
-__all__ = ["MAX_LABEL_LENGTH", "MAX_NAME_LENGTH", "IPAddress", "check_hostname", "is_ip_address", "matches",
-           "normalise_dns_name", "normalise_ip_address", "parse_ip_address"]
+__all__ = ["MAX_LABEL_LENGTH", "MAX_NAME_LENGTH", "MAX_URI_LENGTH", "IPAddress", "check_hostname", "is_ip_address",
+           "is_spiffe_id", "matches", "normalise_dns_name", "normalise_ip_address", "normalise_uri",
+           "parse_ip_address", "uri_host"]
 
 MAX_LABEL_LENGTH = 63
 MAX_NAME_LENGTH = 253  # without the trailing dot
 _LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
+
+MAX_URI_LENGTH = 2048  # bytes: the SPIFFE ID standard's limit (2.3), applied to every URI name
+MAX_TRUST_DOMAIN_LENGTH = 255
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
+_SPIFFE_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -94,6 +108,87 @@ def _check_label(name: str, label: str) -> None:
             idna.decode(label)
         except (idna.IDNAError, UnicodeError):
             raise InvalidDnsNameError(name, f"label {label!r} is not a valid A-label") from None
+
+
+def is_spiffe_id(uri: str) -> bool:
+    """Whether ``uri`` claims to be a SPIFFE ID (its scheme is spiffe, in any case)."""
+    return uri.strip().lower().startswith("spiffe:")
+
+
+def normalise_uri(uri: str) -> str:
+    """``uri`` as a certificate's URI name (surrounding white space dropped, nothing else changed);
+    raises InvalidUriError saying what is wrong (see the module docstring for the rules)."""
+    text = uri.strip()
+    if not text:
+        raise InvalidUriError(uri, "it is empty")
+    if not text.isascii() or any(c <= " " or c == "\x7f" for c in text):
+        raise InvalidUriError(uri, "only printable ASCII without spaces (percent-encode anything else, RFC 3986)")
+    if len(text.encode()) > MAX_URI_LENGTH:
+        raise InvalidUriError(uri, f"{len(text.encode())} bytes, more than the {MAX_URI_LENGTH} a URI name may have")
+    scheme, colon, rest = text.partition(":")
+    if not colon or not _URI_SCHEME.fullmatch(scheme):
+        raise InvalidUriError(uri, "not an absolute URI: it needs a scheme (letters, digits, '+', '-', '.', "
+                                   "starting with a letter) and ':', e.g. spiffe://prod.example/ns/api/sa/web")
+    if not rest or rest == "//":
+        raise InvalidUriError(uri, f"nothing follows {scheme}: (RFC 5280 4.2.1.6 wants a scheme-specific part)")
+    if scheme.lower() == "spiffe":
+        _check_spiffe_id(uri, scheme, rest)
+    return text
+
+
+def _check_spiffe_id(uri: str, scheme: str, rest: str) -> None:
+    def bad(reason: str) -> InvalidUriError:
+        return InvalidUriError(uri, f"not a SPIFFE ID: {reason}")
+
+    if scheme != "spiffe":
+        raise bad(f"the scheme must be 'spiffe' in lower case, not {scheme!r}")
+    if not rest.startswith("//"):
+        raise bad("it must start with spiffe:// and a trust domain")
+    if "#" in rest:
+        raise bad("a fragment ('#') is not allowed")
+    if "?" in rest:
+        raise bad("a query ('?') is not allowed")
+    authority, slash, path = rest[2:].partition("/")
+    if not authority:
+        raise bad("the trust domain is empty")
+    if "@" in authority:
+        raise bad("userinfo ('user@') is not allowed in the trust domain")
+    if ":" in authority:
+        raise bad("a port (':') is not allowed in the trust domain")
+    if len(authority) > MAX_TRUST_DOMAIN_LENGTH:
+        raise bad(f"the trust domain has {len(authority)} characters, more than {MAX_TRUST_DOMAIN_LENGTH}")
+    if not _TRUST_DOMAIN.fullmatch(authority):
+        wrong = sorted({c for c in authority if not _TRUST_DOMAIN.fullmatch(c)})
+        raise bad(f"trust domain {authority!r} has {''.join(wrong)!r}: use lower-case letters, digits, '.', '-' "
+                  "and '_'")
+    if not slash:
+        return  # a trust domain's own ID (spiffe://prod.example)
+    segments = path.split("/")
+    for index, segment in enumerate(segments):
+        if segment == "":
+            raise bad("the path ends with '/'" if index == len(segments) - 1 else "the path has an empty segment ('//')")
+        if segment in (".", ".."):
+            raise bad(f"the path has a {segment!r} segment (relative path segments are not allowed)")
+        if not _SPIFFE_SEGMENT.fullmatch(segment):
+            wrong = sorted({c for c in segment if not _SPIFFE_SEGMENT.fullmatch(c)})
+            raise bad(f"path segment {segment!r} has {''.join(wrong)!r}: use letters, digits, '.', '-' and '_'")
+
+
+def uri_host(uri: str) -> str | None:
+    """The host of ``uri``'s authority (lower-cased, without userinfo or port), or None when it has none
+    (a URI name constraint applies to the host, RFC 5280 4.2.1.10)."""
+    _, colon, rest = uri.partition(":")
+    if not colon or not rest.startswith("//"):
+        return None
+    authority = rest[2:]
+    for stop in "/?#":
+        authority = authority.split(stop, 1)[0]
+    host = authority.rpartition("@")[2]
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    else:
+        host = host.split(":", 1)[0]
+    return host.lower() or None
 
 
 def parse_ip_address(text: str) -> IPAddress | None:

@@ -106,6 +106,7 @@ class RenewalPlan:
     current: str | None  # the fingerprint of the certificate in service, if any
     current_not_after: dt.datetime | None
     targets: int  # how many targets it is deployed to
+    uris: tuple[str, ...] = ()  # URI names (a SPIFFE ID)
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ def plan(engine: sa.Engine, name: str) -> RenewalPlan:
     return RenewalPlan(row.name, row.issuer, row.profile, row.key_algorithm, row.validity_days,
                        tuple(row.dns_names), tuple(row.ip_addresses),
                        current.fingerprint_sha256 if current else None, current.not_after if current else None,
-                       count)
+                       count, tuple(row.uris or ()))
 
 
 def new_key(engine: sa.Engine, plan: RenewalPlan, key_ring: KeyRingSource, actor: audit.Actor,
@@ -224,7 +225,7 @@ def new_csr(engine: sa.Engine, plan: RenewalPlan, key_ref: KeyRef, key_ring: Key
     """Step csr: a CSR for the plan's names, signed with the stored key ``key_ref`` (decrypted here only)."""
     with read_session(engine) as session:
         key = load_private_key(session, key_ref, key_ring())
-    return SigningRequest.of(build_csr(key, plan.dns_names, plan.ip_addresses))
+    return SigningRequest.of(build_csr(key, plan.dns_names, plan.ip_addresses, plan.uris))
 
 
 def issue(engine: sa.Engine, plan: RenewalPlan, request: SigningRequest, issuer: Issuer) -> IssuedCertificate:

@@ -31,14 +31,30 @@ def ca_init_command(
     base_url: Annotated[str, typer.Option(metavar="URL", help=(
         "Where `certpilot ca serve` is reached, e.g. http://pki.internal:8180; the AIA, CRL and OCSP URLs in "
         "certificates derive from it."))],
+    permit_dns: Annotated[Optional[list[str]], typer.Option("--permit-dns", metavar="SUFFIX", help=(
+        "Name constraint, repeatable: the CA issues DNS names only at or under these (example.com covers "
+        "example.com and *.example.com)."))] = None,
+    exclude_dns: Annotated[Optional[list[str]], typer.Option("--exclude-dns", metavar="SUFFIX", help=(
+        "Name constraint, repeatable: never DNS names at or under this (wins over --permit-dns)."))] = None,
+    permit_uri: Annotated[Optional[list[str]], typer.Option("--permit-uri", metavar="DOMAIN", help=(
+        "Name constraint, repeatable: URI names only with this host (a SPIFFE trust domain, prod.example) or, "
+        "with a leading '.', any host under it (.example); RFC 5280 4.2.1.10."))] = None,
+    permit_ip: Annotated[Optional[list[str]], typer.Option("--permit-ip", metavar="CIDR", help=(
+        "Name constraint, repeatable: IP addresses only in this network (10.0.0.0/8)."))] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a private CA: a root (EC P-384, 10 years) and an issuing CA (EC P-256, 5 years); with a
-    Prefect API (PREFECT_API_URL), save its issuer block private-ca/NAME too."""
-    from certpilot import ca
+    Prefect API (PREFECT_API_URL), save its issuer block private-ca/NAME too. Name constraints (--permit-*,
+    --exclude-dns) go on the issuing certificate, critical: relying parties refuse a name outside them, and
+    the CA refuses to sign one."""
+    from certpilot import ca, name_constraints
 
+    try:
+        constraints = name_constraints.parse(permit_dns or (), exclude_dns or (), permit_uri or (), permit_ip or ())
+    except PermanentError as exc:  # names the flag and the value
+        raise usage_error(str(exc)) from None
     with write_session(get_engine()) as session:
-        ca.init_ca(session, ring(), actor(), name, base_url)
+        ca.init_ca(session, ring(), actor(), name, base_url, constraints=constraints)
         info = next(i for i in ca.list_cas(session) if i["name"] == name)
     registered = prefect_api.configured()
     if registered:
@@ -51,6 +67,9 @@ def ca_init_command(
     out.print(line(f"created CA {name}\n  root     {info['root_fingerprint']}  {info['root_subject']} "
                    f"(until {info['root_not_after']})"))
     out.print(line(f"  issuing  {info['issuing_fingerprint']}  {info['issuing_subject']} (until {info['issuing_not_after']})"))
+    for key, values in info["name_constraints"].items():
+        if values:
+            out.print(line(f"  {key.replace('_', ' '):<20} {', '.join(values)}"))
     for label, url in info["urls"].items():
         out.print(line(f"  {label:<20} {url}"))
     if registered:

@@ -29,6 +29,7 @@ def schedule_rows(scheduled: list[Any]) -> list[dict[str, Any]]:
         when = next_renewal(s)
         rows.append({
             "name": s.managed.name, "dns_names": s.managed.dns_names, "ip_addresses": s.managed.ip_addresses,
+            "uris": s.managed.uris or [],
             "issuer": s.managed.issuer, "profile": s.managed.profile, "key_algorithm": s.managed.key_algorithm,
             "validity_days": s.managed.validity_days, "owner": s.managed.owner, "tags": s.managed.tags or {},
             "renew_before_days": s.managed.renew_before_days, "use_ari": s.managed.use_ari,
@@ -46,6 +47,9 @@ def managed_add_command(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The managed certificate's name: letters, digits, '.', '_', '-'.")],
     dns: Annotated[Optional[list[str]], typer.Option("--dns", metavar="NAME", help="A DNS name, repeatable (the first is the CN).")] = None,
     ip: Annotated[Optional[list[str]], typer.Option("--ip", metavar="ADDRESS", help="An IP address, repeatable.")] = None,
+    uri: Annotated[Optional[list[str]], typer.Option("--uri", metavar="URI", help=(
+        "A URI name, repeatable: a SPIFFE ID such as spiffe://prod.example/ns/api/sa/web for a machine identity "
+        "(profile tls-client or mtls, from a private CA; an X.509-SVID has exactly one)."))] = None,
     *,  # keyword-only from here (typer passes every option by name), so a required option needs no default
     issuer: Annotated[str, typer.Option(metavar="BLOCK", help=(
         "The issuer block, BLOCK-TYPE/NAME, e.g. private-ca/internal; it must exist in Prefect "
@@ -66,7 +70,7 @@ def managed_add_command(
     spec = managed.ManagedSpec(name=name, dns_names=tuple(dns or ()), ip_addresses=tuple(ip or ()), issuer=issuer,
                                profile=profile.value, key_algorithm=key_algorithm.value, validity_days=validity_days,
                                owner=owner, tags=parse_tags(tag), renew_before_days=whole_days(renew_before, "--renew-before"),
-                               use_ari=not no_ari)
+                               use_ari=not no_ari, uris=tuple(uri or ()))
     check_issuer_block(issuer)
     engine = get_engine()
     with write_session(engine) as session:
@@ -76,7 +80,7 @@ def managed_add_command(
     if as_json:
         print_json(row)
         return
-    names = ", ".join(row["dns_names"] + row["ip_addresses"])
+    names = ", ".join(row["dns_names"] + row["ip_addresses"] + row["uris"])
     out.print(line(f"added managed certificate {name} ({names}) from {row['issuer']}: {row['reason']}"))
 
 

@@ -47,6 +47,7 @@ class CrlFormat(StrEnum):
 class Profile(StrEnum):
     TLS_SERVER = "tls-server"
     TLS_CLIENT = "tls-client"
+    MTLS = "mtls"
 
 
 class KeyAlgorithm(StrEnum):

@@ -285,6 +285,10 @@ class AcmeIssuer:
               replaces: x509.Certificate | None = None, journal: OrderJournal | None = None) -> IssuedCertificate:
         """Order, prove control of every identifier, finalize, download. The CA decides the lifetime:
         ``validity_days`` is not sent (Let's Encrypt rejects notBefore/notAfter in orders)."""
+        uris = _uri_names(csr)
+        if uris:  # refused here, before the CA is asked: an order cannot name them
+            raise PermanentError(f"{self.name}: the CSR names URI {', '.join(uris)}; ACME has no URI identifiers "
+                                 "(RFC 8555 orders DNS names and IP addresses): issue it from a private CA")
         if profile != "tls-server":
             raise PermanentError(f"{self.name}: ACME CAs issue TLS server certificates; "
                                  f"profile {profile!r} is not offered")
@@ -785,6 +789,15 @@ def _challenge_type(challb: messages.ChallengeBody) -> str:
     if isinstance(typ, str):
         return typ
     return str(getattr(challb.chall, "jobj", {}).get("type", "unknown"))  # a type the acme package does not know
+
+
+def _uri_names(csr: x509.CertificateSigningRequest) -> list[str]:
+    """The CSR's URI SANs (an ACME order cannot carry them)."""
+    try:
+        return list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                    .get_values_for_type(x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        return []
 
 
 def _identifiers(csr: x509.CertificateSigningRequest) -> list[messages.Identifier]:

@@ -13,7 +13,7 @@ from certpilot import errors
 from certpilot.errors import (AcmeProblemError, AcmeServerError, AcmeSubproblem, AmbiguousError, AuditChainError,
                               BlockNotFoundError, CertpilotError, EndpointTimeoutError, EndpointUnreachableError,
                               HandshakeFailedError, InvalidDnsNameError, InvalidIpAddressError, InvalidNameError,
-                              InvalidOptionError, KeyMismatchError, ParseError, PasswordError, RateLimitedError,
+                              InvalidOptionError, InvalidUriError, KeyMismatchError, ParseError, PasswordError, RateLimitedError,
                               ServiceError, ServiceRefusedError, ServiceUnavailableError)
 
 FP = "ab" * 32
@@ -43,6 +43,7 @@ SAMPLES: list[CertpilotError] = [
     ServiceRefusedError("elbv2", "ModifyListener", "AccessDenied"),
     ServiceUnavailableError("keyvault", "import_certificate", "Throttled", "slow down"),
     BlockNotFoundError("ssh-host/web1", "no such block document"),
+    InvalidUriError("spiffe://prod.example/ns//web", "not a SPIFFE ID: the path has an empty segment ('//')"),
 ]
 
 

@@ -528,7 +528,8 @@ def test_ca_profiles_and_issue_as_long_as_the_profile_allows(engine: sa.Engine, 
     shown = json.loads(runner.invoke(app, ["ca", "profiles", "--json"]).stdout)
     assert shown == [p.as_dict() for p in ca.CA_PROFILES.values()]
     assert [(p["name"], p["extended_key_usage"], p["default_days"], p["max_days"]) for p in shown] == [
-        ("tls-server", ["serverAuth"], 90, 825), ("tls-client", ["clientAuth"], 365, 1095)]
+        ("tls-server", ["serverAuth"], 90, 825), ("tls-client", ["clientAuth"], 365, 1095),
+        ("mtls", ["serverAuth", "clientAuth"], 90, 825)]
     table = runner.invoke(app, ["ca", "profiles"])
     assert table.exit_code == 0 and "tls-server" in table.stdout and "825" in table.stdout and "Apple" in table.stdout
 
