@@ -54,7 +54,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,7 +67,7 @@ from certpilot.errors import AuditChainError, InvalidOptionError
 from certpilot.inventory import iso
 from certpilot.models import Alert, AuditEvent, Certificate, CertificateAuthority, EndpointCheck
 
-__all__ = ["KEYS", "Sli", "SliReport", "Unit", "compute", "percentile", "shown_seconds"]
+__all__ = ["KEYS", "Sli", "SliReport", "Unit", "compute", "percentile", "renewal_slis_by", "shown_seconds"]
 
 Unit = Literal["percent", "seconds", "count"]
 Scalar = float | int | str | bool | None
@@ -197,6 +197,22 @@ def compute(session: Session, window: dt.timedelta, now: dt.datetime) -> SliRepo
     return SliReport(start, now, slis)
 
 
+def renewal_slis_by(session: Session, start: dt.datetime, end: dt.datetime, group_of: Callable[[str], str],
+                    groups: Iterable[str] = ()) -> dict[str, tuple[Sli, Sli]]:
+    """M2 (renewal success) and M7 (automated rotations) over ``[start, end]`` for each group of managed
+    certificates, by the same events and definitions as ``compute``: ``group_of(name)`` gives the group
+    of the managed certificate called ``name`` (its owner, for the compliance report). Every group named
+    in ``groups`` is present (with no value and the reason when nothing happened), and every group that
+    had a renewal or a failed one in the window."""
+    events = _Events.read(session, start, end)
+    grouped: dict[str, list[_Event]] = {group: [] for group in groups}
+    for e in events.rows:
+        name = e.managed
+        if name is not None:
+            grouped.setdefault(group_of(name), []).append(e)
+    return {group: (_m2(_Events(tuple(rows))), _m7(_Events(tuple(rows)))) for group, rows in grouped.items()}
+
+
 # ------------------------------------------------------------------------------------ what is read
 
 @dataclass(frozen=True)
@@ -207,6 +223,17 @@ class _Event:
     object: str
     flow_run_id: str | None
     details: dict[str, Any]
+
+    @property
+    def managed(self) -> str | None:
+        """The managed certificate a renewal event is about (M2, M7): a managed certificate issued, or a
+        renewal that failed; None for any other event."""
+        if self.action == "certificate.issued":
+            name = self.details.get("managed")
+            return str(name) if name else None
+        if self.action == "renewal.failed":
+            return self.object.removeprefix("managed:")
+        return None
 
 
 @dataclass(frozen=True)
