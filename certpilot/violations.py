@@ -15,7 +15,8 @@ certificate, where its findings are kept, waivers, and ownership rules applied.
   ``EvaluationSummary.violations`` counts the violations not waived, ``waived`` the others.
 - Waivers: granted and revoked with an audit event each (``policy.waiver_granted``, ``policy.waiver_revoked``);
   the first evaluation after one expired records it once (``policy.waiver_expired``). A waived violation is
-  stored with its ``waiver_id``; a waiver granted or revoked applies to the stored rows at once.
+  stored with its ``waiver_id``; a waiver granted, revoked or found expired applies to the stored rows at
+  once (those it waived are waived by another waiver in force that covers them, or no longer waived).
 - Ownership: ``apply_ownership`` gives certificates without an owner (their own or their managed
   certificate's) the owner of the first ownership rule that matches them; never replaces an owner.
 
@@ -399,10 +400,27 @@ def _note_expired(session: Session, actor: audit.Actor, now: dt.datetime) -> tup
     ids = [r.id for r in rows]
     session.execute(sa.update(PolicyWaiver).where(col(PolicyWaiver.id).in_(ids)).values(expiry_noted_at=now),
                     execution_options=_BULK)
+    unwaived = _unwaive(session, ids, {r.rule for r in rows}, now)
     audit.append(session, actor, [audit.Change("policy.waiver_expired", f"policy-waiver:{r.id}", {
-        "rule": r.rule, "scope": r.scope, "approver": r.approver, "expires_at": _iso(r.expires_at)})
-        for r in rows], now)
+        "rule": r.rule, "scope": r.scope, "approver": r.approver, "expires_at": _iso(r.expires_at),
+        "violations_unwaived": unwaived.get(r.id, 0)}) for r in rows], now)
     return tuple(ids)
+
+
+def _unwaive(session: Session, waiver_ids: Sequence[int], rules: set[str], now: dt.datetime) -> dict[int, int]:
+    """The stored violations these waivers (expired or revoked) waived are no longer waived, unless another
+    waiver in force covers them. Returns how many each of them waived."""
+    v = _VIOLATION.c
+    counts: dict[int, int] = {waiver_id: n for waiver_id, n in session.execute(
+        sa.select(v.waiver_id, sa.func.count()).where(v.waiver_id.in_(list(waiver_ids))).group_by(v.waiver_id))}
+    if not counts:
+        return {}
+    session.execute(sa.update(PolicyViolation).where(col(PolicyViolation.waiver_id).in_(list(waiver_ids)))
+                    .values(waiver_id=None), execution_options=_BULK)
+    for waiver in active_waivers(session, now):
+        if waiver.rule in rules:
+            _apply_waiver(session, waiver)
+    return counts
 
 
 def _store(session: Session, found: Sequence[Violation], first_seen: Mapping[tuple[str, str, str], dt.datetime],
@@ -558,6 +576,15 @@ def _covered_rows(session: Session, waiver: Waiver) -> list[int]:
     return ids
 
 
+def _apply_waiver(session: Session, waiver: Waiver) -> int:
+    """Mark the stored violations ``waiver`` covers (not waived yet) as waived by it; returns how many."""
+    covered = _covered_rows(session, waiver)
+    for chunk in _chunks(covered):
+        session.execute(sa.update(PolicyViolation).where(col(PolicyViolation.id).in_(chunk))
+                        .values(waiver_id=waiver.id), execution_options=_BULK)
+    return len(covered)
+
+
 def grant_waiver(session: Session, rule: str, scope: str, reason: str, approver: str, expires_at: dt.datetime,
                  actor: audit.Actor, now: dt.datetime | None = None) -> PolicyWaiver:
     """An exception to ``rule`` for what ``scope`` names (certpilot.policy.parse_waiver_scope), approved by
@@ -583,14 +610,10 @@ def grant_waiver(session: Session, rule: str, scope: str, reason: str, approver:
     session.add(row)
     session.flush()
     assert row.id is not None
-    waiver = Waiver(row.id, row.rule, row.scope, row.reason, row.approver, row.expires_at)
-    covered = _covered_rows(session, waiver)
-    for chunk in _chunks(covered):
-        session.execute(sa.update(PolicyViolation).where(col(PolicyViolation.id).in_(chunk)).values(waiver_id=row.id),
-                        execution_options=_BULK)
+    covered = _apply_waiver(session, Waiver(row.id, row.rule, row.scope, row.reason, row.approver, row.expires_at))
     audit.append(session, actor, [audit.Change("policy.waiver_granted", f"policy-waiver:{row.id}", {
         "rule": row.rule, "scope": row.scope, "reason": row.reason, "approver": row.approver,
-        "expires_at": _iso(row.expires_at), "violations_waived": len(covered)})], now)
+        "expires_at": _iso(row.expires_at), "violations_waived": covered})], now)
     return row
 
 
@@ -606,11 +629,10 @@ def revoke_waiver(session: Session, waiver_id: int, actor: audit.Actor, now: dt.
     row.revoked_at, row.revoked_by = now, actor.name
     session.add(row)
     session.flush()
-    result = session.execute(sa.update(PolicyViolation).where(col(PolicyViolation.waiver_id) == waiver_id)
-                             .values(waiver_id=None), execution_options=_BULK)
+    unwaived = _unwaive(session, [waiver_id], {row.rule}, now)
     audit.append(session, actor, [audit.Change("policy.waiver_revoked", f"policy-waiver:{row.id}", {
         "rule": row.rule, "scope": row.scope, "expires_at": _iso(row.expires_at),
-        "violations_unwaived": int(getattr(result, "rowcount", 0) or 0)})], now)
+        "violations_unwaived": unwaived.get(waiver_id, 0)})], now)
     return row
 
 

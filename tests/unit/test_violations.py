@@ -299,39 +299,50 @@ def test_waivers_cover_expire_once_and_are_revoked_with_audit_events(engine: sa.
         summary = violations.evaluate_certificates(session, DEFAULT_POLICY, ACTOR, now=NOW + dt.timedelta(hours=1))
     assert (summary.violations, summary.waived, summary.by_rule) == (0, 1, {})
 
-    for offset in (2, 3):  # expired: no longer applies, says so, and is audited once
-        with write_session(engine) as session:
-            summary = violations.evaluate_certificates(session, DEFAULT_POLICY, ACTOR, now=NOW + offset * DAY)
-        assert summary.expired_waivers == ((waiver.id,) if offset == 2 else ())
-        assert (summary.violations, summary.waived) == (1, 0)
+    # expired: the next evaluation of anything (here: of no place at all) records it, audited once, and what
+    # it waived is no longer waived; the certificate's own next evaluation says which waiver lapsed
+    with write_session(engine) as session:
+        summary = violations.evaluate_endpoints(session, DEFAULT_POLICY, [], ACTOR, NOW + 2 * DAY)
+        assert summary.expired_waivers == (waiver.id,)
+        assert rows(session)[(weak_fp, "", "key-size")].waiver_id is None
+        summary = violations.evaluate_certificates(session, DEFAULT_POLICY, ACTOR, now=NOW + 3 * DAY)
+    assert (summary.expired_waivers, summary.violations, summary.waived) == ((), 1, 0)
     with read_session(engine) as session:
         row = rows(session)[(weak_fp, "", "key-size")]
         assert row.waiver_id is None and f"waiver {waiver.id} expired" in row.detail
         expired = events(session, "policy.waiver_expired")
         assert [(e.object, e.actor) for e in expired] == [(f"policy-waiver:{waiver.id}", "test:alice")]
-        assert json.loads(expired[0].details)["rule"] == "key-size"
+        assert {k: json.loads(expired[0].details)[k] for k in ("rule", "violations_unwaived")} == {
+            "rule": "key-size", "violations_unwaived": 1}
         assert violations.list_waivers(session, now=NOW + 3 * DAY) == []
         assert [w.id for w in violations.list_waivers(session, include_inactive=True, now=NOW + 3 * DAY)] == [waiver.id]
 
-    with write_session(engine) as session:  # a second waiver, by owner, then revoked
+    with write_session(engine) as session:  # a second waiver, by owner, and a third by domain; both revoked
         second = violations.grant_waiver(session, "key-size", "owner=web,domain=example.com", "migration", "ciso",
                                          NOW + 30 * DAY, audit.Actor("test:bob"), NOW + 3 * DAY)
         assert rows(session)[(weak_fp, "", "key-size")].waiver_id == second.id
+        third = violations.grant_waiver(session, "key-size", "domain=weak.example.com", "same", "ciso",
+                                        NOW + 30 * DAY, audit.Actor("test:bob"), NOW + 3 * DAY)
         violations.revoke_waiver(session, second.id, audit.Actor("test:carol"), NOW + 4 * DAY)
+        assert rows(session)[(weak_fp, "", "key-size")].waiver_id == third.id  # still covered, by the third
         again = violations.revoke_waiver(session, second.id, audit.Actor("test:dave"), NOW + 5 * DAY)
         assert (again.revoked_by, again.revoked_at) == ("test:carol", NOW + 4 * DAY)
+        violations.revoke_waiver(session, third.id, audit.Actor("test:carol"), NOW + 5 * DAY)
         assert rows(session)[(weak_fp, "", "key-size")].waiver_id is None
         with pytest.raises(NotFoundError, match="no policy waiver with id 999"):
             violations.revoke_waiver(session, 999, ACTOR)
     with read_session(engine) as session:
         granted = events(session, "policy.waiver_granted")
         assert [(e.actor, e.object) for e in granted] == [("test:alice", f"policy-waiver:{waiver.id}"),
-                                                          ("test:bob", f"policy-waiver:{second.id}")]
+                                                          ("test:bob", f"policy-waiver:{second.id}"),
+                                                          ("test:bob", f"policy-waiver:{third.id}")]
         assert json.loads(granted[0].details) == {
             "rule": "key-size", "scope": f"certificate={weak_fp[:12]}", "reason": "HSM cannot do 2048 yet",
             "approver": "ciso", "expires_at": (NOW + DAY).isoformat().replace("+00:00", "Z"), "violations_waived": 1}
         assert [(e.actor, e.object) for e in events(session, "policy.waiver_revoked")] == [
-            ("test:carol", f"policy-waiver:{second.id}")]
+            ("test:carol", f"policy-waiver:{second.id}"), ("test:carol", f"policy-waiver:{third.id}")]
+        revoked = events(session, "policy.waiver_revoked")
+        assert [json.loads(e.details)["violations_unwaived"] for e in revoked] == [1, 1]
         audit.verify(session)
 
 
