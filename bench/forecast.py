@@ -69,11 +69,13 @@ def build(engine: sa.Engine, count: int, now: dt.datetime) -> None:
     migration = now - dt.timedelta(days=40)
     for i in range(count):
         pick = rng.random()
-        issuer = "acme-issuer/letsencrypt" if pick < 0.6 else "acme-issuer/corp" if pick < 0.85 else "private-ca/internal"
+        issuer = ("acme-issuer/letsencrypt" if pick < 0.6 else "acme-issuer/corp" if pick < 0.85
+                  else "private-ca/internal")
         lifetime = {"acme-issuer/letsencrypt": 90, "acme-issuer/corp": 200, "private-ca/internal": 90}[issuer]
         validity = 398 if issuer == "acme-issuer/corp" and i % 4 == 0 else None
         renew_before = 30 if issuer == "acme-issuer/corp" and i % 10 == 0 else None
-        names = [f"svc{i}.team{i % TEAMS}.example{i % DOMAINS}.com", f"www.svc{i}.team{i % TEAMS}.example{i % DOMAINS}.com"]
+        host = f"svc{i}.team{i % TEAMS}.example{i % DOMAINS}.com"
+        names = [host, f"www.{host}"]
         managed.append({"id": i + 1, "name": f"svc{i}", "dns_names": names, "ip_addresses": [], "uris": [],
                         "profile": "tls-server", "key_algorithm": "ec-p256", "validity_days": validity,
                         "issuer": issuer, "owner": f"team{i % TEAMS}", "tags": {}, "renew_before_days": renew_before,
@@ -132,7 +134,8 @@ def main() -> None:
         for f in report.issuers:
             print(f"  {f.issuer} ({f.kind}, {f.certificates} certificates): per year "
                   f"{', '.join(f'{y}: {n:,}' for y, n in f.scheduled.renewals_per_year.items())}; peak week "
-                  f"{f.scheduled.peak_week} {f.scheduled.peak_week_renewals:,} (spread {f.spread.peak_week_renewals:,}); "
+                  f"{f.scheduled.peak_week} {f.scheduled.peak_week_renewals:,} "
+                  f"(spread {f.spread.peak_week_renewals:,}); "
                   f"busiest 3 hours {f.scheduled.peak_3h_renewals:,} (spread {f.spread.peak_3h_renewals:,}); "
                   f"exceedances {len(f.scheduled.exceedances)} (spread {len(f.spread.exceedances)})")
         print(f"forecast: {count} managed certificates, median of 3 runs")

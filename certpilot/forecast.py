@@ -642,7 +642,7 @@ def _project(a: dict[str, np.ndarray], schedules: _Schedules, start: int, end: i
 
 def _window_counts(group: np.ndarray, hour: np.ndarray, width: int) -> np.ndarray:
     """For each event, the events of its group in the ``width`` hours from its own hour (sliding windows)."""
-    key = group.astype(np.int64) * _SHIFT + (hour - hour.min(initial=0))
+    key = group.astype(np.int64) * _SHIFT + hour  # hours since 1970 stay below 2**32
     order = np.argsort(key, kind="stable")
     ordered = key[order]
     counts = np.empty_like(key)
@@ -681,8 +681,6 @@ def _exceeded(group: np.ndarray, hour: np.ndarray, width: int, allowed: np.ndarr
 class _Frame:
     """What the loads are counted against: the period, the fleet's groups, names and domains, the limits."""
 
-    start: int
-    end: int
     week0: int
     weeks: int
     years: tuple[int, ...]
@@ -690,8 +688,7 @@ class _Frame:
     groups: list[tuple[str, bool]]
     cert_group: np.ndarray
     domain_names: list[str]
-    pair_cert: np.ndarray  # (certificate, registered domain) pairs, by certificate
-    pair_domain: np.ndarray
+    pair_domain: np.ndarray  # the registered domain of each (certificate, domain) pair, by certificate
     pair_start: np.ndarray
     pair_count: np.ndarray
     nameset_names: list[tuple[str, ...]]
@@ -704,7 +701,8 @@ def _limit(limits: list[RateLimits | None], attribute: str) -> np.ndarray:
     return np.array([_NO_LIMIT if v is None else v for v in values], dtype=np.int64)
 
 
-def _loads(events: _Events, frame: _Frame) -> list[tuple[Load, int]]:
+def _loads(events: _Events, frame: _Frame) -> list[Load]:
+    """Each group's load (in the order of ``frame.groups``)."""
     groups, weeks = len(frame.groups), frame.weeks
     group = frame.cert_group[events.cert]
     week = (events.hour - frame.week0) // 168
@@ -759,7 +757,7 @@ def _loads(events: _Events, frame: _Frame) -> list[tuple[Load, int]]:
             peak_hour=_moment(hour_when[k]) if hour_when[k] >= 0 else None, peak_hour_renewals=int(hour_best[k]),
             peak_3h=_moment(three_when[k]) if three_when[k] >= 0 else None, peak_3h_renewals=int(three_best[k]),
             exceedances=tuple(sorted(found[k], key=lambda e: (e.week, e.limit, -e.over, e.subject))))
-        out.append((load, k))
+        out.append(load)
     return out
 
 
@@ -840,8 +838,8 @@ def _forecast(fleet: _Fleet, profiles: Mapping[str, IssuerProfile], now: dt.date
     pair_cert_a = np.array(pair_cert, dtype=np.int64)
     pair_count = np.bincount(pair_cert_a, minlength=len(fleet.names)).astype(np.int64)
     limits = [profiles[issuer].limits if is_managed else None for issuer, is_managed in fleet.groups]
-    frame = _Frame(start, end, week0, weeks, years, year_starts, fleet.groups, cert_group, list(domain_ids),
-                   pair_cert_a, np.array(pair_domain, dtype=np.int64), np.cumsum(pair_count) - pair_count, pair_count,
+    frame = _Frame(week0, weeks, years, year_starts, fleet.groups, cert_group, list(domain_ids),
+                   np.array(pair_domain, dtype=np.int64), np.cumsum(pair_count) - pair_count, pair_count,
                    list(nameset_ids), np.array(cert_nameset, dtype=np.int64), limits)
 
     scheduled = _project(a, schedules, start, end, policy.lifetime_fraction, policy.jitter_fraction, a["first"],
@@ -864,7 +862,7 @@ def _forecast(fleet: _Fleet, profiles: Mapping[str, IssuerProfile], now: dt.date
             basis, issuer_limits = "unmanaged certificates renewed by hand, counted apart: limits not compared", None
         notes = _conflict_notes(scheduled.conflicts, members, fleet, a)
         out.append(IssuerForecast(issuer, kind, is_managed, basis, int(members.size), issuer_limits, len(domains),
-                                  _weekly_limit(issuer_limits, len(domains)), as_scheduled[k][0], as_spread[k][0],
+                                  _weekly_limit(issuer_limits, len(domains)), as_scheduled[k], as_spread[k],
                                   tuple(notes)))
     out.sort(key=lambda f: (not f.managed, f.issuer))
     weeks_list = tuple((monday + dt.timedelta(weeks=w)).date() for w in range(weeks))
@@ -967,7 +965,7 @@ def forecast_markdown(report: ForecastReport, chart_png: bytes | None = None) ->
                                   [(e.week, e.limit, e.subject, _when(e.window_start), e.count, e.allowed, e.over)
                                    for e in shown])]
             if len(f.scheduled.exceedances) > LISTED:
-                lines.append(f"\n({len(f.scheduled.exceedances) - LISTED} more: see `certpilot report forecast --json`)")
+                lines.append(f"\n({len(f.scheduled.exceedances) - LISTED} more: `certpilot report forecast --json`)")
         lines.append("")
     lines += ["## Schedule changes in the period", ""]
     lines += [f"- {d.isoformat()}: {escape(text)}" for d, text in report.changes] or ["- none"]

@@ -161,9 +161,10 @@ def _print_issuer(f: forecasting.IssuerForecast, spread_fraction: float) -> None
     out.print(line(f"  renewals per year: {_years(s.renewals_per_year)}"))
     out.print(line(f"  validations per year: {_years(s.validations_per_year)}"))
     orders = f.limits.new_orders_per_account_per_3h if f.limits is not None else None
+    against = f" (limit {orders:,})" if orders is not None else ""
     out.print(line(f"  peak week {s.peak_week or '-'}: {s.peak_week_renewals:,}{weekly and ' (' + weekly[2:] + ')'}; "
                    f"busiest hour {_when(s.peak_hour)}: {s.peak_hour_renewals:,}; busiest 3 hours from "
-                   f"{_when(s.peak_3h)}: {s.peak_3h_renewals:,}" + (f" (limit {orders:,})" if orders is not None else "")))
+                   f"{_when(s.peak_3h)}: {s.peak_3h_renewals:,}{against}"))
     if s.exceedances:
         table = Table(show_edge=False, pad_edge=False)
         for column in ("week", "limit", "subject", "busiest window from", "count", "allowed", "over by"):

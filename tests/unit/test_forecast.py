@@ -344,8 +344,8 @@ def test_unmanaged_public_certificates_are_counted_apart(engine: sa.Engine, auth
     with write_session(engine) as session:
         inventory.upsert(session, [inventory.Observation(describe_certificate(c), f"tls://{i}.example.com:443", "scan")
                                    for i, c in enumerate((hand, self_signed))], ACTOR, now=now)
-    seed(engine, authority, "web", ("web.example.com",), at("2026-12-01 00:00"), 90, first_renewal=at("2027-01-20 10:30"),
-         now=now)
+    seed(engine, authority, "web", ("web.example.com",), at("2026-12-01 00:00"), 90,
+         first_renewal=at("2027-01-20 10:30"), now=now)
     report = run(engine, now, dt.date(2027, 3, 1), issuers={CORP: IssuerSettings("public")})
     assert [(f.issuer, f.managed, f.kind, f.certificates) for f in report.issuers] == [
         (CORP, True, "public", 1), ("unmanaged: Let's Encrypt", False, "lets-encrypt", 1)]
@@ -414,8 +414,8 @@ def test_the_artifacts_markdown_and_chart(thirty: sa.Engine) -> None:
     assert markdown.startswith("# Renewal forecast to 2027-02-28")
     assert "3 limit(s) exceeded as scheduled" in markdown
     assert "](data:image/png;base64," in markdown
-    assert "| acme-issuer/corp | public | 30 | 2026: 0, 2027: 30 | 2027-01-11: 24 | 2027-01-13 10:00 UTC: 12 | 40 | 3 |" \
-        in markdown
+    assert ("| acme-issuer/corp | public | 30 | 2026: 0, 2027: 30 | 2027-01-11: 24 | 2027-01-13 10:00 UTC: 12 | 40 "
+            "| 3 |") in markdown
     assert ("| 2027-01-11 | certificates-per-registered-domain-per-week | example.com | 2027-01-13 10:00 UTC | 24 | 20 "
             "| 4 |") in markdown
     assert "- 2027-02-10: Let's Encrypt classic profile 64 days" in markdown
