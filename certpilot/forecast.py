@@ -57,6 +57,7 @@ artifact; ``ForecastReport.as_dict`` is ``--json``. No Prefect, no network here.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import math
 import re
@@ -640,32 +641,34 @@ def _project(a: dict[str, np.ndarray], schedules: _Schedules, start: int, end: i
     return _Events(np.concatenate(certs), np.concatenate(hours), np.concatenate(validations), conflicts)
 
 
-def _window_counts(group: np.ndarray, hour: np.ndarray, width: int) -> np.ndarray:
-    """For each event, the events of its group in the ``width`` hours from its own hour (sliding windows)."""
+def _window_counts(group: np.ndarray, hour: np.ndarray, *widths: int) -> list[np.ndarray]:
+    """For each event, the events of its group in the ``width`` hours from its own hour (sliding windows),
+    for each of ``widths``: one sort for all."""
     key = group.astype(np.int64) * _SHIFT + hour  # hours since 1970 stay below 2**32
     order = np.argsort(key, kind="stable")
     ordered = key[order]
-    counts = np.empty_like(key)
-    counts[order] = np.searchsorted(ordered, ordered + width, "left") - np.searchsorted(ordered, ordered, "left")
-    return counts
+    first = np.searchsorted(ordered, ordered, "left")
+    out = []
+    for width in widths:
+        counts = np.empty_like(key)
+        counts[order] = np.searchsorted(ordered, ordered + width, "left") - first
+        out.append(counts)
+    return out
 
 
 def _busiest(group: np.ndarray, count: np.ndarray, hour: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Per group: the highest count (0 when none) and the earliest hour with it (-1)."""
-    best, when = np.zeros(groups, dtype=np.int64), np.full(groups, -1, dtype=np.int64)
-    if group.size:
-        order = np.lexsort((hour, -count, group))
-        firsts = order[np.r_[True, group[order][1:] != group[order][:-1]]]
-        best[group[firsts]], when[group[firsts]] = count[firsts], hour[firsts]
-    return best, when
+    best, when = np.zeros(groups, dtype=np.int64), np.full(groups, np.iinfo(np.int64).max, dtype=np.int64)
+    np.maximum.at(best, group, count)
+    top = count == best[group]
+    np.minimum.at(when, group[top], hour[top])
+    return best, np.where(best > 0, when, -1)
 
 
-def _exceeded(group: np.ndarray, hour: np.ndarray, width: int, allowed: np.ndarray, week0: int
+def _exceeded(group: np.ndarray, hour: np.ndarray, counts: np.ndarray, allowed: np.ndarray, week0: int
               ) -> list[tuple[int, int, int, int]]:
-    """(group, week, count, hour) of the busiest window over ``allowed[group]`` starting in each week."""
-    if not group.size:
-        return []
-    counts = _window_counts(group, hour, width)
+    """(group, week, count, hour) of the busiest window over ``allowed[group]`` starting in each week;
+    ``counts``: each event's window (``_window_counts``)."""
     over = counts > allowed[group]
     if not over.any():
         return []
@@ -712,8 +715,9 @@ def _loads(events: _Events, frame: _Frame) -> list[Load]:
     per_year = np.bincount(group * years + year, minlength=groups * years).reshape(groups, years)
     checks = np.bincount(group * years + year, weights=events.validations, minlength=groups * years)
     checks = checks.reshape(groups, years).round().astype(np.int64)
-    hour_best, hour_when = _busiest(group, _window_counts(group, events.hour, 1), events.hour, groups)
-    three_best, three_when = _busiest(group, _window_counts(group, events.hour, 3), events.hour, groups)
+    in_hour, in_3h = _window_counts(group, events.hour, 1, 3)
+    hour_best, hour_when = _busiest(group, in_hour, events.hour, groups)
+    three_best, three_when = _busiest(group, in_3h, events.hour, groups)
 
     found: list[list[Exceedance]] = [[] for _ in range(groups)]
     week_start = [_moment(frame.week0 + 168 * w).date() for w in range(weeks)]
@@ -725,7 +729,7 @@ def _loads(events: _Events, frame: _Frame) -> list[Load]:
             found[k].append(Exceedance(limit, week_start[w], subject(g), _moment(h), c, int(allowed[k])))
 
     orders = _limit(frame.limits, "new_orders_per_account_per_3h")
-    record(LIMIT_ORDERS, _exceeded(group, events.hour, 3, orders, frame.week0), lambda g: g,
+    record(LIMIT_ORDERS, _exceeded(group, events.hour, in_3h, orders, frame.week0), lambda g: g,
            lambda g: f"{frame.groups[g][0]} (its account)", orders)
     per_domain = _limit(frame.limits, "certificates_per_registered_domain_per_week")
     if (per_domain != _NO_LIMIT).any():
@@ -734,14 +738,16 @@ def _loads(events: _Events, frame: _Frame) -> list[Load]:
         offsets = np.arange(repeat.size) - np.repeat(np.cumsum(n) - n, n)
         domain = frame.pair_domain[frame.pair_start[events.cert][repeat] + offsets]
         domains = max(len(frame.domain_names), 1)
-        key = group[repeat] * domains + domain
-        record(LIMIT_DOMAIN, _exceeded(key, events.hour[repeat], 168, np.repeat(per_domain, domains), frame.week0),
+        key, hours = group[repeat] * domains + domain, events.hour[repeat]
+        [in_week] = _window_counts(key, hours, 168)
+        record(LIMIT_DOMAIN, _exceeded(key, hours, in_week, np.repeat(per_domain, domains), frame.week0),
                lambda g: g // domains, lambda g: frame.domain_names[g % domains], per_domain)
     duplicates = _limit(frame.limits, "duplicate_certificates_per_week")
     if (duplicates != _NO_LIMIT).any():
         sets = max(len(frame.nameset_names), 1)
         key = group * sets + frame.cert_nameset[events.cert]
-        record(LIMIT_DUPLICATES, _exceeded(key, events.hour, 168, np.repeat(duplicates, sets), frame.week0),
+        [in_week] = _window_counts(key, events.hour, 168)
+        record(LIMIT_DUPLICATES, _exceeded(key, events.hour, in_week, np.repeat(duplicates, sets), frame.week0),
                lambda g: g // sets, lambda g: ", ".join(frame.nameset_names[g % sets]), duplicates)
 
     out = []
@@ -832,7 +838,7 @@ def _forecast(fleet: _Fleet, profiles: Mapping[str, IssuerProfile], now: dt.date
     pair_cert, pair_domain, cert_nameset = [], [], []
     for i, names in enumerate(fleet.names):
         cert_nameset.append(nameset_ids.setdefault(names, len(nameset_ids)))
-        for domain in sorted({registered_domain(n) for n in names}):
+        for domain in sorted({_registered_domain(n) for n in names}):
             pair_cert.append(i)
             pair_domain.append(domain_ids.setdefault(domain, len(domain_ids)))
     pair_cert_a = np.array(pair_cert, dtype=np.int64)
@@ -869,6 +875,20 @@ def _forecast(fleet: _Fleet, profiles: Mapping[str, IssuerProfile], now: dt.date
     changes = tuple((d, text) for d, text in schedules.changes() if now.date() < d <= until)
     return ForecastReport(now, until, weeks_list, tuple(out), changes, policy.lifetime_fraction,
                           policy.jitter_fraction, spread_fraction, years)
+
+
+@functools.lru_cache(maxsize=65536)
+def _domain_of_suffix(suffix: str) -> str:
+    return registered_domain(suffix)
+
+
+def _registered_domain(name: str) -> str:
+    """certpilot.rate_limits.registered_domain, which looks at the last three labels only: a DNS name's is
+    cached by them (a fleet's names share few)."""
+    labels = name.rsplit(".", 3)
+    if ":" in name or len(labels) < 4 or not any(c.isalpha() for c in labels[-1]):
+        return registered_domain(name)  # an IP address, or nothing to share
+    return _domain_of_suffix(".".join(labels[1:]))
 
 
 def _weekly_limit(limits: RateLimits | None, domains: int) -> int | None:
