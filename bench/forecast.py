@@ -16,7 +16,8 @@ at a uniformly random point of the past two thirds of their lifetime, one in fiv
 Let's Encrypt, half from another CA), renewed by hand and counted apart.
 
 Then ``forecast`` runs from a session on that inventory (reading included) three times; the median wall time
-is the figure (each run's CPU time is printed too: on a busy machine the wall time is longer). It prints the totals per year, the exceedances as scheduled and spread, and ends with:
+is the figure (each run's CPU time is printed too: on a busy machine the wall time is longer). It prints the
+totals per year, the exceedances as scheduled and spread, and ends with:
 
     figure forecast_seconds_10k: S s   (the name says 10k whatever N is; the line before says N)
 
