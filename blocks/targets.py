@@ -36,6 +36,7 @@ from certpilot.target_kinds import (
     NginxSettings,
     TargetKind,
     TargetSettings,
+    TrustBundleSettings,
     merged_settings,
     parse_kind,
     validate_settings,
@@ -94,6 +95,15 @@ def _key_vault(block: AzureKeyVaultBlock, name: str, settings: KeyVaultSettings,
     return AzureKeyVaultDeployer(name, block.connection(), settings, lookup)
 
 
+def _trust_bundle(block: SshHostBlock, name: str, settings: TrustBundleSettings,
+                  lookup: BundleLookup | None) -> Deployer:
+    from certpilot import trust_bundle
+    from certpilot.database import get_engine
+    from connectors.ssh_trust_bundle import TrustBundleDeployer  # the bundle comes from the inventory, not lookup
+
+    return TrustBundleDeployer(name, block.connection(), settings, trust_bundle.source(get_engine()))
+
+
 KINDS: dict[TargetKind, KindSpec] = {
     TargetKind.SSH_NGINX: KindSpec(SshHostBlock, SETTINGS[TargetKind.SSH_NGINX], _nginx),
     TargetKind.SSH_HAPROXY: KindSpec(SshHostBlock, SETTINGS[TargetKind.SSH_HAPROXY], _haproxy),
@@ -101,6 +111,7 @@ KINDS: dict[TargetKind, KindSpec] = {
     TargetKind.AWS_ELBV2: KindSpec(AwsAccountBlock, SETTINGS[TargetKind.AWS_ELBV2], _elbv2),
     TargetKind.AWS_IAM_ELBV2: KindSpec(AwsAccountBlock, SETTINGS[TargetKind.AWS_IAM_ELBV2], _iam_elbv2),
     TargetKind.AZURE_KV: KindSpec(AzureKeyVaultBlock, SETTINGS[TargetKind.AZURE_KV], _key_vault),
+    TargetKind.TRUST_BUNDLE: KindSpec(SshHostBlock, SETTINGS[TargetKind.TRUST_BUNDLE], _trust_bundle),
 }
 
 CONNECTIONS: dict[type[Block], str] = {SshHostBlock: "an SSH host", AwsAccountBlock: "an AWS account",
@@ -140,14 +151,16 @@ class DeploymentTargetBlock(Block):
     _block_type_name: ClassVar[str] = "Deployment target"
     _block_type_slug: ClassVar[str] = "deployment-target"
     _description: ClassVar[str] = ("One place a certificate is deployed to (an nginx site, a haproxy frontend, an "
-                                   "ACM certificate, a load balancer listener, a Key Vault certificate): its kind, "
+                                   "ACM certificate, a load balancer listener, a Key Vault certificate, a private "
+                                   "CA's trust bundle on a host): its kind, "
                                    "the connection block it goes through, and its settings.")
 
     kind: TargetKind = Field(description="What the target is; it decides which connection and settings apply.")
     connection: SshHostBlock | AwsAccountBlock | AzureKeyVaultBlock = Field(
         description="The block the target is reached through: " + "; ".join(
             f"{label} for {', '.join(kinds_of(block_type))}" for block_type, label in CONNECTIONS.items()) + ".")
-    settings: NginxSettings | HaproxySettings | AcmSettings | ListenerSettings | KeyVaultSettings = Field(
+    settings: (NginxSettings | HaproxySettings | AcmSettings | ListenerSettings | KeyVaultSettings
+               | TrustBundleSettings) = Field(
         description="The target's settings, those of its kind: paths, reload and test commands, listener ARN, "
                     "certificate name, verify endpoint...")
 

@@ -33,6 +33,7 @@ __all__ = [
     "TargetKind",
     "TargetSettings",
     "TargetSettingsError",
+    "TrustBundleSettings",
     "UnknownTargetKindError",
     "merged_settings",
     "parse_kind",
@@ -51,6 +52,7 @@ class TargetKind(StrEnum):
     AWS_ELBV2 = "aws-elbv2"
     AWS_IAM_ELBV2 = "aws-iam-elbv2"
     AZURE_KV = "azure-kv"
+    TRUST_BUNDLE = "trust-bundle"
 
 
 class UnknownTargetKindError(PermanentDeployError):
@@ -330,10 +332,70 @@ class KeyVaultSettings(TargetSettings):
         return value
 
 
+_ACCOUNT = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10})$")
+
+
+class TrustBundleSettings(TargetSettings):
+    """A private CA's trust bundle as a file on an SSH host (kind trust-bundle): the root and issuing CA
+    certificates (PEM) of the CA that issues the managed certificate, written atomically and proven by
+    reading it back (certpilot.trust_bundle)."""
+
+    model_config = ConfigDict(title="trust-bundle settings")
+
+    path: str = Field(min_length=2, description="Where the bundle goes, an absolute path, e.g. "
+                                                "/usr/local/share/ca-certificates/lab-ca.crt.")
+    mode: str = Field(default="0644", description="Mode of the file, octal digits; never writable by group or "
+                                                  "others (they could make the host trust anything).")
+    owner: str | None = Field(default=None, description="User to own the file (chown before it is renamed into "
+                                                        "place); default: the SSH user.")
+    group: str | None = Field(default=None, description="Group to own the file; default: the SSH user's.")
+    reload_command: str | None = Field(default=None, description="Run after the file changed, e.g. "
+                                                                 "update-ca-certificates; a non-zero exit restores "
+                                                                 "the previous file. Default none.")
+    command_timeout: float = Field(default=60.0, gt=0, description="Seconds for each remote command.")
+    remove_previous: bool = Field(default=False, description="purge() (a confirmed retirement) also deletes the "
+                                                             ".certpilot-previous backup of the last deploy.")
+    remove_command: str | None = Field(default=None, description="Run by remove() after the file is moved aside "
+                                                                 "(e.g. update-ca-certificates); default none.")
+    restore_command: str | None = Field(default=None, description="Run by restore() after the file is back; "
+                                                                  "default: reload_command.")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or value.endswith("/") or any(c < " " for c in value):
+            raise ValueError("must be an absolute path to a file, such as /usr/local/share/ca-certificates/ca.crt")
+        return value
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = format(value, "04o")
+        if not isinstance(value, str) or not _OCTAL_MODE.match(value) or int(value, 8) > 0o7777:
+            raise ValueError("must be a file mode in octal digits, such as 0644")
+        if int(value, 8) & 0o022:
+            raise ValueError("must not let group or others write the file (a relying party would trust whatever "
+                             "they put there): use 0644 or narrower")
+        return value
+
+    @field_validator("owner", "group")
+    @classmethod
+    def _account(cls, value: str | None) -> str | None:
+        if value is not None and not _ACCOUNT.match(value):
+            raise ValueError("must be a user or group name (letters, digits, '_', '.', '-') or a number")
+        return value
+
+    @property
+    def file_mode(self) -> int:
+        """mode as a number."""
+        return int(self.mode, 8)
+
+
 SETTINGS: dict[TargetKind, type[TargetSettings]] = {
     TargetKind.SSH_NGINX: NginxSettings, TargetKind.SSH_HAPROXY: HaproxySettings, TargetKind.AWS_ACM: AcmSettings,
     TargetKind.AWS_ELBV2: ListenerSettings, TargetKind.AWS_IAM_ELBV2: ListenerSettings,
-    TargetKind.AZURE_KV: KeyVaultSettings,
+    TargetKind.AZURE_KV: KeyVaultSettings, TargetKind.TRUST_BUNDLE: TrustBundleSettings,
 }
 
 

@@ -60,6 +60,9 @@ def add(session: Session, managed_name: str, name: str, kind: TargetKind | str, 
     if "/" not in block:
         raise PermanentError(f"target {name}: block {block!r} must be 'block-type-slug/document-name'")
     managed = get(session, managed_name)
+    if kind is TargetKind.TRUST_BUNDLE and not managed.issuer.startswith("private-ca/"):
+        raise PermanentError(f"target {name}: a trust-bundle target distributes the bundle of the private CA that "
+                             f"issues its managed certificate, and {managed_name} is issued by {managed.issuer}")
     if session.exec(select(Target).where(Target.managed_certificate_id == managed.id, Target.name == name)).first():
         raise PermanentError(f"managed certificate {managed_name} already has a target named {name}")
     now = now or utcnow()

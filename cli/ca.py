@@ -333,3 +333,65 @@ def ca_remove_root_key_command(
                    "issuing key"))
     if not exported:
         warn("no export of this root key was recorded: without a copy, no new issuing CA can be signed under this root")
+
+
+@app.command("bundle")
+def ca_bundle_command(
+    name: CaName,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE", help=(
+        "Write the bundle (PEM) here instead of stdout."))] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace FILE if it exists.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """CA NAME's trust bundle: its root, then its issuing CA certificates in force (newest first), PEM: what
+    relying parties trust, and what trust-bundle targets distribute (`certpilot ca distribute`)."""
+    from certpilot import trust_bundle
+
+    with read_session(get_engine()) as session:
+        bundle = trust_bundle.of_ca(session, name)
+    if output is not None:
+        write_new_file(output, bundle.pem, secret=False, force=force)
+    if as_json:
+        where = {"output": str(output)} if output is not None else {"pem": bundle.pem.decode()}
+        print_json({**bundle.as_dict(), **where})
+        return
+    if output is None:
+        sys.stdout.write(bundle.pem.decode())
+        return
+    out.print(line(f"wrote {bundle.describe()} to {output}"))
+
+
+@app.command("distribute")
+def ca_distribute_command(name: CaName, as_json: JsonOption = False) -> None:
+    """Bring every trust-bundle target of CA NAME to its bundle of now (after a new issuing CA, say): each
+    file is rewritten where it differs, read back and verified (SHA-256), its reload command run. The
+    targets are those of managed certificates the CA issued (`certpilot target add NAME TARGET --kind
+    trust-bundle --block ssh-host/HOST --set path=...`). Exit 1 when a target failed."""
+    import logging
+
+    from certpilot import keystore, trust_bundle
+    from certpilot.settings import load_settings
+    from tasks.deployment import deployer_for
+
+    engine = get_engine()
+    with read_session(engine) as session:
+        bundle = trust_bundle.of_ca(session, name)
+    settings = load_settings()
+    done = trust_bundle.distribute(engine, name, lambda t: deployer_for(t.managed, t.target)[1],
+                                   lambda: keystore.load_key_ring(settings), actor(),
+                                   logging.getLogger("certpilot.cli"))
+    failed = [d for d in done if not d.outcome.action.ok]
+    if as_json:
+        print_json({**bundle.as_dict(), "targets": [d.as_dict() for d in done], "failed": len(failed)})
+    else:
+        for d in done:
+            style = "" if d.outcome.action.ok else "red"
+            out.print(line((f"{d.target.managed}/{d.target.target}", style),
+                           f"  {d.outcome.action}: {d.outcome.detail}"))
+        out.print(line(f"{bundle.describe()}: {len(done)} trust-bundle target(s), {len(failed)} failed"))
+        if not done:
+            note(f"no trust-bundle target distributes CA {name}'s bundle: add one to a managed certificate it issues "
+                 "(`certpilot target add MANAGED TARGET --kind trust-bundle --block ssh-host/HOST --set path=FILE`)",
+                 out)
+    if failed:
+        raise typer.Exit(1)

@@ -136,7 +136,8 @@ def test_a_deployment_target_made_as_the_ui_makes_it_loads_with_its_kinds_settin
         assert {ref["block_type_slug"] for ref in fields["block_schema_references"]["connection"]} == {
             "ssh-host", "aws-account", "azure-key-vault"}
         assert [option["$ref"].rsplit("/", 1)[-1] for option in fields["properties"]["settings"]["anyOf"]] == [
-            "NginxSettings", "HaproxySettings", "AcmSettings", "ListenerSettings", "KeyVaultSettings"]
+            "NginxSettings", "HaproxySettings", "AcmSettings", "ListenerSettings", "KeyVaultSettings",
+            "TrustBundleSettings"]
         for name, settings in (("cli-ui-lb", {"pem_path": "/p.pem", "runtime_socket": "/s"}),
                                ("cli-ui-wrong", {"pem_path": "/p.pem", "runtime_socket": "/s", "key_path": "/k"})):
             client.create_block_document(BlockDocumentCreate(

@@ -329,7 +329,8 @@ def test_mutual_tls_between_spiffe_identities_on_loopback(engine: sa.Engine, tmp
 @pytest.mark.parametrize(("given", "message"), [
     ({"permit_dns": [".lab.test"]}, "--permit-dns '.lab.test': a DNS name constraint covers the name and every name"),
     ({"exclude_dns": ["bad_name.test"]}, "--exclude-dns 'bad_name.test': label 'bad_name'"),
-    ({"permit_uri": ["spiffe://prod.example"]}, "--permit-uri 'spiffe://prod.example': a URI name constraint is a host"),
+    ({"permit_uri": ["spiffe://prod.example"]},
+     "--permit-uri 'spiffe://prod.example': a URI name constraint is a host"),
     ({"permit_ip": ["10.0.0.1"]}, "--permit-ip '10.0.0.1': give a network in CIDR form"),
     ({"permit_ip": ["10.0.0.1/8"]}, "--permit-ip '10.0.0.1/8': not a network in CIDR form"),
 ])

@@ -28,6 +28,7 @@ from certpilot.target_kinds import (
     NginxSettings,
     TargetKind,
     TargetSettingsError,
+    TrustBundleSettings,
     UnknownTargetKindError,
     merged_settings,
     valid_keys,
@@ -41,6 +42,7 @@ MINIMAL: dict[TargetKind, dict[str, Any]] = {
     TargetKind.SSH_NGINX: NGINX, TargetKind.SSH_HAPROXY: {"pem_path": "/etc/haproxy/web.pem", "reload_command": "true"},
     TargetKind.AWS_ACM: {"region": "eu-west-1"}, TargetKind.AWS_ELBV2: {"listener_arn": LISTENER},
     TargetKind.AWS_IAM_ELBV2: {"listener_arn": LISTENER}, TargetKind.AZURE_KV: {"certificate_name": "web"},
+    TargetKind.TRUST_BUNDLE: {"path": "/usr/local/share/ca-certificates/lab-ca.crt"},
 }
 
 
@@ -55,10 +57,10 @@ def test_every_kind_has_one_model_and_one_registry_entry() -> None:
     for kind, spec in KINDS.items():
         assert spec.settings is SETTINGS[kind]
         assert kind in kinds_of(spec.connection)
-    assert kinds_of(SshHostBlock) == [TargetKind.SSH_NGINX, TargetKind.SSH_HAPROXY]
+    assert kinds_of(SshHostBlock) == [TargetKind.SSH_NGINX, TargetKind.SSH_HAPROXY, TargetKind.TRUST_BUNDLE]
     assert kinds_of(AzureKeyVaultBlock) == [TargetKind.AZURE_KV]
     assert [k.value for k in TargetKind] == ["ssh-nginx", "ssh-haproxy", "aws-acm", "aws-elbv2", "aws-iam-elbv2",
-                                             "azure-kv"]
+                                             "azure-kv", "trust-bundle"]
 
 
 @pytest.mark.parametrize("kind", list(TargetKind))
@@ -88,6 +90,9 @@ def test_defaults_come_from_the_models() -> None:
     assert isinstance(acm, AcmSettings) and acm.acm_region == "eu-west-1"
     vault = validate_settings("azure-kv", {"certificate_name": "web-1"})
     assert isinstance(vault, KeyVaultSettings) and (vault.tags, vault.purge_deleted) == ({}, False)
+    bundle = validate_settings("trust-bundle", {"path": "/etc/ssl/lab-ca.pem"})
+    assert isinstance(bundle, TrustBundleSettings)
+    assert (bundle.file_mode, bundle.owner, bundle.group, bundle.reload_command) == (0o644, None, None, None)
 
 
 def test_required_keys_types_and_rules_between_keys() -> None:
@@ -112,6 +117,11 @@ def test_required_keys_types_and_rules_between_keys() -> None:
     assert "certificate_name must be 1 to 127 letters" in str(_refused("azure-kv", {"certificate_name": "a b"}))
     assert "tags.owner must be a valid string" in str(_refused("azure-kv", {"certificate_name": "w",
                                                                              "tags": {"owner": 7}}))
+    assert "path must be an absolute path to a file" in str(_refused("trust-bundle", {"path": "ca.pem"}))
+    assert "mode must not let group or others write the file" in str(
+        _refused("trust-bundle", {"path": "/ca.pem", "mode": "0664"}))
+    assert "owner must be a user or group name" in str(
+        _refused("trust-bundle", {"path": "/ca.pem", "owner": "root; rm -rf /"}))
 
 
 def test_verify_trust_holds_ca_certificates_only_and_no_error_echoes_it() -> None:

@@ -58,7 +58,8 @@ def test_the_block_deploys_through_one_shared_connection(sshd: SshServer, nginx:
     deployer.rollback(receipt)
     assert receipt.previous_fingerprint is not None
     deployer.verify(receipt.previous_fingerprint)
-    with pytest.raises(PermanentDeployError, match="an SSH host deploys kinds ssh-haproxy, ssh-nginx, not 'aws-acm'"):
+    with pytest.raises(PermanentDeployError,
+                       match="an SSH host deploys kinds ssh-haproxy, ssh-nginx, trust-bundle, not 'aws-acm'"):
         build_deployer(block, "x", "aws-acm", {})
     block.connection().close()
 
