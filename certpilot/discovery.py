@@ -8,6 +8,13 @@ ghosts its locations that this run did not see again; its frozen ``SourceSummary
 ``discover_all`` gathers a run of several sources, each run by the caller's seam (a task run per
 source in the discover flow, a thread per source in the CLI), into one ``DiscoveryResult``.
 
+Given a policy (certpilot.policy), ``record`` applies it to each batch right after writing it, in a
+transaction of its own: certificates without an owner get one by its ownership rules (SAN domain,
+locator, source, tag), the certificates seen are evaluated against its rules, and each TLS place against
+its endpoint rules (tls-min-version, chain-complete, hostname-match) from what the handshake recorded in
+the location's details (``endpoint_facts``). Should that fail, what was found stays recorded and the
+summary's ``policy_error`` says why.
+
 Locators: ``tls://host:port?sni=name``, ``ssh://user@host:port/path``, ``aws-acm://region/arn``,
 ``aws-elbv2://region/listener-arn``, ``aws-iam://name``, ``azure-kv://vault/name/version``.
 """
@@ -26,14 +33,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from sqlmodel import Session, col
 
-from certpilot import audit, inventory, keystore
+from certpilot import audit, inventory, keystore, violations
 from certpilot.clock import utcnow
 from certpilot.database import write_session
-from certpilot.errors import PermanentError, redact
+from certpilot.errors import CertpilotError, PermanentError, redact
 from certpilot.inventory import Observation
 from certpilot.keys import key_matches_certificate, public_key_sha256
 from certpilot.keystore import KeyRing
 from certpilot.models import Location, SourceRun
+from certpilot.policy import EndpointFacts, Facts, Policy
+from certpilot.violations import EvaluationSummary
 from certpilot.x509info import describe_certificate
 
 
@@ -96,12 +105,18 @@ class SourceSummary:
     keys_stored: int = 0
     ghosts: int = 0  # locations of this source flagged as ghosts by this run
     problems: tuple[Problem, ...] = ()
+    owners_assigned: int = 0  # certificates given an owner by the policy's ownership rules
+    violations: int = 0  # policy violations not waived, of the certificates seen and of the TLS places
+    violations_by_rule: Mapping[str, int] = field(default_factory=dict)
+    policy_error: str | None = None  # why the policy was not applied to (part of) what was found
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "run_id": self.run_id, "places": self.places,
                 "certificates": self.certificates, "new_certificates": self.new_certificates,
                 "new_locations": self.new_locations, "keys_stored": self.keys_stored, "ghosts": self.ghosts,
-                "problems": [{"locator": p.locator, "reason": p.reason} for p in self.problems]}
+                "problems": [{"locator": p.locator, "reason": p.reason} for p in self.problems],
+                "owners_assigned": self.owners_assigned, "violations": self.violations,
+                "violations_by_rule": dict(self.violations_by_rule), "policy_error": self.policy_error}
 
 
 @dataclass
@@ -117,10 +132,22 @@ class DiscoveryReport:
     keys_stored: int = 0
     ghosts: int = 0
     problems: list[Problem] = field(default_factory=list)
+    owners_assigned: int = 0
+    violations: int = 0
+    violations_by_rule: dict[str, int] = field(default_factory=dict)
+    policy_error: str | None = None
 
     def summary(self) -> SourceSummary:
         return SourceSummary(self.source, self.run_id, self.places, self.certificates, self.new_certificates,
-                             self.new_locations, self.keys_stored, self.ghosts, tuple(self.problems))
+                             self.new_locations, self.keys_stored, self.ghosts, tuple(self.problems),
+                             self.owners_assigned, self.violations, dict(sorted(self.violations_by_rule.items())),
+                             self.policy_error)
+
+    def count(self, summary: EvaluationSummary) -> None:
+        self.violations += summary.violations
+        for rule, n in summary.by_rule.items():
+            if n:
+                self.violations_by_rule[rule] = self.violations_by_rule.get(rule, 0) + n
 
 
 @dataclass(frozen=True)
@@ -143,6 +170,22 @@ class DiscoveryResult:
     def as_dict(self) -> dict[str, Any]:
         return {"sources": [s.as_dict() for s in self.sources],
                 "failed": {f.block: f.reason for f in self.failed}, "bands": dict(self.bands)}
+
+    @property
+    def policy_errors(self) -> list[str]:
+        """Why the policy was not applied to what a source found, per source that says so."""
+        return [f"{s.source}: {s.policy_error}" for s in self.sources if s.policy_error]
+
+
+class PolicyNotApplied(PermanentError):
+    """What the sources found was recorded, but the policy was not applied to all of it."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = tuple(errors)
+        super().__init__("every source was recorded, but the policy was not applied: " + "; ".join(self.errors))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.errors,))
 
 
 class DiscoveryFailed(PermanentError):
@@ -195,7 +238,8 @@ def observations(found: Found, source: str) -> list[Observation]:
 
 def record(engine: sa.Engine, source: Source, actor: audit.Actor, *,
            key_ring: Callable[[], KeyRing] | None = None, batch_size: int = BATCH,
-           now: Callable[[], dt.datetime] | None = None, block: str | None = None) -> DiscoveryReport:
+           now: Callable[[], dt.datetime] | None = None, block: str | None = None,
+           policy: Policy | None = None, policy_error: str | None = None) -> DiscoveryReport:
     """Run ``source`` and write what it finds, a batch per transaction; then flag as ghosts the
     source's locations this run did not see. Keys a source brought back are stored sealed when
     ``key_ring`` is given and dropped otherwise.
@@ -211,7 +255,8 @@ def record(engine: sa.Engine, source: Source, actor: audit.Actor, *,
     actor = audit.Actor(actor.name, run_id)
     note_source_run(engine, source.name, block, actor.flow_run_id, clock(), started=True)
     try:
-        report = _record(engine, source, actor, run_id, key_ring, batch_size, clock)
+        report = _record(engine, source, actor, run_id, key_ring, batch_size, clock, policy)
+        report.policy_error = report.policy_error or policy_error
     except BaseException as exc:
         note_source_run(engine, source.name, block, actor.flow_run_id, clock(), error=redact(exc))
         raise
@@ -238,9 +283,10 @@ def note_source_run(engine: sa.Engine, source: str, block: str | None, flow_run_
 
 def _record(engine: sa.Engine, source: Source, actor: audit.Actor, run_id: str,
             key_ring: Callable[[], KeyRing] | None, batch_size: int,
-            clock: Callable[[], dt.datetime]) -> DiscoveryReport:
+            clock: Callable[[], dt.datetime], policy: Policy | None) -> DiscoveryReport:
     report = DiscoveryReport(source.name, run_id)
     seen: set[str] = set()
+    evaluated: set[str] = set()  # certificates this run evaluated already (one may be seen in several batches)
     batch: list[Found] = []
 
     def flush() -> None:
@@ -269,6 +315,10 @@ def _record(engine: sa.Engine, source: Source, actor: audit.Actor, run_id: str,
         report.new_certificates += len(result.new)
         report.new_locations += result.new_locations
         seen.update(result.seen)
+        if policy is not None:
+            fresh = [fp for fp in dict.fromkeys(o.record.fingerprint_sha256 for o in obs) if fp not in evaluated]
+            evaluated.update(fresh)
+            _apply_policy(engine, policy, fresh, [o for o in obs if o.locator], actor, clock(), report)
         batch.clear()
 
     for item in source.discover():
@@ -283,6 +333,53 @@ def _record(engine: sa.Engine, source: Source, actor: audit.Actor, run_id: str,
     with write_session(engine) as session:
         report.ghosts = flag_ghosts(session, source.name, run_id, actor, clock())
     return report
+
+
+def _apply_policy(engine: sa.Engine, policy: Policy, fingerprints: list[str], placed: list[Observation],
+                  actor: audit.Actor, now: dt.datetime, report: DiscoveryReport) -> None:
+    """Ownership rules, then the certificate rules for ``fingerprints``, then the endpoint rules for the TLS
+    places among ``placed`` (leaves at their locators), in one transaction; a failure is noted in
+    ``report`` (the first one) and leaves what was found recorded."""
+    try:
+        with write_session(engine) as session:
+            owners = violations.apply_ownership(session, policy, actor, fingerprints, now)
+            leaves = list(dict.fromkeys(o.record.fingerprint_sha256 for o in placed))
+            facts = {f.fingerprint_sha256: f for f in violations.facts_for(session, policy, leaves, now)}
+            endpoints = [e for o in placed if (e := endpoint_facts(
+                o.locator or "", facts.get(o.record.fingerprint_sha256), o.details or {})) is not None]
+            evaluations = [violations.evaluate_certificates(session, policy, actor, fingerprints, now)]
+            if endpoints:
+                evaluations.append(violations.evaluate_endpoints(session, policy, endpoints, actor, now))
+    except (CertpilotError, sa.exc.SQLAlchemyError) as exc:
+        report.policy_error = report.policy_error or (
+            f"policy not applied to a batch of {len(fingerprints)} certificate(s) and {len(placed)} place(s): "
+            f"{exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:300]}")
+        return
+    report.owners_assigned += owners
+    for summary in evaluations:
+        report.count(summary)
+        if summary.errors and report.policy_error is None:
+            report.policy_error = f"{len(summary.errors)} not evaluated: " + "; ".join(summary.errors[:3])
+
+
+# verify_reason of a TLS scan (connectors.tls_scan) when the presented chain lacks an intermediate.
+_MISSING_ISSUER = ("unable to get local issuer certificate", "unable to get issuer certificate")
+
+
+def endpoint_facts(place: str, certificate: Facts | None, details: Mapping[str, Any]) -> EndpointFacts | None:
+    """What a TLS handshake at ``place`` recorded (a location's details, as connectors.tls_scan writes them),
+    for the endpoint rules; None for a place that is not a TLS endpoint (a file, a store) or whose
+    certificate is not evaluated (a CA certificate). The chain is complete when it verified, incomplete
+    when an issuer was neither presented nor trusted, unknown otherwise (no trust anchors configured, or
+    a failure of another kind: expired, self-signed); the host name is known only when there was a name
+    to match."""
+    if certificate is None or not place.startswith("tls://") or "tls_version" not in details:
+        return None
+    verified, reason = details.get("verified"), str(details.get("verify_reason") or "")
+    chain: bool | None = True if verified is True else (False if any(m in reason for m in _MISSING_ISSUER) else None)
+    matches = details.get("hostname_matches")
+    return EndpointFacts(place, certificate, details.get("tls_version") or None, chain,
+                         matches if isinstance(matches, bool) else None)
 
 
 def flag_ghosts(session: Session, source: str, run_id: str, actor: audit.Actor, now: dt.datetime) -> int:

@@ -7,6 +7,11 @@ reads regular files only (a FIFO, socket or device is that path's error, never o
 directory it cannot list is that directory's error. Parsed files are written in batches of about
 ``batch_size`` certificates per transaction. A private key is stored (encrypted) only with
 ``import_keys`` and only when it belongs to a certificate of the import or of the inventory.
+
+Given a ``policy`` (certpilot.policy), each batch's certificates are then given an owner by its
+ownership rules (those without one) and evaluated against its rules, in a transaction of their own
+right after the batch's: the violations are stored (certpilot.violations) and the report counts them.
+Should that fail, the certificates stay imported and the report says why the policy was not applied.
 """
 
 from __future__ import annotations
@@ -25,13 +30,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from sqlmodel import Session, SQLModel, col
 
-from certpilot import audit, keystore
+from certpilot import audit, keystore, violations
 from certpilot.database import write_session
 from certpilot.errors import (CertpilotError, InvalidOptionError, KeyMismatchError, ParseError, TransientError,
                               redact)
@@ -40,6 +45,8 @@ from certpilot.inventory import Observation, upsert
 from certpilot.keys import public_key_sha256
 from certpilot.models import Certificate
 from certpilot.pem import looks_like_pem
+from certpilot.policy import Policy
+from certpilot.violations import EvaluationSummary
 from certpilot.x509info import VENDOR_ERRORS, CertificateRecord, describe_certificate, vendor_reason
 
 # Files a directory walk considers; a file named on the command line is always read.
@@ -99,9 +106,31 @@ class ImportFailure:
     error: str
 
 
+@dataclass
+class PolicyTally:
+    """What the policy did to an import's certificates: owners assigned by its ownership rules,
+    violations found (not waived, per rule), waived ones, and the first error that kept a batch (or a
+    certificate) from being evaluated (None: everything was)."""
+
+    owners_assigned: int = 0
+    violations: int = 0
+    waived: int = 0
+    by_rule: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+    def add(self, owners: int, summary: EvaluationSummary) -> None:
+        self.owners_assigned += owners
+        self.violations += summary.violations
+        self.waived += summary.waived
+        for rule, count in summary.by_rule.items():
+            if count:
+                self.by_rule[rule] = self.by_rule.get(rule, 0) + count
+
+
 @dataclass(frozen=True)
 class ImportSummary:
-    """What an import did, in counts, and each file that failed: public facts only."""
+    """What an import did, in counts, and each file that failed: public facts only. ``policy_applied``:
+    whether a policy was given; ``violations_by_rule`` counts the violations not waived."""
 
     files: int
     failed: int
@@ -109,16 +138,32 @@ class ImportSummary:
     new_certificates: int
     keys_stored: int
     failures: tuple[ImportFailure, ...] = ()
+    policy_applied: bool = False
+    owners_assigned: int = 0
+    violations: int = 0
+    violations_waived: int = 0
+    violations_by_rule: dict[str, int] = field(default_factory=dict)
+    policy_error: str | None = None
 
     def as_dict(self) -> dict[str, int]:
         """The counts (the CLI's --json lists each file, failed ones with their error, beside them)."""
         return {"files": self.files, "failed": self.failed, "certificates": self.certificates,
                 "new_certificates": self.new_certificates, "keys_stored": self.keys_stored}
 
+    def policy_as_dict(self) -> dict[str, Any] | None:
+        """What the policy did (None when none was applied): owners assigned, violations not waived (in all
+        and per rule), waived ones, and why it was not applied to every batch (None when it was)."""
+        if not self.policy_applied:
+            return None
+        return {"owners_assigned": self.owners_assigned, "violations": self.violations,
+                "violations_by_rule": dict(self.violations_by_rule), "violations_waived": self.violations_waived,
+                "error": self.policy_error}
+
 
 @dataclass(frozen=True)
 class ImportReport:
     files: tuple[FileResult, ...]
+    policy: PolicyTally | None = None  # None: no policy was applied
 
     @property
     def failed(self) -> int:
@@ -138,8 +183,13 @@ class ImportReport:
 
     def summary(self) -> ImportSummary:
         failures = tuple(ImportFailure(f.source, f.error or "failed") for f in self.files if f.status == "failed")
-        return ImportSummary(len(self.files), self.failed, self.certificates, self.new_certificates,
-                             self.keys_stored, failures)
+        summary = ImportSummary(len(self.files), self.failed, self.certificates, self.new_certificates,
+                                self.keys_stored, failures)
+        if self.policy is None:
+            return summary
+        return replace(summary, policy_applied=True, owners_assigned=self.policy.owners_assigned,
+                       violations=self.policy.violations, violations_waived=self.policy.waived,
+                       violations_by_rule=dict(sorted(self.policy.by_rule.items())), policy_error=self.policy.error)
 
 
 @dataclass
@@ -469,9 +519,12 @@ def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions
                  key_ring: Callable[[], keystore.KeyRing] | None = None,
                  stdin: Callable[[int], bytes] | None = None,
                  on_file: Callable[[FileResult | None], None] | None = None,
-                 now: dt.datetime | None = None) -> ImportReport:
-    """Import every file under ``paths``. ``on_file`` is called once per file read (for progress bars)."""
+                 now: dt.datetime | None = None, policy: Policy | None = None) -> ImportReport:
+    """Import every file under ``paths``. ``on_file`` is called once per file read (for progress bars).
+    With ``policy``, each batch's certificates get owners by its ownership rules and are evaluated."""
     results: dict[str, FileResult] = {}
+    tally = PolicyTally() if policy is not None else None
+    evaluated: set[str] = set()  # certificates this import evaluated already (one may be in several files)
     order: list[str] = []
     pending: list[_ParsedFile] = []
     key_only: list[_ParsedFile] = []
@@ -494,8 +547,13 @@ def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions
     def flush() -> None:
         nonlocal pending, pending_certs
         if pending:
-            for result in _write_batch(engine, pending, options, actor, ring, now):
+            written = _write_batch(engine, pending, options, actor, ring, now)
+            for result in written:
                 finish(result)
+            if policy is not None and tally is not None:
+                fresh = [fp for r in written if r.status == "imported" for fp in r.certificates if fp not in evaluated]
+                evaluated.update(fresh)
+                _apply_policy(engine, policy, list(dict.fromkeys(fresh)), actor, now, tally)
         pending, pending_certs = [], 0
 
     with _older_objects_frozen():
@@ -522,7 +580,27 @@ def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions
         flush()
     for parsed in key_only:
         finish(_store_key_only(engine, parsed, options, actor, ring, now))
-    return ImportReport(tuple(results[s] for s in dict.fromkeys(order) if s in results))
+    return ImportReport(tuple(results[s] for s in dict.fromkeys(order) if s in results), tally)
+
+
+def _apply_policy(engine: sa.Engine, policy: Policy, fingerprints: list[str], actor: audit.Actor,
+                  now: dt.datetime | None, tally: PolicyTally) -> None:
+    """Ownership rules, then the rules, for certificates just written; a failure is noted in ``tally``
+    (the first one) and leaves them imported."""
+    if not fingerprints:
+        return
+    try:
+        with write_session(engine) as session:
+            owners = violations.apply_ownership(session, policy, actor, fingerprints, now)
+            summary = violations.evaluate_certificates(session, policy, actor, fingerprints, now)
+    except (CertpilotError, sa.exc.SQLAlchemyError) as exc:
+        if tally.error is None:
+            tally.error = (f"policy not applied to {len(fingerprints)} certificate(s): {exc.__class__.__name__}: "
+                           f"{(str(exc).splitlines() or [''])[0][:300]}")
+        return
+    tally.add(owners, summary)
+    if summary.errors and tally.error is None:
+        tally.error = f"{len(summary.errors)} certificate(s) not evaluated: " + "; ".join(summary.errors[:3])
 
 
 def _write_batch(engine: sa.Engine, batch: list[_ParsedFile], options: ImportOptions, actor: audit.Actor,

@@ -19,8 +19,8 @@ from sqlmodel import Session, SQLModel, col, select
 from certpilot import audit
 from certpilot.clock import utcnow  # also imported from here (certpilot.report)
 from certpilot.errors import AmbiguousError, NotFoundError
-from certpilot.models import (AuditEvent, Certificate, Location, ManagedCertificate, PrivateKey, SubjectAltName,
-                              UTCDateTime)
+from certpilot.models import (AuditEvent, Certificate, Location, ManagedCertificate, PolicyViolation, PolicyWaiver,
+                              PrivateKey, SubjectAltName, UTCDateTime)
 from certpilot.names import normalise_dns_name
 from certpilot.x509info import CertificateRecord
 
@@ -30,6 +30,8 @@ STATUSES = ("active", "superseded", "revoked", "expired")
 _CERTIFICATE = SQLModel.metadata.tables[Certificate.__tablename__]
 _SAN = SQLModel.metadata.tables[SubjectAltName.__tablename__]
 _LOCATION = SQLModel.metadata.tables[Location.__tablename__]
+_VIOLATION = SQLModel.metadata.tables[PolicyViolation.__tablename__]
+_SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}  # certpilot.policy.Severity, most severe last
 
 
 @dataclass(frozen=True)
@@ -303,6 +305,9 @@ class CertificateQuery:
     in_service: bool = False  # neither revoked nor superseded (expired ones included)
     limit: int | None = None
     include_expired: bool = False  # with expiring_within: those already expired too
+    unowned: bool = False  # only certificates with no owner (CA certificates left out: they are their CA's)
+    violating: bool = False  # only certificates with a policy violation not waived (any rule, or ``rule``)
+    rule: str | None = None  # with violating (or alone): a violation of this rule id, not waived
 
 
 def _where(q: CertificateQuery, now: dt.datetime) -> list[sa.ColumnElement[bool]]:
@@ -328,6 +333,12 @@ def _where(q: CertificateQuery, now: dt.datetime) -> list[sa.ColumnElement[bool]
         clauses.append(c.tags[key].as_string() == value)
     if q.unmanaged:
         clauses.append(c.managed_certificate_id.is_(None))
+    if q.unowned:
+        clauses += [c.owner.is_(None), c.is_ca.is_(False)]
+    if q.violating or q.rule:
+        v = _VIOLATION.c
+        open_ = [v.waiver_id.is_(None)] + ([v.rule == q.rule] if q.rule else [])
+        clauses.append(c.fingerprint_sha256.in_(sa.select(v.certificate_fingerprint).where(*open_)))
     if q.is_ca is not None:
         clauses.append(c.is_ca.is_(q.is_ca))
     if q.in_service:
@@ -366,6 +377,7 @@ def list_certificates(session: Session, q: CertificateQuery, now: dt.datetime | 
     fps = [row.fingerprint_sha256 for row in rows]
     sans = _sans_for(session, fps)
     locations = _locations_for(session, fps)
+    violations = violations_for(session, fps)
     return [{
         "fingerprint_sha256": row.fingerprint_sha256, "subject": row.subject, "issuer": row.issuer,
         "serial": row.serial_hex, "not_before": iso(row.not_before), "not_after": iso(row.not_after),
@@ -374,6 +386,7 @@ def list_certificates(session: Session, q: CertificateQuery, now: dt.datetime | 
         "key_curve": row.key_curve, "signature_algorithm": row.signature_algorithm, "is_ca": row.is_ca,
         "owner": row.owner, "tags": row.tags or {}, "status": effective_status(row.status, row.not_after, now),
         "managed": row.managed_certificate_id is not None, "locations": locations.get(row.fingerprint_sha256, []),
+        "violations": violations.get(row.fingerprint_sha256, []),
     } for row in rows]
 
 
@@ -406,6 +419,42 @@ def _locations_for(session: Session, fps: Sequence[str]) -> dict[str, list[dict[
                 "locator": loc.locator, "source": loc.source, "first_seen": iso(loc.first_seen),
                 "last_seen": iso(loc.last_seen), "ghost": loc.ghost})
     return out
+
+
+def violations_for(session: Session, fps: Sequence[str], *, waivers: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """The stored policy violations of each certificate (waived ones too, with their ``waiver_id``), most
+    severe first, in the --json shape: rule, fingerprint_sha256, severity, detail, place ("" for a rule about
+    the certificate, else the locator of the place an endpoint rule is about), waiver_id. With ``waivers``,
+    a waived one also says who waived it, why and until when (``waived_by``, ``waiver_reason``,
+    ``waiver_expires_at``)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    v = _VIOLATION.c
+    waiver_ids: set[int] = set()
+    for chunk in _chunks(fps):
+        for row in session.execute(sa.select(v.certificate_fingerprint, v.rule, v.severity, v.detail, v.place,
+                                             v.waiver_id).where(v.certificate_fingerprint.in_(chunk))):
+            out.setdefault(row.certificate_fingerprint, []).append({
+                "rule": row.rule, "fingerprint_sha256": row.certificate_fingerprint, "severity": row.severity,
+                "detail": row.detail, "place": row.place, "waiver_id": row.waiver_id})
+            if row.waiver_id is not None:
+                waiver_ids.add(row.waiver_id)
+    for found in out.values():
+        found.sort(key=lambda f: (f["waiver_id"] is not None, -_SEVERITY_RANK.get(f["severity"], -1), f["rule"],
+                                  f["place"]))
+    if waivers:
+        granted = {w.id: w for w in session.exec(select(PolicyWaiver).where(
+            col(PolicyWaiver.id).in_(sorted(waiver_ids))))} if waiver_ids else {}
+        for found in out.values():
+            for f in found:
+                w = granted.get(f["waiver_id"]) if f["waiver_id"] is not None else None
+                f.update({"waived_by": w.approver if w else None, "waiver_reason": w.reason if w else None,
+                          "waiver_expires_at": iso(w.expires_at) if w else None})
+    return out
+
+
+def open_rules(violations: Sequence[dict[str, Any]]) -> list[str]:
+    """The rule ids of the violations not waived, each once, most severe first (a table's column)."""
+    return list(dict.fromkeys(f["rule"] for f in violations if f["waiver_id"] is None))
 
 
 def resolve(session: Session, ident: str) -> Certificate:
@@ -464,6 +513,7 @@ def show(session: Session, ident: str, now: dt.datetime | None = None) -> dict[s
                   for c in chain],
         "chain_complete": top.self_signed,
         "locations": _locations_for(session, [fp]).get(fp, []),
+        "violations": violations_for(session, [fp], waivers=True).get(fp, []),
         "history": [{"seq": e.seq, "at": iso(e.at), "actor": e.actor, "action": e.action,
                      "flow_run_id": e.flow_run_id} for e in history],
         "created_at": iso(cert.created_at),

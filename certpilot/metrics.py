@@ -33,7 +33,11 @@ Names follow the tools whose dashboards and alert rules operators already have:
   neither: certpilot publishes a CRL with each revocation, so a value above zero without a
   measurement means a revocation that has not reached the CRL), each discovery source's last
   complete run, open alerts by severity and state, the latest endpoint checks (by result, by problem,
-  and each place serving a revoked certificate), inventory counts by status; the SLIs when given.
+  and each place serving a revoked certificate), inventory counts by status, the policy violations not
+  waived per rule (``certpilot_policy_violations``, every rule of certpilot.policy.RULES, 0 included;
+  certificate rules per certificate, endpoint rules per place; only certificates still active count) and
+  the certificates in service with no owner (``certpilot_certificates_unowned``: active, not a CA); the
+  SLIs when given.
   The counters are kept up to date incrementally: the process remembers, per engine, the tally of the
   audit trail up to the last event it read (AuditTally), and each render reads only the events after it.
   Likewise each certificate's label set, which only a change of owner or managed state alters.
@@ -81,9 +85,11 @@ from certpilot.models import (
     EndpointCheck,
     Location,
     ManagedCertificate,
+    PolicyViolation,
     SourceRun,
     Target,
 )
+from certpilot.policy import RULES
 from certpilot.renewal import RenewalPolicy, RenewalWindow, renewal_time
 from certpilot.sli import SliReport
 
@@ -496,7 +502,7 @@ class _Summary(Collector):
     def read(cls, session: Session, tally: AuditTally, now: dt.datetime) -> _Summary:
         summary = cls()
         summary._metrics = [*_audit_counters(tally), *_revocation(session, now), _sources(session),
-                            *_alerts(session), *_endpoint_checks(session), *_inventory(session)]
+                            *_alerts(session), *_endpoint_checks(session), *_inventory(session), *_policy(session)]
         return summary
 
 
@@ -666,3 +672,25 @@ def _inventory(session: Session) -> list[Metric]:
         managed.add_metric([status], count)
     return [certificates, managed]
 
+
+
+def _policy(session: Session) -> list[Metric]:
+    violations = GaugeMetricFamily("certpilot_policy_violations", "Policy violations not waived, by rule: "
+                                   "certificate rules per certificate, endpoint rules per place (active "
+                                   "certificates only).", labels=["rule"])
+    counts = {rule: 0 for rule in RULES}
+    for rule, count in session.connection().execute(
+            sa.select(col(PolicyViolation.rule), sa.func.count())
+            .join(Certificate, col(Certificate.fingerprint_sha256) == col(PolicyViolation.certificate_fingerprint))
+            .where(col(PolicyViolation.waiver_id).is_(None), col(Certificate.status) == "active")
+            .group_by(col(PolicyViolation.rule))):
+        counts[rule] = count
+    for rule, count in counts.items():
+        violations.add_metric([rule], count)
+    unowned = GaugeMetricFamily("certpilot_certificates_unowned", "Active certificates (not CA certificates) with "
+                                "no owner: alerts about them reach no one in particular.")
+    unowned.add_metric([], session.connection().execute(
+        sa.select(sa.func.count()).select_from(Certificate).where(
+            col(Certificate.owner).is_(None), col(Certificate.status) == "active",
+            col(Certificate.is_ca).is_(False))).scalar_one())
+    return [violations, unowned]

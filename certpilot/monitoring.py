@@ -28,8 +28,10 @@ intervals), ``stuck_runs`` (a renewal or deploy run Pending, Running or Late bey
 from Prefect by the task layer), ``unreachable_findings`` (a CA, a CRL or OCSP URL, an SSH host that did
 not answer).
 
-``record_checks`` replaces the EndpointCheck rows (one per place). ``monitor_markdown`` is the monitor
-run's artifact. No Prefect, no network here.
+``record_checks`` replaces the EndpointCheck rows (one per place). ``apply_policy`` evaluates the
+certificates served against the policy's rules and each place checked on the wire against its endpoint
+rules (``endpoint_facts``: the TLS version, the chain, the host name), storing the violations per
+certificate and per place. ``monitor_markdown`` is the monitor run's artifact. No Prefect, no network here.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from certpilot import audit, violations
 from certpilot.alerts import (
     FIXED_SEVERITY,
     Bands,
@@ -59,6 +62,7 @@ from certpilot.ca import CAUrls
 from certpilot.models import (Certificate, CertificateAuthority, EndpointCheck, Location, ManagedCertificate, SourceRun,
                               SubjectAltName, Target)
 from certpilot.names import is_ip_address
+from certpilot.policy import EndpointFacts, Facts, Policy
 from certpilot.views import escape
 
 WEAK_TLS_VERSIONS = frozenset({"SSLv2", "SSLv3", "TLSv1", "TLSv1.1"})
@@ -590,6 +594,44 @@ def record_checks(session: Session, checks: Sequence[Check], now: dt.datetime, f
              "error": c.error[:600] if c.error else None, "flow_run_id": flow_run_id} for c in checks]
     for start in range(0, len(rows), _CHUNK):
         session.connection().execute(sa.insert(table), rows[start:start + _CHUNK])
+
+
+# --------------------------------------------------------------------------------------------- policy
+
+def endpoint_facts(places_checked: Sequence[Place], observed: Sequence[Observed],
+                   facts: Mapping[str, Facts]) -> list[EndpointFacts]:
+    """What each place checked on the wire showed, for the endpoint rules: its TLS version, whether the
+    chain was complete (the probe judges every chain it reads), whether the leaf matches the place's host
+    name (None when the place has no name to match). Places read back through an API (a store), places
+    that served nothing, and places whose certificate ``facts`` does not hold (not in the inventory, a CA
+    certificate) have none."""
+    seen = {o.place: o for o in observed}
+    out = []
+    for place in places_checked:
+        o = seen.get(place.place)
+        if o is None or o.served is None or o.method != "tls":
+            continue
+        certificate = facts.get(o.served.fingerprint)
+        if certificate is None:
+            continue
+        out.append(EndpointFacts(place.place, certificate, o.tls_version, o.chain_problem is None,
+                                 None if not place.hostname else o.hostname_problem is None))
+    return out
+
+
+def apply_policy(session: Session, policy: Policy, places_checked: Sequence[Place], observed: Sequence[Observed],
+                 actor: audit.Actor, now: dt.datetime) -> tuple[violations.EvaluationSummary,
+                                                                violations.EvaluationSummary]:
+    """Evaluate the certificates served at the places checked, then those places' endpoint rules; the
+    violations are stored (certificate rules per certificate, endpoint rules per place). Returns the two
+    evaluations' summaries (certificates, places)."""
+    served = sorted({o.served.fingerprint for o in observed if o.served is not None})
+    certificates = violations.evaluate_certificates(session, policy, actor, served, now)
+    facts = {f.fingerprint_sha256: f for f in violations.facts_for(session, policy, served, now)
+             if f.fingerprint_sha256 is not None}
+    endpoints = violations.evaluate_endpoints(session, policy, endpoint_facts(places_checked, observed, facts),
+                                              actor, now)
+    return certificates, endpoints
 
 
 # ------------------------------------------------------------------------------------------- artifact

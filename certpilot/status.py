@@ -1,6 +1,7 @@
 """The status of managed certificates, as `certpilot status` shows it (like `certbot certificates` or
 `cmctl status`): the current certificate, when it renews next and why, what each target should serve
-and what was last verified there, the last error, and the last runs that worked on it.
+and what was last verified there, the last error, the last runs that worked on it, and the policy
+violations stored for its current certificate (and the places that serve it).
 
 Plain typed records, assembled from the inventory alone (the runs are the audit events, which carry
 their Prefect flow run ids): no Prefect API is needed. Formatting for people is the CLI's.
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from certpilot.clock import utcnow
+from certpilot.inventory import violations_for
 from certpilot.managed import Scheduled, get, list_managed, schedule
 from certpilot.models import AuditEvent, Certificate, Target
 
@@ -81,6 +84,9 @@ class ManagedStatus:
     last_attempt_at: dt.datetime | None
     last_error: str | None
     runs: tuple[Run, ...]  # newest first
+    # The current certificate's policy violations, most severe first, waived ones last (with who waived them):
+    # certpilot.inventory.violations_for's shape (rule, fingerprint_sha256, severity, detail, place, waiver_id...).
+    violations: tuple[dict[str, Any], ...] = ()
 
 
 def next_renewal(scheduled: Scheduled) -> NextRenewal:
@@ -104,9 +110,11 @@ def managed_status(session: Session, name: str | None = None, now: dt.datetime |
                                      t.verified_at, t.deployed_at, t.last_error)
                         for t in session.exec(select(Target).where(col(Target.managed_certificate_id) == m.id)
                                               .order_by(col(Target.name))).all())
+        found = [] if current is None else violations_for(session, [current.fingerprint_sha256], waivers=True).get(
+            current.fingerprint_sha256, [])
         result.append(ManagedStatus(m.name, m.issuer, tuple(m.dns_names), tuple(m.ip_addresses), current,
                                     next_renewal(s), targets, m.last_attempt_at, m.last_error,
-                                    tuple(_runs(session, m.name, m.id, runs))))
+                                    tuple(_runs(session, m.name, m.id, runs)), tuple(found)))
     return result
 
 

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from certpilot import rollout
 from certpilot.database import get_engine, read_session
-from certpilot.discovery import DiscoveryFailed, DiscoveryResult, SourceSummary, discover_all
+from certpilot.discovery import DiscoveryFailed, DiscoveryResult, PolicyNotApplied, SourceSummary, discover_all
 from certpilot.errors import InvalidOptionError, TransientError
 from certpilot.rollout import DeploymentFailed, DeploymentReport, DeployStep, Outcome, Step
 from cli import prefect_api
@@ -148,13 +148,17 @@ def _discover_directly(sources: list[str], batch_size: int) -> DiscoveryResult:
     result, _ = with_bands(result)
     if result.failed:
         raise DiscoveryFailed(result)
+    if result.policy_errors:
+        _print_sources(result.sources)
+        raise PolicyNotApplied(result.policy_errors)
     return result
 
 
 def _print_sources(summaries: Sequence[SourceSummary]) -> None:
     for s in summaries:
         out.print(Text(f"{s.source}: {s.places} place(s), {s.certificates} certificate(s), "
-                       f"{s.new_certificates} new, {s.ghosts} ghost(s), {len(s.problems)} problem(s)"))
+                       f"{s.new_certificates} new, {s.ghosts} ghost(s), {len(s.problems)} problem(s); policy: "
+                       f"{s.owners_assigned} owner(s) assigned, {s.violations} violation(s)"))
 
 
 def discover_command(

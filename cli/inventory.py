@@ -8,16 +8,30 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from certpilot import inventory
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.timespan import parse_timespan
-from cli.console import JsonOption, cell, err, line, out, print_json, short_name, usage_error
+from cli.console import JsonOption, cell, err, line, note, out, print_json, short_name, shown, usage_error
 from cli.files import refuse_existing, write_new_file
 from cli.options import (CertificateStatus, ExportFormat, PasswordEnv, PasswordFile, PlaintextKey, actor, key_password,
                          parse_tags, read_password, ring)
 
 app = typer.Typer(help="The certificate inventory.", no_args_is_help=True)
+SEVERITY_COLORS = {"critical": "red", "high": "red", "medium": "yellow", "low": ""}
+
+
+def violations_cell(violations: list[dict[str, Any]]) -> Text:
+    """A table cell of the policy rules a certificate breaks (not waived), most severe first, and how
+    many more are waived."""
+    rules = inventory.open_rules(violations)
+    waived = sum(1 for v in violations if v["waiver_id"] is not None)
+    worst = next((v["severity"] for v in violations if v["waiver_id"] is None), "")
+    text = Text(shown(", ".join(rules)), style=SEVERITY_COLORS.get(worst, ""))
+    if waived:
+        text.append(f"{' ' if rules else ''}({waived} waived)", style="dim")
+    return text
 
 
 @app.command("import")
@@ -32,9 +46,13 @@ def import_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Report only the files that failed.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Import certificates from files, directories and stdin; report per file what was found."""
+    """Import certificates from files, directories and stdin; report per file what was found. The policy
+    in force gives owners to those without one (its ownership rules) and evaluates them: the violations
+    are stored and counted."""
+    from blocks.policy import policy_in_force
     from certpilot.importer import ImportOptions, import_paths, iter_files
 
+    policy = policy_in_force()  # a policy that does not load stops the import before it starts
     options = ImportOptions(owner=owner, tags=parse_tags(tag), password=read_password(password_file, password_env),
                             import_keys=import_keys, max_bytes=max_size * 1024 * 1024)
     engine = get_engine()
@@ -50,11 +68,13 @@ def import_command(
     if progress:
         with progress:
             report = import_paths(engine, paths, options, actor(), key_ring=ring, stdin=stdin,
-                                  on_file=lambda _r: progress.advance(task))
+                                  on_file=lambda _r: progress.advance(task), policy=policy)
     else:
-        report = import_paths(engine, paths, options, actor(), key_ring=ring, stdin=stdin)
+        report = import_paths(engine, paths, options, actor(), key_ring=ring, stdin=stdin, policy=policy)
+    summary = report.summary()
     if as_json:
-        print_json({"files": [f.as_dict() for f in report.files], "summary": report.summary().as_dict()})
+        print_json({"files": [f.as_dict() for f in report.files], "summary": summary.as_dict(),
+                    "policy": {"source": policy.source, **(summary.policy_as_dict() or {})}})
     else:
         for f in report.files:
             if f.status == "failed":
@@ -67,10 +87,17 @@ def import_command(
                 out.print(line(label, f" {f.source}: {found}"))
                 for n in f.notes:
                     out.print(line(f"           note: {n}"))
-        s = report.summary()
+        s = summary
         out.print(line(f"{s.files} file(s): {s.certificates} certificate(s), {s.new_certificates} new, "
                        f"{s.keys_stored} key(s) stored, {s.failed} file(s) failed"))
-    if report.failed:
+    if summary.policy_error:
+        err.print(line(("error", "red"), f": the policy was not applied to every certificate: {summary.policy_error}"))
+    elif not as_json and (summary.owners_assigned or summary.violations):
+        rules = ", ".join(f"{rule} {count}" for rule, count in summary.violations_by_rule.items())
+        note(f"policy ({policy.source}): {summary.owners_assigned} owner(s) assigned, {summary.violations} "
+             f"violation(s) not waived" + (f" ({rules})" if rules else "")
+             + ("; see certpilot inventory list --violating" if summary.violations else ""))
+    if report.failed or summary.policy_error:
         raise typer.Exit(1)
 
 
@@ -88,6 +115,11 @@ def list_command(
     tag: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUE", help="A tag, repeatable; all must match.")] = None,
     status: Annotated[Optional[CertificateStatus], typer.Option(help="Only certificates in this state.")] = None,
     unmanaged: Annotated[bool, typer.Option("--unmanaged", help="Only certificates nothing manages.")] = False,
+    unowned: Annotated[bool, typer.Option("--unowned", help="Only certificates with no owner (CA certificates left out).")] = False,
+    violating: Annotated[bool, typer.Option("--violating", help=(
+        "Only certificates that violate the policy (a violation not waived)."))] = False,
+    rule: Annotated[Optional[str], typer.Option(metavar="RULE", help=(
+        "Only certificates that violate this policy rule (not waived), e.g. key-size; implies --violating."))] = None,
     limit: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="At most this many, soonest expiry first.")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -98,22 +130,29 @@ def list_command(
         raise usage_error(str(exc), "--expiring-within") from None
     if include_expired and within is None:
         raise usage_error("--include-expired goes with --expiring-within", "--include-expired")
+    if rule is not None:
+        from certpilot.policy import RULES
+
+        if rule not in RULES:
+            raise usage_error(f"unknown rule {rule!r}; the rules are {', '.join(RULES)}", "--rule")
     query = inventory.CertificateQuery(expiring_within=within, include_expired=include_expired, expired=expired,
                                        issuer=issuer, san=san, owner=owner, tags=parse_tags(tag),
-                                       status=status.value if status else None, unmanaged=unmanaged, limit=limit)
+                                       status=status.value if status else None, unmanaged=unmanaged, limit=limit,
+                                       unowned=unowned, violating=violating, rule=rule)
     with read_session(get_engine()) as session:
         rows = inventory.list_certificates(session, query)
     if as_json:
         print_json(rows)
         return
     table = Table(show_edge=False, pad_edge=False)
-    for column in ("fingerprint", "name", "expires (UTC)", "days", "status", "owner", "seen at"):
-        table.add_column(column, no_wrap=column != "name", min_width=22 if column == "name" else None)
+    for column in ("fingerprint", "name", "expires (UTC)", "days", "status", "owner", "seen at", "violations"):
+        table.add_column(column, no_wrap=column not in ("name", "violations"),
+                         min_width=22 if column == "name" else None)
     for r in rows:
         color = "red" if r["days_left"] < 7 else "yellow" if r["days_left"] < 30 else ""
         table.add_row(cell(r["fingerprint_sha256"][:12]), cell(short_name(r)), cell(r["not_after"][:10]),
                       cell(f"{r['days_left']:.0f}", color), cell(r["status"]), cell(r["owner"] or ""),
-                      cell(len(r["locations"])))
+                      cell(len(r["locations"])), violations_cell(r["violations"]))
     out.print(table)
     out.print(line(f"{len(rows)} certificate(s)"))
 
@@ -127,7 +166,7 @@ def show_command(ident: Annotated[str, typer.Argument(metavar="FINGERPRINT", hel
     if as_json:
         print_json(detail)
         return
-    skip = {"chain", "locations", "history"}
+    skip = {"chain", "locations", "history", "violations"}
     for key, value in detail.items():
         if key not in skip and value not in (None, [], {}):
             shown = ", ".join(map(str, value)) if isinstance(value, list) else value
@@ -139,6 +178,14 @@ def show_command(ident: Annotated[str, typer.Argument(metavar="FINGERPRINT", hel
     for loc in detail["locations"]:
         out.print(line(f"  {loc['locator']}  ({loc['source']}, first {loc['first_seen']}, last {loc['last_seen']})",
                        (" ghost", "yellow") if loc["ghost"] else ""))
+    out.print(line(("violations", "bold"), "" if detail["violations"] else " none"))
+    for v in detail["violations"]:
+        where = f"  at {v['place']}" if v["place"] else ""
+        waived = (f"  (waived by {v['waived_by']} until {v['waiver_expires_at']}: {v['waiver_reason']}, "
+                  f"waiver {v['waiver_id']})") if v["waiver_id"] is not None else ""
+        out.print(line("  ", (f"{v['rule']}", "dim" if waived else "bold"),
+                       (f" [{v['severity']}]", "dim" if waived else SEVERITY_COLORS.get(v["severity"], "")),
+                       f"  {v['detail']}{where}", (waived, "dim")))
     out.print(line(("history", "bold")))
     for event in detail["history"]:
         run = f"  flow run {event['flow_run_id']}" if event["flow_run_id"] else ""

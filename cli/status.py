@@ -30,6 +30,7 @@ def as_dict(s: ManagedStatus) -> dict[str, Any]:
         "last_attempt_at": iso(s.last_attempt_at), "last_error": s.last_error,
         "runs": [{"seq": r.seq, "at": iso(r.at), "action": r.action, "object": r.object, "actor": r.actor,
                   "flow_run_id": r.flow_run_id} for r in s.runs],
+        "violations": [dict(v) for v in s.violations],
     }
 
 
@@ -59,6 +60,13 @@ def _print(s: dict[str, Any]) -> None:
                        f"{_fp(t['verified_fingerprint'])}{verified}  ", state))
         if t["last_error"]:
             out.print(line("      last error ", (t["last_error"], "red")))
+    open_ = [v for v in s["violations"] if v["waiver_id"] is None]
+    waived = len(s["violations"]) - len(open_)
+    out.print(line("  policy       ", (f"{len(open_)} violation(s)", "red" if open_ else "green"),
+                   f", {waived} waived" if waived else ""))
+    for v in open_:
+        where = f"  at {v['place']}" if v["place"] else ""
+        out.print(line(f"    {v['rule']} [{v['severity']}]  {v['detail']}{where}"))
     if s["runs"]:
         out.print(line("  last runs"))
     for r in s["runs"]:

@@ -1,5 +1,5 @@
-"""The discover flow: run each configured source, record what it finds, flag ghosts, publish the
-inventory artifact.
+"""The discover flow: run each configured source, record what it finds, flag ghosts, apply the policy,
+publish the inventory and policy artifacts.
 
 Its sources are the block documents named in ``sources`` or, when none are named (the scheduled
 deployment), every saved block configured as a source of the chosen ``kinds``: TLS scans, SSH hosts
@@ -9,9 +9,12 @@ inventory artifact and its Completed state's message, and discovers nothing.
 One task per source (block document ``block-type-slug/name``), all at once on a bounded pool, each
 retried on transient errors and writing its observations in batches. A source's ghosts (its
 locations this run did not see) are flagged only when that source completed. The run fails, after
-every source did what it could, when a source failed. Each managed certificate whose records the run
-changed (its certificate seen in a new place, a place gone ghost...) gets its history artifact,
-``certificate-<name>`` (up to HISTORY_ARTIFACTS per run).
+every source did what it could, when a source failed. Each source's batches are given owners by
+the policy's ownership rules and evaluated against its rules (its TLS places against the endpoint
+rules); the ``policy`` artifact shows the violations by rule and the worst certificates, and a policy
+that could not be applied fails the run after everything was recorded. Each managed certificate whose
+records the run changed (its certificate seen in a new place, a place gone ghost...) gets its history
+artifact, ``certificate-<name>`` (up to HISTORY_ARTIFACTS per run).
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, State
 
 from blocks.sources import SourceKind
-from certpilot.discovery import DiscoveryFailed, DiscoveryResult, SourceSummary, discover_all
+from certpilot.discovery import DiscoveryFailed, DiscoveryResult, PolicyNotApplied, SourceSummary, discover_all
 from flows.runners import thread_pool
 from flows.settling import settle
-from tasks.discovery import discover_source, publish_inventory, registered_sources
+from tasks.discovery import discover_source, publish_inventory, publish_policy, registered_sources
 from tasks.history import audit_head, publish_certificate_history
 
 SOURCE_WORKERS = 4
@@ -67,9 +70,14 @@ def discover(sources: tuple[str, ...] = (), batch_size: int = 500,
         return [cast(SourceSummary, s.value) if s.error is None else s.error for s in settled]
 
     result = publish_inventory(discover_all(blocks, run_as_tasks, logger))
+    policy = publish_policy(result, return_state=True)
+    if not policy.is_completed():
+        logger.warning("the policy artifact was not published: %s", policy.message)
     history = publish_certificate_history(None, head, limit=HISTORY_ARTIFACTS, return_state=True)
     if not history.is_completed():
         logger.warning("the certificates' history artifacts were not published: %s", history.message)
     if result.failed:
         raise DiscoveryFailed(result)
+    if result.policy_errors:
+        raise PolicyNotApplied(result.policy_errors)
     return result

@@ -1,6 +1,7 @@
 """The import-inventory flow: bring certificates from files and directories into the inventory,
-then publish the expiry report. Fails loudly, after importing everything it could, when any file
-could not be imported.
+give them owners by the policy's ownership rules and evaluate them against its rules, then publish the
+expiry report. Fails loudly, after importing everything it could, when any file could not be imported
+or the policy could not be applied.
 
 The password of encrypted keys and PKCS#12 files is a Prefect Secret block, picked in the run form:
 the flow hands the import task the block's name only, and the task reads the value."""
@@ -55,4 +56,6 @@ def import_inventory(paths: list[str], owner: str | None = None, tags: dict[str,
         shown = "; ".join(f"{f.source}: {f.error}" for f in summary.failures[:5])
         raise PermanentError(f"{summary.failed} of {summary.files} file(s) could not be imported "
                              f"(the rest were): {shown}")
+    if summary.policy_error:
+        raise PermanentError(f"every file was imported, but the policy was not applied to all: {summary.policy_error}")
     return InventoryImport(summary, bands)

@@ -2,17 +2,19 @@
 
 Every endpoint location and every target is checked on the wire (or, for a store, read back through its
 deployer): what is served against what should be, the chain complete to a trust anchor, the host name,
-the TLS version, the days left, the revocation status (CRL first, then OCSP). Certificates that nothing
-serves any more are listed apart and raise no expiry alert. Then the silent stalls: renewals that failed
-or are overdue, renewal and deploy runs stuck beyond their deadline, discovery sources that stopped
-completing, CAs and SSH hosts that do not answer. Everything found becomes de-duplicated alerts
-(tasks.alerting.raise_alerts); the ``monitor`` artifact shows what was served against what was expected,
-the ``sli``, ``executive-view`` and ``on-call`` artifacts the service level indicators and the two
-views; once a day, after the policy's digest time, each owner gets the digest of their ticket-level alerts.
+the TLS version, the days left, the revocation status (CRL first, then OCSP); the certificates served are
+evaluated against the policy and each place against its endpoint rules (violations stored per certificate
+and per place). Certificates that nothing serves any more are listed apart and raise no expiry alert.
+Then the silent stalls: renewals that failed or are overdue, renewal and deploy runs stuck beyond their
+deadline, discovery sources that stopped completing, CAs and SSH hosts that do not answer. Everything
+found becomes de-duplicated alerts (tasks.alerting.raise_alerts); the ``monitor`` artifact shows what was
+served against what was expected, the ``sli``, ``executive-view`` and ``on-call`` artifacts the service
+level indicators and the two views; once a day, after the alert policy's digest time, each owner gets the
+digest of their ticket-level alerts.
 
 Places are probed in batches (a task run per batch, not per endpoint). A part that could not run (a
-batch, the services, Prefect's API) is named in the artifact, its alerts are neither raised nor resolved,
-and the run fails after doing everything else.
+batch, the services, Prefect's API, the policy) is named in the artifact, its alerts are neither raised
+nor resolved, and the run fails after doing everything else.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class MonitorSummary:
     not_served: int
     alerts: AlertSummary
     failures: tuple[str, ...] = ()
+    violations: int = 0  # policy violations not waived that this run found (certificates served, places)
 
 
 class MonitorIncomplete(PermanentError):
@@ -149,12 +152,13 @@ def monitor(trust_bundle_pem: str | None = None, use_system_trust: bool = True, 
     publish_reports()
     checks = report.evaluation.checks
     summary = MonitorSummary(len(checks), sum(1 for c in checks if c.ok), sum(1 for c in checks if c.error),
-                             len(report.findings), len(report.evaluation.not_served), told, tuple(failures))
+                             len(report.findings), len(report.evaluation.not_served), told, report.failures,
+                             sum(report.violations.values()))
     log.info("monitor: %d place(s), %d ok, %d unreachable; %d finding(s); %d not served any more; alerts: %d "
              "opened, %d escalated, %d resolved", summary.places, summary.ok, summary.unreachable, summary.findings,
              summary.not_served, told.opened, told.escalated, told.resolved)
-    if failures:
-        for failure in failures:
+    if report.failures:
+        for failure in report.failures:
             log.error("MONITOR CHECK FAILED: %s", failure)
-        raise MonitorIncomplete(tuple(failures))
+        raise MonitorIncomplete(report.failures)
     return summary

@@ -25,16 +25,21 @@ import blocks.azure  # noqa: F401
 import blocks.ssh  # noqa: F401
 import blocks.tls_scan  # noqa: F401
 from blocks.loading import load_block
+from blocks.policy import policy_in_force
 from blocks.sources import SourceKind, configured_as_source
-from certpilot import audit, keystore
+from certpilot import audit, keystore, violations
 from certpilot.database import get_engine, read_session
 from certpilot.discovery import DiscoveryResult, SourceSummary, record
+from certpilot.errors import CertpilotError, redact
+from certpilot.policy import Policy
+from certpilot.policy_artifact import policy_markdown, worst_certificates
 from certpilot.report import ExpiryReport, expiry_report
-from certpilot.settings import load_settings
+from certpilot.settings import Settings, load_settings
 from tasks.deployment import close
 from tasks.inventory import retry_transient_only, run_actor
 
 PROBLEMS_SHOWN = 20
+WORST_SHOWN = 20  # certificates listed in the policy artifact
 SOURCE_RETRY_DELAYS: list[float] = [5, 30]  # seconds before the first and the second retry of a source
 
 
@@ -42,10 +47,12 @@ def run_source(block: str, batch_size: int, actor: audit.Actor,
                log: logging.Logger | logging.LoggerAdapter[Any]) -> SourceSummary:
     """Run the source configured by block document ``block`` (``block-type-slug/name``) and record it."""
     settings = load_settings()
+    policy, policy_error = _policy(settings, log)
     source = load_block(block).source()  # a source block (see blocks/): it builds the connector
     try:
         report = record(get_engine(settings), source, actor, batch_size=batch_size, block=block,
-                        key_ring=lambda: keystore.load_key_ring(settings, announce=log.warning))
+                        key_ring=lambda: keystore.load_key_ring(settings, announce=log.warning),
+                        policy=policy, policy_error=policy_error)
     finally:
         close(source)
     for problem in report.problems[:PROBLEMS_SHOWN]:
@@ -55,7 +62,20 @@ def run_source(block: str, batch_size: int, actor: audit.Actor,
     log.info("%s: %d place(s), %d certificate(s), %d new, %d new location(s), %d ghost(s), %d problem(s)",
              source.name, report.places, report.certificates, report.new_certificates, report.new_locations,
              report.ghosts, len(report.problems))
+    log.info("%s: policy: %d owner(s) assigned, %d violation(s) not waived %s", source.name, report.owners_assigned,
+             report.violations, dict(sorted(report.violations_by_rule.items())) or "")
+    if report.policy_error:
+        log.error("POLICY NOT APPLIED to %s: %s", source.name, report.policy_error)
     return report.summary()
+
+
+def _policy(settings: Settings, log: logging.Logger | logging.LoggerAdapter[Any]) -> tuple[Policy | None, str | None]:
+    """The policy in force, or why there is none (discovery records what it finds all the same)."""
+    try:
+        return policy_in_force(settings), None
+    except CertpilotError as exc:
+        log.error("the policy was not loaded (discovery goes on without it): %s", redact(exc))
+        return None, f"the policy was not loaded: {redact(exc)}"
 
 
 @task(name="registered-sources", timeout_seconds=120)
@@ -120,3 +140,19 @@ def publish_inventory(result: DiscoveryResult, note: str | None = None) -> Disco
     create_markdown_artifact(key="inventory", markdown=inventory_markdown(result, expiry, note),
                              description="What discovery found, per source, and what expires soon")
     return result
+
+
+@task(name="publish-policy", timeout_seconds=300)
+def publish_policy(result: DiscoveryResult) -> dict[str, int]:
+    """The policy artifact (key: policy): what this discovery run assigned and found per source, the
+    inventory's violations by rule (not waived) and its worst certificates. Returns the counts by rule."""
+    try:
+        source: str | None = policy_in_force().source
+    except CertpilotError as exc:
+        source = f"none: {redact(exc)}"
+    with read_session(get_engine()) as session:
+        by_rule = violations.open_counts_by_rule(session)
+        worst = worst_certificates(session, WORST_SHOWN)
+    create_markdown_artifact(key="policy", markdown=policy_markdown(by_rule, worst, result.sources, source),
+                             description="Policy violations by rule, and the worst certificates")
+    return by_rule

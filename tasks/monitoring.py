@@ -10,7 +10,8 @@
   host (of targets and sources) answers.
 - ``read_unfinished_runs`` and ``source_interval``: what only Prefect's API knows (renewal and deploy
   runs still Pending, Running or Late; the discover deployment's schedule).
-- ``evaluate_checks``: the findings and the checks at one time, the EndpointCheck rows replaced.
+- ``evaluate_checks``: the findings and the checks at one time, the EndpointCheck rows replaced, and the
+  policy applied to what was seen (``evaluate_policy``: the certificates served, the places' endpoint rules).
 - ``publish_monitor_report``: the ``monitor`` artifact.
 
 No task is served from a cache (their inputs are large and not worth hashing) and every one has a
@@ -20,6 +21,7 @@ timeout; every network call below has its own (a task's timeout cannot interrupt
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import ssl
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+import sqlalchemy as sa
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import serialization
@@ -56,6 +59,7 @@ import blocks.issuers  # noqa: F401
 import blocks.ssh  # noqa: F401
 import blocks.tls_scan  # noqa: F401
 from blocks.loading import load_block
+from blocks.policy import policy_in_force
 from blocks.ssh import SshHostBlock
 from blocks.targets import DeploymentTargetBlock, build_deployer
 from certpilot import managed, monitoring
@@ -63,7 +67,7 @@ from certpilot.alert_policy import current_policy
 from certpilot.alerts import Finding, Scope
 from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
-from certpilot.errors import BlockNotFoundError, endpoint_label, redact
+from certpilot.errors import BlockNotFoundError, CertpilotError, endpoint_label, redact
 from certpilot.formats import load_bundle
 from certpilot.monitoring import Evaluation, Observed, Place, Reachability, RunState
 from certpilot.settings import load_settings
@@ -107,6 +111,7 @@ class MonitorReport:
     findings: tuple[Finding, ...]
     scope: Scope
     failures: tuple[str, ...] = ()
+    violations: Mapping[str, int] = field(default_factory=dict)  # found by this run, not waived, per rule
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -423,7 +428,31 @@ def evaluate_checks(places: list[Place], observed: list[Observed], services: lis
     if "places" not in failed:
         with write_session(engine) as session:
             monitoring.record_checks(session, evaluation.checks, now, run_actor().flow_run_id)
-    return MonitorReport(now, evaluation, tuple(findings), monitoring.monitor_scope(failed), tuple(failures))
+    found, problem = evaluate_policy(places, observed, now, get_run_logger())
+    return MonitorReport(now, evaluation, tuple(findings), monitoring.monitor_scope(failed),
+                         tuple(failures) + ((problem,) if problem else ()), found)
+
+
+def evaluate_policy(places: Sequence[Place], observed: Sequence[Observed], now: dt.datetime,
+                    log: logging.Logger | logging.LoggerAdapter[Any]) -> tuple[dict[str, int], str | None]:
+    """The policy in force applied to what the run saw (certpilot.monitoring.apply_policy): the violations
+    found per rule (not waived), or why the policy could not be applied (the run reports it as a part that
+    failed; everything else stands)."""
+    try:
+        policy = policy_in_force()
+        with write_session(get_engine()) as session:
+            certificates, endpoints = monitoring.apply_policy(session, policy, places, observed, run_actor(), now)
+    except (CertpilotError, sa.exc.SQLAlchemyError) as exc:
+        return {}, f"applying the policy: {redact(exc)}"
+    found = {rule: certificates.by_rule.get(rule, 0) + endpoints.by_rule.get(rule, 0)
+             for rule in sorted(set(certificates.by_rule) | set(endpoints.by_rule))}
+    found = {rule: count for rule, count in found.items() if count}
+    errors = certificates.errors + endpoints.errors
+    if errors:
+        return found, f"applying the policy: {len(errors)} not evaluated: " + "; ".join(errors[:3])
+    log.info("policy %s: %d certificate(s) and %d place(s) evaluated, %d violation(s) not waived %s", policy.source,
+             certificates.evaluated, endpoints.evaluated, certificates.violations + endpoints.violations, found or "")
+    return found, None
 
 
 @task(name="publish-monitor-report", cache_policy=NO_CACHE, timeout_seconds=120)
