@@ -81,7 +81,7 @@ def certpilot_run(pebble: Pebble, home: Path, count: int, http_port: int, worker
     dns_names = names(count)
     with write_session(engine) as session:
         for i, name in enumerate(dns_names):
-            managed.add(session, managed.ManagedSpec(f"bench-{i:03d}", (name,), ISSUER), actor)
+            managed.add(session, managed.ManagedSpec(f"bench-{i:03d}", (name,), ISSUER, owner="bench"), actor)
     with Http01Responder("127.0.0.1", http_port) as responder:
         issuer = AcmeIssuer(engine, ISSUER, pebble.directory_url, key_ring=key_ring, solver=responder,
                             ca_bundle=pebble.ca_bundle)

@@ -155,7 +155,7 @@ class Lab:
         with write_session(self.engine) as session:
             for site in self.sites:
                 managed.add(session, managed.ManagedSpec(name=site.managed, dns_names=(site.server_name,),
-                                                         issuer=ISSUER, validity_days=30), ACTOR)
+                                                         issuer=ISSUER, validity_days=30, owner="bench"), ACTOR)
                 # No verify_trust here: target settings go into the audit trail, which refuses PEM text, so
                 # verify() checks the chain is complete; check_round checks it leads to this CA's root.
                 settings = {**self.nginx[site.nginx].deploy_settings(site.server_name),

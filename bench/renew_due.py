@@ -84,7 +84,7 @@ def define_and_seed(engine: sa.Engine, prefix: str, count: int) -> None:
         names = [f"{prefix}-{i:04d}" for i in range(start, min(count, start + 100))]
         with write_session(engine) as session:
             rows = [managed.add(session, managed.ManagedSpec(name=n, dns_names=(f"{n}.bench.test",), issuer=ISSUER,
-                                                             validity_days=30), ACTOR) for n in names]
+                                                             validity_days=30, owner="bench"), ACTOR) for n in names]
             signer = ca.open_signer(session, the_ring, CA_NAME)
             for row in rows:
                 key = generate_private_key(row.key_algorithm)

@@ -2,7 +2,8 @@
 
 ``propose`` says what the managed certificate would be for a discovered certificate that nothing
 manages: its DNS names and IP addresses (from its subjectAltName), its key type as the algorithm each
-renewal generates (certpilot.keys), owner and tags (from the certificate's row), and deployment targets
+renewal generates (certpilot.keys), owner and tags (from the certificate's row; with no owner there, the
+owner the policy's ownership rules give it: a managed certificate must have one), and deployment targets
 proposed from every place discovery has seen it (non-ghost Locations):
 
 - a file on an SSH host that nginx serves (discovery read nginx's configuration: Location.details
@@ -21,7 +22,8 @@ operator names. Where something is not known (an nginx that is not the system's,
 commands cannot be guessed; a haproxy without an admin socket) the proposed target says what the
 operator must add (``needs``), and is not adopted until it is given.
 
-``adopt`` makes it so: certpilot.managed.add, the existing certificate linked to it (so it is the
+``adopt`` makes it so (with the owner the operator gives, else the proposal's; refused when there is
+none): certpilot.managed.add, the existing certificate linked to it (so it is the
 current certificate: the first renewal replaces it), each accepted target added with the certificate
 as what it should serve, and one ``managed.adopted`` audit event. The private key is not moved: when the
 keystore holds it already (discovery with import_keys) the adoption says so; otherwise the first
@@ -40,11 +42,12 @@ from urllib.parse import urlsplit
 
 from sqlmodel import Session, col, select
 
-from certpilot import audit, inventory, keystore, managed, targets
+from certpilot import audit, inventory, keystore, managed, targets, violations
 from certpilot.clock import utcnow
 from certpilot.errors import NotFoundError, PermanentError
 from certpilot.keys import KEY_ALGORITHMS
 from certpilot.models import Certificate, Location, ManagedCertificate, SourceRun, SubjectAltName
+from certpilot.policy import Policy
 from certpilot.server_configs import Served
 from certpilot.target_kinds import TargetKind, TargetSettingsError, validate_settings
 
@@ -188,11 +191,30 @@ def _adoptable(session: Session, fingerprint: str, now: dt.datetime) -> Certific
     return row
 
 
+def _owner(session: Session, row: Certificate, policy: Policy | None, now: dt.datetime,
+           notes: list[str]) -> str | None:
+    """The certificate's owner; without one, the first of the policy's ownership rules that matches it
+    (noted, with the rule's line), else None (noted: a managed certificate needs one)."""
+    if row.owner:
+        return row.owner
+    if policy is not None:
+        facts = violations.facts_for(session, policy, [row.fingerprint_sha256], now)
+        rule = next((r for r in policy.ownership for f in facts if r.matches(f)), None)
+        if rule is not None:
+            where = f"{policy.source}:{rule.line}" if rule.line is not None else policy.source
+            notes.append(f"owner {rule.owner} from the policy's ownership rule at {where} (the certificate has none)")
+            return rule.owner
+    rules = " and no ownership rule of the policy matches it" if policy is not None else ""
+    notes.append(f"it has no owner{rules}: give one (--owner), a managed certificate must have an owner")
+    return None
+
+
 def propose(session: Session, fingerprint: str, *, target_block: str | None = None,
-            now: dt.datetime | None = None) -> AdoptionProposal:
+            now: dt.datetime | None = None, policy: Policy | None = None) -> AdoptionProposal:
     """What adopting the certificate ``fingerprint`` (or a unique prefix) would define. NotFoundError for
     an unknown one; PermanentError for one that is managed, a CA, expired or revoked. ``target_block``:
-    the SSH host block for SSH targets instead of the one that discovered them."""
+    the SSH host block for SSH targets instead of the one that discovered them. ``policy``: whose
+    ownership rules give the owner of a certificate that has none (None: the certificate's own only)."""
     now = now or utcnow()
     row = _adoptable(session, fingerprint, now)
     fp = row.fingerprint_sha256
@@ -226,8 +248,9 @@ def propose(session: Session, fingerprint: str, *, target_block: str | None = No
                      + ", ".join(sorted(ghosts)[:5]))
     if not proposed:
         notes.append("no target proposed: add targets with `certpilot target add` after adopting it")
+    owner = _owner(session, row, policy, now, notes)
     return AdoptionProposal(fp, row.subject, row.serial_hex, row.issuer, row.not_before, row.not_after, dns, ips,
-                            algorithm or "ec-p256", str(ref) if ref else None, row.owner, dict(row.tags or {}),
+                            algorithm or "ec-p256", str(ref) if ref else None, owner, dict(row.tags or {}),
                             tuple(_unique_names(proposed)), tuple(seen), tuple(notes))
 
 
@@ -350,13 +373,21 @@ def check_name(session: Session, name: str) -> None:
 
 
 def adopt(session: Session, fingerprint: str, name: str, issuer: str, accepted: Sequence[ProposedTarget],
-          actor: audit.Actor, *, now: dt.datetime | None = None) -> Adopted:
+          actor: audit.Actor, *, owner: str | None = None, policy: Policy | None = None,
+          now: dt.datetime | None = None) -> Adopted:
     """Make the discovered certificate ``fingerprint`` managed certificate ``name`` from ``issuer``, with
-    the ``accepted`` targets that are ready (the others are listed as skipped). Refuses (PermanentError,
-    NotFoundError) what ``propose`` refuses, and a name that is taken, before anything is written."""
+    the ``accepted`` targets that are ready (the others are listed as skipped), owned by ``owner``, else
+    by the proposal's owner (the certificate's, else the first of ``policy``'s ownership rules matching
+    it). Refuses (PermanentError, NotFoundError) what ``propose`` refuses, a name that is taken, and a
+    certificate left without an owner, before anything is written."""
     now = now or utcnow()
-    proposal = propose(session, fingerprint, now=now)
+    proposal = propose(session, fingerprint, now=now, policy=policy)
     check_name(session, name)
+    owner = owner or proposal.owner
+    if not owner:
+        rules = f" and no ownership rule of the policy ({policy.source}) matches it" if policy is not None else ""
+        raise PermanentError(f"managed certificate {name!r} needs an owner: certificate {proposal.fingerprint[:16]} "
+                             f"has none{rules}; give --owner")
     ready = [t for t in accepted if t.ready]
     skipped = [f"{t.name}: needs " + "; ".join(t.needs or ("a kind and a block",)) for t in accepted if not t.ready]
     for target in ready:
@@ -366,7 +397,7 @@ def adopt(session: Session, fingerprint: str, name: str, issuer: str, accepted: 
         except TargetSettingsError as exc:
             raise PermanentError(f"proposed target {target.name}: {exc}") from None
     spec = managed.ManagedSpec(name=name, dns_names=proposal.dns_names, ip_addresses=proposal.ip_addresses,
-                               issuer=issuer, key_algorithm=proposal.key_algorithm, owner=proposal.owner,
+                               issuer=issuer, key_algorithm=proposal.key_algorithm, owner=owner,
                                tags=proposal.tags)
     row = managed.add(session, spec, actor, now)
     certificate = session.get(Certificate, proposal.fingerprint)

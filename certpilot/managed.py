@@ -83,6 +83,9 @@ def _check_spec(spec: ManagedSpec) -> ManagedSpec:
     if not _ISSUER.match(spec.issuer):
         raise PermanentError(f"issuer {spec.issuer!r} must name an issuer block as <block-type-slug>/<block-name>, "
                              "e.g. private-ca/internal or acme-issuer/letsencrypt")
+    if spec.owner is None or not spec.owner.strip():
+        raise PermanentError(f"managed certificate {spec.name!r} needs an owner (policy rule owner-required): give "
+                             "one, or take it from the policy's ownership rules (Policy.owner_for)")
     if spec.profile not in PROFILES:
         raise PermanentError(f"unknown profile {spec.profile!r}; choose one of {', '.join(PROFILES)}")
     if spec.key_algorithm not in KEY_ALGORITHMS:
@@ -117,7 +120,8 @@ def _check_uris(spec: ManagedSpec, uris: tuple[str, ...]) -> None:
 
 
 def add(session: Session, spec: ManagedSpec, actor: audit.Actor, now: dt.datetime | None = None) -> ManagedCertificate:
-    """Define a managed certificate (validated); it is due at once, having no certificate yet."""
+    """Define a managed certificate (validated: every one has an owner); it is due at once, having no
+    certificate yet."""
     spec = _check_spec(spec)
     now = now or utcnow()
     if session.exec(select(ManagedCertificate.id).where(ManagedCertificate.name == spec.name)).first() is not None:

@@ -1,7 +1,9 @@
 """Renewing a managed certificate: one ordered, typed sequence of steps and one failure mapping.
 
 The steps, in order (``Step``): load the plan (``RenewalPlan``: which issuer, what it replaces),
-generate and seal a new key (a ``KeyRef`` leaves, never the key), build the CSR with it
+check it against the policy in force (``check_policy``: the issuance gate, certpilot.violations.gate;
+a request that violates an unwaived rule is refused, naming the rule, before any CA is contacted or
+any key made), generate and seal a new key (a ``KeyRef`` leaves, never the key), build the CSR with it
 (``SigningRequest``), have the issuer sign it (``IssuedCertificate``, the chain), and store what came
 back after checking it (``Renewal``). The issuer is resolved before a key is made; failing to resolve
 it is a failure of the issue step.
@@ -32,7 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session, col, select
 
-from certpilot import audit, inventory, managed, targets
+from certpilot import audit, inventory, managed, targets, violations
 from certpilot.clock import Clock, utcnow
 from certpilot.database import read_session, write_session
 from certpilot.errors import CertpilotError, NotFoundError, PermanentError, TransientError, redact
@@ -41,6 +43,8 @@ from certpilot.keys import generate_private_key
 from certpilot.keystore import KeyRef, destroy_private_key, load_private_key, store_private_key
 from certpilot.managed import KeyRingSource
 from certpilot.models import Certificate, ManagedCertificate, PrivateKey
+from certpilot.policy import Policy, load_policy
+from certpilot.settings import load_settings
 from certpilot.x509info import describe_certificate, serial_hex, spki_sha256
 
 if TYPE_CHECKING:
@@ -73,6 +77,7 @@ __all__ = [
     "record_issued",
     "renew",
     "renew_one",
+    "check_policy",
     "step_error",
     "store",
 ]
@@ -84,6 +89,7 @@ class Step(enum.StrEnum):
     """The steps of a renewal, in the order they run."""
 
     LOAD = "load"
+    POLICY = "policy"
     KEY = "key"
     CSR = "csr"
     ISSUE = "issue"
@@ -211,6 +217,18 @@ def plan(engine: sa.Engine, name: str) -> RenewalPlan:
                        tuple(row.dns_names), tuple(row.ip_addresses),
                        current.fingerprint_sha256 if current else None, current.not_after if current else None,
                        count, tuple(row.uris or ()))
+
+
+def check_policy(engine: sa.Engine, plan: RenewalPlan, policy: Policy, now: dt.datetime | None = None) -> None:
+    """Step policy, the issuance gate: what renewing the plan's certificate would ask the issuer for
+    (certpilot.violations.request_facts: its names, key, validity, issuer, owner, tags) against the
+    request rules of ``policy``, with the waivers in force. PolicyViolationError (permanent), naming
+    each unwaived rule it breaks, before any issuer is built or contacted."""
+    now = now or utcnow()
+    with read_session(engine) as session:
+        row = managed.get(session, plan.name)
+        facts = violations.request_facts(session, row, policy, now, plan.key_algorithm)
+        violations.gate(session, policy, facts, f"managed certificate {plan.name!r}", now)
 
 
 def new_key(engine: sa.Engine, plan: RenewalPlan, key_ring: KeyRingSource, actor: audit.Actor,
@@ -348,6 +366,10 @@ class Steps(Protocol):
 
     def load(self, name: str) -> RenewalPlan: ...
 
+    def gate(self, plan: RenewalPlan) -> None:
+        """The issuance gate (``check_policy``): PolicyViolationError when the plan's request violates policy."""
+        ...
+
     def issuer(self, plan: RenewalPlan) -> Issuer: ...
 
     def key(self, plan: RenewalPlan) -> KeyRef: ...
@@ -369,16 +391,23 @@ IssuerSource = Callable[[str], Issuer]  # the issuer of an issuer block name
 @dataclass(frozen=True)
 class DirectSteps:
     """Every step a plain call, in this process (the CLI without a Prefect API; renew-due's task run
-    per certificate). ``issuers`` builds the issuer a plan names."""
+    per certificate). ``issuers`` builds the issuer a plan names. ``policy``: the policy the gate
+    applies (the CLI and the tasks pass blocks.policy.policy_in_force()); None: certpilot.policy's
+    load_policy from the settings, read at each renewal."""
 
     engine: sa.Engine
     issuers: IssuerSource
     key_ring: KeyRingSource
     actor: audit.Actor
     clock: Clock = utcnow
+    policy: Policy | None = None
 
     def load(self, name: str) -> RenewalPlan:
         return plan(self.engine, name)
+
+    def gate(self, plan: RenewalPlan) -> None:
+        policy = self.policy if self.policy is not None else load_policy(load_settings())
+        check_policy(self.engine, plan, policy, self.clock())
 
     def issuer(self, plan: RenewalPlan) -> Issuer:
         return self.issuers(plan.issuer)
@@ -428,6 +457,8 @@ def renew(steps: Steps, name: str) -> Renewal:
     step, loaded, key = Step.LOAD, None, None
     try:
         loaded = steps.load(name)
+        step = Step.POLICY  # the gate: nothing is asked of a CA for a request the policy refuses
+        steps.gate(loaded)
         step = Step.ISSUE  # resolved before a key is made: an issuer that cannot be had fails the issue step
         issuer = steps.issuer(loaded)
         step = Step.KEY
@@ -445,10 +476,10 @@ def renew(steps: Steps, name: str) -> Renewal:
 
 
 def renew_one(engine: sa.Engine, name: str, issuer: Issuer, key_ring: KeyRingSource, actor: audit.Actor,
-              clock: Clock = utcnow) -> Renewal:
+              clock: Clock = utcnow, *, policy: Policy | None = None) -> Renewal:
     """Renew ``name`` with ``issuer`` (whatever issuer the managed certificate names), every step
-    directly, no Prefect."""
-    return renew(DirectSteps(engine, lambda _: issuer, key_ring, actor, clock), name)
+    directly, no Prefect. ``policy``: the gate's (None: load_policy from the settings)."""
+    return renew(DirectSteps(engine, lambda _: issuer, key_ring, actor, clock, policy), name)
 
 
 # ------------------------------------------------------------------------------------------ renew-due

@@ -27,6 +27,12 @@ kill the process):
 - revoke only (scope action REVOKE: a superseded certificate still valid): pending -> revoked -> done.
 - CANNOT and NOTHING items are ``skipped`` from the start, with the scope's reason.
 
+The issuance gate: before a replacement's key is made, and again before it is issued (a resumed item,
+a policy changed meanwhile), the request is checked against the policy (``Replacer.policy``;
+certpilot.renewing.check_policy). A request the policy refuses fails the item at step ``policy``,
+naming the rules, before any CA is contacted; with revoke_first it fails before the old certificate
+is revoked, unless that was done already.
+
 A step that fails for a transient reason leaves the item where it was (its error noted) and raises, so
 the caller may retry; any other failure marks it ``failed`` with its error, redacted. A failed
 replacement is never revoked (unless revoke_first revoked it already): its targets keep the certificate
@@ -65,7 +71,9 @@ from certpilot.keys import generate_private_key, public_key_sha256
 from certpilot.keystore import KeyRef, store_private_key
 from certpilot.managed import KeyRingSource
 from certpilot.models import Certificate, ManagedCertificate, ReplacementItem, ReplacementRun, Target
+from certpilot.policy import Policy, load_policy
 from certpilot.scope import Action, InScope, Scope
+from certpilot.settings import load_settings
 
 __all__ = [
     "Campaign",
@@ -363,7 +371,9 @@ class Log(Protocol):
 @dataclass(frozen=True)
 class Replacer:
     """What advancing an item needs, built once per run: the inventory, the issuer connectors by block
-    name, the key ring, who acts, and how a deployment's per-target steps run (certpilot.rollout.RunSteps)."""
+    name, the key ring, who acts, how a deployment's per-target steps run (certpilot.rollout.RunSteps),
+    and the policy of the issuance gate (the tasks and the CLI pass blocks.policy.policy_in_force();
+    None: certpilot.policy.load_policy from the settings, read at each check)."""
 
     engine: sa.Engine
     issuers: IssuerSource
@@ -376,6 +386,7 @@ class Replacer:
     # Called once an old certificate is revoked (the flow watches relying parties see it and records how
     # long that took); its failure is logged, never the item's.
     on_revoked: Callable[[revoking.RevocationOutcome], Any] | None = None
+    policy: Policy | None = None
 
 
 def _set(r: Replacer, item_id: int, state: State, **values: Any) -> None:
@@ -397,6 +408,13 @@ def _row(engine: sa.Engine, item_id: int) -> tuple[ReplacementItem, ReplacementR
         run = session.get(ReplacementRun, row.run_id)
         assert run is not None
         return row, run
+
+
+def _check_policy(r: Replacer, row: ReplacementItem) -> None:
+    """The issuance gate for the item's replacement: PolicyViolationError naming the rules it breaks."""
+    assert row.managed is not None
+    policy = r.policy if r.policy is not None else load_policy(load_settings())
+    renewing.check_policy(r.engine, renewing.plan(r.engine, row.managed), policy, r.clock())
 
 
 def _make_key(r: Replacer, row: ReplacementItem) -> None:
@@ -496,7 +514,12 @@ def advance(r: Replacer, item_id: int) -> Item:
             return Item.of(row)
         order = sequence(row.action, run.revoke_first)
         target = order[order.index(state) + 1]
+        step = _STEPS[target]
         try:
+            if target in (State.KEY, State.ISSUED) and row.action == Action.REPLACE:
+                step = "policy"  # the gate: before a key is made and before anything is sent to a CA
+                _check_policy(r, row)
+                step = _STEPS[target]
             if target is State.KEY:
                 _make_key(r, row)
             elif target is State.ISSUED:
@@ -510,10 +533,10 @@ def advance(r: Replacer, item_id: int) -> Item:
         except Exception as exc:  # noqa: BLE001 - recorded on the item, then raised as what it is
             reason = redact(exc)
             if isinstance(exc, TransientError):
-                _note(r, item_id, f"{_STEPS[target]}: {reason} (will be retried)")
+                _note(r, item_id, f"{step}: {reason} (will be retried)")
                 raise
-            failed = mark_failed(r.engine, item_id, f"{_STEPS[target]}: {reason}", r.actor, r.clock())
-            raise ReplacementFailed(failed.label, failed.old_fingerprint, _STEPS[target], reason,
+            failed = mark_failed(r.engine, item_id, f"{step}: {reason}", r.actor, r.clock())
+            raise ReplacementFailed(failed.label, failed.old_fingerprint, step, reason,
                                     failed.revoked_at is not None) from None
 
 

@@ -17,7 +17,7 @@ from cli import issuer_blocks, prefect_api
 from cli.console import JsonOption, cell, err, line, note, out, print_json, usage_error, warn
 from cli.files import refuse_existing, write_new_file
 from cli.options import (CrlFormat, PasswordEnv, PasswordFile, PlaintextKey, Profile, RevocationReason, actor,
-                         key_password, ring)
+                         key_password, parse_tags, ring)
 
 app = typer.Typer(help="certpilot's private CA: issue, revoke, CRLs and OCSP.", no_args_is_help=True)
 
@@ -147,21 +147,45 @@ def ca_issue_command(
         "profiles`; cut, and said, at the issuing CA's expiry)."))] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE", help=(
         "Write the chain (leaf, issuing CA) as PEM here instead of stdout."))] = None,
+    owner: Annotated[Optional[str], typer.Option(metavar="TEAM", help=(
+        "Who owns the certificate (default: the policy's first ownership rule matching its names)."))] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUE", help="A tag, repeatable.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Issue a certificate from a CSR; the private key never comes near the CA."""
+    """Issue a certificate from a CSR; the private key never comes near the CA. The request is checked
+    against the policy in force first (`certpilot policy show`): one that violates it is refused, naming
+    the rules, and nothing is signed."""
+    import dataclasses
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
 
-    from certpilot import ca
+    from blocks.policy import policy_in_force
+    from certpilot import ca, violations
+    from certpilot.clock import utcnow
+    from certpilot.x509info import describe_certificate
 
+    tags = parse_tags(tag)
     data = sys.stdin.buffer.read() if str(csr) == "-" else csr.read_bytes()
     try:
         request = (x509.load_pem_x509_csr(data) if b"-----BEGIN" in data else x509.load_der_x509_csr(data))
     except ValueError as exc:
         raise ca.CertificateRequestError(f"{csr} is not a CSR in PEM or DER: {exc}") from None
+    policy, now = policy_in_force(), utcnow()
+    validity = days if days is not None else ca.get_profile(profile.value).default_days
+    facts = violations.csr_facts(request, issuer_blocks.private_ca_issuer(name), profile.value, validity, owner, tags,
+                                 now)
+    if owner is None:
+        owner = policy.owner_for(facts)
+        facts = dataclasses.replace(facts, owner=owner)
+    who = actor()
     with write_session(get_engine()) as session:
-        issued = ca.issue(session, ring(), actor(), name, request, profile.value, validity_days=days)
+        ca.get_ca(session, name)  # an unknown CA is named as such, before the policy is asked
+        violations.gate(session, policy, facts, f"the certificate requested by {csr} from CA {name}", now)
+        issued = ca.issue(session, ring(), who, name, request, profile.value, validity_days=days, now=now)
+        if owner is not None or tags:  # recorded on the certificate as `inventory import --owner/--tag` does
+            inventory.upsert(session, [inventory.Observation(describe_certificate(issued.leaf), None, ca.SOURCE)],
+                             who, owner=owner, tags=tags or None, now=now)
     chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in issued.chain)
     leaf = issued.leaf
     if output is not None:

@@ -57,19 +57,25 @@ def managed_add_command(
     profile: Annotated[Profile, typer.Option(help="What the certificate is for.")] = Profile.TLS_SERVER,
     key_algorithm: Annotated[KeyAlgorithm, typer.Option(help="The key to generate at each renewal.")] = KeyAlgorithm.EC_P256,
     validity_days: Annotated[Optional[int], typer.Option(metavar="DAYS", min=1, help="Lifetime to ask for (default: the issuer's).")] = None,
-    owner: Annotated[Optional[str], typer.Option(metavar="TEAM", help="Who owns it.")] = None,
+    owner: Annotated[Optional[str], typer.Option(metavar="TEAM", help=(
+        "Who owns it (default: the owner the policy's first matching ownership rule gives; one is required)."))]
+    = None,
     tag: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUE", help="A tag, repeatable.")] = None,
     renew_before: Annotated[Optional[str], typer.Option(metavar="DURATION", help=(
         "Renew at the latest this long before expiry, e.g. 30d (default: at two thirds of the lifetime)."))] = None,
     no_ari: Annotated[bool, typer.Option("--no-ari", help="Ignore the CA's renewal window (ARI) even if it offers one.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Define a managed certificate; having no certificate yet, it is due at once."""
+    """Define a managed certificate; having no certificate yet, it is due at once. Every managed certificate
+    has an owner: --owner, else the policy's ownership rules (`certpilot policy show`)."""
     from certpilot import managed
 
+    tags, renew_before_days = parse_tags(tag), whole_days(renew_before, "--renew-before")  # usage errors first
+    if owner is None:
+        owner = owner_from_policy(name, dns or [], ip or [], uri or [], issuer, tags)
     spec = managed.ManagedSpec(name=name, dns_names=tuple(dns or ()), ip_addresses=tuple(ip or ()), issuer=issuer,
                                profile=profile.value, key_algorithm=key_algorithm.value, validity_days=validity_days,
-                               owner=owner, tags=parse_tags(tag), renew_before_days=whole_days(renew_before, "--renew-before"),
+                               owner=owner, tags=tags, renew_before_days=renew_before_days,
                                use_ari=not no_ari, uris=tuple(uri or ()))
     check_issuer_block(issuer)
     engine = get_engine()
@@ -82,6 +88,40 @@ def managed_add_command(
         return
     names = ", ".join(row["dns_names"] + row["ip_addresses"] + row["uris"])
     out.print(line(f"added managed certificate {name} ({names}) from {row['issuer']}: {row['reason']}"))
+
+
+def owner_from_policy(name: str, dns: list[str], ips: list[str], uris: list[str], issuer: str,
+                      tags: dict[str, str]) -> str:
+    """The owner the policy in force gives a new managed certificate (its first ownership rule matching
+    the names, issuer and tags asked for); PermanentError saying how to give one when none matches."""
+    from blocks.policy import policy_in_force
+    from certpilot import managed, violations
+    from certpilot.clock import utcnow
+    from certpilot.errors import PermanentError
+    from certpilot.models import ManagedCertificate
+
+    policy = policy_in_force()
+    # A bad name is named as such (normalised as managed.add does), before any word about its owner.
+    names = [managed.normalise_dns_name(n) for n in dns]
+    wanted = ManagedCertificate(name=name, dns_names=names, ip_addresses=list(ips), uris=list(uris), issuer=issuer,
+                                tags=tags)
+    with read_session(get_engine()) as session:
+        facts = violations.request_facts(session, wanted, policy, utcnow())
+    owner = policy.owner_for(facts)
+    if owner is None:
+        raise PermanentError(f"managed certificate {name} needs an owner: give --owner or add an ownership rule "
+                             f"matching its names to the policy ({policy_file(policy)})")
+    return owner
+
+
+def policy_file(policy: Any) -> str:
+    """Where the policy in force is (its file or block), or where one would be read from when none is."""
+    from certpilot.policy import policy_location
+    from certpilot.settings import load_settings
+
+    if policy.source == "built-in":
+        return f"the built-in default is in force: write {policy_location(load_settings())}"
+    return str(policy.source)
 
 
 @app.command("list")
@@ -292,19 +332,32 @@ def managed_adopt_command(
         "web-nginx:reload_command='nginx -s reload'. Without TARGET: every target whose kind takes it."))] = None,
     skip_target: Annotated[Optional[list[str]], typer.Option(metavar="TARGET", help=(
         "Do not add this proposed target (repeatable)."))] = None,
+    owner: Annotated[Optional[str], typer.Option(metavar="TEAM", help=(
+        "Who owns it (default: the certificate's owner, else the policy's first matching ownership rule's; "
+        "one is required)."))] = None,
     yes: Annotated[bool, typer.Option("--yes", help="Adopt without asking.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Adopt a discovered certificate that nothing manages: it becomes managed certificate NAME, with its
     DNS names and key type, and deployment targets proposed from where discovery saw it (an SSH path nginx
     serves becomes an ssh-nginx target, with the endpoint to verify). The proposal is printed and you
-    confirm it (--yes: without asking; --json without --yes: the proposal only, nothing changes)."""
+    confirm it (--yes: without asking; --json without --yes: the proposal only, nothing changes). Its owner:
+    --owner, else the certificate's, else the policy's ownership rules; adoption is refused without one."""
+    from blocks.policy import policy_in_force
     from certpilot import adoption
+    from certpilot.errors import PermanentError
 
     engine = get_engine()
+    policy = policy_in_force()
     with read_session(engine) as session:
-        proposal = adoption.propose(session, fingerprint, target_block=target_block)
+        proposal = adoption.propose(session, fingerprint, target_block=target_block, policy=policy)
         adoption.check_name(session, name)
+    if owner is not None:
+        proposal = dataclasses.replace(proposal, owner=owner)
+    elif proposal.owner is None and not (as_json and not yes):
+        raise PermanentError(f"managed certificate {name} needs an owner: certificate {proposal.fingerprint[:16]} "
+                             f"has none and no ownership rule of the policy matches it ({policy_file(policy)}); "
+                             "give --owner")
     check_issuer_block(issuer)
     skipped = set(skip_target or ())
     unknown = skipped - {t.name for t in proposal.targets}
@@ -323,7 +376,8 @@ def managed_adopt_command(
             out.print(line("not adopted: nothing changed"))
             return
     with write_session(engine) as session:
-        adopted = adoption.adopt(session, proposal.fingerprint, name, issuer, proposed, actor())
+        adopted = adoption.adopt(session, proposal.fingerprint, name, issuer, proposed, actor(), owner=owner,
+                                 policy=policy)
     if as_json:
         print_json({"proposal": proposal.as_dict(), "adopted": adopted.as_dict()})
         return

@@ -53,15 +53,19 @@ def renew_due_now(ahead: dt.timedelta) -> RenewDueSummary:
 
 
 class _Direct:
-    """The renewal steps run in this process, each issuer block loaded once for this command."""
+    """The renewal steps run in this process, each issuer block loaded once for this command, the policy
+    in force read once (the issuance gate of each renewal applies it)."""
 
     def __init__(self) -> None:
+        from blocks.policy import policy_in_force
         from tasks.renewal import key_ring, load_issuer, retry_delays
 
         self.engine, self.actor = get_engine(), actor()
         self.issuers: dict[str, Issuer] = {}
         self.delays = retry_delays()
-        self.steps = renewing.DirectSteps(self.engine, self._issuer, key_ring(), self.actor)
+        # The issuance gate's policy, read once for the command (a policy that cannot be read stops it here).
+        self.steps = renewing.DirectSteps(self.engine, self._issuer, key_ring(), self.actor,
+                                          policy=policy_in_force())
         self._load = load_issuer
 
     def _issuer(self, block: str) -> Issuer:

@@ -1,6 +1,7 @@
 """Renewal flows.
 
-renew-certificate renews one managed certificate, one task per step, in a run named
+renew-certificate renews one managed certificate, one task per step (the policy gate first: a request
+the policy refuses fails there, before any CA is contacted), in a run named
 ``renew-<name>`` and tagged ``certificate:<name>`` (whoever started it: the flow adds the tag to its
 own run when the caller did not, as a run started from the UI or a deployment cannot know it); then
 the deploy-certificate flow, as a subflow, deploys it to its targets and verifies it there.
@@ -60,6 +61,7 @@ from tasks.renewal import (
     SharedSlotIssuer,
     ThrottledIssuer,
     build_csr,
+    check_policy,
     ensure_issuer_limits,
     generate_key,
     hold_issuer_slots,
@@ -68,6 +70,7 @@ from tasks.renewal import (
     limit_name,
     load_issuer,
     plan_renewal,
+    policy_for_run,
     preview_due,
     preview_renewal,
     publish_renewal_report,
@@ -95,6 +98,9 @@ class TaskSteps:
     def load(self, name: str) -> RenewalPlan:
         self.plan = plan_renewal(name)
         return self.plan
+
+    def gate(self, plan: RenewalPlan) -> None:
+        check_policy(plan)
 
     def issuer(self, plan: RenewalPlan) -> Issuer:
         ensure_issuer_limits([plan.issuer], self.issuer_slots)
@@ -225,6 +231,7 @@ def renew_due(within_days: Annotated[float, Field(ge=0)] = 0.0, limit: Annotated
     logger.info("%d managed certificate(s) due for renewal", len(due))
     limits = ensure_issuer_limits(sorted({d.issuer for d in due}), issuer_slots) if due else {}
     issuers = _issuers({d.issuer for d in due})
+    policy = policy_for_run() if due else None  # read once; the gate of each renewal applies it
     outcomes: list[RenewalOutcome] = []
     size = max(1, batch_size)
     for start in range(0, len(due), size):
@@ -241,7 +248,7 @@ def renew_due(within_days: Annotated[float, Field(ge=0)] = 0.0, limit: Annotated
                 if item.issuer in paused:
                     futures.append(None)
                     continue
-                futures.append(renew_managed.submit(item.name, shared[item.issuer]))  # it tags its own run
+                futures.append(renew_managed.submit(item.name, shared[item.issuer], policy))  # it tags its own run
             settled = [settle(f) if f is not None else None for f in futures]
         outcomes += [RenewalOutcome.of(item, s.value, s.error) if s is not None else
                      RenewalOutcome(item.name, item.issuer, item.reason, step=Step.ISSUE, kept=item.current,

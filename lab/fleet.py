@@ -101,7 +101,7 @@ class Fleet:
                  ca_name: str = "fleet", ca_url: str | None = None, issuer: tuple[str, Issuer] | None = None,
                  trust: x509.Certificate | None = None, block: str = "fleet", block_per_instance: bool = False,
                  prefix: str = "cert",
-                 domain: str = "fleet.test", validity_days: int = 30, owner: str | None = None,
+                 domain: str = "fleet.test", validity_days: int = 30, owner: str = "platform",
                  actor: audit.Actor = ACTOR) -> None:
         if issuer is not None and trust is None:
             raise ValueError("a fleet with its own issuer needs the root its chains lead to (trust)")

@@ -1,6 +1,6 @@
 """Renewal tasks: thin retryable units over certpilot.renewing and the issuer blocks.
 
-renew-certificate runs the steps of certpilot.renewing as separate tasks (plan, generate-key,
+renew-certificate runs the steps of certpilot.renewing as separate tasks (plan, check-policy, generate-key,
 build-csr, issue-certificate, store-certificate, and record-renewal-failure when one fails) so one
 certificate's run shows each step; renew-due runs ``renew_managed``, every step in one task run per
 certificate (a task run costs the SQLite-backed server about 50 ms to record; five per certificate
@@ -25,6 +25,11 @@ of its issuer's concurrency limit, then for validation); every network call insi
 
 Dry runs: ``preview_renewal`` and ``preview_due`` say what a run would do (certpilot.dry_run), after
 checking that the issuer block loads; they make no key, send nothing to a CA and write nothing.
+
+Policy: the issuance gate (certpilot.renewing.check_policy) applies the policy in force, read through
+blocks.policy.policy_in_force(): by check-policy in renew-certificate; once per renew-due run
+(``policy_for_run``), handed to each certificate's task run. A policy that cannot be read fails each
+certificate at its policy step with the reason, before any issuer is contacted.
 
 Issuers: a flow loads each issuer block it needs once (``load_issuer``) and passes the built
 connector to the tasks. Each issuer has a Prefect global concurrency limit ``issuer-<issuer slug>``
@@ -62,6 +67,7 @@ from prefect.tasks import exponential_backoff
 
 import blocks.issuers  # noqa: F401  (registers the issuer block types, so load_block finds them)
 from blocks.loading import load_block
+from blocks.policy import policy_in_force
 from certpilot import audit, inventory, keystore, managed, renewing, targets
 from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
@@ -69,6 +75,7 @@ from certpilot.errors import NotFoundError, PermanentError, redact
 from certpilot.issuance import IssuedCertificate, Issuer, OrderJournal
 from certpilot.dry_run import DuePreview, RenewalPreview
 from certpilot.keystore import KeyRef
+from certpilot.policy import Policy
 from certpilot.renewal import RenewalWindow
 from certpilot.renewing import Failure, RenewalOutcome, RenewalPlan, SigningRequest, Step
 from certpilot.settings import load_settings
@@ -117,6 +124,22 @@ def issuer_block(issuer: str) -> Any:
     if not callable(getattr(block, "get_issuer", None)):
         raise PermanentError(f"block {issuer!r} is a {type(block).__name__}, not an issuer block")
     return block
+
+
+@dataclass(frozen=True)
+class PolicyUnavailable:
+    """The policy a renew-due run could not read: each certificate fails at its policy step, with
+    ``reason``, before its issuer is contacted."""
+
+    reason: str
+
+
+def policy_for_run() -> Policy | PolicyUnavailable:
+    """The policy in force (blocks.policy.policy_in_force), read once for a run, or why it cannot be."""
+    try:
+        return policy_in_force()
+    except Exception as exc:  # noqa: BLE001 - every renewal of the run fails its gate with this reason
+        return PolicyUnavailable(redact(exc))
 
 
 @dataclass(frozen=True)
@@ -231,6 +254,15 @@ def plan_renewal(name: str) -> RenewalPlan:
         raise renewing.step_error(name, Step.LOAD, "?", exc) from None
 
 
+@task(name="check-policy", task_run_name="check-policy-{plan.name}", timeout_seconds=120, **_RETRY)
+def check_policy(plan: RenewalPlan) -> None:
+    """The issuance gate: the request renewing the plan's certificate would make, against the policy in
+    force (blocks.policy.policy_in_force) and its waivers. Fails (permanent, not retried) naming every
+    rule it violates; nothing is sent to a CA then."""
+    with _step(plan.name, Step.POLICY, plan.issuer):
+        renewing.check_policy(get_engine(), plan, policy_in_force())
+
+
 @task(name="generate-key", task_run_name="generate-key-{plan.name}", timeout_seconds=300, **_RETRY)
 def generate_key(plan: RenewalPlan) -> KeyRef:
     """Generate and store (encrypted) the next key of the plan's certificate. Returns its KeyRef, never the key."""
@@ -270,9 +302,11 @@ def record_renewal_failure(failure: Failure) -> str | None:
 # ------------------------------------------------------------------------------------ renew-due
 
 @task(name="renew", task_run_name="renew-{name}", timeout_seconds=ORDER_TIMEOUT_SECONDS + 600, **_RETRY)
-def renew_managed(name: str, issuer: Issuer | IssuerUnavailable) -> renewing.Renewal:
+def renew_managed(name: str, issuer: Issuer | IssuerUnavailable,
+                  policy: Policy | PolicyUnavailable | None = None) -> renewing.Renewal:
     """Every step of renewing ``name`` in one task run, with ``issuer`` (the flow built it from its
-    block, throttled by the slots its batch holds); failures are recorded, then raised (redacted).
+    block, throttled by the slots its batch holds) and the gate's ``policy`` (the flow read it once;
+    None: read here); failures are recorded, then raised (redacted).
     The run is named ``renew-<name>`` and tagged ``certificate:<name>``."""
 
     def resolve(block: str) -> Issuer:
@@ -280,8 +314,22 @@ def renew_managed(name: str, issuer: Issuer | IssuerUnavailable) -> renewing.Ren
             raise PermanentError(issuer.reason)
         return issuer
 
-    steps = renewing.DirectSteps(get_engine(), resolve, key_ring(), run_actor())
+    chosen = policy if policy is not None else policy_for_run()
+    engine, ring, actor = get_engine(), key_ring(), run_actor()
+    steps = (_PolicyUnreadable(engine, resolve, ring, actor, reason=chosen.reason)
+             if isinstance(chosen, PolicyUnavailable) else renewing.DirectSteps(engine, resolve, ring, actor,
+                                                                                 policy=chosen))
     return renewing.renew(steps, name)
+
+
+@dataclass(frozen=True)
+class _PolicyUnreadable(renewing.DirectSteps):
+    """DirectSteps whose gate fails: the policy in force could not be read (``reason``)."""
+
+    reason: str = ""
+
+    def gate(self, plan: RenewalPlan) -> None:
+        raise PermanentError(f"the policy in force could not be read: {self.reason}")
 
 
 @task(name="refresh-renewal-info", timeout_seconds=1800)
@@ -393,7 +441,8 @@ def retry_delays() -> list[float]:
     return list(renew_managed.retry_delay_seconds or [])
 
 
-RETRYING_TASKS = (generate_key, build_csr, issue_certificate, store_certificate, record_renewal_failure, renew_managed)
+RETRYING_TASKS = (check_policy, generate_key, build_csr, issue_certificate, store_certificate, record_renewal_failure,
+                  renew_managed)
 
 
 def configure_retries(backoff_seconds: float) -> list[float]:

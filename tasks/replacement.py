@@ -37,6 +37,7 @@ import blocks.aws  # noqa: F401  (registers the connector block types, so load_b
 import blocks.azure  # noqa: F401
 import blocks.ssh  # noqa: F401
 from blocks.loading import load_block
+from blocks.policy import policy_in_force
 from blocks.targets import build_deployer
 from certpilot import audit, replacing, rollout, targets
 from certpilot.blast_radius import BlastRadius
@@ -279,9 +280,11 @@ class PropagationWatch:
 def replacer(issuers: Callable[[str], Any], deployers: Deployers, target_concurrency: int, actor: audit.Actor,
              log: Any, watch: PropagationWatch | None = None) -> Replacer:
     """What the run's certificates share: the inventory, the issuers, the deployers, who acts, the log,
-    and the watch that measures each revocation's propagation."""
+    the watch that measures each revocation's propagation, and the policy in force (read here, once:
+    the issuance gate of each replacement applies it; a policy that cannot be read stops the run)."""
     return Replacer(get_engine(), issuers, deployers.ring, actor, target_steps(deployers, actor, log),
-                    target_concurrency, log, on_revoked=watch.submit if watch is not None else None)
+                    target_concurrency, log, on_revoked=watch.submit if watch is not None else None,
+                    policy=policy_in_force())
 
 
 def _certificate_run_name() -> str:

@@ -106,6 +106,7 @@ def test_adopt_what_nginx_serves_then_renew_it_onto_the_proposed_target(estate: 
 
     # Adopted with what the proposal said was missing.
     code, output = _adopt(fp, "--name", "www", "--issuer", f"private-ca/{CA_NAME}", "--yes", "--json",
+                          "--owner", "web-team",
                           "--set", f"adopt-host-nginx:test_command={estate.nginx.test_command}",
                           "--set", f"reload_command={estate.nginx.reload_command}")
     assert code == 0, output
@@ -113,8 +114,8 @@ def test_adopt_what_nginx_serves_then_renew_it_onto_the_proposed_target(estate: 
     assert adopted == {"name": "www", "fingerprint": fp, "targets": ["adopt-host-nginx"], "skipped": [], "key": None}
     with read_session(estate.engine) as session:
         row = managed.get(session, "www")
-        assert (row.dns_names, row.issuer, row.key_algorithm) == (["adopt.test", SITE], f"private-ca/{CA_NAME}",
-                                                                  "ec-p256")
+        assert (row.dns_names, row.issuer, row.key_algorithm, row.owner) == (
+            ["adopt.test", SITE], f"private-ca/{CA_NAME}", "ec-p256", "web-team")
         assert managed.current_certificate(session, row).fingerprint_sha256 == fp
         [added] = targets.list_targets(session, "www")
         assert (added.desired_fingerprint, added.settings["test_command"]) == (fp, estate.nginx.test_command)
@@ -147,7 +148,8 @@ def test_refusals_are_precise_and_a_target_that_needs_more_is_not_added(estate: 
     with write_session(estate.engine) as session:
         inventory.upsert(session, [inventory.Observation(describe_certificate(expired), "file:///old.pem", "import")],
                          ACTOR)
-        managed.add(session, managed.ManagedSpec(name="taken", dns_names=("taken.test",), issuer=issuer), ACTOR)
+        managed.add(session, managed.ManagedSpec(name="taken", dns_names=("taken.test",), issuer=issuer,
+                                                 owner="platform"), ACTOR)
     expired_fp = expired.fingerprint(hashes.SHA256()).hex()
 
     code, output = _adopt("f" * 64, "--name", "www", "--issuer", issuer, "--yes")
@@ -160,7 +162,10 @@ def test_refusals_are_precise_and_a_target_that_needs_more_is_not_added(estate: 
     assert code == 2 and "no issuer block private-ca/nowhere" in output
     code, output = _adopt(fp, "--name", "www", "--issuer", issuer, "--yes", "--set", "web:reload_command=x")
     assert code == 2 and "no proposed target named 'web'" in output
-    code, output = _adopt(fp, "--name", "www", "--issuer", issuer, "--yes", "--json")  # still needs its commands
+    code, output = _adopt(fp, "--name", "www", "--issuer", issuer, "--yes")
+    assert code == 1 and "managed certificate www needs an owner" in output and "give --owner" in output
+    code, output = _adopt(fp, "--name", "www", "--issuer", issuer, "--yes", "--json",  # still needs its commands
+                          "--owner", "web-team")
     assert code == 0, output
     assert json.loads(output)["adopted"]["targets"] == [] and "needs test_command" in output
     with read_session(estate.engine) as session:

@@ -28,16 +28,18 @@ def test_ca_init_saves_the_issuer_block_and_managed_add_checks_it(engine: sa.Eng
         in _flat(init.stdout)
     assert PrivateCABlock.load("blockca").ca_name == "blockca"
 
-    added = runner.invoke(app, ["managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/blockca"])
+    added = runner.invoke(app, ["managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/blockca",
+                                "--owner", "platform"])
     assert added.exit_code == 0, added.output
     assert "warning" not in added.output
 
-    missing = runner.invoke(app, ["managed", "add", "api", "--dns", "api.example.test", "--issuer", "private-ca/nope"])
+    missing = runner.invoke(app, ["managed", "add", "api", "--dns", "api.example.test", "--issuer", "private-ca/nope",
+                                  "--owner", "platform"])
     assert missing.exit_code == 2
     assert ("no issuer block private-ca/nope in Prefect: create it with `certpilot ca register-block nope`"
             in _flat(missing.stderr))
     as_json = runner.invoke(app, ["managed", "add", "api", "--dns", "api.example.test", "--issuer", "acme-issuer/nope",
-                                  "--json"])
+                                  "--owner", "platform", "--json"])
     assert as_json.exit_code == 2 and "no issuer block acme-issuer/nope" in json.loads(as_json.stdout)["error"]
     with read_session(engine) as session:
         assert [m.name for m in managed.list_managed(session)] == ["web"]  # nothing added for a missing block

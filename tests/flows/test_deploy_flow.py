@@ -119,7 +119,7 @@ def fleet(ssh_host: SshServer, block_types: None, certpilot_home: Path, ca: tupl
         authority = ca_module.init_ca(session, _ring(), ACTOR, CA_NAME, "http://127.0.0.1:8888")
         root_der = session.get(Certificate, authority.root_fingerprint).der
         managed.add(session, managed.ManagedSpec(name=NAME, dns_names=(NAME,), issuer=f"private-ca/{CA_NAME}",
-                                                 validity_days=30), ACTOR)
+                                                 validity_days=30, owner="platform"), ACTOR)
     trust = pem(x509.load_der_x509_certificate(root_der), ca[0].certificate).decode()
     old, old_key = issue_leaf(ca[1], [NAME], dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=5))
     pair = (pem(old, ca[1].certificate), key_pem(old_key))

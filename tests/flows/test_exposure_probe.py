@@ -57,7 +57,8 @@ def test_an_old_certificate_still_served_at_an_unmanaged_location_is_an_exposure
     on_disk, _ = issue_farm_leaf(farm.ca, ["file.exp.test"], later)
     refused = f"tls://127.0.0.1:{free_port()}"
     with write_session(get_engine()) as session:
-        row = managed.add(session, managed.ManagedSpec("shop", ("shop.exp.test",), "private-ca/corp"), ACTOR)
+        row = managed.add(session, managed.ManagedSpec("shop", ("shop.exp.test",), "private-ca/corp", owner="shop-team"),
+                          ACTOR)
         for leaf, key in ((v1, v1_key), (v2, v2_key)):
             ref = keystore.store_private_key(session, key, key_ring(), ACTOR, "generated")
             renewing.record_issued(session, row, IssuedCertificate((_der(leaf), _der(farm.ca.intermediate))), ref, ACTOR)

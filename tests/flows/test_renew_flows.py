@@ -76,6 +76,7 @@ def pki(issuer_block_types: None, certpilot_home: Path) -> sa.Engine:
 
 
 def _add(engine: sa.Engine, name: str, issuer: str = ISSUER, **kw: Any) -> None:
+    kw.setdefault("owner", "platform")
     spec = managed.ManagedSpec(name=name, dns_names=kw.pop("dns", (f"{name}.example.test",)), issuer=issuer, **kw)
     with write_session(engine) as session:
         managed.add(session, spec, ACTOR)

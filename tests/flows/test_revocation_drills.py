@@ -127,7 +127,8 @@ def test_ca_compromise_replaces_everything_the_ca_issued(make_fleet: Callable[..
     with write_session(inventory) as session:  # another CA's certificate: outside the scope
         ca.init_ca(session, _ring(), ACTOR, "other-ca", fleet.ca_url)
         managed.add(session, managed.ManagedSpec(name="elsewhere", dns_names=("elsewhere.drill.test",),
-                                                 issuer="private-ca/other-ca", validity_days=30), ACTOR)
+                                                 issuer="private-ca/other-ca", validity_days=30,
+                                                 owner="platform"), ACTOR)
     PrivateCABlock(ca_name="other-ca").save("other-ca", overwrite=True)
     elsewhere = renewing.renew_one(inventory, "elsewhere", PrivateCAIssuer(inventory, "other-ca", _ring), _ring,
                                    ACTOR).fingerprint_sha256

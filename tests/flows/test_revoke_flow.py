@@ -91,8 +91,8 @@ def drill(block_types: None, certpilot_home: Path, tmp_path: Path) -> Iterator[D
     with private_ca_served(engine, CA_NAME) as served:
         PrivateCABlock(ca_name=CA_NAME).save(CA_NAME, overwrite=True)
         with write_session(engine) as session:
-            managed.add(session, managed.ManagedSpec(name=NAME, dns_names=(NAME,), issuer=f"private-ca/{CA_NAME}"),
-                        ACTOR)
+            managed.add(session, managed.ManagedSpec(name=NAME, dns_names=(NAME,), issuer=f"private-ca/{CA_NAME}",
+                                                         owner="platform"), ACTOR)
         renewing.renew_one(engine, NAME, served.issuer, _ring, ACTOR)
         yield Drill(engine, served, tmp_path)
 

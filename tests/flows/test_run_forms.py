@@ -232,7 +232,8 @@ def test_scheduled_discover_scans_every_registered_source(farm: tls_farm.TlsFarm
 
     served = farm.endpoints[0]  # a managed certificate's certificate, not yet seen where it is served
     with write_session(get_engine()) as session:
-        managed.add(session, managed.ManagedSpec(name="farm-web", dns_names=served.names, issuer=ISSUER), ACTOR)
+        managed.add(session, managed.ManagedSpec(name="farm-web", dns_names=served.names, issuer=ISSUER,
+                                                 owner="platform"), ACTOR)
         record = describe_certificate(x509.load_der_x509_certificate(served.chain[0]))
         inventory.upsert(session, [inventory.Observation(record, None, "issued")], ACTOR)
         session.execute(sa.update(Certificate).where(Certificate.fingerprint_sha256 == served.fingerprint)

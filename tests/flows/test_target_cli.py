@@ -37,7 +37,7 @@ def saved_blocks() -> None:
 def web(engine: sa.Engine, saved_blocks: None) -> str:
     with write_session(engine) as session:
         managed.add(session, managed.ManagedSpec(name="web", dns_names=("web.example.test",),
-                                                 issuer="private-ca/internal"), ACTOR)
+                                                 issuer="private-ca/internal", owner="platform"), ACTOR)
     return "web"
 
 

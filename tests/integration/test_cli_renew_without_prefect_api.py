@@ -42,7 +42,7 @@ def test_renew_without_a_prefect_api_runs_directly_and_creates_no_flow_run(certp
         ca_module.init_ca(session, _ring(), ACTOR, CA_NAME, "http://127.0.0.1:8888")
         for name in ("direct-1", "direct-2"):
             managed.add(session, managed.ManagedSpec(name=name, dns_names=(f"{name}.corp.test",),
-                                                     issuer=f"private-ca/{CA_NAME}"), ACTOR)
+                                                     issuer=f"private-ca/{CA_NAME}", owner="platform"), ACTOR)
     prefect_home, home = tmp_path / "prefect-home", tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}

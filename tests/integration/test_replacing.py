@@ -69,7 +69,7 @@ def estate(engine: sa.Engine) -> dict[str, str]:
         ca.init_ca(session, _ring(), ACTOR, CA_NAME, "http://127.0.0.1:8888")
         for name in ("alpha", "beta"):
             managed.add(session, managed.ManagedSpec(name=name, dns_names=(f"{name}.campaign.test",), issuer=ISSUER,
-                                                     validity_days=30), ACTOR)
+                                                     validity_days=30, owner="platform"), ACTOR)
         unmanaged = ca.issue(session, _ring(), ACTOR, CA_NAME,
                              build_csr(ec.generate_private_key(ec.SECP256R1()), ["stray.campaign.test"]), "tls-server")
     issuer = PrivateCAIssuer(engine, CA_NAME, _ring)

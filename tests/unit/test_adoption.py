@@ -111,3 +111,44 @@ def test_proposal_from_every_kind_of_place(engine: sa.Engine, leaf: Any, ca: tup
         with pytest.raises(PermanentError, match="already managed, as shop"):
             adoption.propose(session, proposal.fingerprint)
 
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_owner_is_the_certificates_else_the_ownership_rules_else_required(
+        engine: sa.Engine, ca: tuple[Authority, Authority]) -> None:
+    """A discovered certificate with no owner takes the first ownership rule matching where it was seen;
+    with no rule matching, adoption is refused (nothing written) unless the operator names one."""
+    from certpilot.models import ManagedCertificate
+    from certpilot.policy import parse_policy
+
+    now = dt.datetime.now(dt.timezone.utc)
+    fingerprints = {}
+    for name, source in (("edge.example.test", "tls-scan:dmz"), ("lone.example.test", "tls-scan:lab")):
+        cert, _ = issue_leaf(ca[1], [name], now + dt.timedelta(days=30))
+        with write_session(engine) as session:  # as a TLS scan records it: no owner
+            inventory.upsert(session, discovery.observations(
+                Found((cert.public_bytes(Encoding.DER),), f"tls://10.0.0.7:443?sni={name}"), source), ACTOR)
+        fingerprints[name] = cert.fingerprint(hashes.SHA256()).hex()
+    policy = parse_policy("ownership:\n  - match: {source: 'tls-scan:dmz'}\n    owner: edge-team\n", "test.yaml")
+
+    with read_session(engine) as session:
+        edge = adoption.propose(session, fingerprints["edge.example.test"], policy=policy)
+        lone = adoption.propose(session, fingerprints["lone.example.test"], policy=policy)
+    assert edge.owner == "edge-team"
+    assert "owner edge-team from the policy's ownership rule at test.yaml:2 (the certificate has none)" in edge.notes
+    assert lone.owner is None
+    assert ("it has no owner and no ownership rule of the policy matches it: give one (--owner), a managed "
+            "certificate must have an owner") in lone.notes
+
+    with write_session(engine) as session:
+        adoption.adopt(session, edge.fingerprint, "edge", "private-ca/corp", (), ACTOR, policy=policy)
+    with pytest.raises(PermanentError, match=r"managed certificate 'lone' needs an owner: certificate [0-9a-f]{16} "
+                                             r"has none and no ownership rule of the policy \(test.yaml\) matches it; "
+                                             "give --owner"):
+        with write_session(engine) as session:
+            adoption.adopt(session, lone.fingerprint, "lone", "private-ca/corp", (), ACTOR, policy=policy)
+    with write_session(engine) as session:
+        adoption.adopt(session, lone.fingerprint, "lone", "private-ca/corp", (), ACTOR, owner="lab-team", policy=policy)
+    with read_session(engine) as session:
+        owners = {m.name: m.owner for m in session.exec(sa.select(ManagedCertificate)).scalars()}
+    assert owners == {"edge": "edge-team", "lone": "lab-team"}

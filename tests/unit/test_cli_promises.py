@@ -272,7 +272,7 @@ def _ca_with_leaf(engine: sa.Engine, tmp_path: Path) -> x509.Certificate:
         ca.init_ca(session, _ring(), audit.Actor("test"), "corp", "http://pki.example.com")
     (tmp_path / "req.pem").write_bytes(build_csr(ec.generate_private_key(ec.SECP256R1()), ["svc.example.com"])
                                        .public_bytes(serialization.Encoding.PEM))
-    issued = json.loads(ok("ca", "issue", "corp", "--csr", str(tmp_path / "req.pem"), "--json"))
+    issued = json.loads(ok("ca", "issue", "corp", "--csr", str(tmp_path / "req.pem"), "--owner", "platform", "--json"))
     return x509.load_pem_x509_certificates(issued["chain_pem"].encode())[0]
 
 
@@ -281,7 +281,8 @@ def test_ca_issue_and_crl_json(engine: sa.Engine, tmp_path: Path) -> None:
         ca.init_ca(session, _ring(), audit.Actor("test"), "corp", "http://pki.example.com")
     (tmp_path / "req.pem").write_bytes(build_csr(ec.generate_private_key(ec.SECP256R1()), ["svc.example.com"])
                                        .public_bytes(serialization.Encoding.PEM))
-    issued = json.loads(ok("ca", "issue", "corp", "--csr", str(tmp_path / "req.pem"), "--json", "-o", str(tmp_path / "c.pem")))
+    issued = json.loads(ok("ca", "issue", "corp", "--csr", str(tmp_path / "req.pem"), "--owner", "platform", "--json",
+                           "-o", str(tmp_path / "c.pem")))
     chain = x509.load_pem_x509_certificates(issued["chain_pem"].encode())
     assert len(chain) == 2 and (tmp_path / "c.pem").read_text() == issued["chain_pem"]
     assert issued["fingerprint_sha256"] == fp(chain[0]) and int(issued["serial"], 16) == chain[0].serial_number
@@ -408,13 +409,14 @@ def test_json_on_keys_destroy_audit_and_managed(engine: sa.Engine, keyed: Any, n
     assert json.loads(ok("keys", "destroy", key["ref"], "--yes", "--json")) == {"ref": key["ref"], "destroyed": True}
     events = json.loads(ok("audit", "list", "--json", "--action", "key.destroyed"))
     assert [e["object"] for e in events] == [key["ref"]]
-    added = json.loads(ok("managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/corp", "--json"))
+    added = json.loads(ok("managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/corp",
+                          "--owner", "platform", "--json"))
     assert added["name"] == "web" and added["due"] is True
 
 
 def test_managed_list_json_is_stable(engine: sa.Engine, tmp_path: Path, no_prefect_api: None) -> None:
-    ok("managed", "add", "fresh", "--dns", "fresh.example.test", "--issuer", "private-ca/corp")
-    ok("managed", "add", "aging", "--dns", "aging.example.test", "--issuer", "private-ca/corp")
+    ok("managed", "add", "fresh", "--dns", "fresh.example.test", "--issuer", "private-ca/corp", "--owner", "platform")
+    ok("managed", "add", "aging", "--dns", "aging.example.test", "--issuer", "private-ca/corp", "--owner", "platform")
     authority = make_ca("Aging CA")
     # 5 days left of its lifetime: due since two thirds of it passed.
     leaf, _ = issue_leaf(authority, ["aging.example.test"], dt.datetime.now(UTC) + dt.timedelta(days=5))
@@ -441,8 +443,8 @@ def test_managed_list_json_is_stable(engine: sa.Engine, tmp_path: Path, no_prefe
 # ------------------------------------------------------------------------------------------ status
 
 def test_status(engine: sa.Engine, tmp_path: Path, no_prefect_api: None) -> None:
-    ok("managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/corp")
-    ok("managed", "add", "idle", "--dns", "idle.example.test", "--issuer", "private-ca/corp")
+    ok("managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/corp", "--owner", "platform")
+    ok("managed", "add", "idle", "--dns", "idle.example.test", "--issuer", "private-ca/corp", "--owner", "platform")
     authority = make_ca("Status CA")
     now = dt.datetime.now(UTC)
     old, _ = issue_leaf(authority, ["web.example.test"], now + dt.timedelta(days=70))
@@ -504,6 +506,7 @@ def test_without_a_prefect_api_ca_init_says_how_to_register_the_block(engine: sa
     assert info["name"] == "corp"
     register = cli("ca", "register-block", "corp")
     assert register.exit_code == 1 and "PREFECT_API_URL is not set" in flat(register.stderr)
-    add = cli("managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/corp")
+    add = cli("managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/corp",
+              "--owner", "platform")
     assert add.exit_code == 0
     assert "warning: PREFECT_API_URL is not set: issuer block private-ca/corp was not checked" in flat(add.stderr)

@@ -31,7 +31,8 @@ def _ring() -> keystore.KeyRing:
 def _add(engine: sa.Engine, name: str) -> None:
     with write_session(engine) as session:
         managed.add(session, managed.ManagedSpec(name=name, dns_names=(f"{name}.example.test",),
-                                                 issuer="private-ca/internal"), audit.Actor("test"))
+                                                 issuer="private-ca/internal", owner="platform"),
+                    audit.Actor("test"))
 
 
 def test_each_certificate_gets_its_own_events_of_the_run(engine: sa.Engine) -> None:

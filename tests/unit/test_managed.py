@@ -43,6 +43,7 @@ def authority() -> Authority:
 
 
 def add(engine: sa.Engine, name: str = "web", **kw: Any) -> ManagedCertificate:
+    kw.setdefault("owner", "platform")
     spec = managed.ManagedSpec(name=name, dns_names=kw.pop("dns_names", (f"{name}.example.test",)),
                                issuer=kw.pop("issuer", "sample/ca"), **kw)
     with write_session(engine) as session:
@@ -90,9 +91,12 @@ def test_add_normalises_names_and_records_an_event(engine: sa.Engine) -> None:
     ({"key_algorithm": "dsa-1024"}, "unknown key algorithm 'dsa-1024'"),
     ({"validity_days": 0}, "validity must be at least 1 day"),
     ({"validity_days": 30, "renew_before_days": 30}, "must be shorter than the validity"),
+    ({"owner": None}, "managed certificate 'web' needs an owner (policy rule owner-required)"),
+    ({"owner": "  "}, "managed certificate 'web' needs an owner"),
 ])
 def test_add_refuses_bad_definitions(engine: sa.Engine, change: dict[str, Any], message: str) -> None:
-    fields = {"name": "web", "dns_names": ("web.example.test",), "issuer": "private-ca/x", **change}
+    fields = {"name": "web", "dns_names": ("web.example.test",), "issuer": "private-ca/x", "owner": "platform",
+              **change}
     with pytest.raises(PermanentError, match=message.replace("(", r"\(").replace(")", r"\)")):
         with write_session(engine) as session:
             managed.add(session, managed.ManagedSpec(**fields), ACTOR)
@@ -285,7 +289,7 @@ def test_renew_one_with_the_private_ca(engine: sa.Engine) -> None:
 
 def test_the_steps_run_in_order_and_an_issuer_that_cannot_be_had_fails_before_a_key_is_made(
         engine: sa.Engine, authority: Authority) -> None:
-    assert [str(s) for s in renewing.Step] == ["load", "key", "csr", "issue", "store"]
+    assert [str(s) for s in renewing.Step] == ["load", "policy", "key", "csr", "issue", "store"]
     add(engine, "web")
     seen: list[str] = []
 
@@ -293,6 +297,10 @@ def test_the_steps_run_in_order_and_an_issuer_that_cannot_be_had_fails_before_a_
         def load(self, name: str) -> renewing.RenewalPlan:
             seen.append("load")
             return super().load(name)
+
+        def gate(self, plan: renewing.RenewalPlan) -> None:
+            seen.append("policy")
+            super().gate(plan)
 
         def issuer(self, plan: renewing.RenewalPlan) -> Any:
             seen.append("issuer")
@@ -315,7 +323,7 @@ def test_the_steps_run_in_order_and_an_issuer_that_cannot_be_had_fails_before_a_
             return super().store(plan, issued, key)
 
     renewal = renewing.renew(Recorded(engine, lambda block: SampleIssuer(authority), ring, ACTOR), "web")
-    assert seen == ["load", "issuer", "key", "csr", "issue", "store"]
+    assert seen == ["load", "policy", "issuer", "key", "csr", "issue", "store"]
     assert isinstance(renewal, renewing.Renewal) and renewal.issuer == "sample/ca"
 
     def missing(block: str) -> Any:

@@ -36,7 +36,8 @@ def test_managed_add_and_list(engine: sa.Engine) -> None:
               "--validity-days", "90", "--key-algorithm", "ec-p384")
     assert out.strip() == "added managed certificate web (web.example.test, www.example.test, 192.0.2.1) from " \
                           "private-ca/internal: no certificate issued yet"
-    _ok("managed", "add", "api", "--dns", "api.example.test", "--issuer", "acme-issuer/letsencrypt", "--no-ari")
+    _ok("managed", "add", "api", "--dns", "api.example.test", "--issuer", "acme-issuer/letsencrypt",
+        "--owner", "platform", "--no-ari")
     renewing.renew_one(engine, "api", SampleIssuer(make_ca("CLI CA"), name="acme-issuer/letsencrypt"),
                       lambda: keystore.load_key_ring(load_settings()), audit.Actor("test"))
 
@@ -56,8 +57,8 @@ def test_managed_add_and_list(engine: sa.Engine) -> None:
 
 
 def test_renew_due_dry_run_lists_what_is_due_and_changes_nothing(engine: sa.Engine) -> None:
-    _ok("managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/internal")
-    _ok("managed", "add", "api", "--dns", "api.example.test", "--issuer", "private-ca/internal")
+    _ok("managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/internal", "--owner", "platform")
+    _ok("managed", "add", "api", "--dns", "api.example.test", "--issuer", "private-ca/internal", "--owner", "platform")
     renewing.renew_one(engine, "api", SampleIssuer(make_ca("CLI CA")), lambda: keystore.load_key_ring(load_settings()),
                       audit.Actor("test"))
     out = _ok("renew", "--due", "--dry-run")
@@ -90,7 +91,8 @@ def test_usage_errors_exit_2(engine: sa.Engine, args: list[str]) -> None:
 
 
 def test_bad_definition_is_an_error_naming_the_problem(engine: sa.Engine) -> None:
-    result = runner.invoke(app, ["managed", "add", "web", "--dns", "web.example.test", "--issuer", "internal"])
+    result = runner.invoke(app, ["managed", "add", "web", "--dns", "web.example.test", "--issuer", "internal",
+                                 "--owner", "platform"])
     assert result.exit_code == 1 and result.stderr.startswith("error: ")
     assert "must name an issuer block as <block-type-slug>/<block-name>" in result.stderr
 
@@ -101,3 +103,30 @@ def test_main_prints_the_error_and_exits_1(database_url: str, tmp_path: Path) ->
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 1
     assert "error: 'bad name!' is not a valid DNS name" in done.stderr
+
+
+def test_managed_add_takes_its_owner_from_the_policys_ownership_rules_or_refuses(
+        engine: sa.Engine, certpilot_home: Path) -> None:
+    """Every managed certificate has an owner: --owner, else the first ownership rule of the policy that
+    matches its names (or tags); without either, a refusal that says how to give one, and nothing added."""
+    refused = runner.invoke(app, ["managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/x"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    message = " ".join(refused.stderr.split())
+    assert ("error: managed certificate web needs an owner: give --owner or add an ownership rule matching its names "
+            f"to the policy (the built-in default is in force: write {certpilot_home / 'policy.yaml'})") in message
+
+    policy = certpilot_home / "policy.yaml"
+    certpilot_home.mkdir(parents=True, exist_ok=True)
+    policy.write_text("ownership:\n"
+                      "  - match: {domain: pay.example.test}\n    owner: payments\n"
+                      "  - match: {tag: env=lab}\n    owner: lab-team\n"
+                      "  - match: {domain: example.test}\n    owner: web-team\n")
+    _ok("managed", "add", "shop", "--dns", "shop.pay.example.test", "--issuer", "private-ca/x")
+    _ok("managed", "add", "web", "--dns", "web.example.test", "--issuer", "private-ca/x")
+    _ok("managed", "add", "lab", "--dns", "lab.example.test", "--issuer", "private-ca/x", "--tag", "env=lab")
+    _ok("managed", "add", "mine", "--dns", "mine.pay.example.test", "--issuer", "private-ca/x", "--owner", "me")
+    other = runner.invoke(app, ["managed", "add", "other", "--dns", "other.example.org", "--issuer", "private-ca/x"])
+    assert other.exit_code == 1
+    assert f"add an ownership rule matching its names to the policy ({policy})" in " ".join(other.stderr.split())
+    owners = {r["name"]: r["owner"] for r in json.loads(_ok("managed", "list", "--json"))}
+    assert owners == {"shop": "payments", "web": "web-team", "lab": "lab-team", "mine": "me"}

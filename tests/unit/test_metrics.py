@@ -22,7 +22,7 @@ from certpilot import alerts, audit, ca, inventory, keystore, managed, metrics, 
 from certpilot.database import read_session, write_session
 from certpilot.errors import PermanentError
 from certpilot.issuance import build_csr
-from certpilot.models import AuditEvent, Certificate, EndpointCheck, Location, SourceRun
+from certpilot.models import AuditEvent, Certificate, EndpointCheck, Location, ManagedCertificate, SourceRun
 from certpilot.sample_estate import Authority, issue_leaf
 from certpilot.settings import load_settings
 from certpilot.x509info import describe_certificate, fingerprint_sha256
@@ -77,8 +77,13 @@ def ring() -> keystore.KeyRing:
     return keystore.load_key_ring(load_settings())
 
 
-def add_managed(engine: sa.Engine, name: str, owner: str | None = None) -> None:
+def add_managed(engine: sa.Engine, name: str, owner: str | None = "platform") -> None:
+    """A managed certificate; ``owner`` None: a row from before owners were required (managed.add refuses it)."""
     with write_session(engine) as session:
+        if owner is None:
+            session.add(ManagedCertificate(name=name, dns_names=[f"{name}.example.test"], issuer="sample/ca",
+                                           use_ari=False, created_at=dt.datetime.now(dt.timezone.utc)))
+            return
         managed.add(session, managed.ManagedSpec(name=name, dns_names=(f"{name}.example.test",), issuer="sample/ca",
                                                  owner=owner, use_ari=False), ACTOR)
 
@@ -254,7 +259,7 @@ def test_label_sets_kept_between_renders_follow_owner_changes_and_removals(engin
 
 def test_ready_status_false_after_a_failed_renewal_or_a_failing_target(engine: sa.Engine, pki: Authority) -> None:
     for name in ("failing", "deploying", "fine", "new"):
-        add_managed(engine, name)
+        add_managed(engine, name, owner=None if name == "new" else "platform")  # new: never renewed, no owner
     for name in ("failing", "deploying", "fine"):
         renew(engine, name, pki)
     with pytest.raises(PermanentError):

@@ -456,11 +456,13 @@ def test_ca_commands(engine: sa.Engine, tmp_path: Path) -> None:
     key = _p256()
     (tmp_path / "req.pem").write_bytes(build_csr(key, ["svc.example.com"]).public_bytes(serialization.Encoding.PEM))
     (tmp_path / "req.der").write_bytes(build_csr(key, ["svc2.example.com"]).public_bytes(serialization.Encoding.DER))
-    cli("ca", "issue", "corp", "--csr", str(tmp_path / "req.pem"), "--profile", "tls-server", "-o", str(tmp_path / "svc.pem"))
+    cli("ca", "issue", "corp", "--csr", str(tmp_path / "req.pem"), "--profile", "tls-server", "-o", str(tmp_path / "svc.pem"),
+        "--owner", "platform")
     chain = x509.load_pem_x509_certificates((tmp_path / "svc.pem").read_bytes())
     assert len(chain) == 2 and chain[1].fingerprint(hashes.SHA256()).hex() == init["issuing_fingerprint"]
     leaf = chain[0]
-    stdout_chain = cli("ca", "issue", "corp", "--csr", str(tmp_path / "req.der"), "--profile", "tls-client", "--days", "30")
+    stdout_chain = cli("ca", "issue", "corp", "--csr", str(tmp_path / "req.der"), "--profile", "tls-client", "--days", "30",
+                       "--owner", "platform")
     client = x509.load_pem_x509_certificates(stdout_chain.encode())[0]
     assert _inclusive_days(client) == 30
     listed = json.loads(cli("ca", "list", "--json"))
@@ -506,10 +508,13 @@ def test_ca_command_errors_are_clear(engine: sa.Engine, tmp_path: Path) -> None:
     (tmp_path / "nosan.pem").write_bytes(_csr_without_san(_p256()).public_bytes(serialization.Encoding.PEM))
     (tmp_path / "junk.csr").write_bytes(b"not a CSR")
     (tmp_path / "good.pem").write_bytes(build_csr(_p256(), ["long.example.com"]).public_bytes(serialization.Encoding.PEM))
-    cases = {("ca", "issue", "nope", "--csr", str(tmp_path / "nosan.pem")): "no CA named 'nope' (there are: corp)",
+    owned = ("--owner", "platform")
+    cases = {("ca", "issue", "nope", "--csr", str(tmp_path / "nosan.pem"), *owned): "no CA named 'nope' (there are: corp)",
+             ("ca", "issue", "corp", "--csr", str(tmp_path / "good.pem"), "--days", "900", *owned):  # the policy first
+                 "max-validity: asks for 900 days on ",
              ("ca", "issue", "corp", "--csr", str(tmp_path / "good.pem"), "--days", "900"):
-                 "validity of 900 days is over profile tls-server's maximum of 825 days (CA corp)",
-             ("ca", "issue", "corp", "--csr", str(tmp_path / "nosan.pem")): "the CSR has no subjectAltName",
+                 "private profile tls-server allows at most 825 days; owner-required: no owner",
+             ("ca", "issue", "corp", "--csr", str(tmp_path / "nosan.pem"), *owned): "the CSR has no subjectAltName",
              ("ca", "issue", "corp", "--csr", str(tmp_path / "junk.csr")): "is not a CSR in PEM or DER"}
     running = {args: subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env) for args in cases}
@@ -535,7 +540,8 @@ def test_ca_profiles_and_issue_as_long_as_the_profile_allows(engine: sa.Engine, 
 
     _init(engine)
     (tmp_path / "req.pem").write_bytes(build_csr(_p256(), ["two-years.example.com"]).public_bytes(serialization.Encoding.PEM))
-    result = runner.invoke(app, ["ca", "issue", "corp", "--csr", str(tmp_path / "req.pem"), "--days", "730", "--json"])
+    result = runner.invoke(app, ["ca", "issue", "corp", "--csr", str(tmp_path / "req.pem"), "--days", "730", "--json",
+                                 "--owner", "platform"])
     assert result.exit_code == 0, result.output
     issued = json.loads(result.stdout)
     assert _inclusive_days(x509.load_pem_x509_certificates(issued["chain_pem"].encode())[0]) == 730
@@ -544,7 +550,8 @@ def test_ca_profiles_and_issue_as_long_as_the_profile_allows(engine: sa.Engine, 
     with write_session(engine) as session:  # a CA whose issuing certificate ends in about six days
         ca.init_ca(session, _ring(), _actor(), "old", BASE_URL,
                    now=dt.datetime.now(UTC) - ca.ISSUING_VALIDITY + dt.timedelta(days=6))
-    result = runner.invoke(app, ["ca", "issue", "old", "--csr", str(tmp_path / "req.pem"), "-o", str(tmp_path / "c.pem")])
+    result = runner.invoke(app, ["ca", "issue", "old", "--csr", str(tmp_path / "req.pem"), "-o", str(tmp_path / "c.pem"),
+                                 "--owner", "platform"])
     assert result.exit_code == 0, result.output
     leaf, issuing = x509.load_pem_x509_certificates((tmp_path / "c.pem").read_bytes())
     assert leaf.not_valid_after_utc == issuing.not_valid_after_utc
@@ -552,22 +559,26 @@ def test_ca_profiles_and_issue_as_long_as_the_profile_allows(engine: sa.Engine, 
     assert "of the 90 days asked for" in " ".join(result.stderr.split())
 
 
-def test_a_managed_certificate_over_its_profiles_maximum_fails_at_the_issue_step(engine: sa.Engine) -> None:
+def test_a_managed_certificate_over_its_profiles_maximum_is_refused_at_the_policy_step(engine: sa.Engine) -> None:
+    """The policy's max-validity (a private CA's profile maximum) refuses it before the CA is asked."""
     from certpilot import managed, renewing
     from connectors.private_ca import PrivateCAIssuer
 
     _init(engine)
     with write_session(engine) as session:
         managed.add(session, managed.ManagedSpec(name="archive", dns_names=("archive.example.com",),
-                                                 issuer="private-ca/corp", validity_days=900), _actor())
+                                                 issuer="private-ca/corp", validity_days=900,
+                                                 owner="platform"), _actor())
     issuer = PrivateCAIssuer(engine, "corp", _ring)
     with pytest.raises(renewing.PermanentRenewalError) as caught:
         renewing.renew_one(engine, "archive", issuer, _ring, _actor())
-    assert caught.value.step is renewing.Step.ISSUE
-    assert "validity of 900 days is over profile tls-server's maximum of 825 days (CA corp)" in str(caught.value)
+    assert caught.value.step is renewing.Step.POLICY
+    assert ("policy refuses managed certificate 'archive': max-validity: asks for 900 days on "
+            in str(caught.value)) and "private profile tls-server allows at most 825 days" in str(caught.value)
     with read_session(engine) as session:
         row = managed.get(session, "archive")
-        assert row.last_error is not None and "maximum of 825 days" in row.last_error
+        assert row.last_error is not None and row.last_error.startswith("policy: ")
+        assert "allows at most 825 days" in row.last_error
         assert session.execute(sa.select(sa.func.count()).select_from(Certificate)
                                .where(Certificate.is_ca.is_(False))).scalar_one() == 0  # nothing was signed
     with write_session(engine) as session:  # within the maximum it renews, as long as it asked
@@ -586,7 +597,7 @@ def test_a_renewal_cut_at_the_issuing_cas_expiry_records_the_note(engine: sa.Eng
     with write_session(engine) as session:
         managed.add(session, managed.ManagedSpec(name="late", dns_names=("late.example.com",),
                                                  issuer="private-ca/corp", validity_days=30,
-                                                 renew_before_days=5), _actor())
+                                                 renew_before_days=5, owner="platform"), _actor())
     renewed = renewing.renew_one(engine, "late", PrivateCAIssuer(engine, "corp", _ring), _ring, _actor())
     with read_session(engine) as session:
         issuing = ca.ca_certificates(session, ca.get_ca(session, "corp"))[1]

@@ -52,8 +52,8 @@ def _find(engine: sa.Engine, text: str) -> str:
 def test_a_managed_name_a_fingerprint_prefix_or_a_serial(engine: sa.Engine) -> None:
     with write_session(engine) as session:
         ca.init_ca(session, _ring(), ACTOR, "unit", "http://127.0.0.1:9")
-        managed.add(session, managed.ManagedSpec(name="web", dns_names=("web.unit.test",), issuer="private-ca/unit"),
-                    ACTOR)
+        managed.add(session, managed.ManagedSpec(name="web", dns_names=("web.unit.test",), issuer="private-ca/unit",
+                                                 owner="platform"), ACTOR)
     issuer = PrivateCAIssuer(engine, "unit", _ring, actor=ACTOR)
     current = renewing.renew_one(engine, "web", issuer, _ring, ACTOR).fingerprint_sha256
 

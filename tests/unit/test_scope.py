@@ -81,7 +81,8 @@ def estate(engine: sa.Engine, ca: tuple[Authority, Authority]) -> Estate:
         api = managed.add(session, ManagedSpec("api", ("api.example.org",), "acme-issuer/le", owner="api-team"), ACTOR)
         api_key = ec.generate_private_key(ec.SECP256R1())
         api_fp = _issue(session, ring, api, authority=test_ca, key=api_key)
-        archive = managed.add(session, ManagedSpec("archive", ("archive.example.net",), "acme-issuer/le"), ACTOR)
+        archive = managed.add(session, ManagedSpec("archive", ("archive.example.net",), "acme-issuer/le",
+                                                   owner="archive-team"), ACTOR)
         archive_fp = _issue(session, ring, archive, authority=test_ca)
         session.execute(sa.update(ManagedCertificate).where(col(ManagedCertificate.name) == "archive")
                         .values(status="retired"))

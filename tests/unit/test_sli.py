@@ -62,7 +62,7 @@ def add_managed(engine: sa.Engine, *names: str) -> None:
     with write_session(engine) as session:
         for name in names:
             managed.add(session, managed.ManagedSpec(name=name, dns_names=(f"{name}.example.test",),
-                                                     issuer="sample/ca"), CLI)
+                                                     issuer="sample/ca", owner="platform"), CLI)
 
 
 def renew(engine: sa.Engine, name: str, issuer: SampleIssuer, actor: audit.Actor, at: dt.datetime,

@@ -39,7 +39,7 @@ def _ring() -> keystore.KeyRing:
 def web(engine: sa.Engine) -> str:
     with write_session(engine) as session:
         managed.add(session, managed.ManagedSpec(name="web", dns_names=("web.example.test",),
-                                                 issuer="private-ca/internal"), ACTOR)
+                                                 issuer="private-ca/internal", owner="platform"), ACTOR)
     return "web"
 
 

@@ -37,8 +37,8 @@ def test_on_call_bands_and_what_is_in_progress(engine: sa.Engine) -> None:
             cert, _ = issue_leaf(authority, [f"{name}.example.test"], NOW + dt.timedelta(hours=hours), now=NOW)
             inventory.upsert(session, [inventory.Observation(describe_certificate(cert), f"tls://{name}:443", "tls")],
                              ACTOR, owner="team|pay", now=NOW)
-        managed.add(session, managed.ManagedSpec(name="web", dns_names=("web.example.test",), issuer="sample/ca"),
-                    ACTOR, now=NOW)
+        managed.add(session, managed.ManagedSpec(name="web", dns_names=("web.example.test",), issuer="sample/ca",
+                                                 owner="platform"), ACTOR, now=NOW)
         row = managed.get(session, "web")
         row.last_error, row.last_attempt_at = "issue: <b>refused</b>", NOW - dt.timedelta(hours=2)
         session.add(row)

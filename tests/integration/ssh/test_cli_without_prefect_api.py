@@ -92,7 +92,7 @@ def lab(sshd: SshServer, ca: tuple[Authority, Authority], certpilot_home: Path, 
         authority = ca_module.init_ca(session, _ring(), ACTOR, CA_NAME, "http://127.0.0.1:8888")
         root_der = session.get(Certificate, authority.root_fingerprint).der
         managed.add(session, managed.ManagedSpec(name=NAME, dns_names=(NAME,), issuer=f"private-ca/{CA_NAME}",
-                                                 validity_days=30), ACTOR)
+                                                 validity_days=30, owner="platform"), ACTOR)
     old, old_key = issue_leaf(ca[1], [NAME], dt.datetime.now(dt.UTC) + dt.timedelta(days=5))
     nginx = NginxInstance(sshd.home / tmp_path.name / "nginx", [NAME], user=sshd.user,
                           pairs={NAME: (pem(old, ca[1].certificate), key_pem(old_key))}).start()
