@@ -87,6 +87,7 @@ class ManagedStatus:
     # The current certificate's policy violations, most severe first, waived ones last (with who waived them):
     # certpilot.inventory.violations_for's shape (rule, fingerprint_sha256, severity, detail, place, waiver_id...).
     violations: tuple[dict[str, Any], ...] = ()
+    uris: tuple[str, ...] = ()  # URI names (a SPIFFE ID)
 
 
 def next_renewal(scheduled: Scheduled) -> NextRenewal:
@@ -114,7 +115,7 @@ def managed_status(session: Session, name: str | None = None, now: dt.datetime |
             current.fingerprint_sha256, [])
         result.append(ManagedStatus(m.name, m.issuer, tuple(m.dns_names), tuple(m.ip_addresses), current,
                                     next_renewal(s), targets, m.last_attempt_at, m.last_error,
-                                    tuple(_runs(session, m.name, m.id, runs)), tuple(found)))
+                                    tuple(_runs(session, m.name, m.id, runs)), tuple(found), tuple(m.uris or ())))
     return result
 
 

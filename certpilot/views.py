@@ -276,7 +276,8 @@ def _parse(text: str) -> dt.datetime:
 def _name(row: dict[str, object]) -> str:
     sans = [str(s) for s in row["sans"]] if isinstance(row["sans"], list) else []
     dns = next((s[4:] for s in sans if s.startswith("DNS:")), None)
-    return dns or str(row["subject"])
+    other = next((s.partition(":")[2] for s in sans), None)  # a SPIFFE ID, say: machine identities may have no CN
+    return dns or (str(row["subject"]) if row["subject"] else other or "")
 
 
 def _failing(session: Session) -> tuple[FailingRenewal, ...]:

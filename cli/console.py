@@ -72,12 +72,14 @@ def warn(message: str) -> None:
 
 
 def short_name(row: dict[str, Any]) -> str:
-    """The name people know a certificate by: its first DNS name, else its CN, else its subject."""
+    """The name people know a certificate by: its first DNS name, else its CN, else its first other SAN
+    (a SPIFFE ID: machine identities often have no CN), else its subject."""
     dns = next((s[4:] for s in row["sans"] if s.startswith("DNS:")), None)
     if dns:
         return dns + (f" +{len(row['sans']) - 1}" if len(row["sans"]) > 1 else "")
     cn = next((part[3:] for part in row["subject"].split(",") if part.startswith("CN=")), None)
-    return cn or row["subject"]
+    other = next((s.partition(":")[2] for s in row["sans"]), None)
+    return cn or other or row["subject"]
 
 
 def report_error(message: str, code: int, as_json: bool, usage: str | None = None, **extra: Any) -> None:

@@ -18,6 +18,7 @@ def as_dict(s: ManagedStatus) -> dict[str, Any]:
     iso = inventory.iso
     return {
         "name": s.name, "issuer": s.issuer, "dns_names": list(s.dns_names), "ip_addresses": list(s.ip_addresses),
+        "uris": list(s.uris),
         "current": None if s.current is None else {
             "fingerprint_sha256": s.current.fingerprint_sha256, "serial": s.current.serial,
             "not_before": iso(s.current.not_before), "not_after": iso(s.current.not_after),
@@ -39,7 +40,8 @@ def _fp(value: str | None) -> str:
 
 
 def _print(s: dict[str, Any]) -> None:
-    out.print(line((s["name"], "bold"), f"  {', '.join(s['dns_names'] + s['ip_addresses'])}  from {s['issuer']}"))
+    names = ", ".join(s["dns_names"] + s["ip_addresses"] + s["uris"])
+    out.print(line((s["name"], "bold"), f"  {names}  from {s['issuer']}"))
     cur = s["current"]
     if cur is None:
         out.print(line("  certificate  none yet"))

@@ -190,6 +190,10 @@ def test_a_spiffe_identity_is_issued_renewed_and_recorded(engine: sa.Engine, pro
         assert f"URI:{SPIFFE_WEB}" in shown["sans"]
         added = session.exec(select(AuditEvent).where(AuditEvent.action == "managed.added")).one()
         assert json.loads(added.details)["uris"] == [SPIFFE_WEB]
+    status = runner.invoke(app, ["status", "web-identity", "--json"])
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["uris"] == [SPIFFE_WEB]
+    assert f"web-identity  {SPIFFE_WEB}  from private-ca/lab" in runner.invoke(app, ["status", "web-identity"]).stdout
 
 
 @SQLITE_ONLY
@@ -488,3 +492,18 @@ def test_ca_init_with_name_constraints_and_managed_add_with_a_uri(engine: sa.Eng
                                   "--issuer", "private-ca/mesh", "--owner", "web"])
     assert refused.exit_code != 0 and "the path ends with '/'" in refused.output
     assert "Traceback" not in refused.output
+
+
+@SQLITE_ONLY
+def test_inventory_list_and_show_name_a_machine_identity_by_its_spiffe_id(engine: sa.Engine) -> None:
+    long_id = "spiffe://prod.example/ns/payments-processing/sa/settlement-reconciliation-worker"
+    _init(engine)
+    with write_session(engine) as session:
+        issued = ca.issue(session, _ring(), _actor(), "lab", build_csr(_p256(), [], [], [long_id]), "mtls")
+    assert len(issued.leaf.subject) == 0  # no CN fits: the SAN is the only name
+    listed = runner.invoke(app, ["inventory", "list"], env={"COLUMNS": "250"})
+    assert listed.exit_code == 0, listed.output
+    assert long_id in listed.stdout  # its name in the list, where its empty subject would show nothing
+    shown = runner.invoke(app, ["inventory", "show", issued.leaf.fingerprint(hashes.SHA256()).hex()],
+                          env={"COLUMNS": "250"})
+    assert shown.exit_code == 0 and f"URI:{long_id}" in shown.stdout
