@@ -210,11 +210,12 @@ def _owner(session: Session, row: Certificate, policy: Policy | None, now: dt.da
 
 
 def propose(session: Session, fingerprint: str, *, target_block: str | None = None,
-            now: dt.datetime | None = None, policy: Policy | None = None) -> AdoptionProposal:
+            now: dt.datetime | None = None, policy: Policy | None = None, owner: str | None = None) -> AdoptionProposal:
     """What adopting the certificate ``fingerprint`` (or a unique prefix) would define. NotFoundError for
     an unknown one; PermanentError for one that is managed, a CA, expired or revoked. ``target_block``:
-    the SSH host block for SSH targets instead of the one that discovered them. ``policy``: whose
-    ownership rules give the owner of a certificate that has none (None: the certificate's own only)."""
+    the SSH host block for SSH targets instead of the one that discovered them. Its owner: ``owner``
+    (the operator's), else the certificate's, else the first of ``policy``'s ownership rules that matches
+    it (None: no rules), else none (noted: adopting it needs one)."""
     now = now or utcnow()
     row = _adoptable(session, fingerprint, now)
     fp = row.fingerprint_sha256
@@ -248,7 +249,7 @@ def propose(session: Session, fingerprint: str, *, target_block: str | None = No
                      + ", ".join(sorted(ghosts)[:5]))
     if not proposed:
         notes.append("no target proposed: add targets with `certpilot target add` after adopting it")
-    owner = _owner(session, row, policy, now, notes)
+    owner = owner or _owner(session, row, policy, now, notes)
     return AdoptionProposal(fp, row.subject, row.serial_hex, row.issuer, row.not_before, row.not_after, dns, ips,
                             algorithm or "ec-p256", str(ref) if ref else None, owner, dict(row.tags or {}),
                             tuple(_unique_names(proposed)), tuple(seen), tuple(notes))
@@ -381,9 +382,9 @@ def adopt(session: Session, fingerprint: str, name: str, issuer: str, accepted: 
     it). Refuses (PermanentError, NotFoundError) what ``propose`` refuses, a name that is taken, and a
     certificate left without an owner, before anything is written."""
     now = now or utcnow()
-    proposal = propose(session, fingerprint, now=now, policy=policy)
+    proposal = propose(session, fingerprint, now=now, policy=policy, owner=owner)
     check_name(session, name)
-    owner = owner or proposal.owner
+    owner = proposal.owner
     if not owner:
         rules = f" and no ownership rule of the policy ({policy.source}) matches it" if policy is not None else ""
         raise PermanentError(f"managed certificate {name!r} needs an owner: certificate {proposal.fingerprint[:16]} "

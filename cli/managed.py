@@ -350,14 +350,8 @@ def managed_adopt_command(
     engine = get_engine()
     policy = policy_in_force()
     with read_session(engine) as session:
-        proposal = adoption.propose(session, fingerprint, target_block=target_block, policy=policy)
+        proposal = adoption.propose(session, fingerprint, target_block=target_block, policy=policy, owner=owner)
         adoption.check_name(session, name)
-    if owner is not None:
-        proposal = dataclasses.replace(proposal, owner=owner)
-    elif proposal.owner is None and not (as_json and not yes):
-        raise PermanentError(f"managed certificate {name} needs an owner: certificate {proposal.fingerprint[:16]} "
-                             f"has none and no ownership rule of the policy matches it ({policy_file(policy)}); "
-                             "give --owner")
     check_issuer_block(issuer)
     skipped = set(skip_target or ())
     unknown = skipped - {t.name for t in proposal.targets}
@@ -372,6 +366,11 @@ def managed_adopt_command(
     if not as_json:
         for text in proposal.lines():
             out.print(line(text))
+    if proposal.owner is None:  # refused before asking: a managed certificate must have an owner
+        raise PermanentError(f"managed certificate {name} needs an owner: certificate {proposal.fingerprint[:16]} "
+                             f"has none and no ownership rule of the policy matches it ({policy_file(policy)}); "
+                             "give --owner")
+    if not as_json:
         if not yes and not typer.confirm(f"adopt it as managed certificate {name} from {issuer}?", default=False):
             out.print(line("not adopted: nothing changed"))
             return

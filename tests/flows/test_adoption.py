@@ -101,8 +101,14 @@ def test_adopt_what_nginx_serves_then_renew_it_onto_the_proposed_target(estate: 
         assert managed.list_managed(session, include_retired=True) == []
 
     # Asked, and declined: nothing changes either.
-    code, output = _adopt(fp, "--name", "www", "--issuer", f"private-ca/{CA_NAME}", input="n\n")
+    code, output = _adopt(fp, "--name", "www", "--issuer", f"private-ca/{CA_NAME}", input="n\n")  # no owner
+    assert code == 1 and "NOT READY: needs test_command" in output  # the proposal is shown, then refused
+    assert "it has no owner and no ownership rule of the policy matches it: give one (--owner)" in output
+    assert "error: managed certificate www needs an owner" in output and "give --owner" in output
+    code, output = _adopt(fp, "--name", "www", "--issuer", f"private-ca/{CA_NAME}", "--owner", "web-team",
+                          input="n\n")
     assert code == 0 and "not adopted: nothing changed" in output and "NOT READY: needs test_command" in output
+    assert "owner: web-team" in output
 
     # Adopted with what the proposal said was missing.
     code, output = _adopt(fp, "--name", "www", "--issuer", f"private-ca/{CA_NAME}", "--yes", "--json",
