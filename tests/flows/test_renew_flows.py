@@ -234,6 +234,42 @@ def test_renew_certificate_refused_keeps_the_old_certificate_and_says_so(pki: sa
     assert len(destroyed) == 1 and destroyed[0].flow_run_id == str(run_id)
 
 
+def _issued_by_ca(engine: sa.Engine) -> int:
+    with read_session(engine) as session:
+        return int(next(i for i in ca.list_cas(session) if i["name"] == CA_NAME)["issued"])
+
+
+def test_the_policy_gate_fails_a_renewal_before_its_issuer_is_asked(pki: sa.Engine, certpilot_home: Path) -> None:
+    """renew-certificate's check-policy task and renew-due's task run per certificate refuse a request the
+    policy in force (here the home's policy.yaml) refuses: failed at step policy, not retried, no key made,
+    the private CA asked for nothing; a certificate the policy accepts renews in the same run."""
+    (certpilot_home / "policy.yaml").write_text("rules:\n  san-denied: {patterns: ['*.denied.example.test']}\n")
+    _add(pki, "gated", dns=("gated.denied.example.test",))
+    _add(pki, "fine")
+    kept = _seed(pki, "gated", age_days=25)
+    issued, keys = _issued_by_ca(pki), len(_events(pki, "key.stored"))
+
+    state = renew_certificate(name="gated", return_state=True)
+
+    assert state.is_failed()
+    assert "renewal of 'gated' failed at step 'policy' (issuer private-ca/test-ca): policy refuses managed " \
+           "certificate 'gated': san-denied: denied name gated.denied.example.test" in (state.message or "")
+    assert f"certificate {kept[:16]} stays in service" in (state.message or "")
+    runs = {t.name: t for t in _task_runs(state.state_details.flow_run_id)}
+    assert runs["check-policy-gated"].state.is_failed() and runs["check-policy-gated"].run_count == 1
+    assert "generate-key-gated" not in runs and "issue-gated" not in runs
+    assert _row(pki, "gated").last_error.startswith("policy: policy refuses")  # type: ignore[union-attr]
+    assert _issued_by_ca(pki) == issued and len(_events(pki, "key.stored")) == keys
+
+    due = renew_due(return_state=True)  # both due: gated (25 days of 30) and fine (none yet)
+
+    assert due.is_failed()
+    assert "1 of 2 renewal(s) failed, the certificates in service were kept (1 renewed)" in (due.message or "")
+    assert "gated at policy (private-ca/test-ca): policy refuses managed certificate 'gated'" in (due.message or "")
+    assert _issued_by_ca(pki) == issued + 1 and _current(pki, "fine") is not None
+    assert _current(pki, "gated").fingerprint_sha256 == kept  # type: ignore[union-attr]
+
+
 def test_renew_certificate_retries_a_busy_issuer(pki: sa.Engine) -> None:
     TestIssuerBlock(ca_name=CA_NAME, busy_times=2).save("busy-twice", overwrite=True)
     attempts["test-issuer/busy-twice"] = 0
