@@ -10,6 +10,7 @@ import datetime as dt
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -59,7 +60,7 @@ def _issued_by_ca(engine: sa.Engine) -> int:
         return int(info["issued"])
 
 
-def _count(engine: sa.Engine, model: type, *where: object) -> int:
+def _count(engine: sa.Engine, model: type, *where: Any) -> int:
     with read_session(engine) as session:
         return session.execute(sa.select(sa.func.count()).select_from(model).where(*where)).scalar_one()
 
