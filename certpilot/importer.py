@@ -553,7 +553,8 @@ def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions
             if policy is not None and tally is not None:
                 fresh = [fp for r in written if r.status == "imported" for fp in r.certificates if fp not in evaluated]
                 evaluated.update(fresh)
-                _apply_policy(engine, policy, list(dict.fromkeys(fresh)), actor, now, tally)
+                _apply_policy(engine, policy, list(dict.fromkeys(fresh)), actor, now, tally,
+                              ownership=options.owner is None)
         pending, pending_certs = [], 0
 
     with _older_objects_frozen():
@@ -584,14 +585,15 @@ def import_paths(engine: sa.Engine, paths: Sequence[str], options: ImportOptions
 
 
 def _apply_policy(engine: sa.Engine, policy: Policy, fingerprints: list[str], actor: audit.Actor,
-                  now: dt.datetime | None, tally: PolicyTally) -> None:
-    """Ownership rules, then the rules, for certificates just written; a failure is noted in ``tally``
-    (the first one) and leaves them imported."""
+                  now: dt.datetime | None, tally: PolicyTally, *, ownership: bool = True) -> None:
+    """Ownership rules (unless ``ownership`` is false: an import with an owner gives every certificate
+    that one), then the rules, for certificates just written; a failure is noted in ``tally`` (the first
+    one) and leaves them imported."""
     if not fingerprints:
         return
     try:
         with write_session(engine) as session:
-            owners = violations.apply_ownership(session, policy, actor, fingerprints, now)
+            owners = violations.apply_ownership(session, policy, actor, fingerprints, now) if ownership else 0
             summary = violations.evaluate_certificates(session, policy, actor, fingerprints, now)
     except (CertpilotError, sa.exc.SQLAlchemyError) as exc:
         if tally.error is None:
