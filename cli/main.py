@@ -15,6 +15,7 @@ import typer
 from certpilot.database import get_engine
 from certpilot.settings import load_settings
 from cli import alerts as alerts_cli
+from cli import policy as policy_cli
 from cli import audit, ca, fleet, inventory, keys, managed, replace, report, revoke, serve, status, targets
 from cli.console import CertpilotGroup, JsonOption, err, line, out, print_json
 
@@ -37,6 +38,7 @@ app.command("serve")(serve.serve_command)
 app.command("exporter")(serve.exporter_command)
 app.add_typer(alerts_cli.app, name="alerts")
 app.add_typer(alerts_cli.suppress_app, name="suppress")
+app.add_typer(policy_cli.app, name="policy")
 
 
 def version() -> str:

@@ -12,6 +12,7 @@ from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session
 from certpilot.timespan import parse_timespan
 from cli.console import JsonOption, cell, line, out, print_json, short_name, usage_error
+from cli.inventory import violations_cell
 
 app = typer.Typer(help="Reports.", no_args_is_help=True)
 
@@ -37,12 +38,13 @@ def report_expiry_command(show: Annotated[int, typer.Option(metavar="N", min=0, 
     if not report.soonest:
         return
     table = Table(show_edge=False, pad_edge=False)
-    for column in ("band", "days", "expires (UTC)", "name", "owner", "places"):
-        table.add_column(column, no_wrap=column != "name")
+    for column in ("band", "days", "expires (UTC)", "name", "owner", "places", "violations"):
+        table.add_column(column, no_wrap=column not in ("name", "violations"))
     for r in report.soonest:
         color = {"expired": "red", "7 days": "red", "30 days": "yellow"}.get(r["band"], "")
         table.add_row(cell(r["band"], color), cell(f"{r['days_left']:.0f}"), cell(r["not_after"][:10]),
-                      cell(short_name(r)), cell(r["owner"] or ""), cell(len(r["locations"])))
+                      cell(short_name(r)), cell(r["owner"] or ""), cell(len(r["locations"])),
+                      violations_cell(r["violations"]))
     out.print(table)
 
 
@@ -74,3 +76,12 @@ def report_sli_command(window: Annotated[str, typer.Option(metavar="DURATION", h
         color = "yellow" if s.value is None else ""
         table.add_row(cell(s.key), cell(s.name), cell(s.shown, color), cell(s.ratio), cell(s.shown_details))
     out.print(table)
+
+
+from cli import report_compliance, report_risk  # noqa: E402 - the commands of their own modules, registered last
+
+report_risk.register(app)
+report_compliance.register(app)
+from cli import report_forecast  # noqa: E402 - the forecast command, in its own module
+
+report_forecast.register(app)

@@ -28,7 +28,7 @@ if ! curl -fsS -m 2 "$PREFECT_API_URL/health" >/dev/null 2>&1; then
   done
   curl -fsS -m 2 "$PREFECT_API_URL/health" >/dev/null || { echo "the Prefect server did not start: see $log" >&2; exit 1; }
 fi
-for blocks in issuers tls_scan ssh aws azure targets notifications; do
+for blocks in issuers tls_scan ssh aws azure targets notifications policy; do
   .venv/bin/prefect block register -m "blocks.$blocks" >/dev/null
 done
 
