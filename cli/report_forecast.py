@@ -81,7 +81,7 @@ def report_forecast_command(
             "YAML: per issuer block, its kind (lets-encrypt, public, private) and rate limits "
             "(new_orders_per_account_per_3h, certificates_per_registered_domain_per_week, "
             "duplicate_certificates_per_week)."))] = None,
-        chart: Annotated[Path | None, typer.Option("--chart", metavar="PATH.png", help=(
+        chart: Annotated[Path | None, typer.Option("--chart", metavar="FILE", help=(
             "Also write the chart: renewals per week per issuer, with each issuer's weekly limit."))] = None,
         unmanaged: Annotated[bool, typer.Option("--unmanaged/--no-unmanaged", help=(
             "Count the unmanaged public certificates, renewed by hand, apart (default) or leave them out."))] = True,

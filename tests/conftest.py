@@ -25,7 +25,8 @@ PG_ADMIN_URL = os.environ.get("CERTPILOT_TEST_PG_ADMIN", "postgresql://postgres@
 def certpilot_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Every test gets its own home, database and master key; nothing from the environment leaks in."""
     home = tmp_path / "certpilot-home"
-    for name in ("CERTPILOT_DATABASE_URL", "CERTPILOT_MASTER_KEY", "CERTPILOT_MASTER_KEY_FILE", "CERTPILOT_ACTOR"):
+    for name in ("CERTPILOT_DATABASE_URL", "CERTPILOT_MASTER_KEY", "CERTPILOT_MASTER_KEY_FILE", "CERTPILOT_ACTOR",
+                 "CERTPILOT_POLICY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CERTPILOT_HOME", str(home))
     yield home

@@ -1,5 +1,5 @@
-"""The risk, crypto-inventory and compliance artifacts published by tasks.risk.publish_risk and
-tasks.compliance.publish_compliance inside a flow run (a real Prefect server), read back from the API."""
+"""The reports flow on a real Prefect server: the forecast, risk, crypto-inventory and compliance artifacts
+(tasks.forecast, tasks.risk, tasks.compliance), read back from the API."""
 
 from __future__ import annotations
 
@@ -8,23 +8,16 @@ import json
 import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import rsa
-from prefect import flow
 
 from certpilot import audit, violations
 from certpilot.clock import utcnow
 from certpilot.database import write_session
 from certpilot.policy import DEFAULT_POLICY
-from tasks.compliance import PublishedCompliance, publish_compliance
-from tasks.risk import PublishedRisk, publish_risk
+from flows.reports import reports
 from tests.flows.test_renew_flows import _artifacts
 from tests.weak_certificates import DAY, Signer, add
 
 pytestmark = pytest.mark.prefect
-
-
-@flow(name="report-artifacts-test")
-def publish_all() -> tuple[PublishedRisk, PublishedCompliance]:
-    return publish_risk(limit=10), publish_compliance(window="30d")
 
 
 def test_the_report_tasks_publish_their_artifacts(engine: sa.Engine, prefect_server: None) -> None:
@@ -37,9 +30,10 @@ def test_the_report_tasks_publish_their_artifacts(engine: sa.Engine, prefect_ser
     with write_session(engine) as session:
         violations.evaluate_certificates(session, DEFAULT_POLICY, audit.Actor("cli:alice"), now=now)
 
-    state = publish_all(return_state=True)
+    state = reports(until=(now + 400 * DAY).date(), risk_listed=10, return_state=True)
     assert state.is_completed(), state.message
-    risk, compliance = state.result()
+    summary = state.result()
+    risk, compliance, forecast = summary.risk, summary.compliance, summary.forecast
     assert (risk.scored, risk.certificates, risk.weak, risk.to_reissue) == (2, 2, 1, 2)
     assert risk.riskiest[0][0] == weak
     assert (compliance.owners, compliance.certificates, compliance.open_violations) == (2, 2, 2)  # key-size, expiring
@@ -57,3 +51,8 @@ def test_the_report_tasks_publish_their_artifacts(engine: sa.Engine, prefect_ser
     rows = json.loads(table) if isinstance(table, str) else table
     assert [row["owner"] for row in rows] == ["api", "web|<b>ops</b>"]
     assert rows[1]["open:key-size"] == "1" and rows[1]["open:expiring"] == "1"
+    assert forecast is not None and forecast.until == (now + 400 * DAY).date()
+    assert (forecast.certificates, forecast.renewals) == (2, 0)  # two unmanaged; renewals count managed ones only
+    projected = _artifacts(run, "forecast")[0].data
+    assert "unmanaged: " in projected and "renewed by hand" in projected
+    assert forecast.chart == ("data:image/png;base64," in projected)
