@@ -342,12 +342,12 @@ def _apply_policy(engine: sa.Engine, policy: Policy, fingerprints: list[str], pl
     ``report`` (the first one) and leaves what was found recorded."""
     try:
         with write_session(engine) as session:
-            owners = violations.apply_ownership(session, policy, actor, fingerprints, now)
+            owners, evaluated = violations.own_and_evaluate(session, policy, actor, fingerprints, now)
             leaves = list(dict.fromkeys(o.record.fingerprint_sha256 for o in placed))
             facts = {f.fingerprint_sha256: f for f in violations.facts_for(session, policy, leaves, now)}
             endpoints = [e for o in placed if (e := endpoint_facts(
                 o.locator or "", facts.get(o.record.fingerprint_sha256), o.details or {})) is not None]
-            evaluations = [violations.evaluate_certificates(session, policy, actor, fingerprints, now)]
+            evaluations = [evaluated]
             if endpoints:
                 evaluations.append(violations.evaluate_endpoints(session, policy, endpoints, actor, now))
     except (CertpilotError, sa.exc.SQLAlchemyError) as exc:

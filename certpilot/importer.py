@@ -593,8 +593,7 @@ def _apply_policy(engine: sa.Engine, policy: Policy, fingerprints: list[str], ac
         return
     try:
         with write_session(engine) as session:
-            owners = violations.apply_ownership(session, policy, actor, fingerprints, now) if ownership else 0
-            summary = violations.evaluate_certificates(session, policy, actor, fingerprints, now)
+            owners, summary = violations.own_and_evaluate(session, policy, actor, fingerprints, now, ownership=ownership)
     except (CertpilotError, sa.exc.SQLAlchemyError) as exc:
         if tally.error is None:
             tally.error = (f"policy not applied to {len(fingerprints)} certificate(s): {exc.__class__.__name__}: "

@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -50,7 +50,7 @@ from certpilot.renewal import RenewalPolicy, renewal_time
 
 __all__ = ["EvaluationSummary", "active_waivers", "apply_ownership", "certificate_labels", "csr_facts",
            "evaluate_certificates", "evaluate_endpoints", "facts_for", "gate", "grant_waiver", "list_waivers",
-           "open_counts_by_rule", "request_facts", "revoke_waiver", "stored_violations"]
+           "open_counts_by_rule", "own_and_evaluate", "request_facts", "revoke_waiver", "stored_violations"]
 
 _CHUNK = 500  # bound on parameters per IN (...) list
 _MAX_CHAIN = 8  # issuer links followed up from a certificate, looking for a certpilot CA
@@ -454,9 +454,24 @@ def evaluate_certificates(session: Session, policy: Policy, actor: audit.Actor,
     evaluated (their certificate rows are dropped). Waivers that expired since the last evaluation are
     recorded and audited once."""
     now = now or utcnow()
+    return _evaluate_loaded(session, policy, actor, fingerprints, _load(session, policy, fingerprints, now), now)
+
+
+def own_and_evaluate(session: Session, policy: Policy, actor: audit.Actor, fingerprints: Sequence[str] | None = None,
+                     now: dt.datetime | None = None, *, ownership: bool = True) -> tuple[int, EvaluationSummary]:
+    """``apply_ownership`` (unless ``ownership`` is false) then ``evaluate_certificates``, reading the
+    certificates once (the rules see the owners just assigned). Returns the owners assigned and the summary."""
+    now = now or utcnow()
+    loaded = _load(session, policy, fingerprints, now)
+    owners, loaded = _assign_owners(session, policy, actor, loaded, now) if ownership else (0, loaded)
+    return owners, _evaluate_loaded(session, policy, actor, fingerprints, loaded, now)
+
+
+def _evaluate_loaded(session: Session, policy: Policy, actor: audit.Actor, fingerprints: Sequence[str] | None,
+                     everything: list[_Loaded], now: dt.datetime) -> EvaluationSummary:
     expired = _note_expired(session, actor, now)
     waivers = _evaluation_waivers(session)
-    loaded = [item for item in _load(session, policy, fingerprints, now) if item.evaluated]
+    loaded = [item for item in everything if item.evaluated]
     v = _VIOLATION.c
     first_seen: dict[tuple[str, str, str], dt.datetime] = {}
     if fingerprints is None:
@@ -662,14 +677,24 @@ def apply_ownership(session: Session, policy: Policy, actor: audit.Actor, finger
     if not policy.ownership:
         return 0
     now = now or utcnow()
+    return _assign_owners(session, policy, actor, _load(session, policy, fingerprints, now), now)[0]
+
+
+def _assign_owners(session: Session, policy: Policy, actor: audit.Actor, loaded: list[_Loaded],
+                   now: dt.datetime) -> tuple[int, list[_Loaded]]:
+    """apply_ownership on certificates read already; returns the count and ``loaded`` with the owners given."""
+    if not policy.ownership:
+        return 0, loaded
     assigned: dict[str, list[str]] = {}
-    for item in _load(session, policy, fingerprints, now):
+    given: dict[str, str] = {}
+    for item in loaded:
         f = item.facts
         if not item.evaluated or f.owner or f.fingerprint_sha256 is None:
             continue
         owner = policy.owner_for(f)
         if owner:
             assigned.setdefault(owner, []).append(f.fingerprint_sha256)
+            given[f.fingerprint_sha256] = owner
     count = 0
     for owner, fps in assigned.items():
         for chunk in _chunks(fps):
@@ -681,4 +706,5 @@ def apply_ownership(session: Session, policy: Policy, actor: audit.Actor, finger
         audit.append(session, actor, [audit.Change("certificate.owner_assigned", f"policy:{policy.source}", {
             "policy_sha256": policy.sha256, "owners": {owner: sorted(fps) for owner, fps in sorted(assigned.items())},
             "certificates": sum(len(fps) for fps in assigned.values())})], now)
-    return count
+    return count, [_Loaded(replace(item.facts, owner=given[fp]), item.evaluated)
+                   if (fp := item.facts.fingerprint_sha256) is not None and fp in given else item for item in loaded]

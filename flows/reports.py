@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
 
 from certpilot import forecast as forecasting
 from certpilot.errors import PermanentError, redact
@@ -54,7 +56,7 @@ def reports(until: dt.date = forecasting.DEFAULT_UNTIL, risk_listed: int = DEFAU
         risk_listed: How many of the riskiest certificates the risk artifact lists.
         compliance_window: The span the compliance report counts renewals over (such as 30d).
     """
-    futures = {"forecast": publish_forecast.submit(until), "risk": publish_risk.submit(risk_listed),
+    futures: dict[str, PrefectFuture[Any]] = {"forecast": publish_forecast.submit(until), "risk": publish_risk.submit(risk_listed),
                "compliance": publish_compliance.submit(compliance_window)}
     settled = {name: settle(future) for name, future in futures.items()}
     failures = tuple(f"{name}: {redact(s.error)}" for name, s in settled.items() if s.error is not None)

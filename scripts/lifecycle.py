@@ -15,7 +15,10 @@ shows in its UI. Steps:
 5. an emergency drill: revoke-and-replace of www.lab.test for a key compromise, its blast radius (a
    dry run) first, then for real: a new key, issued, deployed canary-first and verified on every
    target, the old certificate revoked, every place it was seen probed for exposure;
-6. the expiry report, the targets' state and the audit chain.
+6. the reports flow: the 47-day readiness forecast (with its chart), the riskiest certificates, the
+   crypto inventory and the per-owner compliance report, as artifacts; discovery evaluated the lab's
+   certificates against the policy (the built-in one, or $CERTPILOT_POLICY) and assigned owners;
+7. the expiry report, the targets' state and the audit chain.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from flows.deploy import deploy_certificate
 from flows.discover import discover
 from flows.monitor import monitor
 from flows.renew import renew_due
+from flows.reports import reports
 from flows.revoke_and_replace import revoke_and_replace
 from lab import tls_farm
 from lab.haproxy import HaproxyInstance
@@ -201,6 +205,17 @@ def main() -> int:
             replaced = state.result(raise_on_failure=False)
             for line in (replaced.lines() if state.is_completed() else [state.message or "failed"]):
                 out.print(f"  {line}", markup=False)
+
+        step("the policy's reports: forecast, risk, crypto inventory, compliance (artifacts of the reports flow)")
+        state = reports(return_state=True)
+        published = state.result(raise_on_failure=False)
+        if isinstance(published, BaseException):
+            out.print(f"reports: {published}", markup=False)
+        else:
+            risk, forecast = published.risk, published.forecast
+            out.print(f"risk: {risk.scored} certificates scored, {risk.weak} with a weak key or signature; forecast to "
+                      f"{forecast.until}: {forecast.renewals} renewals of managed certificates, "
+                      f"{forecast.exceedances} rate limits exceeded ({forecast.spread_exceedances} with renewals spread)")
 
         step("report")
         with read_session(engine) as session:

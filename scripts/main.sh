@@ -44,6 +44,13 @@ if [ "$status" -gt 1 ]; then exit "$status"; fi
 echo
 $certpilot report expiry
 echo
+echo "== the policy: the inventory checked against it (exit 1: violations not waived, as the sample estate has)"
+status=0
+$certpilot policy check || status=$?
+if [ "$status" -gt 1 ]; then exit "$status"; fi
+echo
+$certpilot report forecast --until 2029-12-31
+echo
 $certpilot audit verify
 echo
 # certpilot serve: every deployment served (schedules fire, runs started from the UI execute) and the HTTP
@@ -75,7 +82,7 @@ grep -m1 "deployments from the Prefect API" "$serve_log"
 .venv/bin/prefect deployment ls
 echo
 echo "Prefect UI: http://127.0.0.1:$port  (deployments: each with its schedule and next run, and a run form; flow runs:"
-echo "discover, renew-due, deploy-certificate; each certificate's history: filter the runs by the tag"
+echo "discover, renew-due, deploy-certificate, monitor, revoke-and-replace, reports; each certificate's history: filter the runs by the tag"
 echo "certificate:www.lab.test). certpilot's listener: http://$serve_listen/metrics, /healthz, and the lab CA's"
 echo "CRL and OCSP (http://$serve_listen/lab-ca/issuing.crl, /lab-ca/ocsp). Both keep running; stop them with:"
 echo "  kill $serve_pid    # certpilot serve (SIGTERM: a clean stop)"
