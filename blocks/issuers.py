@@ -13,13 +13,16 @@ protect the Prefect API accordingly.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import sqlalchemy as sa
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr, model_validator
 
+from blocks.loading import load_block
 from certpilot import audit
+from certpilot.errors import BlockNotFoundError, redact
 from certpilot.issuance import Issuer
 from certpilot.managed import KeyRingSource
 
@@ -154,3 +157,23 @@ issuer = acme_issuer_block.get_issuer(engine, key_ring)
         return AcmeIssuer(engine, self.issuer_name, self.directory_url, key_ring=key_ring, solver=self._solver(),
                           contact=tuple(self.contact), eab=eab, ca_bundle=self.ca_bundle,
                           preferred_chain=self.preferred_chain, timeout=self.timeout_seconds)
+
+
+def acme_directory_urls(names: Sequence[str], warn: Callable[[str], None]) -> dict[str, str]:
+    """The directory URL of each ACME issuer block (``acme-issuer/...``) among ``names``; a block that cannot
+    be loaded is told to ``warn`` (naming it and why) and left out: one unreadable block stops nothing."""
+    found = {}
+    for name in names:
+        if name.partition("/")[0] != "acme-issuer":
+            continue
+        try:
+            url = getattr(load_block(name), "directory_url", None)
+        except BlockNotFoundError as exc:
+            warn(str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - one unreadable block does not stop the others
+            warn(f"issuer block {name} could not be read: {redact(exc)}")
+            continue
+        if isinstance(url, str):
+            found[name] = url
+    return found

@@ -20,7 +20,7 @@ import typer
 from rich.table import Table
 
 from certpilot.database import get_engine, read_session
-from certpilot.errors import BlockNotFoundError, PermanentError, redact
+from certpilot.errors import PermanentError
 from cli import prefect_api
 from cli.console import JsonOption, cell, line, out, print_json, usage_error, warn
 
@@ -38,26 +38,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _block_directories(names: list[str]) -> dict[str, str]:
-    """The ACME directory of each ACME issuer block among ``names``, read from Prefect (an API is configured);
-    a block that cannot be read is warned about and left to the inventory."""
-    import blocks.issuers  # noqa: F401 - the issuer block types, so that loading finds their classes
-    from blocks.loading import load_block
+    """The ACME directory of each ACME issuer block among ``names``, read from Prefect (an API is configured)."""
+    from blocks.issuers import acme_directory_urls
 
-    found = {}
-    for name in names:
-        if name.partition("/")[0] != "acme-issuer":
-            continue
-        try:
-            url = getattr(load_block(name), "directory_url", None)
-        except BlockNotFoundError as exc:
-            warn(f"{exc}: its ACME directory comes from the inventory, if it has an account there")
-            continue
-        except Exception as exc:  # noqa: BLE001 - one unreadable block does not stop the report
-            warn(f"issuer block {name} could not be read ({redact(exc)}): its ACME directory comes from the inventory")
-            continue
-        if isinstance(url, str):
-            found[name] = url
-    return found
+    return acme_directory_urls(names, lambda problem: warn(
+        f"{problem}: its ACME directory comes from the inventory, if it has an account there"))
 
 
 def _settings(path: Path | None) -> dict[str, forecasting.IssuerSettings]:

@@ -11,14 +11,12 @@ issuer block names, DNS names, counts and times (certpilot.forecast escapes what
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-import blocks.issuers  # noqa: F401 - the issuer block types, so that load_block finds their classes
-from blocks.loading import load_block
+from blocks.issuers import acme_directory_urls
 from certpilot import forecast as forecasting
 from certpilot.database import get_engine, read_session
 from certpilot.errors import InvalidOptionError, redact
@@ -55,23 +53,6 @@ def as_date(value: dt.date | str) -> dt.date:
         raise InvalidOptionError("until", value, "a date such as 2029-12-31") from exc
 
 
-def acme_directories(names: Sequence[str]) -> dict[str, str]:
-    """The ACME directory URL of each ``acme-issuer/...`` block among ``names`` that loads; the others are
-    logged and left to the inventory's ACME accounts."""
-    found = {}
-    for name in names:
-        if name.partition("/")[0] != "acme-issuer":
-            continue
-        try:
-            url = getattr(load_block(name), "directory_url", None)
-        except Exception as exc:  # noqa: BLE001 - the forecast goes on with what the inventory knows
-            get_run_logger().warning("issuer block %s could not be read: %s", name, redact(exc))
-            continue
-        if isinstance(url, str):
-            found[name] = url
-    return found
-
-
 @task(name="publish-forecast", task_run_name="publish-forecast", timeout_seconds=600)
 def publish_forecast(until: dt.date | str = forecasting.DEFAULT_UNTIL) -> PublishedForecast:
     """Forecast every renewal to ``until`` and publish it (artifact key: forecast)."""
@@ -79,7 +60,8 @@ def publish_forecast(until: dt.date | str = forecasting.DEFAULT_UNTIL) -> Publis
     engine = get_engine()
     with read_session(engine) as session:
         names = forecasting.managed_issuers(session)
-    directories = acme_directories(names)
+    directories = acme_directory_urls(names, lambda problem: get_run_logger().warning(
+        "%s: its ACME directory comes from the inventory's accounts", problem))
     with read_session(engine) as session:
         report = forecasting.forecast(session, until=last_day, directories=directories)
     chart: bytes | None = None
