@@ -384,7 +384,8 @@ def endpoint_facts(place: str, certificate: Facts | None, details: Mapping[str, 
 
 def flag_ghosts(session: Session, source: str, run_id: str, actor: audit.Actor, now: dt.datetime) -> int:
     """Flag the locations of ``source`` not seen by run ``run_id`` as ghosts (those it saw were
-    unflagged as they were recorded). Returns how many were newly flagged; each is audited."""
+    unflagged as they were recorded) and drop the endpoint violations of those certificates there. Returns
+    how many were newly flagged; each is audited."""
     stale = session.execute(
         sa.select(col(Location.id), col(Location.certificate_fingerprint), col(Location.locator)).where(
             col(Location.source) == source, col(Location.ghost).is_(False),
@@ -398,4 +399,5 @@ def flag_ghosts(session: Session, source: str, run_id: str, actor: audit.Actor, 
     audit.append(session, actor, [audit.Change("location.ghost", f"certificate:{fp}", {"locator": locator,
                                                                                        "source": source})
                                   for _, fp, locator in stale], now)
+    violations.forget_places(session, [(fp, locator) for _, fp, locator in stale])  # the endpoint rules' rows there
     return len(stale)

@@ -49,7 +49,7 @@ from certpilot.policy import (DEFAULT_POLICY, RULES, EndpointFacts, Facts, Polic
 from certpilot.renewal import RenewalPolicy, renewal_time
 
 __all__ = ["EvaluationSummary", "active_waivers", "apply_ownership", "certificate_labels", "csr_facts",
-           "evaluate_certificates", "evaluate_endpoints", "facts_for", "gate", "grant_waiver", "list_waivers",
+           "evaluate_certificates", "evaluate_endpoints", "facts_for", "forget_places", "gate", "grant_waiver", "list_waivers",
            "open_counts_by_rule", "own_and_evaluate", "request_facts", "revoke_waiver", "stored_violations"]
 
 _CHUNK = 500  # bound on parameters per IN (...) list
@@ -525,6 +525,29 @@ def evaluate_endpoints(session: Session, policy: Policy, endpoints: Sequence[End
             errors.append(f"{e.place}: {redact(exc)}")
     unwaived, waived, by_rule = _store(session, found, first_seen, now)
     return EvaluationSummary(len(places) - len(errors), unwaived, waived, by_rule, expired, tuple(errors))
+
+
+def forget_places(session: Session, seen: Sequence[tuple[str, str]]) -> int:
+    """Drop the endpoint violations of each (certificate fingerprint, place) in ``seen`` where no source
+    finds that certificate any more (its locations there are ghosts): what was wrong there is history.
+    Returns how many rows were dropped."""
+    dropped = 0
+    by_place: dict[str, set[str]] = {}
+    for fp, place in seen:
+        by_place.setdefault(place, set()).add(fp)
+    for chunk in _chunks(sorted(by_place)):
+        still = {(fp, place) for fp, place in session.execute(  # another source still sees it there
+            sa.select(_LOCATION.c.certificate_fingerprint, _LOCATION.c.locator)
+            .where(_LOCATION.c.locator.in_(chunk), _LOCATION.c.ghost.is_(False)))}
+        rows = session.execute(sa.select(_VIOLATION.c.id, _VIOLATION.c.certificate_fingerprint, _VIOLATION.c.place)
+                               .where(_VIOLATION.c.place.in_(chunk))).all()
+        ids = [row.id for row in rows if row.certificate_fingerprint in by_place[row.place]
+               and (row.certificate_fingerprint, row.place) not in still]
+        for part in _chunks(ids):
+            session.execute(sa.delete(PolicyViolation).where(col(PolicyViolation.id).in_(part)),
+                            execution_options=_BULK)
+        dropped += len(ids)
+    return dropped
 
 
 def gate(session: Session, policy: Policy, facts: Facts, what: str, now: dt.datetime | None = None) -> None:

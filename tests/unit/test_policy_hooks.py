@@ -251,6 +251,14 @@ def test_discovery_assigns_owners_and_stores_endpoint_rules_per_place(
     again = record(engine, source, audit.Actor("test", "run-2"), policy=load_policy()).summary()
     assert again.owners_assigned == 0 and len(_stored(engine)) == 4
 
+    # The stray endpoint is gone from the scan: its location is a ghost, and what was wrong there is history
+    # (the certificate's own violation stays: it is still in the inventory).
+    shrunk = TlsScanSource("lab", [f"127.0.0.1:{one.port}"], sni=["shop.example.test"], timeout=3.0,
+                           trust=[ca[0].certificate])
+    gone = record(engine, shrunk, audit.Actor("test", "run-3"), policy=load_policy()).summary()
+    assert gone.ghosts == 1
+    assert _stored(engine) == {(_fp(shop), shop_place, "tls-min-version"), (_fp(stray), "", "owner-required")}
+
 
 def test_endpoint_facts_from_what_a_scan_recorded(ca: tuple[Authority, Authority]) -> None:
     from certpilot.discovery import endpoint_facts
