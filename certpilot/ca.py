@@ -38,6 +38,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -47,19 +48,22 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import (CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes,
+                                                             PrivateKeyTypes)
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 from sqlmodel import Session, col, select
 
-from certpilot import audit, inventory, keystore, name_constraints
+from certpilot import audit, inventory, keystore, name_constraints, token_keys
 from certpilot.clock import utcnow
 from certpilot.errors import InvalidDnsNameError, InvalidUriError, NotFoundError, PermanentError
 from certpilot.issuance import IssuedCertificate
-from certpilot.keys import key_matches_certificate
-from certpilot.models import AuditEvent, Certificate, CertificateAuthority
+from certpilot.keys import ML_DSA_ALGORITHMS, can_sign_certificates, generate_private_key, key_matches_certificate
+from certpilot.keys import ml_dsa_algorithm
+from certpilot.keys import signature_hash
+from certpilot.models import AuditEvent, Certificate, CertificateAuthority, TokenKey
 from certpilot.names import is_spiffe_id, normalise_dns_name, normalise_uri
-from certpilot.x509info import describe_certificate, fingerprint_sha256, is_issued_by, serial_hex
+from certpilot.x509info import describe_certificate, fingerprint_sha256, is_issued_by, serial_hex, spki_sha256
 
 ROOT_VALIDITY = dt.timedelta(days=3652)  # about ten years
 ISSUING_VALIDITY = dt.timedelta(days=1826)  # about five years
@@ -73,6 +77,8 @@ SOURCE = "private-ca"  # the inventory source of certificates this CA issues
 _CABF_MAXIMUM = ((dt.date(2029, 3, 15), 47), (dt.date(2027, 3, 15), 100), (dt.date(2026, 3, 15), 200))
 _CABF_MAXIMUM_BEFORE = 398
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A CA's keys: "ec" (root EC P-384, issuing EC P-256), or ML-DSA (FIPS 204) for both, for internal use.
+CA_ALGORITHMS = ("ec", *ML_DSA_ALGORITHMS)
 
 # Revocation reasons a subscriber certificate may carry (Baseline Requirements 7.2.2), by CLI name.
 REASONS: dict[str, x509.ReasonFlags] = {
@@ -242,11 +248,21 @@ def _check_base_url(base_url: str) -> str:
 
 def init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: str, base_url: str, *,
             now: dt.datetime | None = None,
-            constraints: name_constraints.NameConstraintSpec | None = None) -> CertificateAuthority:
+            constraints: name_constraints.NameConstraintSpec | None = None, algorithm: str = "ec",
+            token: token_keys.TokenSpec | None = None,
+            tokens: token_keys.TokenOpener | None = None) -> CertificateAuthority:
     """Create a CA: a root and an issuing intermediate, their keys sealed in the keystore, both
     certificates in the inventory, and its first (empty) CRL. In the caller's write transaction.
     ``constraints`` (certpilot.name_constraints.parse): the names the CA may issue for, carried as a
-    critical NameConstraints extension on the issuing certificate."""
+    critical NameConstraints extension on the issuing certificate. ``algorithm``: one of CA_ALGORITHMS
+    (``ml-dsa-65``: root and issuing CA on ML-DSA-65). ``token``: make the issuing key (EC P-256) on this
+    PKCS#11 token, opened with ``tokens``, instead of in the keystore; it never leaves the token, and a
+    failure after it was made removes it again."""
+    if algorithm not in CA_ALGORITHMS:
+        raise PermanentError(f"CA algorithm {algorithm!r}: choose one of {', '.join(CA_ALGORITHMS)}")
+    if token is not None and algorithm != "ec":
+        raise PermanentError(f"an issuing key on a PKCS#11 token is EC P-256: {algorithm} keys are made in the keystore "
+                             "(PKCS#11 tokens such as SoftHSM2 do not make ML-DSA keys)")
     if not _NAME.match(name):
         raise PermanentError(f"CA name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a "
                              "letter or digit (it becomes part of URLs)")
@@ -255,8 +271,30 @@ def init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: 
         raise PermanentError(f"a CA named {name!r} already exists")
     now = _second(now or utcnow())
     urls = CAUrls.of(base, name)
-    root_key = ec.generate_private_key(ec.SECP384R1())
-    issuing_key = ec.generate_private_key(ec.SECP256R1())
+    root_key: ec.EllipticCurvePrivateKey | Any = (ec.generate_private_key(ec.SECP384R1()) if algorithm == "ec"
+                                                  else generate_private_key(algorithm))
+    if token is None:
+        issuing_key: Any = (ec.generate_private_key(ec.SECP256R1()) if algorithm == "ec"
+                            else generate_private_key(algorithm))
+        return _init_ca(session, ring, actor, name, base, urls, now, constraints, root_key, issuing_key, None)
+    if tokens is None:
+        raise token_keys.TokenError(token.token_label, "no PKCS#11 connector was given to make the issuing key")
+    opened = tokens(token)
+    made = opened.generate_ec_key(f"certpilot {name} issuing CA 1", "secp256r1")
+    try:
+        issuing_key = token_keys.TokenECKey(opened, made.key_id, made.public_key)
+        return _init_ca(session, ring, actor, name, base, urls, now, constraints, root_key, issuing_key,
+                        (token, made))
+    except BaseException:
+        opened.destroy_key(made.key_id)  # nothing half-made: no CA row, and no orphan key on the token
+        raise
+
+
+def _init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: str, base: str, urls: CAUrls,
+             now: dt.datetime, constraints: name_constraints.NameConstraintSpec | None, root_key: Any,
+             issuing_key: Any, on_token: tuple[token_keys.TokenSpec, token_keys.TokenKeyInfo] | None,
+             ) -> CertificateAuthority:
+    root_hash, issuing_hash = signature_hash(root_key), signature_hash(issuing_key)
     root_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
                            x509.NameAttribute(NameOID.COMMON_NAME, f"{name} Root CA")])
     issuing_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
@@ -267,7 +305,7 @@ def init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: 
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(_ca_key_usage(digital_signature=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
-            .sign(root_key, hashes.SHA384()))
+            .sign(root_key, root_hash))
     issuing_builder = (x509.CertificateBuilder().subject_name(issuing_name).issuer_name(root_name)
                .public_key(issuing_key.public_key()).serial_number(_serial())
                .not_valid_before(now).not_valid_after(now + ISSUING_VALIDITY)
@@ -285,23 +323,51 @@ def init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: 
     limits = constraints.extension() if constraints is not None else None
     if limits is not None:  # critical, as RFC 5280 4.2.1.10 requires
         issuing_builder = issuing_builder.add_extension(limits, critical=True)
-    issuing = issuing_builder.sign(root_key, hashes.SHA384())
+    issuing = issuing_builder.sign(root_key, root_hash)
     root_ref = keystore.store_private_key(session, root_key, ring, actor, "generated", now)
-    issuing_ref = keystore.store_private_key(session, issuing_key, ring, actor, "generated", now)
+    issuing_ref = (keystore.store_private_key(session, issuing_key, ring, actor, "generated", now)
+                   if on_token is None else None)
+    token_row = _token_key_row(session, on_token, issuing, now) if on_token is not None else None
     inventory.upsert(session, [inventory.Observation(describe_certificate(c), None, SOURCE) for c in (root, issuing)],
                      actor, now=now)
     row = CertificateAuthority(name=name, root_fingerprint=fingerprint_sha256(root),
                                issuing_fingerprint=fingerprint_sha256(issuing), root_key_id=root_ref.id,
-                               issuing_key_id=issuing_ref.id, base_url=base, crl_number=0, created_at=now)
+                               issuing_key_id=issuing_ref.id if issuing_ref else None,
+                               issuing_token_key_id=token_row.id if token_row else None,
+                               base_url=base, crl_number=0, created_at=now)
     session.add(row)
     session.flush()
+    issuing_key_text = (str(issuing_ref) if issuing_ref else
+                        f"pkcs11:{token_row.token_label}/{token_row.key_id}" if token_row else "")
     audit.append(session, actor, [audit.Change("ca.created", f"ca:{name}", {
         "root": row.root_fingerprint, "issuing": row.issuing_fingerprint, "root_key": str(root_ref),
-        "issuing_key": str(issuing_ref), "base_url": base,
+        "issuing_key": issuing_key_text, "base_url": base, "algorithm": _algorithm_name(issuing),
         **({"name_constraints": name_constraints.describe(limits)} if limits is not None else {})})], now)
     signer = CASigner(name, urls, issuing, root, issuing_key)
     _publish_crl(session, actor, row, signer, now)
     return row
+
+
+def _token_key_row(session: Session, on_token: tuple[token_keys.TokenSpec, token_keys.TokenKeyInfo],
+                   issuing: x509.Certificate, now: dt.datetime) -> TokenKey:
+    spec, made = on_token
+    row = TokenKey(id=uuid.uuid4().hex, module=spec.module, token_label=spec.token_label, key_label=made.label,
+                   key_id=made.key_id, algorithm="ec-p256", spki_sha256=spki_sha256(issuing.public_key()),
+                   made_on_token=made.made_on_token, extractable=made.extractable, pin_env=spec.pin.env,
+                   pin_file=str(spec.pin.file) if spec.pin.file is not None else None, created_at=now)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _algorithm_name(cert: x509.Certificate) -> str:
+    """``ec-p256``, ``ml-dsa-65``...: the key algorithm of a CA certificate, as certpilot.keys names it."""
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return {"secp256r1": "ec-p256", "secp384r1": "ec-p384"}.get(key.curve.name, f"ec-{key.curve.name}")
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"rsa-{key.key_size}"
+    return ml_dsa_algorithm(key) or type(key).__name__
 
 
 def _ca_key_usage(*, digital_signature: bool) -> x509.KeyUsage:
@@ -353,6 +419,7 @@ def list_cas(session: Session) -> list[dict[str, Any]]:
             "name": ca.name, "base_url": ca.base_url, "root_fingerprint": ca.root_fingerprint,
             "root_subject": root.subject.rfc4514_string(), "root_not_after": inventory.iso(root.not_valid_after_utc),
             "root_key": "online" if ca.root_key_id else "offline",
+            "algorithm": _algorithm_name(issuing), "issuing_key_custody": _custody(session, ca),
             "issuing_fingerprint": ca.issuing_fingerprint, "issuing_subject": issuing.subject.rfc4514_string(),
             "issuing_not_after": inventory.iso(issuing.not_valid_after_utc),
             "issued": sum(counts.values()), "revoked": counts.get("revoked", 0),
@@ -363,6 +430,14 @@ def list_cas(session: Session) -> list[dict[str, Any]]:
             "created_at": inventory.iso(ca.created_at),
         })
     return out
+
+
+def _custody(session: Session, ca: CertificateAuthority) -> str:
+    """Where CA ``ca``'s issuing key is: ``keystore``, or ``pkcs11:<token label>``."""
+    if ca.issuing_token_key_id is None:
+        return "keystore"
+    row = session.get(TokenKey, ca.issuing_token_key_id)
+    return f"pkcs11:{row.token_label}" if row is not None else "pkcs11"
 
 
 # ------------------------------------------------------------------------------------------ signing
@@ -388,17 +463,17 @@ class CASigner:
 
     def __init__(self, name: str, urls: CAUrls, certificate: x509.Certificate, root: x509.Certificate,
                  key: PrivateKeyTypes) -> None:
-        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-            raise TypeError("the issuing key must be an EC or RSA key")
+        if not can_sign_certificates(key) or not (isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+                                                  or ml_dsa_algorithm(key.public_key())):
+            raise TypeError("the issuing key must be an EC, RSA or ML-DSA key")
         if not key_matches_certificate(key, certificate):
             raise PermanentError(f"CA {name}: the stored issuing key does not match the issuing certificate")
         self.name = name
         self.urls = urls
         self.certificate = certificate
         self.root = root
-        self._key = key
-        large_ec = isinstance(key, ec.EllipticCurvePrivateKey) and key.key_size > 256
-        self._hash: hashes.SHA256 | hashes.SHA384 = hashes.SHA384() if large_ec else hashes.SHA256()
+        self._key: CertificateIssuerPrivateKeyTypes = key
+        self._hash = signature_hash(key)  # None for ML-DSA, which hashes internally
         ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         self._aki = x509.Extension(x509.AuthorityKeyIdentifier.oid, False,
                                    x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski))
@@ -537,9 +612,11 @@ def _check_csr(csr: x509.CertificateSigningRequest, profile: str) -> Any:
     elif isinstance(public_key, ec.EllipticCurvePublicKey):
         if public_key.curve.name not in _EC_CURVES:
             raise CertificateRequestError(f"EC curve {public_key.curve.name}: use P-256, P-384 or P-521")
+    elif ml_dsa_algorithm(public_key) is not None:
+        pass  # ML-DSA (FIPS 204), for internal use: relying parties must verify it (OpenSSL 3.5 or later)
     elif not (isinstance(public_key, ed25519.Ed25519PublicKey) and profile == "tls-client"):
         raise CertificateRequestError(f"{type(public_key).__name__.removeprefix('_')} keys are not accepted for "
-                                      f"{profile}: use EC P-256/P-384 or RSA 2048+")
+                                      f"{profile}: use EC P-256/P-384, RSA 2048+ or ML-DSA")
     return public_key
 
 
@@ -626,11 +703,20 @@ def _nonce(request: ocsp.OCSPRequest) -> bytes | None:
     return nonce if 1 <= len(nonce) <= 32 else None  # RFC 8954
 
 
-def open_signer(session: Session, ring: keystore.KeyRing, name: str) -> CASigner:
-    """The CA ``name`` ready to sign: its issuing key decrypted once, inside the signer."""
+def open_signer(session: Session, ring: keystore.KeyRing, name: str, *,
+                tokens: token_keys.TokenOpener | None = None) -> CASigner:
+    """The CA ``name`` ready to sign: its issuing key decrypted once, inside the signer; or, for a CA whose
+    issuing key is on a PKCS#11 token, that token opened with ``tokens`` (token_keys.TokenError when it
+    cannot be: nothing is signed, so nothing is written)."""
     ca = get_ca(session, name)
     root, issuing = ca_certificates(session, ca)
-    key = keystore.load_private_key(session, keystore.KeyRef(ca.issuing_key_id), ring)
+    key: PrivateKeyTypes
+    if ca.issuing_token_key_id is not None:
+        key = token_keys.open_token_key(session, ca.issuing_token_key_id, tokens, f"CA {ca.name}")
+    elif ca.issuing_key_id is not None:
+        key = keystore.load_private_key(session, keystore.KeyRef(ca.issuing_key_id), ring)
+    else:
+        raise PermanentError(f"CA {ca.name} records no issuing key")
     return CASigner(ca.name, CAUrls.of(ca.base_url, ca.name), issuing, root, key)
 
 
@@ -652,13 +738,14 @@ def store_issued(session: Session, actor: audit.Actor, signer: CASigner, certifi
 
 
 def sign(session: Session, ring: keystore.KeyRing, name: str, csr: x509.CertificateSigningRequest, profile: str, *,
-         validity_days: int | None = None, now: dt.datetime | None = None) -> IssuedCertificate:
+         validity_days: int | None = None, now: dt.datetime | None = None,
+         tokens: token_keys.TokenOpener | None = None) -> IssuedCertificate:
     """Sign ``csr`` with CA ``name``; nothing is written (the Issuer role: whoever asked records the
     certificate, and OCSP and CRLs know it once it is in the inventory). Returns the leaf and the
     issuing CA certificate, with the validity's note (a cut at the CA's expiry) in ``notes``.
     A request over the profile's maximum is refused before the issuing key is decrypted."""
     get_profile(profile)
-    signer = open_signer(session, ring, name)
+    signer = open_signer(session, ring, name, tokens=tokens)
     cert, validity = signer.sign_planned(csr, profile, validity_days=validity_days, now=now)
     return _issued(signer, cert, validity)
 
@@ -671,13 +758,14 @@ def _issued(signer: CASigner, cert: x509.Certificate, validity: Validity) -> Iss
 
 def issue(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: str,
           csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
-          replaces: x509.Certificate | None = None, now: dt.datetime | None = None) -> IssuedCertificate:
+          replaces: x509.Certificate | None = None, now: dt.datetime | None = None,
+          tokens: token_keys.TokenOpener | None = None) -> IssuedCertificate:
     """Sign ``csr`` with CA ``name`` and record the certificate in the inventory, with one
     certificate.issued event (caller's write transaction): `certpilot ca issue`, a CSR from a file.
     A renewal signs only (``sign``) and records through certpilot.renewing. Returns the leaf and the
     issuing CA certificate, with the validity's note in ``notes`` (recorded in the event too)."""
     get_profile(profile)
-    signer = open_signer(session, ring, name)
+    signer = open_signer(session, ring, name, tokens=tokens)
     cert, validity = signer.sign_planned(csr, profile, validity_days=validity_days, now=now)
     issued = _issued(signer, cert, validity)
     store_issued(session, actor, signer, [cert], profile, replaces=replaces, now=now, notes=issued.notes)
@@ -711,7 +799,7 @@ def ca_of(session: Session, cert: Certificate) -> CertificateAuthority:
 
 def revoke(session: Session, ring: keystore.KeyRing, actor: audit.Actor, fingerprint: str,
            reason: x509.ReasonFlags, *, ca_name: str | None = None, now: dt.datetime | None = None,
-           publish: bool = True) -> Certificate:
+           publish: bool = True, tokens: token_keys.TokenOpener | None = None) -> Certificate:
     """Revoke a certificate a certpilot CA issued (CA ``ca_name`` only, when given) and publish that
     CA's new CRL, in the caller's write transaction.
 
@@ -745,7 +833,7 @@ def revoke(session: Session, ring: keystore.KeyRing, actor: audit.Actor, fingerp
     session.flush()
     audit.append(session, actor, [change], now)
     if publish:
-        _publish_crl(session, actor, ca, open_signer(session, ring, ca.name), now)
+        _publish_crl(session, actor, ca, open_signer(session, ring, ca.name, tokens=tokens), now)
     else:
         ca.crl_der = None  # stale: crl_due() now says so, and the next reader issues the new CRL
         session.add(ca)
@@ -791,10 +879,11 @@ def _publish_crl(session: Session, actor: audit.Actor, ca: CertificateAuthority,
 
 
 def publish_crl(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: str, *,
-                now: dt.datetime | None = None) -> x509.CertificateRevocationList:
+                now: dt.datetime | None = None,
+                tokens: token_keys.TokenOpener | None = None) -> x509.CertificateRevocationList:
     """Issue a new full CRL for CA ``name`` now (caller's write transaction)."""
     ca = get_ca(session, name)
-    return _publish_crl(session, actor, ca, open_signer(session, ring, name), now or utcnow())
+    return _publish_crl(session, actor, ca, open_signer(session, ring, name, tokens=tokens), now or utcnow())
 
 
 def crl_due(ca: CertificateAuthority, now: dt.datetime, margin: dt.timedelta = CRL_REFRESH_MARGIN) -> bool:
@@ -802,7 +891,8 @@ def crl_due(ca: CertificateAuthority, now: dt.datetime, margin: dt.timedelta = C
 
 
 def refresh_crls(engine: sa.Engine, ring: keystore.KeyRing, actor: audit.Actor, *, now: dt.datetime | None = None,
-                 margin: dt.timedelta = CRL_REFRESH_MARGIN, names: Sequence[str] | None = None) -> list[str]:
+                 margin: dt.timedelta = CRL_REFRESH_MARGIN, names: Sequence[str] | None = None,
+                 tokens: token_keys.TokenOpener | None = None) -> list[str]:
     """Reissue the CRL of every CA (or of ``names``) whose CRL is missing or whose nextUpdate is less
     than ``margin`` away. Each in its own write transaction, re-checked there so that concurrent
     callers issue one CRL, not two. Returns the names of the CAs that got a new CRL."""
@@ -819,13 +909,13 @@ def refresh_crls(engine: sa.Engine, ring: keystore.KeyRing, actor: audit.Actor, 
         with write_session(engine) as session:
             ca = get_ca(session, name)
             if crl_due(ca, now, margin):
-                _publish_crl(session, actor, ca, open_signer(session, ring, name), now)
+                _publish_crl(session, actor, ca, open_signer(session, ring, name, tokens=tokens), now)
                 done.append(name)
     return done
 
 
 def current_crl(engine: sa.Engine, key_ring: Callable[[], keystore.KeyRing], actor: audit.Actor, name: str, *,
-                now: dt.datetime | None = None) -> bytes:
+                now: dt.datetime | None = None, tokens: token_keys.TokenOpener | None = None) -> bytes:
     """CA ``name``'s CRL as DER, reissued first if it is missing or due (only then is ``key_ring``
     called and the issuing key decrypted)."""
     from certpilot.database import read_session
@@ -835,7 +925,7 @@ def current_crl(engine: sa.Engine, key_ring: Callable[[], keystore.KeyRing], act
         ca = get_ca(session, name)
         if not crl_due(ca, now) and ca.crl_der is not None:
             return ca.crl_der
-    refresh_crls(engine, key_ring(), actor, now=now, names=[name])
+    refresh_crls(engine, key_ring(), actor, now=now, names=[name], tokens=tokens)
     with read_session(engine) as session:
         der = get_ca(session, name).crl_der
     assert der is not None

@@ -14,11 +14,10 @@ from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from certpilot.keys import can_sign_certificates
+from certpilot.keys import can_sign_certificates, signature_hash
 from certpilot.renewal import RenewalWindow
 
 PROFILES = ("tls-server", "tls-client", "mtls")  # the private CA's (certpilot.ca.CA_PROFILES); ACME: tls-server
@@ -100,7 +99,7 @@ def build_csr(key: PrivateKeyTypes, dns_names: Sequence[str], ip_addresses: Sequ
     builder = (x509.CertificateSigningRequestBuilder()
                .subject_name(x509.Name(subject))
                .add_extension(x509.SubjectAlternativeName(names), critical=False))
-    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    algorithm = None if signature_hash(key) is None else hashes.SHA256()  # Ed25519, ML-DSA: no separate hash
     if can_sign_certificates(key):
         return builder.sign(key, algorithm)
     # refused with the builder's own error

@@ -149,11 +149,33 @@ class CertificateAuthority(SQLModel, table=True):
     root_fingerprint: str = Field(foreign_key="certificate.fingerprint_sha256")
     issuing_fingerprint: str = Field(foreign_key="certificate.fingerprint_sha256")
     root_key_id: str | None = Field(default=None, foreign_key="private_key.id")  # None once taken offline
-    issuing_key_id: str = Field(foreign_key="private_key.id")
+    issuing_key_id: str | None = Field(default=None, foreign_key="private_key.id")  # None: the key is on a token
+    issuing_token_key_id: str | None = Field(default=None, foreign_key="token_key.id")  # a PKCS#11 token holds it
     base_url: str  # where `certpilot ca serve` answers: AIA, CRL distribution point and OCSP URLs derive from it
     crl_number: int = 0
     crl_next_update: dt.datetime | None = _time(nullable=True)
     crl_der: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary, nullable=True))  # the current full CRL
+    created_at: dt.datetime = _time()
+
+
+class TokenKey(SQLModel, table=True):
+    """A CA key made on a PKCS#11 token (certpilot.token_keys): which token and key, how the token
+    described it when it was made, and where the token's PIN is read (an environment variable's name or a
+    file's path: never the PIN)."""
+
+    __tablename__ = "token_key"
+
+    id: str = Field(primary_key=True, max_length=32)
+    module: str  # the PKCS#11 shared library
+    token_label: str = Field(max_length=32)
+    key_label: str = Field(max_length=128)
+    key_id: str = Field(max_length=64)  # CKA_ID, hex
+    algorithm: str = Field(max_length=32)
+    spki_sha256: str = Field(max_length=64)
+    made_on_token: bool  # CKA_LOCAL as the token reported it
+    extractable: bool  # CKA_EXTRACTABLE as the token reported it
+    pin_env: str | None = None
+    pin_file: str | None = None
     created_at: dt.datetime = _time()
 
 

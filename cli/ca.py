@@ -4,13 +4,14 @@ CRLs, the root key)."""
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
-from certpilot import inventory
+from certpilot import inventory, token_keys
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import NotFoundError, PermanentError
 from cli import issuer_blocks, prefect_api
@@ -22,6 +23,28 @@ from cli.options import (CrlFormat, PasswordEnv, PasswordFile, PlaintextKey, Pro
 app = typer.Typer(help="certpilot's private CA: issue, revoke, CRLs and OCSP.", no_args_is_help=True)
 
 CaName = Annotated[str, typer.Argument(metavar="NAME", help="The CA's name.")]
+
+
+class CaAlgorithm(StrEnum):
+    EC = "ec"
+    ML_DSA_44 = "ml-dsa-44"
+    ML_DSA_65 = "ml-dsa-65"
+    ML_DSA_87 = "ml-dsa-87"
+
+
+def _token_spec(module: str | None, token_label: str | None, pin_file: Path | None,
+                pin_env: str | None) -> token_keys.TokenSpec | None:
+    given = {"--pkcs11-module": module, "--token-label": token_label, "--pin-file/--pin-env": pin_file or pin_env}
+    if not any(given.values()):
+        return None
+    missing = [flag for flag, value in given.items() if not value]
+    if missing:
+        raise usage_error(f"an issuing key on a PKCS#11 token needs {', '.join(missing)} too", missing[0])
+    if pin_file and pin_env:
+        raise usage_error("give the token's PIN by --pin-file or by --pin-env, not both", "--pin-env")
+    assert module is not None and token_label is not None
+    pin = token_keys.PinSource(env=pin_env) if pin_env else token_keys.PinSource(file=Path(pin_file or "").resolve())
+    return token_keys.TokenSpec(module, token_label, pin)
 
 
 @app.command("init")
@@ -41,20 +64,39 @@ def ca_init_command(
         "with a leading '.', any host under it (.example); RFC 5280 4.2.1.10."))] = None,
     permit_ip: Annotated[Optional[list[str]], typer.Option("--permit-ip", metavar="CIDR", help=(
         "Name constraint, repeatable: IP addresses only in this network (10.0.0.0/8)."))] = None,
+    algorithm: Annotated[CaAlgorithm, typer.Option(help=(
+        "The CA's keys: ec (root EC P-384, issuing CA EC P-256), or ML-DSA (FIPS 204, post-quantum) for both, "
+        "for internal use: TLS stacks on OpenSSL before 3.5 cannot use ML-DSA certificates."))] = CaAlgorithm.EC,
+    pkcs11_module: Annotated[Optional[str], typer.Option(metavar="LIBRARY", help=(
+        "Make the issuing key (EC P-256) on a PKCS#11 token, never extractable, with this module "
+        "(SoftHSM2: /usr/lib/softhsm/libsofthsm2.so); every certificate, CRL and OCSP response is signed there."))] = None,
+    token_label: Annotated[Optional[str], typer.Option(metavar="LABEL", help="The token's label (with --pkcs11-module).")] = None,
+    pin_file: Annotated[Optional[Path], typer.Option(metavar="FILE", help=(
+        "A file (mode 0600) holding the token's user PIN; its path is recorded, read whenever the CA signs."))] = None,
+    pin_env: Annotated[Optional[str], typer.Option(metavar="VAR", help=(
+        "An environment variable holding the token's user PIN (instead of --pin-file); its name is recorded."))] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a private CA: a root (EC P-384, 10 years) and an issuing CA (EC P-256, 5 years); with a
     Prefect API (PREFECT_API_URL), save its issuer block private-ca/NAME too. Name constraints (--permit-*,
     --exclude-dns) go on the issuing certificate, critical: relying parties refuse a name outside them, and
-    the CA refuses to sign one."""
+    the CA refuses to sign one. With --pkcs11-module, --token-label and --pin-file (or --pin-env) the issuing
+    key is made on that token and never leaves it; the PIN is read from the file or variable each time, never
+    stored."""
     from certpilot import ca, name_constraints
+    from connectors.private_ca import open_token
 
     try:
         constraints = name_constraints.parse(permit_dns or (), exclude_dns or (), permit_uri or (), permit_ip or ())
     except PermanentError as exc:  # names the flag and the value
         raise usage_error(str(exc)) from None
+    token = _token_spec(pkcs11_module, token_label, pin_file, pin_env)
+    if token is not None and algorithm is not CaAlgorithm.EC:
+        raise usage_error(f"--algorithm {algorithm.value} with --pkcs11-module: a key on a token is EC P-256 (PKCS#11 "
+                          "tokens such as SoftHSM2 make no ML-DSA keys)", "--algorithm")
     with write_session(get_engine()) as session:
-        ca.init_ca(session, ring(), actor(), name, base_url, constraints=constraints)
+        ca.init_ca(session, ring(), actor(), name, base_url, constraints=constraints, algorithm=algorithm.value,
+                   token=token, tokens=open_token)
         info = next(i for i in ca.list_cas(session) if i["name"] == name)
     registered = prefect_api.configured()
     if registered:
@@ -67,6 +109,7 @@ def ca_init_command(
     out.print(line(f"created CA {name}\n  root     {info['root_fingerprint']}  {info['root_subject']} "
                    f"(until {info['root_not_after']})"))
     out.print(line(f"  issuing  {info['issuing_fingerprint']}  {info['issuing_subject']} (until {info['issuing_not_after']})"))
+    out.print(line(f"  {'algorithm':<20} {info['algorithm']}; issuing key in {info['issuing_key_custody']}"))
     for key, values in info["name_constraints"].items():
         if values:
             out.print(line(f"  {key.replace('_', ' '):<20} {', '.join(values)}"))
@@ -107,10 +150,12 @@ def ca_list_command(as_json: JsonOption = False) -> None:
         print_json(rows)
         return
     table = Table(show_edge=False, pad_edge=False)
-    for column in ("name", "root key", "issuing CA until", "issued", "revoked", "CRL", "next update", "base URL"):
-        table.add_column(column, no_wrap=column != "base URL")
+    for column in ("name", "issuing key", "root key", "issuing CA until", "issued", "revoked", "CRL", "next update",
+                   "base URL"):
+        table.add_column(column, no_wrap=column not in ("base URL", "issuing key"))
     for r in rows:
-        table.add_row(cell(r["name"]), cell(r["root_key"]), cell((r["issuing_not_after"] or "")[:10]), cell(r["issued"]),
+        table.add_row(cell(r["name"]), cell(f"{r['algorithm']} {r['issuing_key_custody']}"), cell(r["root_key"]),
+                      cell((r["issuing_not_after"] or "")[:10]), cell(r["issued"]),
                       cell(r["revoked"]), cell(f"#{r['crl_number']}"), cell((r["crl_next_update"] or "")[:16]),
                       cell(r["base_url"]))
     out.print(table)
@@ -162,6 +207,7 @@ def ca_issue_command(
 
     from blocks.policy import policy_in_force
     from certpilot import ca, violations
+    from connectors.private_ca import open_token
     from certpilot.clock import utcnow
     from certpilot.x509info import describe_certificate
 
@@ -182,7 +228,8 @@ def ca_issue_command(
     with write_session(get_engine()) as session:
         ca.get_ca(session, name)  # an unknown CA is named as such, before the policy is asked
         violations.gate(session, policy, facts, f"the certificate requested by {csr} from CA {name}", now)
-        issued = ca.issue(session, ring(), who, name, request, profile.value, validity_days=days, now=now)
+        issued = ca.issue(session, ring(), who, name, request, profile.value, validity_days=days, now=now,
+                          tokens=open_token)
         if owner is not None or tags:  # recorded on the certificate as `inventory import --owner/--tag` does
             inventory.upsert(session, [inventory.Observation(describe_certificate(issued.leaf), None, ca.SOURCE)],
                              who, owner=owner, tags=tags or None, now=now)
@@ -239,11 +286,13 @@ def ca_revoke_command(
     Revoking it again changes nothing (only key-compromise replaces an earlier reason)."""
     from certpilot import ca
 
+    from connectors.private_ca import open_token
+
     flag = ca.parse_reason(reason.value)
     with write_session(get_engine()) as session:
         before = inventory.resolve(session, fingerprint)
         was = (before.status, before.revocation_reason)
-        row = ca.revoke(session, ring(), actor(), fingerprint, flag)
+        row = ca.revoke(session, ring(), actor(), fingerprint, flag, tokens=open_token)
         authority = ca.ca_of(session, row)
         already = was[0] == "revoked" and was[1] == row.revocation_reason
         result: dict[str, Any] = {
@@ -280,14 +329,17 @@ def ca_crl_command(
 
     from certpilot import ca
 
+    from connectors.private_ca import open_token
+
     if as_json and output is None:
         raise usage_error("--json describes the CRL written: give --output FILE", "--json")
     engine = get_engine()
     if refresh:
         with write_session(engine) as session:
-            der = ca.publish_crl(session, ring(), actor(), name).public_bytes(serialization.Encoding.DER)
+            der = ca.publish_crl(session, ring(), actor(), name, tokens=open_token).public_bytes(
+                serialization.Encoding.DER)
     else:
-        der = ca.current_crl(engine, ring, actor(), name)
+        der = ca.current_crl(engine, ring, actor(), name, tokens=open_token)
     crl = x509.load_der_x509_crl(der)
     data = der if format is CrlFormat.DER else crl.public_bytes(serialization.Encoding.PEM)
     if output is None:

@@ -16,21 +16,30 @@ import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from certpilot import audit, ca, keystore
+from certpilot import audit, ca, keystore, token_keys
 from certpilot.database import read_session, write_session
 from certpilot.issuance import IssuedCertificate, OrderJournal
 from certpilot.renewal import RenewalWindow
 from certpilot.x509info import fingerprint_sha256
 
-__all__ = ["PrivateCAIssuer"]
+__all__ = ["PrivateCAIssuer", "open_token"]
+
+
+def open_token(spec: token_keys.TokenSpec) -> token_keys.KeyToken:
+    """The token a CA's issuing key is on (connectors.pkcs11_token), python-pkcs11 imported only then."""
+    from connectors.pkcs11_token import open_token as open_pkcs11
+
+    return open_pkcs11(spec)
 
 
 class PrivateCAIssuer:
     """Issue and revoke with the private CA ``ca_name``. ``key_ring`` returns the master key ring
-    (called only when a key must be decrypted)."""
+    (called only when a key must be decrypted); ``tokens`` opens the PKCS#11 token of a CA whose issuing
+    key is on one."""
 
     def __init__(self, engine: sa.Engine, ca_name: str, key_ring: Callable[[], keystore.KeyRing], *,
-                 actor: audit.Actor | None = None) -> None:
+                 actor: audit.Actor | None = None, tokens: token_keys.TokenOpener = open_token) -> None:
+        self._tokens = tokens
         self.engine = engine
         self.ca_name = ca_name
         self.name = ca_name
@@ -46,7 +55,8 @@ class PrivateCAIssuer:
         and the issuing CA certificate. Raises certpilot.ca.CertificateRequestError for a CSR the CA
         refuses (bad signature, no SAN, a weak key). ``replaces`` is not needed: the CA offers no ARI."""
         with read_session(self.engine) as session:
-            return ca.sign(session, self._key_ring(), self.ca_name, csr, profile, validity_days=validity_days)
+            return ca.sign(session, self._key_ring(), self.ca_name, csr, profile, validity_days=validity_days,
+                           tokens=self._tokens)
 
     def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags, *,
                key: PrivateKeyTypes | None = None) -> None:
@@ -54,7 +64,7 @@ class PrivateCAIssuer:
         next fetch of the CRL issues a new one listing it (one CRL for a burst of revocations)."""
         with write_session(self.engine) as session:
             ca.revoke(session, self._key_ring(), self._actor, fingerprint_sha256(certificate), reason,
-                      ca_name=self.ca_name, publish=False)
+                      ca_name=self.ca_name, publish=False, tokens=self._tokens)
 
     def renewal_info(self, certificate: x509.Certificate) -> RenewalWindow | None:
         """The private CA offers no ARI: renewal follows the managed certificate's own policy."""
