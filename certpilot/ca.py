@@ -48,8 +48,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import (CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes,
-                                                             PrivateKeyTypes)
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 from sqlmodel import Session, col, select
@@ -261,8 +261,8 @@ def init_ca(session: Session, ring: keystore.KeyRing, actor: audit.Actor, name: 
     if algorithm not in CA_ALGORITHMS:
         raise PermanentError(f"CA algorithm {algorithm!r}: choose one of {', '.join(CA_ALGORITHMS)}")
     if token is not None and algorithm != "ec":
-        raise PermanentError(f"an issuing key on a PKCS#11 token is EC P-256: {algorithm} keys are made in the keystore "
-                             "(PKCS#11 tokens such as SoftHSM2 do not make ML-DSA keys)")
+        raise PermanentError(f"an issuing key on a PKCS#11 token is EC P-256: {algorithm} keys are made in the "
+                             "keystore (PKCS#11 tokens such as SoftHSM2 do not make ML-DSA keys)")
     if not _NAME.match(name):
         raise PermanentError(f"CA name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a "
                              "letter or digit (it becomes part of URLs)")

@@ -12,8 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, mldsa, rsa
-from cryptography.hazmat.primitives.asymmetric.types import (CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes,
-                                                             PrivateKeyTypes)
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from certpilot.x509info import spki_sha256
 

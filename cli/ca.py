@@ -69,8 +69,10 @@ def ca_init_command(
         "for internal use: TLS stacks on OpenSSL before 3.5 cannot use ML-DSA certificates."))] = CaAlgorithm.EC,
     pkcs11_module: Annotated[Optional[str], typer.Option(metavar="LIBRARY", help=(
         "Make the issuing key (EC P-256) on a PKCS#11 token, never extractable, with this module "
-        "(SoftHSM2: /usr/lib/softhsm/libsofthsm2.so); every certificate, CRL and OCSP response is signed there."))] = None,
-    token_label: Annotated[Optional[str], typer.Option(metavar="LABEL", help="The token's label (with --pkcs11-module).")] = None,
+        "(SoftHSM2: /usr/lib/softhsm/libsofthsm2.so); every certificate, CRL and OCSP response is signed "
+        "there."))] = None,
+    token_label: Annotated[Optional[str], typer.Option(metavar="LABEL", help=(
+        "The token's label (with --pkcs11-module)."))] = None,
     pin_file: Annotated[Optional[Path], typer.Option(metavar="FILE", help=(
         "A file (mode 0600) holding the token's user PIN; its path is recorded, read whenever the CA signs."))] = None,
     pin_env: Annotated[Optional[str], typer.Option(metavar="VAR", help=(

@@ -4,8 +4,9 @@
 label does not), reads the PIN from where the spec says (an environment variable, or a file that only
 its owner may read) and logs in. Keys are made on the token as EC key pairs, CKA_SENSITIVE and not
 CKA_EXTRACTABLE; ``sign_digest`` signs a digest with raw CKM_ECDSA (what SoftHSM2 offers) and returns
-the DER signature cryptography expects. Every PKCS#11 failure becomes a certpilot.token_keys.TokenError
-naming the token and what failed; the PIN is never part of a message or a repr.
+the DER signature cryptography expects (the token's r || s encoded as an ECDSA-Sig-Value). Every PKCS#11
+failure becomes a certpilot.token_keys.TokenError naming the token and what failed; the PIN is never part
+of a message or a repr.
 
 PKCS#11 keeps the login per process, not per session: a second login to a logged-in token is refused
 (CKR_USER_ALREADY_LOGGED_IN). So a second ``open_token`` of a token this process is logged in to opens
@@ -26,9 +27,10 @@ from typing import Any
 import pkcs11
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
-from pkcs11.util.ec import encode_ec_public_key, encode_ecdsa_signature, encode_named_curve_parameters
+from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from certpilot.token_keys import CURVES, PinSource, TokenError, TokenKeyInfo, TokenSpec
 
@@ -79,6 +81,7 @@ class Pkcs11Token:
         self.module = spec.module
         self._session = session
         self._lock = threading.Lock()
+        self._keys: dict[str, Any] = {}  # CKA_ID -> private key object, found once (a search costs a millisecond)
 
     def __repr__(self) -> str:
         return f"Pkcs11Token(label={self.label!r}, module={self.module!r})"
@@ -104,10 +107,17 @@ class Pkcs11Token:
         return TokenError(self.label, f"{doing} failed: {type(exc).__name__} {str(exc).strip()}".rstrip())
 
     def _private(self, key_id: str) -> Any:
+        key = self._keys.get(key_id)
+        if key is not None:
+            return key
         try:
-            return self._session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=bytes.fromhex(key_id))
+            key = self._keys[key_id] = self._session.get_key(object_class=ObjectClass.PRIVATE_KEY,
+                                                             id=bytes.fromhex(key_id))
         except p11.NoSuchKey:
             raise TokenError(self.label, f"no private key with CKA_ID {key_id} on the token") from None
+        except p11.PKCS11Error as exc:
+            raise self._failed("finding the key", exc) from None
+        return key
 
     def generate_ec_key(self, label: str, curve: str) -> TokenKeyInfo:
         if curve not in CURVES:
@@ -158,11 +168,14 @@ class Pkcs11Token:
             try:
                 raw = private.sign(digest, mechanism=Mechanism.ECDSA)
             except p11.PKCS11Error as exc:
+                self._keys.pop(key_id, None)
                 raise self._failed("signing", exc) from None
-        return bytes(encode_ecdsa_signature(raw))
+        half = len(raw) // 2  # r || s, each as long as the curve's order
+        return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
 
     def destroy_key(self, key_id: str) -> None:
         with self._lock:
+            self._keys.pop(key_id, None)
             for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
                 try:
                     self._session.get_key(object_class=object_class, id=bytes.fromhex(key_id)).destroy()

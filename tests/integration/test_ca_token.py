@@ -92,8 +92,8 @@ def _raw_session(hsm: SoftHsm) -> pkcs11.Session:
 
 def _init(engine: sa.Engine, name: str, spec: token_keys.TokenSpec) -> None:
     with write_session(engine) as session:
-        ca.init_ca(session, keystore.load_key_ring(load_settings()), audit.Actor("test"), name, "http://pki.example.com",
-                   token=spec, tokens=pkcs11_token.open_token)
+        ca.init_ca(session, keystore.load_key_ring(load_settings()), audit.Actor("test"), name,
+                   "http://pki.example.com", token=spec, tokens=pkcs11_token.open_token)
 
 
 def _pem(path: Path, *certs: x509.Certificate) -> Path:
@@ -143,8 +143,8 @@ def test_the_issuing_key_is_on_the_token_and_signs_certificates_crls_and_ocsp(
                           build_csr(leaf_key, ["app.example.com"]), "tls-server", tokens=pkcs11_token.open_token)
     leaf = issued.leaf
     leaf.verify_directly_issued_by(issuing)
-    verified = _openssl("verify", "-CAfile", str(_pem(tmp_path / "root.pem", root)),
-                        "-untrusted", str(_pem(tmp_path / "issuing.pem", issuing)), str(_pem(tmp_path / "leaf.pem", leaf)))
+    verified = _openssl("verify", "-CAfile", str(_pem(tmp_path / "root.pem", root)), "-untrusted",
+                        str(_pem(tmp_path / "issuing.pem", issuing)), str(_pem(tmp_path / "leaf.pem", leaf)))
     assert verified.returncode == 0 and "leaf.pem: OK" in verified.stdout, verified.stdout + verified.stderr
 
     # A CRL listing it, after a revocation (signed on the token).
@@ -235,8 +235,8 @@ def test_a_token_that_cannot_be_used_refuses_issuance_and_writes_nothing(
     # Token unavailable at creation: no module, no such token, an unset PIN variable; no CA is made.
     monkeypatch.delenv("CERTPILOT_TEST_PIN", raising=False)
     for flags, expected in (
-            (["--pkcs11-module", str(tmp_path / "missing.so"), "--token-label", softhsm.label, "--pin-file", str(pin_file)],
-             "cannot be loaded"),
+            (["--pkcs11-module", str(tmp_path / "missing.so"), "--token-label", softhsm.label,
+              "--pin-file", str(pin_file)], "cannot be loaded"),
             (["--pkcs11-module", MODULE, "--token-label", "absent", "--pin-file", str(pin_file)],
              "no token with this label"),
             (["--pkcs11-module", MODULE, "--token-label", softhsm.label, "--pin-env", "CERTPILOT_TEST_PIN"],
@@ -244,7 +244,8 @@ def test_a_token_that_cannot_be_used_refuses_issuance_and_writes_nothing(
         made = runner.invoke(app, ["ca", "init", "nope", "--base-url", "http://pki.example.com", *flags])
         assert made.exit_code == 1 and expected in made.output, made.output
         with read_session(engine) as session:
-            assert session.exec(select(CertificateAuthority).where(col(CertificateAuthority.name) == "nope")).first() is None
+            nope = session.exec(select(CertificateAuthority).where(col(CertificateAuthority.name) == "nope")).first()
+            assert nope is None
     assert stat.S_IMODE(pin_file.stat().st_mode) == 0o600
 
     monkeypatch.setenv("CERTPILOT_TEST_PIN", softhsm.pin)  # the same token by --pin-env: the variable's name is kept
