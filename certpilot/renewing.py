@@ -15,6 +15,10 @@ way a failure is mapped once (``failure``): which step failed, transient or perm
 redacted (certpilot.errors.redact), recorded on the managed certificate and in the audit trail, the
 unused key destroyed, the certificate in service kept, and a RenewalError raised.
 
+After each of the key, CSR, issue and store steps, ``certpilot.checkpoints.reached`` is called (a no-op:
+where tests kill the process). A renewal killed after its store step but before its deployment finished
+leaves targets behind; ``left_behind`` finds them for renew-due, which deploys them again.
+
 The issuer only signs; ``store`` is the one place that records an issued certificate, with one
 ``certificate.issued`` audit event per issuance. No Prefect and no network here.
 """
@@ -25,7 +29,7 @@ import dataclasses
 import datetime as dt
 import enum
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -34,7 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlmodel import Session, col, select
 
-from certpilot import audit, inventory, managed, targets, violations
+from certpilot import audit, checkpoints, inventory, managed, targets, violations
 from certpilot.clock import Clock, utcnow
 from certpilot.database import read_session, write_session
 from certpilot.errors import CertpilotError, NotFoundError, PermanentError, TransientError, redact
@@ -67,6 +71,7 @@ __all__ = [
     "Steps",
     "TransientRenewalError",
     "due_certificates",
+    "left_behind",
     "failure",
     "is_transient",
     "issue",
@@ -463,12 +468,17 @@ def renew(steps: Steps, name: str) -> Renewal:
         issuer = steps.issuer(loaded)
         step = Step.KEY
         key = steps.key(loaded)
+        checkpoints.reached(checkpoints.Point.KEY, name)
         step = Step.CSR
         request = steps.csr(loaded, key)
+        checkpoints.reached(checkpoints.Point.REQUESTED, name)
         step = Step.ISSUE
         issued = steps.issue(loaded, request, issuer)
+        checkpoints.reached(checkpoints.Point.ISSUED, name)
         step = Step.STORE
-        return steps.store(loaded, issued, key)
+        renewal = steps.store(loaded, issued, key)
+        checkpoints.reached(checkpoints.Point.STORED, name)
+        return renewal
     except Exception as exc:
         if step is Step.LOAD and isinstance(exc, NotFoundError):
             raise
@@ -506,6 +516,25 @@ def due_certificates(session: Session, at: dt.datetime, limit: int | None = None
     return [DueCertificate(s.managed.name, s.managed.issuer, s.decision.reason, s.decision.renew_at,
                            s.current.fingerprint_sha256 if s.current else None,
                            s.current.not_after if s.current else None, s.managed.id in deployed) for s in rows]
+
+
+LEFT_BEHIND = "its targets were left behind by an interrupted deployment"  # why renew-due deploys one not due
+
+
+def left_behind(session: Session, exclude: Collection[str] = ()) -> list[DueCertificate]:
+    """The managed certificates (not in ``exclude``) whose current certificate is not proven served on
+    targets an interrupted run left behind (certpilot.targets.left_behind), as items for renew-due to
+    deploy again (not renew: they are not due), with ``reason`` LEFT_BEHIND."""
+    out = []
+    for name in targets.left_behind(session):
+        if name in exclude:
+            continue
+        row = managed.get(session, name)
+        current = managed.current_certificate(session, row)
+        out.append(DueCertificate(name, row.issuer, LEFT_BEHIND, current.not_before if current else row.created_at,
+                                  current.fingerprint_sha256 if current else None,
+                                  current.not_after if current else None, True))
+    return out
 
 
 FailedAt = Step | Literal["deploy"]
@@ -548,6 +577,13 @@ class RenewalOutcome:
         reason = redact(error) if error is not None else "ended without a result"
         return cls(due.name, due.issuer, due.reason, step=None, reason=reason, kept=due.current)
 
+    @classmethod
+    def not_redeployed(cls, item: DueCertificate, why: str) -> RenewalOutcome:
+        """Deploying ``item``'s current certificate again to targets an interrupted run left behind
+        (``left_behind``) failed: those targets serve what they served before."""
+        return cls(item.name, item.issuer, item.reason, step="deploy", kept=None,
+                   reason=f"{item.current and item.current[:16]} not deployed again: {why}")
+
     def not_deployed(self, why: str) -> RenewalOutcome:
         """This renewal, failed at its deployment: its targets still serve the certificate it replaces."""
         fingerprint = self.renewal.fingerprint_sha256[:16] if self.renewal else "?"
@@ -568,20 +604,29 @@ class RenewalOutcome:
 
 @dataclass(frozen=True)
 class RenewDueSummary:
-    """What a renew-due run did: how many were due, renewed and failed, and each failure."""
+    """What a renew-due run did: how many were due, renewed and failed, and each failure; ``redeployed``:
+    how many certificates not due had their current certificate deployed again to targets an
+    interrupted run had left behind (certpilot.targets.left_behind; a failure to do so is a failure)."""
 
     due: int
     renewed: int
     failed: int
     failures: tuple[RenewalOutcome, ...]
+    redeployed: int = 0
+    skipped: int = 0  # left to another run that was renewing them, or had renewed them
 
     @classmethod
-    def of(cls, outcomes: Sequence[RenewalOutcome]) -> RenewDueSummary:
-        failed = tuple(o for o in outcomes if not o.ok)
-        return cls(len(outcomes), len(outcomes) - len(failed), len(failed), failed)
+    def of(cls, outcomes: Sequence[RenewalOutcome],
+           redeploys: Sequence[RenewalOutcome | None] = ()) -> RenewDueSummary:
+        """``redeploys``: for each certificate deployed again, None when that worked, else its failure."""
+        failed = tuple(o for o in outcomes if not o.ok) + tuple(o for o in redeploys if o is not None)
+        renewed = sum(1 for o in outcomes if o.ok and o.renewal is not None)
+        skipped = sum(1 for o in outcomes if o.ok and o.skipped is not None)
+        return cls(len(outcomes), renewed, len(failed), failed, sum(1 for o in redeploys if o is None), skipped)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"due": self.due, "renewed": self.renewed, "failed": self.failed,
+        return {"due": self.due, "renewed": self.renewed, "failed": self.failed, "redeployed": self.redeployed,
+                "skipped": self.skipped,
                 "failures": [{"name": f.name, "issuer": f.issuer, "step": str(f.step) if f.step else None,
                               "reason": f.reason, "kept": f.kept} for f in self.failures]}
 
@@ -594,7 +639,8 @@ class RenewDueFailed(PermanentError):
         self.summary = summary
         shown = "; ".join(f"{o.name} at {o.step or '?'} ({o.issuer}): {o.reason}" for o in summary.failures[:10])
         more = f"; and {summary.failed - 10} more" if summary.failed > 10 else ""
-        super().__init__(f"{summary.failed} of {summary.due} renewal(s) failed, the certificates in service were "
+        attempted = summary.renewed + summary.redeployed + summary.failed  # the due ones, and those deployed again
+        super().__init__(f"{summary.failed} of {attempted} renewal(s) failed, the certificates in service were "
                          f"kept ({summary.renewed} renewed): {shown}{more}")
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled into Prefect's result storage

@@ -103,6 +103,38 @@ def managed_with_targets(session: Session) -> set[int]:
     return set(session.exec(select(Target.managed_certificate_id).distinct()))
 
 
+def left_behind(session: Session) -> list[str]:
+    """The active managed certificates (by name) with a target that a deploy never finished: one that
+    was deployed before (it has a desired fingerprint), whose last deploy or verification did not fail
+    (no last error: a failed one was reported and rolled back), and that is not proven serving the
+    managed certificate's current certificate. A run killed after storing a renewal or in the middle of
+    its deployment leaves exactly these; renew-due deploys them again (the certificate is not due any
+    more, so renewing alone would leave the old one served)."""
+    rows = session.execute(
+        sa.select(col(Target.managed_certificate_id), col(Target.verified_fingerprint))
+        .join(ManagedCertificate, col(ManagedCertificate.id) == col(Target.managed_certificate_id))
+        .where(col(ManagedCertificate.status) == "active", col(Target.desired_fingerprint).is_not(None),
+               col(Target.last_error).is_(None))).all()
+    verified: dict[int, set[str | None]] = {}
+    for managed_id, fingerprint in rows:
+        verified.setdefault(managed_id, set()).add(fingerprint)
+    ids = sorted(verified)
+    current: dict[int, str] = {}  # managed id -> its newest active certificate, as current_certificate says
+    for start in range(0, len(ids), 500):
+        found = session.execute(
+            sa.select(col(Certificate.managed_certificate_id), col(Certificate.fingerprint_sha256))
+            .where(col(Certificate.managed_certificate_id).in_(ids[start:start + 500]),
+                   col(Certificate.status) == "active")
+            .order_by(col(Certificate.not_before), col(Certificate.created_at))).all()
+        current.update((managed_id, fingerprint) for managed_id, fingerprint in found)
+    behind = [i for i in ids if i in current and verified[i] != {current[i]}]
+    names: list[str] = []
+    for start in range(0, len(behind), 500):
+        names += session.exec(select(ManagedCertificate.name)
+                              .where(col(ManagedCertificate.id).in_(behind[start:start + 500]))).all()
+    return sorted(names)
+
+
 def get_target(session: Session, managed_name: str, name: str) -> Target:
     for target in list_targets(session, managed_name):
         if target.name == name:

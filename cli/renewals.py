@@ -95,6 +95,22 @@ class _Direct:
             raise PermanentError(f"renewed {name} ({renewal.fingerprint_sha256[:16]}) but its deployment failed, "
                                  f"so its targets serve the previous certificate: {redact(exc)}") from None
 
+    def _redeploy_left_behind(self, done: set[str]) -> list[RenewalOutcome | None]:
+        """Deploy again the current certificate of each managed certificate (not in ``done``) whose targets
+        an interrupted run left behind (renewing.left_behind): None for each that worked, else its failure."""
+        with read_session(self.engine) as session:
+            behind = renewing.left_behind(session, done)
+        out: list[RenewalOutcome | None] = []
+        for item in behind:
+            try:
+                with read_session(self.engine) as session:
+                    plan = rollout.plan(session, item.name)
+                fleet.deploy_directly(plan, None, 4)
+                out.append(None)
+            except CertpilotError as exc:
+                out.append(RenewalOutcome.not_redeployed(item, redact(exc)))
+        return out
+
     def renew_due(self, ahead: dt.timedelta) -> RenewDueSummary:
         from certpilot.clock import utcnow
 
@@ -112,7 +128,7 @@ class _Direct:
                 except CertpilotError as exc:
                     outcome = outcome.not_deployed(redact(exc))
             outcomes.append(outcome)
-        summary = RenewDueSummary.of(outcomes)
+        summary = RenewDueSummary.of(outcomes, self._redeploy_left_behind({o.name for o in outcomes}))
         if summary.failures:
             raise RenewDueFailed(summary)
         return summary

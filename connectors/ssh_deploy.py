@@ -84,6 +84,7 @@ from typing import Any, TypeVar, cast
 
 from cryptography import x509
 
+from certpilot import checkpoints
 from certpilot.deployment import (DeployBundle, DeployError, PermanentDeployError, Receipt, Removal, Verification,
                                   fingerprint)
 from certpilot.errors import ParseError
@@ -344,14 +345,17 @@ class NginxDeployer(_SshDeployer):
             ssh.commit(cert_temporary, cert_path)
         except Exception as exc:  # noqa: BLE001 - the key is new already: put it back, then report
             raise self._restore_after(exc, "replacing the certificate file", kept, reload=False) from None
+        checkpoints.reached(checkpoints.Point.UPLOADED, self.name)
         try:
             self._run(self.test_command, "configuration test")
         except Exception as exc:  # noqa: BLE001 - every failure restores, then is reported precisely
             raise self._restore_after(exc, "the configuration test", kept, reload=False) from None
+        checkpoints.reached(checkpoints.Point.RELOADING, self.name)
         try:
             self._run(self.reload_command, "reload")
         except Exception as exc:  # noqa: BLE001
             raise self._restore_after(exc, "the reload", kept, reload=True) from None
+        checkpoints.reached(checkpoints.Point.RELOADED, self.name)
         log.info("%s: deployed %s to %s:%s", self.name, bundle.fingerprint[:16], ssh.where, cert_path)
         undo = {"certificate_path": cert_path, "key_path": key_path, "had_previous": had_previous,
                 "certificate_backup": cert_path + BACKUP_SUFFIX if had_previous else None,
@@ -502,10 +506,13 @@ class HaproxyDeployer(_SshDeployer):
             del key_pem
         try:
             ssh.atomic_write(path, payload, 0o600)
+            checkpoints.reached(checkpoints.Point.UPLOADED, self.name)
+            checkpoints.reached(checkpoints.Point.RELOADING, self.name)
             try:
                 self._apply(payload, "deploy")
             except Exception as exc:  # noqa: BLE001 - restore the file, then report precisely
                 raise self._restore_after(exc, had_previous) from None
+            checkpoints.reached(checkpoints.Point.RELOADED, self.name)
         finally:
             del payload
         log.info("%s: deployed %s to %s:%s", self.name, bundle.fingerprint[:16], ssh.where, path)

@@ -8,7 +8,9 @@ the deploy-certificate flow, as a subflow, deploys it to its targets and verifie
 
 renew-due renews every managed certificate that is due, in batches, on a bounded thread pool: one
 task run per certificate, named ``renew-<name>`` and tagged ``certificate:<name>``, not a flow run
-each; then each renewed certificate that has targets is deployed (a deploy-certificate subflow). Each
+each; then each renewed certificate that has targets is deployed (a deploy-certificate subflow), and so
+is the current certificate of any whose targets an interrupted run left behind (killed after storing a
+renewal, or mid-deployment: certpilot.renewing.left_behind), which is not due any more. Each
 outcome is checked; after doing all it could, the run fails with a report naming every
 certificate that failed and at which step, and publishes the ``renewals`` artifact either way.
 
@@ -78,6 +80,7 @@ from tasks.renewal import (
     refresh_renewal_info,
     renew_managed,
     select_due,
+    select_left_behind,
     store_certificate,
 )
 
@@ -192,6 +195,19 @@ def _deploy_renewed(due: list[DueCertificate], outcomes: list[RenewalOutcome]) -
     return out
 
 
+def _redeploy(behind: list[DueCertificate]) -> list[RenewalOutcome | None]:
+    """Deploy again the current certificate of each one whose targets an interrupted run left behind (a
+    deploy-certificate subflow each, reconciling what each target holds): None for each that worked."""
+    out: list[RenewalOutcome | None] = []
+    for item in behind:
+        get_run_logger().warning("%s: %s; deploying its current certificate %s again", item.name, item.reason,
+                                 (item.current or "?")[:16])
+        state = deploy_certificate(item.name, item.current, return_state=True)
+        out.append(None if state.is_completed() else
+                   RenewalOutcome.not_redeployed(item, state.message or "the deploy-certificate run failed"))
+    return out
+
+
 def _issuers(names: set[str]) -> dict[str, Issuer | IssuerUnavailable]:
     """Each issuer block loaded once for this flow run, built into its connector (or why it cannot be)."""
     engine, ring, actor = get_engine(), key_ring(), run_actor()
@@ -255,13 +271,14 @@ def renew_due(within_days: Annotated[float, Field(ge=0)] = 0.0, limit: Annotated
                                     reason=f"issuer paused: its concurrency limit {limit_name(item.issuer)} has 0 slots")
                      for item, s in zip(batch, settled)]
     outcomes = _deploy_renewed(due, outcomes)
-    publish_renewal_report(outcomes)
+    redeploys = _redeploy(select_left_behind([o.name for o in outcomes]))
+    publish_renewal_report(outcomes + [r for r in redeploys if r is not None])
     if outcomes:  # the failures first: they are the histories an operator looks for
         history = publish_certificate_history([o.name for o in sorted(outcomes, key=lambda o: o.ok)], head,
                                               return_state=True)
         if not history.is_completed():
             logger.warning("the certificates' history artifacts were not published: %s", history.message)
-    summary = RenewDueSummary.of(outcomes)
+    summary = RenewDueSummary.of(outcomes, redeploys)
     if summary.failures:
         for o in summary.failures:
             logger.error("RENEWAL FAILED: %s at step %s (issuer %s): %s; %s", o.name, o.step or "?", o.issuer,

@@ -367,6 +367,13 @@ def select_due(within_days: float = 0.0, limit: int | None = None) -> list[renew
         return renewing.due_certificates(session, utcnow() + dt.timedelta(days=within_days), limit)
 
 
+@task(name="select-left-behind", timeout_seconds=600)
+def select_left_behind(exclude: list[str]) -> list[renewing.DueCertificate]:
+    """The managed certificates (not in ``exclude``) whose targets an interrupted run left behind, to deploy again."""
+    with read_session(get_engine()) as session:
+        return renewing.left_behind(session, exclude)
+
+
 # ------------------------------------------------------------------------------------ dry runs
 
 def issuer_problem(issuer: str) -> str | None:
