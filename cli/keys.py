@@ -1,4 +1,4 @@
-"""The keys commands: private keys at rest and the master key."""
+"""The keys commands: private keys at rest and the master key (a file, the environment, or AWS KMS)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from certpilot import inventory, keystore
+from sqlmodel import Session
+
+from certpilot import key_listing, keystore
 from certpilot.database import get_engine, read_session
-from certpilot.settings import load_settings
+from certpilot.settings import Settings, load_settings
 from cli.console import JsonOption, line, note, out, print_json, usage_error
 from cli.options import actor
+from connectors import kms
 
 app = typer.Typer(help="Private keys at rest and the master key.", no_args_is_help=True)
 
@@ -22,36 +25,56 @@ def rotate_master_command(
         "Where to write the new master key (required when it comes from CERTPILOT_MASTER_KEY)."))] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Generate a new master key and re-seal every stored private key under it."""
+    """Generate a new master key and re-seal every stored private key under it.
+
+    With CERTPILOT_MASTER_KEY_KMS set, the new master key is a new data key of that KMS key, kept as its KMS
+    ciphertext: this moves a file or environment master key into KMS, or rotates within KMS."""
     settings = load_settings()
-    rotation = keystore.rotate_master_key(get_engine(settings), settings, actor(), new_key_file)
+    rotation = kms.rotate_master_key(get_engine(settings), settings, actor(), new_key_file)
     if as_json:
-        print_json({"old": rotation.old_id, "new": rotation.new_id, "keys": rotation.keys, "key_file": str(rotation.key_file)})
+        print_json({"old": rotation.old_id, "new": rotation.new_id, "keys": rotation.keys,
+                    "key_file": str(rotation.key_file), "kms_key_arn": rotation.kms_key_arn,
+                    "retired": rotation.retired})
         return
+    held = f"in KMS key {rotation.kms_key_arn}, its ciphertext in" if rotation.kms_key_arn else "in"
     out.print(line(f"master key {rotation.old_id} -> {rotation.new_id}: {rotation.keys} key(s) re-sealed; "
-                   f"new key in {rotation.key_file}"))
-    if settings.master_key:
+                   f"new key {held} {rotation.key_file}"))
+    if rotation.retired:
+        note(f"stored keys no longer need the master key in {rotation.retired}: keep it with the backups made "
+             "before now, then remove it from this machine's configuration", out)
+    elif settings.master_key and not rotation.kms_key_arn:
         note(f"now set CERTPILOT_MASTER_KEY_FILE={rotation.key_file} (or CERTPILOT_MASTER_KEY to its contents)", out)
+
+
+def token_keys(session: Session, settings: Settings) -> list[key_listing.ListedKey]:
+    """TOKEN KEYS: the keys held in PKCS#11 tokens (the private CA's issuing key), as ListedKey(store="token").
+
+    Not wired yet: the token key records come with the key custody work (certpilot.token_keys); until the
+    lead adds them here, `keys list` shows keystore keys only."""
+    return []
 
 
 @app.command("list")
 def keys_list_command(as_json: JsonOption = False) -> None:
-    """Stored private keys (never their contents)."""
-    from sqlmodel import select
-
-    from certpilot.models import PrivateKey
-
-    with read_session(get_engine()) as session:
-        rows = [{"ref": f"key:{k.id}", "algorithm": k.algorithm, "spki_sha256": k.spki_sha256, "origin": k.origin,
-                 "master_key_id": k.master_key_id, "created_at": inventory.iso(k.created_at),
-                 "destroyed_at": inventory.iso(k.destroyed_at)} for k in session.exec(select(PrivateKey)).all()]
+    """Every private key, where it lives and what uses it (never its contents): keystore keys with the master
+    key that seals them and that key's source (file, environment, KMS key), and keys held in tokens."""
+    settings = load_settings()
+    with read_session(get_engine(settings)) as session:
+        keys = key_listing.keystore_keys(session, settings) + token_keys(session, settings)
     if as_json:
-        print_json(rows)
+        print_json([key.as_json() for key in keys])
         return
-    for row in rows:
-        state = f"destroyed {row['destroyed_at']}" if row["destroyed_at"] else f"sealed by {row['master_key_id']}"
-        out.print(line(f"{row['ref']}  {row['algorithm']:<9} spki {(row['spki_sha256'] or '')[:16]}  "
-                       f"{row['origin']:<9} {state}"))
+    for key in keys:
+        if key.destroyed_at:
+            place = f"destroyed {key_listing.iso(key.destroyed_at)}"
+        elif key.store == key_listing.KEYSTORE_STORE:
+            source = key.master_key or "not configured here"
+            place = f"keystore, sealed by master key {key.master_key_id} ({source})"
+        else:
+            place = f"{key.store} {key.token or ''}".strip()
+        used = "; used by " + ", ".join(str(u) for u in key.used_by) if key.used_by else "; unused"
+        out.print(line(f"{key.ref}  {key.algorithm:<9} spki {key.spki_sha256[:16]}  {key.origin or '-':<9} "
+                       f"{place}{used}"))
 
 
 @app.command("destroy")

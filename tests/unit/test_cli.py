@@ -493,9 +493,14 @@ def test_keys_list_shows_no_key_material(inventory: Estate) -> None:
     rows = json.loads(result.stdout)
     assert len(rows) == 10  # nine sample leaves and the six-hour certificate
     for row in rows:
-        assert set(row) == {"ref", "algorithm", "spki_sha256", "origin", "master_key_id", "created_at", "destroyed_at"}
+        assert set(row) == {"ref", "store", "algorithm", "key_size", "curve", "spki_sha256", "origin", "created_at",
+                            "destroyed_at", "used_by", "master_key_id", "master_key_source", "master_key_where",
+                            "master_key_file", "token"}
         assert row["ref"].startswith("key:") and row["origin"] == "imported" and row["algorithm"] == "ec-p256"
+        assert (row["store"], row["key_size"], row["curve"]) == ("keystore", 256, "secp256r1")
         assert row["master_key_id"] == keystore.load_key_ring(load_settings()).primary.id
+        assert row["master_key_source"] == "file" and row["master_key_where"] == str(load_settings().master_key_file)
+        assert [u["kind"] for u in row["used_by"]] == ["certificate"]  # the certificate it was imported with
     assert {r["spki_sha256"] for r in rows} == {public_key_sha256(k) for k in inventory.keys.values()}
 
     text = cli("keys", "list")
