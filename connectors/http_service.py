@@ -23,9 +23,11 @@ Limits (``Limits``), so that no client can take the listener away from the other
 and body must arrive within ``request_seconds`` of its first byte (or of the connection, for one that
 sends nothing), else the connection is closed (uvicorn by itself only times out idle keep-alive
 connections); a head larger than ``max_header_bytes`` gets 431 and the connection is closed (memory
-stays bounded); an answer that takes longer than ``request_seconds`` is a 503; beyond
-``max_connections`` open connections and requests, uvicorn answers 503; OCSP request bodies are at
-most 16 KiB (413 beyond).
+stays bounded); an answer not started within ``request_seconds`` is a 503; a client that takes none
+of its answer for ``request_seconds`` is cut off; at ``max_connections`` open connections, a new
+request closes the connections waiting longest for a request of their own, and beyond
+``max_connections`` requests in progress uvicorn answers 503; OCSP request bodies are at most 16 KiB
+(413 beyond). A client that half-closes after its request still gets the answer.
 
 ``HTTPService`` runs the app: ``await serve()`` in the caller's event loop (``certpilot serve``, beside
 Prefect's runner), or ``start()``/``stop()`` in a thread of its own (tests, ``ca serve``). It installs
@@ -43,6 +45,7 @@ import json
 import logging
 import re
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -56,7 +59,7 @@ import sqlalchemy as sa
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -97,7 +100,7 @@ def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
 class Limits:
     """What one client may take of the listener."""
 
-    max_connections: int = 1000  # uvicorn's limit_concurrency: open connections and requests; 503 beyond
+    max_connections: int = 1000  # open connections (the idle ones longest waiting make room) and requests (503)
     max_header_bytes: int = 16 * 1024  # request line and headers; a longer head gets 431 and is cut off
     keep_alive_seconds: int = 5  # an idle kept-alive connection is closed after this
     request_seconds: float = 10.0  # to receive one request, and again to answer it
@@ -295,7 +298,10 @@ def build_app(engine: sa.Engine, *, ca: bool = True, metrics: bool = True,
                 return _response(Answer.text(411, "a POST needs a Content-Length"), method)
             if int(length) > MAX_OCSP_REQUEST_BYTES:
                 return _response(Answer.text(413, f"request body over {MAX_OCSP_REQUEST_BYTES} bytes"), method)
-            body = await request.body()  # h11 holds the client to its Content-Length
+            try:
+                body = await request.body()  # h11 holds the client to its Content-Length
+            except ClientDisconnect:  # cut off for sending too slowly (logged), or gone: no one to answer
+                return _response(Answer.text(400, "the client went away"), method)
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
         path = urllib.parse.urlsplit(raw_path.decode("latin-1")).path
         answer = await _in_thread(lambda: responder.answer(method, path, body))
@@ -343,8 +349,10 @@ async def _every(interval: float, work: Callable[[], Any], what: str, at_once: b
 
 
 class _TimeLimit:
-    """ASGI middleware: an answer not started within ``seconds`` becomes a 503 (one already started is
-    cut off)."""
+    """ASGI middleware: an answer not started within ``seconds`` becomes a 503. Once started, the answer
+    is written as fast as the client takes it; a client that takes nothing of it for ``seconds`` is cut
+    off by the connection (``_BoundedH11``), not here (cutting a started answer here would log uvicorn's
+    traceback, and would cut off a slow client that is still reading)."""
 
     def __init__(self, app: ASGIApp, seconds: float) -> None:
         self.app = app
@@ -355,39 +363,61 @@ class _TimeLimit:
             await self.app(scope, receive, send)
             return
         started = False
+        limit = asyncio.timeout(self.seconds)
 
         async def send_tracked(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                limit.reschedule(None)
             await send(message)
 
         try:
-            async with asyncio.timeout(self.seconds):
+            async with limit:
                 await self.app(scope, receive, send_tracked)
         except TimeoutError:
             log.warning("%s %s took over %.1f s: abandoned", scope["method"], scope["path"], self.seconds)
-            if started:
-                raise
-            await Response(f"no answer within {self.seconds:g} s\n", 503, media_type=_TEXT)(scope, receive, send)
+            if not started:
+                await Response(f"no answer within {self.seconds:g} s\n", 503, media_type=_TEXT)(scope, receive, send)
 
 
 # ------------------------------------------------------------------------------------------ the server
 
 class _BoundedH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with two more limits.
+    """uvicorn's HTTP/1.1 protocol with more limits, and answers for half-closed connections.
 
     A deadline for receiving each request: a connection that sends nothing, or sends a request's head
     or body too slowly, is closed ``read_seconds`` after it opened or after the request's first bytes
-    (uvicorn times out idle kept-alive connections only). And a head (request line and headers) longer
+    (uvicorn times out idle kept-alive connections only). A head (request line and headers) longer
     than ``max_head_bytes`` gets 431 and the connection is closed, however it arrives (h11's own limit
-    applies only to a head still incomplete after a read, so a large head read at once would pass)."""
+    applies only to a head still incomplete after a read, so a large head read at once would pass).
+
+    A deadline for sending: a client that takes none of what is waiting for it for ``read_seconds`` is
+    cut off with a reset, its buffered answer freed (in the process and in the kernel). Without it, a
+    client that asked for a large answer (or pipelined many) and never read held its connection and
+    the answer's memory until it went away: closing waits for the buffer to drain. The transport
+    buffers nothing before telling the protocol to pause (high-water mark 0), so "paused" means "the
+    client's window is full", and every such wait is watched.
+
+    At ``max_connections``, a whole request that arrives closes the connections waiting longest for a
+    request of their own (idle, silent or sending a head slowly) to make room, rather than get a 503:
+    idle connections, which cost an attacker nothing, cannot keep well-behaved clients out. Requests in
+    progress are never cut; beyond ``max_connections`` of those, uvicorn answers 503.
+
+    A client that half-closes (``shutdown(SHUT_WR)``) after its request gets its answer (and those of
+    requests it pipelined before), then the connection is closed; uvicorn by itself closed it at once."""
 
     read_seconds: float = Limits.request_seconds
     max_head_bytes: int = Limits.max_header_bytes
     _deadline: asyncio.TimerHandle | None = None
+    _write_deadline: asyncio.TimerHandle | None = None
+    _waiting_since: float = 0.0  # when it began waiting for its next request (loop time)
+    _eof: bool = False  # the client half-closed: answer what it sent, then close
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        transport.set_write_buffer_limits(high=0)  # pause_writing as soon as the kernel takes no more
+        self._waiting_since = self.loop.time()
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -402,9 +432,78 @@ class _BoundedH11(H11Protocol):
         if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
             self._disarm()  # received whole (or the connection is done)
 
+    def handle_events(self) -> None:
+        limit = self.limit_concurrency
+        if (limit is not None and len(self.connections) >= limit and self.conn.their_state is h11.IDLE
+                and b"\r\n\r\n" in self.conn.trailing_data[0]):  # a whole head to serve (maybe pipelined)
+            self._make_room(len(self.connections) - limit + 1)
+        super().handle_events()
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        if self.conn.their_state is h11.DONE or self.conn.trailing_data[0]:
+            self._eof = True  # a request (or more, pipelined) to answer first
+            return True  # keep the transport open for writing
+        return None  # nothing asked, or a request cut short: close
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts any pipelined request
+        self._waiting_since = self.loop.time()
+        if self._eof and (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            with contextlib.suppress(h11.LocalProtocolError):
+                self.conn.send(h11.ConnectionClosed())
+            self.transport.close()  # all answered
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_writes(self.transport.get_write_buffer_size())
+
+    def resume_writing(self) -> None:
+        self._unwatch_writes()
+        super().resume_writing()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unwatch_writes()
         super().connection_lost(exc)
+
+    def _waiting_for_request(self) -> bool:
+        return ((self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing()
+                and self.conn.their_state is h11.IDLE)
+
+    def _make_room(self, count: int) -> None:
+        waiting = sorted((c for c in self.connections if isinstance(c, _BoundedH11) and c is not self
+                          and c._waiting_for_request()), key=lambda c: c._waiting_since)[:count]
+        for connection in waiting:
+            self.connections.discard(connection)  # now: uvicorn counts them before the transport is gone
+            connection.transport.abort()
+        if waiting:
+            log.info("%d open connections (the limit): closed the %d waiting longest for a request",
+                     len(self.connections) + len(waiting), len(waiting))
+
+    def _watch_writes(self, buffered: int) -> None:
+        self._unwatch_writes()
+        self._write_deadline = self.loop.call_later(self.read_seconds, self._writes_checked, buffered)
+
+    def _unwatch_writes(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _writes_checked(self, buffered_before: int) -> None:
+        self._write_deadline = None
+        buffered = self.transport.get_write_buffer_size()
+        if not buffered:
+            return
+        if buffered < buffered_before:  # it is reading, slowly: watch again
+            self._watch_writes(buffered)
+            return
+        log.info("%s: took none of its answer (%d bytes waiting) for %.1f s: connection reset", self._peer(),
+                 buffered, self.read_seconds)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # RST, so the kernel drops what it still holds for this client too
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def _head_too_large(self, data: bytes) -> bool:
         buffered = self.conn.trailing_data[0]  # the head so far (h11 keeps it under max_head_bytes)

@@ -33,6 +33,7 @@ from certpilot.settings import load_settings
 from certpilot.x509info import describe_certificate
 from connectors.http_service import MAX_OCSP_REQUEST_BYTES, HTTPService, Limits, build_app
 from connectors.private_ca import PrivateCAIssuer
+from lab.hostile_clients import server_closed
 from lab.ports import free_port
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -199,16 +200,27 @@ def test_a_kept_alive_connection_serves_again_and_its_next_request_has_the_same_
         assert 1.9 < time.monotonic() - started < 4
 
 
-def test_more_connections_than_the_limit_get_503_and_not_a_hang(engine: sa.Engine) -> None:
-    with HTTPService(build_app(engine, ca=False, metrics=False), ("127.0.0.1", free_port()),
+def test_idle_connections_beyond_the_limit_make_room_and_requests_beyond_it_get_503(engine: sa.Engine) -> None:
+    with HTTPService(build_app(engine, metrics=False), ("127.0.0.1", free_port()),
                      limits=Limits(max_connections=20, request_seconds=5)) as service:
         idle = [socket.create_connection(service.address, timeout=10) for _ in range(25)]
         try:
             time.sleep(0.2)  # let the server accept them all
-            status, _, _ = _get(f"{service.url}/healthz")
-            assert status == 503
+            assert _get(f"{service.url}/healthz")[0] == 200  # the 7 idle ones waiting longest made room for it
+            assert [sock.recv(1024) for sock in idle[:7]] == [b""] * 7
+            assert not any(server_closed(sock) for sock in idle[7:])
         finally:
             for sock in idle:
+                sock.close()
+        busy = [socket.create_connection(service.address, timeout=10) for _ in range(20)]
+        try:  # 20 requests in progress (their bodies never come): none of them is cut for a new one
+            for sock in busy:
+                sock.sendall(b"POST /corp/ocsp HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            time.sleep(0.2)
+            status, _, body = _get(f"{service.url}/healthz")
+            assert (status, body) == (503, b"Service Unavailable")
+        finally:
+            for sock in busy:
                 sock.close()
         time.sleep(0.2)
         assert _get(f"{service.url}/healthz")[0] == 200
