@@ -89,6 +89,26 @@ _USER_AGENT = "certpilot-acme (acme-python)"
 _FIRST_POLL = 0.02
 _MAX_POLL = 1.0
 _POLL_GROWTH = 1.5
+_RETRY_BACKOFF = 0.1  # the first wait before a request that failed transiently is sent again; doubles
+_MAX_RETRY_BACKOFF = 2.0
+
+
+def _garbled(exc: acme_errors.ClientError) -> bool:
+    """An answer that was not what the CA meant to send (cut short in its headers: no Replay-Nonce, no JSON
+    where JSON was due), as opposed to a refusal: worth asking again."""
+    if isinstance(exc, acme_errors.ConflictError):
+        return False
+    status = _status_of(exc)
+    return status is None or 200 <= status < 300
+
+
+def _transient_transport(exc: requests.RequestException) -> bool:
+    """A connection refused, reset or closed mid-answer: worth sending again. Not a timeout (the CA may be
+    hung) nor a TLS failure (the wrong CA will not become the right one)."""
+    if isinstance(exc, (requests.Timeout, requests.exceptions.SSLError)):
+        return False
+    return isinstance(exc, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                            requests.exceptions.ContentDecodingError))
 
 
 def ari_cert_id(certificate: x509.Certificate) -> str:
@@ -165,26 +185,82 @@ class _Network(acme_client.ClientNetwork):
 
     - badNonce is retried up to ``bad_nonce_retries`` times (the package retries once), using the
       fresh nonce the error response carries;
-    - rateLimited with a Retry-After that fits the operation's budget is waited out, then retried;
+    - rateLimited (or any 429) with a Retry-After that fits the operation's budget is waited out, then retried;
+    - a transient failure of one request (the connection refused, reset or closed mid-answer, a 5xx, a 429
+      without a usable Retry-After) is retried up to ``transient_retries`` times with a short backoff,
+      within the operation's deadline: a GET or HEAD is sent again as it was, a POST is signed again
+      with a fresh nonce. A timeout is not retried here (the CA may be hung: waiting again would
+      multiply the time to fail). A POST whose answer was lost may have been acted on: the caller
+      makes that safe where it matters (a finalize is never sent twice blindly: see _finalize);
+    - once an order is ``committed`` (its finalize sent: the CA may be issuing), giving up would leave a
+      certificate issued and never collected, and the next attempt would have a second one issued: so
+      from then on every transient failure, timeouts included, is retried until the operation's deadline;
     - every problem document keeps its HTTP status and Retry-After (as seconds) for translation.
     """
 
     def __init__(self, *, key: jose.JWK | None, alg: jose.JWASignature, verify: bool | str, timeout: float,
                  bad_nonce_retries: int, sleep: Callable[[float], None], clock: Callable[[], float],
-                 account_url: str | None = None) -> None:
+                 account_url: str | None = None, transient_retries: int = 0,
+                 retry_backoff: float = _RETRY_BACKOFF) -> None:
         account = messages.RegistrationResource(uri=account_url, body=messages.Registration()) if account_url else None
         # acme types verify_ssl as bool and timeout as int, but hands both to requests, whose verify= takes a
         # CA bundle's path too (``verify`` as a str) and whose timeout= takes a float
         super().__init__(key=key, account=account, alg=alg, user_agent=_USER_AGENT,
                          verify_ssl=verify, timeout=timeout)  # type: ignore[arg-type]
         self.bad_nonce_retries = bad_nonce_retries
+        self.transient_retries = transient_retries
+        self.retry_backoff = retry_backoff
         self.budget: _Budget | None = None
         self._sleep, self._clock = sleep, clock
         self.requests = 0
+        self.retried = 0  # requests sent again after a transient failure
+        self.committed = False  # the order's finalize was sent: retry until the deadline (see above)
 
     def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
-        self.requests += 1
-        return super()._send_request(method, url, *args, **kwargs)
+        if method == "POST":  # post() retries a POST, signed again: the nonce of this one may be spent
+            self.requests += 1
+            return super()._send_request(method, url, *args, **kwargs)
+        failures = 0
+        while True:  # a GET or HEAD changes nothing at the CA: send it again as it was
+            self.requests += 1
+            try:
+                response = super()._send_request(method, url, *args, **kwargs)
+            except requests.RequestException as exc:
+                if not self._retryable(exc) or not self._retry_later(failures, None, f"{method} {url}", exc):
+                    raise
+            else:
+                status = response.status_code
+                if not (status >= 500 or status == 429) or not self._retry_later(
+                        failures, retry_after_seconds(response.headers.get("Retry-After")), f"{method} {url}",
+                        f"HTTP {status}"):
+                    return response
+            failures += 1
+
+    def _retry_later(self, failures: int, retry_after: float | None, what: str, why: object) -> bool:
+        """Whether a request that failed transiently (``failures`` times before) is sent again; if so,
+        sleeps first: the backoff, or the CA's Retry-After when that is longer and fits the budget."""
+        if failures >= self.transient_retries and not self.committed:
+            return False
+        wait = self._backoff(failures)
+        budget = self.budget
+        if retry_after is not None and retry_after > wait:
+            if budget is not None and retry_after > budget.rate_limit_wait:
+                return False
+            wait = retry_after
+            if budget is not None:
+                budget.rate_limit_wait -= wait
+        if budget is not None and self._clock() + wait >= budget.deadline:
+            return False
+        logger.debug("%s failed transiently (%s): retry %d in %.2f s", what, why, failures + 1, wait)
+        self.retried += 1
+        self._sleep(wait)
+        return True
+
+    def _backoff(self, failures: int) -> float:
+        return float(min(self.retry_backoff * (2 ** failures), _MAX_RETRY_BACKOFF))
+
+    def _retryable(self, exc: requests.RequestException) -> bool:
+        return _transient_transport(exc) or (self.committed and isinstance(exc, requests.Timeout))
 
     # acme's is a classmethod; this one keeps the nonce an error response carries, so it needs the instance
     # (ClientNetwork only ever calls it as self._check_response)
@@ -201,8 +277,21 @@ class _Network(acme_client.ClientNetwork):
             problem.retry_after = retry_after_seconds(response.headers.get("Retry-After"))
             raise
 
+    def get(self, url: str, content_type: str = acme_client.ClientNetwork.JSON_CONTENT_TYPE,
+            **kwargs: Any) -> requests.Response:
+        failures = 0
+        while True:  # _send_request retried a failed connection or a 5xx; here: an answer cut short
+            try:
+                return super().get(url, content_type, **kwargs)
+            except acme_errors.ClientError as exc:
+                if _garbled(exc) and self._retry_later(failures, None, f"GET {url}", f"{type(exc).__name__}: {exc}"):
+                    failures += 1
+                    continue
+                raise
+
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
-        bad_nonces = 0
+        bad_nonces = failures = 0
+        what = f"POST {args[0] if args else kwargs.get('url', '')}"
         while True:
             try:
                 return self._post_once(*args, **kwargs)
@@ -212,13 +301,31 @@ class _Network(acme_client.ClientNetwork):
                     logger.debug("badNonce %d of %d allowed: retrying", bad_nonces, self.bad_nonce_retries)
                     continue
                 wait = getattr(problem, "retry_after", None)
+                status = getattr(problem, "http_status", None)
                 budget = self.budget
-                if (_code(problem) == "rateLimited" and wait is not None and budget is not None
+                if ((_code(problem) == "rateLimited" or status == 429) and wait is not None and budget is not None
                         and wait <= budget.rate_limit_wait and self._clock() + wait < budget.deadline):
                     logger.info("rate limited by the CA (%s): waiting %.1f s as its Retry-After asks",
-                                problem.detail, wait)
+                                problem.detail or problem.title, wait)
                     budget.rate_limit_wait -= wait
-                    self._sleep(wait)
+                    self._sleep(max(wait, self._backoff(failures)))  # a Retry-After of 0 is no reason to hammer
+                    failures += 1
+                    continue
+                if (status is not None and status >= 500) or (status == 429 and wait is None):
+                    if self._retry_later(failures, None, what, f"HTTP {status} {_code(problem)}"):
+                        failures += 1
+                        continue
+                raise
+            except acme_errors.ClientError as exc:  # not a problem document: a proxy's 502, an answer cut short
+                status = _status_of(exc)
+                if (_garbled(exc) or (status is not None and (status >= 500 or status == 429))) and self._retry_later(
+                        failures, None, what, f"HTTP {status}" if status else f"{type(exc).__name__}: {exc}"):
+                    failures += 1
+                    continue
+                raise
+            except requests.RequestException as exc:
+                if self._retryable(exc) and self._retry_later(failures, None, what, exc):
+                    failures += 1
                     continue
                 raise
 
@@ -240,16 +347,17 @@ class AcmeIssuer:
     the chains the CA offers, the one whose topmost certificate was issued by that common name;
     ``timeout`` bounds every HTTP request (seconds), ``order_timeout`` a whole order or revocation,
     ``max_rate_limit_wait`` the total Retry-After waited out in place before RateLimitedError;
-    ``bad_nonce_retries`` how often one request is re-sent after badNonce; ``now`` the clock that
-    decides whether a certificate has expired.
+    ``bad_nonce_retries`` how often one request is re-sent after badNonce; ``transient_retries`` how often
+    after a transient failure (reset, 5xx, 429), the first after ``retry_backoff`` seconds, doubling;
+    ``now`` the clock that decides whether a certificate has expired.
     """
 
     def __init__(self, engine: sa.Engine, name: str, directory_url: str, *, key_ring: Callable[[], KeyRing],
                  solver: ChallengeSolver, contact: Sequence[str] = (), eab: tuple[str, bytes | str] | None = None,
                  ca_bundle: str | Path | None = None, preferred_chain: str | None = None, timeout: float = 30.0,
                  account_key_algorithm: str = "ec-p256", order_timeout: float = 120.0,
-                 max_rate_limit_wait: float = 30.0, bad_nonce_retries: int = 10,
-                 actor: audit.Actor | None = None, now: Clock = utcnow) -> None:
+                 max_rate_limit_wait: float = 30.0, bad_nonce_retries: int = 10, transient_retries: int = 6,
+                 retry_backoff: float = _RETRY_BACKOFF, actor: audit.Actor | None = None, now: Clock = utcnow) -> None:
         if account_key_algorithm not in acme_accounts.ACCOUNT_KEY_ALGORITHMS:
             raise ValueError(f"account_key_algorithm must be one of {', '.join(acme_accounts.ACCOUNT_KEY_ALGORITHMS)}")
         self.engine = engine
@@ -262,6 +370,8 @@ class AcmeIssuer:
         self.order_timeout = order_timeout
         self.max_rate_limit_wait = max_rate_limit_wait
         self.bad_nonce_retries = bad_nonce_retries
+        self.transient_retries = transient_retries
+        self.retry_backoff = retry_backoff
         self.account_key_algorithm = account_key_algorithm
         self.actor = actor or audit.Actor(f"acme-issuer:{name}")
         self._key_ring = key_ring
@@ -439,7 +549,8 @@ class AcmeIssuer:
     def _network(self, jwk: jose.JWK | None, alg: jose.JWASignature, account_url: str | None) -> _Network:
         net = _Network(key=jwk, alg=alg, verify=self._verify, timeout=self.timeout,
                        bad_nonce_retries=self.bad_nonce_retries, sleep=self._sleep, clock=self._clock,
-                       account_url=account_url)
+                       account_url=account_url, transient_retries=self.transient_retries,
+                       retry_backoff=self.retry_backoff)
         return net
 
     def _anonymous_network(self) -> _Network:
@@ -477,6 +588,7 @@ class AcmeIssuer:
                     account = self._ensure_account()
                 finally:
                     net.budget = None
+                    net.committed = False
         raise AssertionError("unreachable")
 
     @contextlib.contextmanager
@@ -499,13 +611,22 @@ class AcmeIssuer:
                 raise AcmeProblemError("about:blank", detail, status=status, ca=self.name) from exc
             raise AcmeServerError("about:blank", detail, status=status, ca=self.name) from exc
         except requests.Timeout as exc:
-            raise AcmeServerError("timeout", f"{what}: no answer within {self.timeout:g} s{_asked(exc)}",
+            raise AcmeServerError("timeout", f"{what}: no answer within {self.timeout:g} s{self._asked(exc)}",
                                   ca=self.name) from exc
         except requests.RequestException as exc:
-            raise AcmeServerError("unreachable", f"{what}{_asked(exc)}: {type(exc).__name__}: {exc}",
+            raise AcmeServerError("unreachable", f"{what}{self._asked(exc)}: {type(exc).__name__}: {exc}",
                                   ca=self.name) from exc
         except (acme_errors.Error, jose.Error) as exc:
             raise AcmeServerError("malformed", f"{what}: {type(exc).__name__}: {exc}", ca=self.name) from exc
+
+    def _asked(self, exc: requests.RequestException) -> str:
+        """The request that failed (_asked), or, when requests did not say (an answer cut short), the CA's
+        host:port from its directory URL."""
+        asked = _asked(exc)
+        if asked:
+            return asked
+        parts = urllib.parse.urlsplit(self.directory_url)
+        return f" ({endpoint_label(parts.hostname or '?', parts.port or (443 if parts.scheme == 'https' else 80))})"
 
     def _problem(self, problem: messages.Error, context: str = "") -> CertpilotError:
         subproblems = tuple(AcmeSubproblem(str(sub.typ), (sub.detail or "").strip(),
@@ -515,7 +636,7 @@ class AcmeIssuer:
         detail = f"{context}: {reason}" if context else reason
         status = getattr(problem, "http_status", None)
         code = _code(problem)
-        if code == "rateLimited":
+        if code == "rateLimited" or status == 429:
             return RateLimitedError(str(problem.typ), detail, retry_after=getattr(problem, "retry_after", None),
                                     status=status, subproblems=subproblems, ca=self.name)
         if code in _TRANSIENT_CODES or (status is not None and status >= 500):
@@ -551,6 +672,7 @@ class AcmeIssuer:
             except _OtherKey:
                 logger.warning("%s: order %s was finalized with another key than this CSR's: placing a new order",
                                self.name, order_url)
+                net.committed = False
         directory = self._directory_of(net)
         replaces_id = None
         if replaces is not None and directory.to_partial_json().get("renewalInfo"):
@@ -602,9 +724,10 @@ class AcmeIssuer:
         if order.status == messages.STATUS_PENDING:
             order = self._authorize(net, order_url, order)
         response: requests.Response | None = None
+        net.committed = order.status != messages.STATUS_READY  # processing or valid: the CA is issuing already
         if order.status == messages.STATUS_READY:
-            response = self._post(net, order.finalize, messages.CertificateRequest(csr=csr))
-            order = messages.Order.from_json(response.json())
+            net.committed = True  # from the moment finalize is sent, the CA may issue
+            response, order = self._finalize(net, order_url, order, csr)
         delay = _FIRST_POLL
         while order.status in (messages.STATUS_PROCESSING, messages.STATUS_READY) or (
                 order.status == messages.STATUS_VALID and not order.certificate):
@@ -622,6 +745,26 @@ class AcmeIssuer:
         if spki_sha256(chain[0].public_key()) != spki_sha256(csr.public_key()):
             raise _OtherKey()
         return IssuedCertificate(tuple(c.public_bytes(serialization.Encoding.DER) for c in chain))
+
+    def _finalize(self, net: _Network, order_url: str, order: messages.Order,
+                  csr: x509.CertificateSigningRequest) -> tuple[requests.Response, messages.Order]:
+        """Finalize a ready order. A finalize whose answer was lost may have reached the CA, and sending it
+        again is then refused (orderNotReady: the order is processing or valid already): the order is read
+        instead, and issuance goes on from where it is. Never a second certificate for one order."""
+        retried = net.retried
+        try:
+            response = self._post(net, order.finalize, messages.CertificateRequest(csr=csr))
+        except messages.Error as problem:
+            if _code(problem) != "orderNotReady" or net.retried == retried:  # not sent again: a true refusal
+                raise
+            response = self._post(net, order_url, None)
+            order = messages.Order.from_json(response.json())
+            logger.info("%s: order %s was finalized by an earlier request whose answer was lost; it is %s",
+                        self.name, order_url, order.status.name)
+            if order.status not in (messages.STATUS_PROCESSING, messages.STATUS_VALID):
+                raise
+            return response, order
+        return response, messages.Order.from_json(response.json())
 
     def _new_order(self, net: _Network, identifiers: list[messages.Identifier],
                    replaces_id: str | None) -> tuple[str, messages.Order]:

@@ -196,6 +196,7 @@ class Pebble:
     ca_bundle: Path
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    log: Path | None = None
 
     @property
     def directory_url(self) -> str:
@@ -237,7 +238,7 @@ class Pebble:
         config["managementListenAddress"] = f"127.0.0.1:{server.management_port}"
         config_path = workdir / "pebble-config.json"
         config_path.write_text(json.dumps({"pebble": config}, indent=2))
-        log = workdir / "pebble.log"
+        log = server.log = workdir / "pebble.log"
         with open(log, "wb") as out:
             server.process = subprocess.Popen(
                 [exe, "-config", str(config_path), "-dnsserver", dns.dns_address, "-strict=false"],
@@ -266,6 +267,24 @@ class Pebble:
         response = self.get(f"/cert-status-by-serial/{serial:x}")
         response.raise_for_status()
         return response.json()
+
+    def issued(self) -> dict[int, str]:
+        """Every certificate this pebble has issued, as its log says (``Issued certificate serial S for order
+        O``): serial -> order id. The CA's own count, for tests that must see no certificate issued twice."""
+        found: dict[int, str] = {}
+        assert self.log is not None
+        for line in self.log.read_text(errors="replace").splitlines():
+            words = line.split()
+            if "Issued certificate serial" in line and "for order" in line:
+                at = words.index("serial")
+                found[int(words[at + 1], 16)] = words[at + 4]
+        return found
+
+    def orders(self) -> set[str]:
+        """Every order this pebble has created, as its log says (``Added order "O" to the db``)."""
+        assert self.log is not None
+        return {line.split('"')[1] for line in self.log.read_text(errors="replace").splitlines()
+                if "Added order" in line and line.count('"') >= 2}
 
     def stop(self) -> None:
         _stop(self.process)

@@ -11,42 +11,50 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import select
 
+from certpilot import renewing
 from certpilot.database import read_session
 from certpilot.errors import AcmeServerError
 from certpilot.issuance import build_csr
 from certpilot.keys import generate_private_key
 from certpilot.keystore import KeyRing
 from certpilot.models import AcmeAccount
-from certpilot.x509info import fingerprint_sha256
+from certpilot.policy import DEFAULT_POLICY
 from connectors.acme_issuer import AcmeIssuer
 from connectors.challenges import Http01Responder
-from tests.integration.acme_servers import Pebble, san_dns_names, verified_chain
+from tests.integration.acme_faults import ACTOR, BLOCK, expiring_estate, issuance_counts
+from tests.integration.acme_servers import Pebble
 
-ORDERS = 20
+ORDERS = 100
 
 
-def test_twenty_orders_all_succeed_without_duplicates(sqlite_engine: sa.Engine, pebble_nonce: Pebble,
-                                                      key_ring: Callable[[], KeyRing],
-                                                      http01_responder: Http01Responder,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_a_hundred_renewals_all_issued_once(sqlite_engine: sa.Engine, pebble_nonce: Pebble,
+                                            key_ring: Callable[[], KeyRing], http01_responder: Http01Responder,
+                                            caplog: pytest.LogCaptureFixture) -> None:
     issuer = AcmeIssuer(sqlite_engine, "pebble-nonce", pebble_nonce.directory_url, key_ring=key_ring,
                         solver=http01_responder, ca_bundle=pebble_nonce.ca_bundle)
-    names = [[f"n{i}.nonce.certpilot.test", f"www.n{i}.nonce.certpilot.test"] for i in range(ORDERS)]
+    names = [f"n{i}" for i in range(ORDERS)]
+    expiring_estate(sqlite_engine, key_ring, names, "nonce.certpilot.test")
+    serials_before, orders_before = set(pebble_nonce.issued()), pebble_nonce.orders()
     caplog.set_level(logging.DEBUG, logger="connectors.acme_issuer")
 
-    with ThreadPoolExecutor(4) as pool:  # one issuer, several threads: each has its own session and nonces
-        issued = list(pool.map(lambda n: issuer.issue(build_csr(generate_private_key("ec-p256"), n), "tls-server"),
-                               names))
+    def renew(name: str) -> renewing.Renewal:  # the renewal steps, each certificate stored in the inventory
+        return renewing.renew_one(sqlite_engine, name, issuer, key_ring, ACTOR, policy=DEFAULT_POLICY)
 
-    fingerprints = {fingerprint_sha256(cert.leaf) for cert in issued}
-    assert len(fingerprints) == ORDERS  # one certificate per order, none twice
-    root = pebble_nonce.roots()[0]
-    for wanted, cert in zip(names, issued, strict=True):
-        assert sorted(san_dns_names(cert.leaf)) == sorted(wanted)
-        verified_chain(cert.chain, root, wanted[0])
-        assert pebble_nonce.cert_status(cert.leaf.serial_number)["Status"] == "Valid"
+    with ThreadPoolExecutor(4) as pool:  # one issuer, several threads: each has its own session and nonces
+        renewals = list(pool.map(renew, names))
+
+    counts = issuance_counts(sqlite_engine, pebble_nonce, serials_before)
+    assert len(counts.ca_serials) == ORDERS  # the CA issued one certificate per renewal...
+    assert counts.not_recorded == frozenset() and counts.per_managed == dict.fromkeys(names, 1)  # ...each recorded
+    new_orders = pebble_nonce.orders() - orders_before
+    assert len(new_orders) == ORDERS  # a rejected nonce creates no order: one order per renewal
+    assert {pebble_nonce.issued()[serial] for serial in counts.ca_serials} == new_orders
+    for name, renewal in zip(names, renewals, strict=True):
+        assert renewal.name == name and renewal.replaces is not None  # each replaced the expiring one
+        assert int(renewal.serial_hex, 16) in counts.ca_serials
+        assert pebble_nonce.cert_status(int(renewal.serial_hex, 16))["Status"] == "Valid"
     retried = [r for r in caplog.records if "badNonce" in r.getMessage()]
-    assert len(retried) >= 10  # ~30% of a few hundred requests: the retries really happened
+    assert len(retried) >= 50  # ~30% of about a thousand requests: the retries really happened
     with read_session(sqlite_engine) as session:
         assert len(session.exec(select(AcmeAccount)).all()) == 1  # four threads, one account
 

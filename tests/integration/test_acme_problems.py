@@ -158,11 +158,37 @@ def test_caa_compound_problem_with_subproblems(front_issuer: AcmeIssuer, acme_fr
 ])
 def test_problem_types_map_to_permanent_or_transient(front_issuer: AcmeIssuer, acme_front: AcmeFront, status: int,
                                                      typ: str, error_class: type[Exception]) -> None:
-    acme_front.inject("/finalize-order/", status, {"type": typ, "detail": "the CA says no"})
+    front_issuer.retry_backoff = 0.01
+    front_issuer.order_timeout = 1.5
+    # A refusal is final; a 5xx to a finalize is sent again until the order's deadline (the CA may have
+    # acted: giving up would leave a certificate issued for nothing), then fails as the CA's error.
+    acme_front.inject("/finalize-order/", status, {"type": typ, "detail": "the CA says no"}, times=10_000)
     with pytest.raises(error_class) as failed:
         _order(front_issuer, "mapped.certpilot.test")
     assert failed.value.typ == typ and failed.value.status == status  # type: ignore[attr-defined]
-    assert [path.split("/")[1] for path, _, _ in acme_front.posts].count("finalize-order") == 1  # not retried
+    finalizes = [path.split("/")[1] for path, _, _ in acme_front.posts].count("finalize-order")
+    if status < 500:
+        assert finalizes == 1
+    else:
+        assert finalizes > 1 + front_issuer.transient_retries
+
+
+def test_a_5xx_before_finalize_is_retried_a_bounded_number_of_times(front_issuer: AcmeIssuer,
+                                                                    acme_front: AcmeFront) -> None:
+    front_issuer.retry_backoff = 0.01
+    acme_front.inject("/order-plz", 503, {"type": "urn:ietf:params:acme:error:serverInternal"}, times=10_000)
+    with pytest.raises(AcmeServerError) as failed:
+        _order(front_issuer, "bounded.certpilot.test")
+    assert failed.value.status == 503
+    assert [path.split("/")[1] for path, _, _ in acme_front.posts].count("order-plz") == 1 + front_issuer.transient_retries
+
+
+def test_a_5xx_once_is_retried_and_the_order_completes(front_issuer: AcmeIssuer, acme_front: AcmeFront) -> None:
+    front_issuer.retry_backoff = 0.01
+    acme_front.inject("/finalize-order/", 503, {"type": "urn:ietf:params:acme:error:serverInternal"}, times=2)
+    issued = _order(front_issuer, "retried.certpilot.test")
+    assert issued.leaf.subject.rfc4514_string() == "CN=retried.certpilot.test"
+    assert [path.split("/")[1] for path, _, _ in acme_front.posts].count("finalize-order") == 3
 
 
 def test_unreachable_ca_is_transient(sqlite_engine: sa.Engine, key_ring: Callable[[], KeyRing],
