@@ -24,8 +24,9 @@ unmanaged certificates of one CA are counted together), else ``self-signed``, el
 (``external``). Whether each can issue something else:
 
 - a certpilot private CA signs with the installed ``cryptography``: whether that can build an ML-DSA
-  certificate is tried once per process (``ml_dsa_support``); it is not offered as a CA profile yet
-  (issue 12);
+  certificate is tried once per process (``ml_dsa_support``); when it can, an ML-DSA CA is one
+  `certpilot ca init NAME --algorithm ml-dsa-65` away, and its managed certificates take
+  ``--key-algorithm ml-dsa-65``;
 - an ACME CA: depends on the CA, and no public CA issues post-quantum certificates today;
 - anything else is not issued by certpilot: ask its CA (or whoever made the self-signed one).
 
@@ -162,8 +163,8 @@ class MlDsaSupport:
     def private_ca_alternative(self) -> str:
         """What a certpilot private CA could issue instead of a classical key."""
         if self.available:
-            return (f"can sign {'/'.join(self.algorithms)} with cryptography {self.cryptography_version}, "
-                    "not yet offered as a profile (issue 12)")
+            return (f"can sign {'/'.join(self.algorithms)} with cryptography {self.cryptography_version}: "
+                    "`certpilot ca init NAME --algorithm ml-dsa-65`, leaves with --key-algorithm ml-dsa-65")
         return f"cannot sign ML-DSA with cryptography {self.cryptography_version} ({self.detail})"
 
     def as_dict(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from certpilot import names as name_rules
 from certpilot.clock import utcnow
 from certpilot.errors import NotFoundError, PermanentError
 from certpilot.issuance import PROFILES
-from certpilot.keys import KEY_ALGORITHMS
+from certpilot.keys import KEY_ALGORITHMS, ML_DSA_ALGORITHMS
 from certpilot.keystore import KeyRing
 from certpilot.models import Certificate, ManagedCertificate, SubjectAltName
 from certpilot.renewal import RenewalDecision, RenewalPolicy, RenewalWindow, decide, renewal_time
@@ -90,6 +90,10 @@ def _check_spec(spec: ManagedSpec) -> ManagedSpec:
         raise PermanentError(f"unknown profile {spec.profile!r}; choose one of {', '.join(PROFILES)}")
     if spec.key_algorithm not in KEY_ALGORITHMS:
         raise PermanentError(f"unknown key algorithm {spec.key_algorithm!r}; choose one of {', '.join(KEY_ALGORITHMS)}")
+    if spec.key_algorithm in ML_DSA_ALGORITHMS and not spec.issuer.startswith("private-ca/"):
+        raise PermanentError(f"key algorithm {spec.key_algorithm} (post-quantum) is for certificates of a certpilot "
+                             f"private CA (--issuer private-ca/NAME), not {spec.issuer}: no ACME or public CA issues "
+                             "ML-DSA certificates")
     if spec.validity_days is not None and spec.validity_days < 1:
         raise PermanentError(f"validity must be at least 1 day, not {spec.validity_days}")
     if spec.renew_before_days is not None and spec.renew_before_days < 0:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, mldsa, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtensionOID
 
@@ -202,6 +202,12 @@ def _describe_key(cert: x509.Certificate, notes: list[str]) -> tuple[str, int | 
         described = ("Ed448", 456, None)
     elif isinstance(key, dsa.DSAPublicKey):
         described = ("DSA", key.key_size, None)
+    elif isinstance(key, mldsa.MLDSA44PublicKey):  # FIPS 204 names a parameter set, not a key size
+        described = ("ML-DSA-44", None, None)
+    elif isinstance(key, mldsa.MLDSA65PublicKey):
+        described = ("ML-DSA-65", None, None)
+    elif isinstance(key, mldsa.MLDSA87PublicKey):
+        described = ("ML-DSA-87", None, None)
     else:
         described = (type(key).__name__, None, None)
     return (*described, spki)

@@ -57,6 +57,9 @@ class KeyAlgorithm(StrEnum):
     RSA_3072 = "rsa-3072"
     RSA_4096 = "rsa-4096"
     ED25519 = "ed25519"
+    ML_DSA_44 = "ml-dsa-44"  # post-quantum (FIPS 204): private CAs only
+    ML_DSA_65 = "ml-dsa-65"
+    ML_DSA_87 = "ml-dsa-87"
 
 
 class RevocationReason(StrEnum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 
@@ -32,6 +32,9 @@ def key_needles(key: PrivateKeyTypes) -> dict[str, bytes]:
     elif isinstance(key, rsa.RSAPrivateKey):
         d = key.private_numbers().d
         needles["rsa-d"] = d.to_bytes((d.bit_length() + 7) // 8, "big")
+    elif isinstance(key, mldsa.MLDSA44PrivateKey | mldsa.MLDSA65PrivateKey | mldsa.MLDSA87PrivateKey):
+        needles["ml-dsa-seed"] = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                   serialization.NoEncryption())  # the 32-byte seed: the whole key
     elif isinstance(key, ed25519.Ed25519PrivateKey):
         needles["ed25519-raw"] = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                                    serialization.NoEncryption())

@@ -125,16 +125,16 @@ def test_the_issuing_key_is_on_the_token_and_signs_certificates_crls_and_ocsp(
         assert ca.list_cas(session)[0]["issuing_key_custody"] == f"pkcs11:{softhsm.label}"
 
     # On the token: a private key, sensitive, never extractable, made there; its value cannot be read.
-    session = _raw_session(softhsm)
+    raw = _raw_session(softhsm)
     try:
-        private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=bytes.fromhex(key_id))
+        private = raw.get_key(object_class=ObjectClass.PRIVATE_KEY, id=bytes.fromhex(key_id))
         assert private[Attribute.SENSITIVE] and private[Attribute.ALWAYS_SENSITIVE]
         assert not private[Attribute.EXTRACTABLE] and private[Attribute.NEVER_EXTRACTABLE]
         assert private[Attribute.LOCAL]
         with pytest.raises(p11.AttributeSensitive):
             private[Attribute.VALUE]
     finally:
-        session.close()
+        raw.close()
 
     # A certificate: openssl verifies the chain, cryptography the signature.
     leaf_key = ec.generate_private_key(ec.SECP256R1())
@@ -220,12 +220,12 @@ def test_a_token_that_cannot_be_used_refuses_issuance_and_writes_nothing(
         row = session.get(TokenKey, ca.get_ca(session, "hsm2").issuing_token_key_id)
         assert row is not None
         key_id = row.key_id
-    session = _raw_session(softhsm)
+    raw = _raw_session(softhsm)
     try:
         for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
-            session.get_key(object_class=object_class, id=bytes.fromhex(key_id)).destroy()
+            raw.get_key(object_class=object_class, id=bytes.fromhex(key_id)).destroy()
     finally:
-        session.close()
+        raw.close()
     refused = runner.invoke(app, issue)
     assert refused.exit_code == 1 and f"no private key with CKA_ID {key_id}" in refused.output, refused.output
     assert _counts(engine) == after_one

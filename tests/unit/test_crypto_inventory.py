@@ -186,8 +186,9 @@ def test_ml_dsa_support_is_tried_with_the_installed_cryptography() -> None:
     version = importlib.metadata.version("cryptography")
     assert support.cryptography_version == version
     assert support.available and support.algorithms == ("ML-DSA-44", "ML-DSA-65", "ML-DSA-87")
-    assert support.private_ca_alternative == (f"can sign ML-DSA-44/ML-DSA-65/ML-DSA-87 with cryptography {version}, "
-                                              "not yet offered as a profile (issue 12)")
+    assert support.private_ca_alternative == (
+        f"can sign ML-DSA-44/ML-DSA-65/ML-DSA-87 with cryptography {version}: "
+        "`certpilot ca init NAME --algorithm ml-dsa-65`, leaves with --key-algorithm ml-dsa-65")
 
 
 def test_ca_certificates_only_when_asked(engine: sa.Engine, estate: Estate) -> None:

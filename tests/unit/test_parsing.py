@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
@@ -42,7 +42,8 @@ class Issuer:
 
 
 def _sign_alg(key: object) -> hashes.HashAlgorithm | None:
-    if isinstance(key, ed25519.Ed25519PrivateKey):
+    if isinstance(key, ed25519.Ed25519PrivateKey | mldsa.MLDSA44PrivateKey | mldsa.MLDSA65PrivateKey
+                  | mldsa.MLDSA87PrivateKey):
         return None
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
         return hashes.SHA384()
@@ -547,7 +548,8 @@ def test_key_matches_certificate(pki: Pki, full: x509.Certificate) -> None:
 _EXPECTED_KEYS = {
     "rsa-2048": (rsa.RSAPrivateKey, 2048), "rsa-3072": (rsa.RSAPrivateKey, 3072), "rsa-4096": (rsa.RSAPrivateKey, 4096),
     "ec-p256": (ec.EllipticCurvePrivateKey, "secp256r1"), "ec-p384": (ec.EllipticCurvePrivateKey, "secp384r1"),
-    "ed25519": (ed25519.Ed25519PrivateKey, None),
+    "ed25519": (ed25519.Ed25519PrivateKey, None), "ml-dsa-44": (mldsa.MLDSA44PrivateKey, None),
+    "ml-dsa-65": (mldsa.MLDSA65PrivateKey, None), "ml-dsa-87": (mldsa.MLDSA87PrivateKey, None),
 }
 
 
