@@ -12,6 +12,7 @@ import contextlib
 import os
 import sqlite3
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,11 @@ from sqlmodel import Session
 from certpilot.errors import TransientError
 from certpilot.settings import Settings, load_settings
 
+__all__ = ["InventoryBusyError", "InventoryUnavailableError", "SQLITE_BUSY_SECONDS", "checkpoint", "create_engine",
+           "current_revision", "dispose_engines", "get_engine", "head_revision", "read_session", "upgrade",
+           "where", "write_session"]
+
+SQLITE_BUSY_SECONDS = 60.0  # how long a SQLite writer waits for another writer's lock before it fails
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _WRITE_LOCK_ID = 0x63657274  # "cert": the one advisory lock every PostgreSQL writer takes
 _engines: dict[str, sa.Engine] = {}
@@ -38,16 +44,36 @@ _engines: dict[str, sa.Engine] = {}
 _SQLITE_TUNING = ("cache_size=-131072", "wal_autocheckpoint=20000")
 
 
-def create_engine(url: str) -> sa.Engine:
-    """A new engine for ``url``, with certpilot's per-backend settings."""
+class InventoryBusyError(TransientError):
+    """Another writer held the inventory database's write lock for longer than this writer waits."""
+
+
+class InventoryUnavailableError(TransientError):
+    """The inventory database did not answer, or the connection to it was lost (a restart, say)."""
+
+
+_busy_seconds: weakref.WeakKeyDictionary[sa.Engine, float] = weakref.WeakKeyDictionary()
+
+
+def where(engine: sa.Engine) -> str:
+    """The inventory database an engine writes to, for messages: the SQLite file, or the URL without its password."""
+    if engine.dialect.name == "sqlite":
+        return f"SQLite file {engine.url.database}"
+    return engine.url.render_as_string(hide_password=True)
+
+
+def create_engine(url: str, *, busy_timeout: float = SQLITE_BUSY_SECONDS) -> sa.Engine:
+    """A new engine for ``url``, with certpilot's per-backend settings. ``busy_timeout``: how long a
+    SQLite writer waits for another writer's lock (then InventoryBusyError)."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
     if url.startswith("sqlite"):
         path = sa.engine.make_url(url).database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 60})
-        _configure_sqlite(engine)
+        engine = sa.create_engine(url, connect_args={"timeout": busy_timeout})
+        _configure_sqlite(engine, busy_timeout)
+        _busy_seconds[engine] = busy_timeout
         return engine
     # No server-side prepared statements (psycopg prepares a query after 5 runs on a connection): PostgreSQL
     # then plans it generically after 5 more, and the generic plan of an IN list of 500 parameters (how the
@@ -57,12 +83,12 @@ def create_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10, "prepare_threshold": None})
 
 
-def _configure_sqlite(engine: sa.Engine) -> None:
+def _configure_sqlite(engine: sa.Engine, busy_timeout: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):  # noqa: ANN001, ANN202
         dbapi_connection.isolation_level = None  # let the "begin" hook below issue BEGIN itself
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         _enable_wal(cursor)
         for pragma in ("foreign_keys=ON", "secure_delete=ON", "synchronous=NORMAL") + _SQLITE_TUNING:
             cursor.execute(f"PRAGMA {pragma}")
@@ -160,7 +186,10 @@ def read_session(engine: sa.Engine) -> Iterator[Session]:
 
 @contextlib.contextmanager
 def write_session(engine: sa.Engine) -> Iterator[Session]:
-    """One serialised write transaction: committed on success, rolled back on any error."""
+    """One serialised write transaction: committed on success, rolled back on any error (so nothing of it
+    is written). A lock another writer holds for longer than the busy timeout (SQLite) or a serialisation
+    failure: InventoryBusyError; a PostgreSQL server that cannot be reached or a connection lost (a
+    restart): InventoryUnavailableError. Both transient, both naming the database."""
     bound = engine.execution_options(certpilot_write=True)
     try:
         with Session(bound, expire_on_commit=False) as session:
@@ -170,9 +199,19 @@ def write_session(engine: sa.Engine) -> Iterator[Session]:
                 session.connection()  # BEGIN IMMEDIATE now, not at the first write
             yield session
             session.commit()
-    except sa.exc.OperationalError as exc:
-        if "locked" in str(exc).lower() or "could not serialize" in str(exc).lower():
-            raise TransientError(f"inventory database busy: {exc.orig}") from exc
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        text = str(exc.orig).lower()
+        if "locked" in text:
+            raise InventoryBusyError(
+                f"inventory database {where(engine)} is locked: another writer holds it and did not release it "
+                f"within {_busy_seconds.get(engine, SQLITE_BUSY_SECONDS):g} s; nothing of this transaction was "
+                f"written ({exc.orig})") from exc
+        if "could not serialize" in text:
+            raise InventoryBusyError(f"inventory database {where(engine)} busy: {exc.orig}") from exc
+        if engine.dialect.name == "postgresql":
+            first = (str(exc.orig).strip().splitlines() or [""])[0][:300]
+            raise InventoryUnavailableError(f"inventory database {where(engine)} did not answer or the connection "
+                                            f"was lost: {first}") from exc
         raise
 
 

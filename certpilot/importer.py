@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import stat
 import threading
+import time
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from sqlmodel import Session, SQLModel, col
 
 from certpilot import audit, keystore, violations
-from certpilot.database import write_session
+from certpilot.database import InventoryUnavailableError, write_session
 from certpilot.errors import (CertpilotError, InvalidOptionError, KeyMismatchError, ParseError, TransientError,
                               redact)
 from certpilot.formats import load_bundle
@@ -61,6 +62,9 @@ _POOL_MIN_FILES = 2000
 _POOL_CHUNK = 250
 _POOL_AHEAD = 4
 _POOL_MAX_PROCESSES = 8
+# A batch whose database did not answer or dropped the connection (a PostgreSQL restart, a failover) is
+# tried again after each of these pauses (about 15 s in all), then its files fail naming the database.
+UNAVAILABLE_RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 @dataclass(frozen=True)
@@ -606,16 +610,25 @@ def _apply_policy(engine: sa.Engine, policy: Policy, fingerprints: list[str], ac
 
 def _write_batch(engine: sa.Engine, batch: list[_ParsedFile], options: ImportOptions, actor: audit.Actor,
                  ring: Callable[[], keystore.KeyRing], now: dt.datetime | None) -> list[FileResult]:
-    """One transaction for the batch. Should it fail for a reason other than a busy database, each file
-    is written on its own, so that a file the database refuses fails alone."""
+    """One transaction for the batch (all of it written, or none). A database that did not answer or lost
+    the connection is tried again (UNAVAILABLE_RETRY_SECONDS); should the batch fail for a reason other than
+    a busy or unavailable database, each file is written on its own, so that a file the database refuses
+    fails alone."""
     observations = [Observation(r, p.locator, options.source) for p in batch for r in p.records]
     try:
-        with write_session(engine) as session:
-            outcome = upsert(session, observations, actor, owner=options.owner, tags=options.tags, now=now)
-            stored: dict[str, int] = {}
-            if options.import_keys:
-                for parsed in batch:
-                    stored[parsed.source] = _store_keys(session, parsed.keys, ring, actor, now)
+        for pause in (*UNAVAILABLE_RETRY_SECONDS, None):
+            try:
+                with write_session(engine) as session:
+                    outcome = upsert(session, observations, actor, owner=options.owner, tags=options.tags, now=now)
+                    stored: dict[str, int] = {}
+                    if options.import_keys:
+                        for parsed in batch:
+                            stored[parsed.source] = _store_keys(session, parsed.keys, ring, actor, now)
+                break
+            except InventoryUnavailableError:
+                if pause is None:
+                    raise
+                time.sleep(pause)
     except (CertpilotError, sa.exc.SQLAlchemyError, *VENDOR_ERRORS) as exc:
         if len(batch) > 1 and not isinstance(exc, TransientError):
             return [result for parsed in batch for result in _write_batch(engine, [parsed], options, actor, ring, now)]

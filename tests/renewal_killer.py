@@ -18,12 +18,12 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    point, subject, within_days = argv[0], argv[1], float(argv[2])
+    wanted, whom, within_days = argv[0], argv[1], float(argv[2])
     from certpilot import checkpoints
 
-    def kill_at(reached: checkpoints.Point, who: str) -> None:
-        if reached == point and who == subject:
-            print(f"killed at {reached} of {who}", flush=True)
+    def kill_at(point: checkpoints.Point, subject: str) -> None:
+        if point == wanted and subject == whom:
+            print(f"killed at {point} of {subject}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoints.reached = kill_at  # the seam: a no-op in production

@@ -133,11 +133,11 @@ def test_killed_then_renew_due_again_converges(make_fleet: Callable[..., Fleet],
         rows = targets.list_targets(session, NAME)
         assert {(t.name, t.desired_fingerprint, t.verified_fingerprint) for t in rows} == \
             {(site.instance, current, current) for site in fleet.sites}
-        row = session.get(Certificate, current)
-        assert row is not None and row.managed_certificate_id == managed.get(session, NAME).id
+        issued = session.get(Certificate, current)
+        assert issued is not None and issued.managed_certificate_id == managed.get(session, NAME).id
     # No target serves a certificate with a key other than its key file's.
     for site in fleet.sites:
-        assert _served_spki(fleet, site) == _key_file_spki(fleet, site) == row.spki_sha256, site
+        assert _served_spki(fleet, site) == _key_file_spki(fleet, site) == issued.spki_sha256, site
     # No key lost: none destroyed, every recorded certificate's key kept, every key made (killed run too) kept.
     with read_session(fleet.engine) as session:
         keys = {k.spki_sha256: k for k in session.exec(select(PrivateKey))}
