@@ -24,7 +24,7 @@ from certpilot.errors import PermanentError
 from certpilot.issuance import build_csr
 from certpilot.keys import generate_private_key, key_algorithm, private_key_der
 from certpilot.models import Certificate, PrivateKey
-from certpilot.policy import DEFAULT_POLICY, facts_of_certificate, parse_policy
+from certpilot.policy import facts_of_certificate, parse_policy
 from certpilot.settings import load_settings
 from cli.main import app
 from connectors.private_ca import PrivateCAIssuer
@@ -92,8 +92,9 @@ def test_an_ml_dsa_ca_signs_leaves_crls_and_ocsp_that_cryptography_verifies(
     assert everything.keys.get("ML-DSA-65") == 3 and everything.signatures.get("ML-DSA-65") == 3
     assert everything.pq.post_quantum == 3 and everything.pq.classical == 0
     assert leaves.pq.post_quantum == 1 and leaves.certificates[0].quantum == "post-quantum"
-    default_rule = [v for v in DEFAULT_POLICY.evaluate(facts_of_certificate(leaf), now) if v.rule == "key-algorithm"]
-    assert default_rule and "ml-dsa-65" in default_rule[0].detail
+    classical_only = parse_policy("rules:\n  key-algorithm: {allowed: [rsa, ec-p256]}\n")
+    refused = [v for v in classical_only.evaluate(facts_of_certificate(leaf), now) if v.rule == "key-algorithm"]
+    assert refused and "ml-dsa-65" in refused[0].detail
     allowing = parse_policy(ALLOW_ML_DSA)
     assert not [v for v in allowing.evaluate(facts_of_certificate(leaf), now) if v.rule == "key-algorithm"]
 
