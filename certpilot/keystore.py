@@ -238,11 +238,11 @@ def read_kms_key_file(path: Path) -> KmsKeyFile:
         raise MasterKeyError(f"KMS master key file {path} is not readable: {type(exc).__name__}") from None
 
 
-def _kms_failure(exc: ServiceError, kms_key: str, doing: str) -> Exception:
+def _kms_failure(exc: ServiceError, kms_key: str, what: str) -> Exception:
     if isinstance(exc, TransientError):
-        return MasterKeyUnavailableError(f"KMS key {kms_key} did not answer while {doing}, and nothing was "
+        return MasterKeyUnavailableError(f"cannot {what}: KMS key {kms_key} did not answer, and nothing was "
                                          f"changed: {exc}")
-    return MasterKeyError(f"KMS key {kms_key} refused {doing}, and nothing was changed: {exc}")
+    return MasterKeyError(f"cannot {what}: KMS key {kms_key} refused, and nothing was changed: {exc}")
 
 
 def new_kms_master_key(kms: KeyManagementService, kms_key_id: str) -> tuple[MasterKey, KmsKeyFile]:
@@ -250,7 +250,7 @@ def new_kms_master_key(kms: KeyManagementService, kms_key_id: str) -> tuple[Mast
     try:
         data_key = kms.generate_data_key(kms_key_id, dict(KMS_CONTEXT))
     except ServiceError as exc:
-        raise _kms_failure(exc, kms_key_id, "to generate a new master key") from exc
+        raise _kms_failure(exc, kms_key_id, "generate a new master key") from exc
     if len(data_key.plaintext) != 32:
         raise MasterKeyError(f"KMS key {kms_key_id} returned a data key of {len(data_key.plaintext)} bytes, not 32")
     key = MasterKey(data_key.plaintext)
@@ -263,7 +263,7 @@ def open_kms_key_file(path: Path, kms: KeyManagementService) -> MasterKey:
     try:
         secret = kms.decrypt(wrapped.kms_key_arn, wrapped.ciphertext, dict(KMS_CONTEXT))
     except ServiceError as exc:
-        raise _kms_failure(exc, wrapped.kms_key_arn, f"to open the master key in {path}") from exc
+        raise _kms_failure(exc, wrapped.kms_key_arn, f"open the master key in {path}") from exc
     key = MasterKey(secret)
     if len(secret) != 32 or key.id != wrapped.master_key_id:
         raise MasterKeyError(f"KMS master key file {path}: KMS key {wrapped.kms_key_arn} opened it, but not to "
