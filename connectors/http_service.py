@@ -440,8 +440,8 @@ class _BoundedH11(H11Protocol):
         super().handle_events()
 
     def eof_received(self) -> bool | None:  # type: ignore[override]
-        if self.conn.their_state is h11.DONE or self.conn.trailing_data[0]:
-            self._eof = True  # a request (or more, pipelined) to answer first
+        if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is not h11.SEND_BODY:
+            self._eof = True  # a whole request (and any pipelined after it) to answer first
             return True  # keep the transport open for writing
         return None  # nothing asked, or a request cut short: close
 
