@@ -139,6 +139,17 @@ class ManagedCertificate(SQLModel, table=True):
     last_error: str | None = None  # the reason the last renewal attempt failed; None after a success
 
 
+class RenewalClaim(SQLModel, table=True):
+    """A renewal in progress: the run (``holder``) renewing a managed certificate, until it ends or
+    ``until`` passes (a run that died holding it). Two runs never renew the same certificate at once."""
+
+    __tablename__ = "renewal_claim"
+
+    managed_certificate_id: int = Field(primary_key=True, foreign_key="managed_certificate.id")
+    holder: str = Field(max_length=128)
+    until: dt.datetime = _time()
+
+
 class CertificateAuthority(SQLModel, table=True):
     """certpilot's own private CA: a root (whose key may be taken offline) and an issuing intermediate."""
 

@@ -46,7 +46,7 @@ from certpilot.issuance import IssuedCertificate, Issuer, build_csr
 from certpilot.keys import generate_private_key
 from certpilot.keystore import KeyRef, destroy_private_key, load_private_key, store_private_key
 from certpilot.managed import KeyRingSource
-from certpilot.models import Certificate, ManagedCertificate, PrivateKey
+from certpilot.models import Certificate, ManagedCertificate, PrivateKey, RenewalClaim, Target
 from certpilot.policy import Policy, load_policy
 from certpilot.settings import load_settings
 from certpilot.x509info import describe_certificate, serial_hex, spki_sha256
@@ -71,6 +71,7 @@ __all__ = [
     "Steps",
     "TransientRenewalError",
     "due_certificates",
+    "recorded_outcomes",
     "left_behind",
     "failure",
     "is_transient",
@@ -82,6 +83,10 @@ __all__ = [
     "record_issued",
     "renew",
     "renew_one",
+    "renew_claimed",
+    "claim",
+    "release",
+    "Skipped",
     "check_policy",
     "step_error",
     "store",
@@ -485,6 +490,72 @@ def renew(steps: Steps, name: str) -> Renewal:
         raise failure(steps, name, step, exc, loaded, key) from None
 
 
+# ------------------------------------------------------------------------------------------ claims
+
+CLAIM_LEASE = dt.timedelta(hours=1)  # longer than a renewal may take (its task's timeout is 40 minutes)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A due certificate a renew-due run left alone, and why: another run holds its claim, or renewed it
+    after this run found it due."""
+
+    name: str
+    why: str
+
+
+def claim(engine: sa.Engine, name: str, holder: str, now: dt.datetime | None = None,
+          lease: dt.timedelta = CLAIM_LEASE) -> str | None:
+    """Claim the renewal of managed certificate ``name`` for ``holder`` (a flow run) until ``now + lease``.
+    Returns None when claimed, else the holder whose claim is in force. One serialised write transaction
+    (certpilot.database.write_session): of two runs on any machines, one gets it. A claim left by a run
+    that died expires at its ``until``."""
+    now = now or utcnow()
+    with write_session(engine) as session:
+        row = managed.get(session, name)
+        assert row.id is not None  # a stored row
+        held = session.get(RenewalClaim, row.id)
+        if held is not None and held.until > now and held.holder != holder:
+            return held.holder
+        if held is None:
+            session.add(RenewalClaim(managed_certificate_id=row.id, holder=holder, until=now + lease))
+        else:
+            held.holder, held.until = holder, now + lease
+            session.add(held)
+    return None
+
+
+def release(engine: sa.Engine, name: str, holder: str) -> None:
+    """End ``holder``'s claim on ``name`` (another's, if it took over an expired one, stays)."""
+    with write_session(engine) as session:
+        ids = sa.select(col(ManagedCertificate.id)).where(col(ManagedCertificate.name) == name).scalar_subquery()
+        session.execute(sa.delete(RenewalClaim).where(col(RenewalClaim.managed_certificate_id) == ids,
+                                                      col(RenewalClaim.holder) == holder))
+
+
+def renew_claimed(steps: Steps, engine: sa.Engine, name: str, holder: str, selected_with: str | None,
+                  ) -> Renewal | Skipped:
+    """``renew`` for renew-due and renew-batch, so that no certificate is renewed twice however runs
+    overlap: under ``holder``'s claim (``claim``), and only if the certificate in service is still
+    ``selected_with``, the one it was found due with. Else Skipped, saying which run has it or what
+    replaced it; nothing is recorded then."""
+    other = claim(engine, name, holder)
+    if other is not None:
+        return Skipped(name, f"run {other} is renewing it")
+    try:
+        with read_session(engine) as session:
+            current = managed.current_certificate(session, managed.get(session, name))
+        now_serving = current.fingerprint_sha256 if current is not None else None
+        if now_serving != selected_with:
+            return Skipped(name, f"renewed by another run meanwhile (now {(now_serving or 'none')[:16]})")
+        return renew(steps, name)
+    finally:
+        try:
+            release(engine, name, holder)
+        except Exception:  # noqa: BLE001 - the claim then lapses at its until; the renewal's end stands
+            pass
+
+
 def renew_one(engine: sa.Engine, name: str, issuer: Issuer, key_ring: KeyRingSource, actor: audit.Actor,
               clock: Clock = utcnow, *, policy: Policy | None = None) -> Renewal:
     """Renew ``name`` with ``issuer`` (whatever issuer the managed certificate names), every step
@@ -507,9 +578,18 @@ class DueCertificate:
     has_targets: bool
 
 
-def due_certificates(session: Session, at: dt.datetime, limit: int | None = None) -> list[DueCertificate]:
-    """The managed certificates due for renewal at ``at``, most overdue first, at most ``limit``."""
-    rows = [s for s in managed.schedule(session, at) if s.decision.due]
+def due_certificates(session: Session, at: dt.datetime, limit: int | None = None,
+                     names: Sequence[str] | None = None) -> list[DueCertificate]:
+    """The managed certificates due for renewal at ``at``, most overdue first, at most ``limit``;
+    only those of ``names`` when given (a renew-batch run: what is still due of the names it was given)."""
+    subset = None
+    if names is not None:
+        subset = []
+        for start in range(0, len(names), 500):
+            subset += list(session.exec(select(ManagedCertificate).where(
+                col(ManagedCertificate.name).in_(list(names[start:start + 500])),
+                ManagedCertificate.status == "active")))
+    rows = [s for s in managed.schedule(session, at, subset) if s.decision.due]
     deployed = targets.managed_with_targets(session)
     if limit is not None:
         rows = rows[:limit]
@@ -566,10 +646,13 @@ class RenewalOutcome:
     step: FailedAt | None = None
     reason: str | None = None
     kept: str | None = None
+    skipped: str | None = None  # why this run left it alone (another run renews it or renewed it: ``Skipped``)
 
     @classmethod
-    def of(cls, due: DueCertificate, renewal: Renewal | None, error: BaseException | None) -> RenewalOutcome:
-        """The outcome of renewing ``due``: ``renewal``, or the ``error`` it ended with."""
+    def of(cls, due: DueCertificate, renewal: Renewal | Skipped | None, error: BaseException | None) -> RenewalOutcome:
+        """The outcome of renewing ``due``: ``renewal`` (or why it was skipped), or the ``error`` it ended with."""
+        if isinstance(renewal, Skipped):
+            return cls(due.name, due.issuer, due.reason, kept=due.current, skipped=renewal.why)
         if error is None and renewal is not None:
             return cls(due.name, due.issuer, due.reason, renewal=renewal)
         if isinstance(error, RenewalError):
@@ -592,7 +675,7 @@ class RenewalOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.renewal is not None and self.reason is None
+        return (self.renewal is not None or self.skipped is not None) and self.reason is None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "issuer": self.issuer, "why": self.why, "ok": self.ok}
@@ -645,3 +728,42 @@ class RenewDueFailed(PermanentError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled into Prefect's result storage
         return (type(self), (self.summary,))
+
+
+def recorded_outcomes(session: Session, due: Sequence[DueCertificate], since: dt.datetime) -> list[RenewalOutcome]:
+    """How renewing each of ``due`` ended, as the inventory recorded it: renew-due reads this after its
+    renew-batch runs (on any worker, any machine) are over, since their results stay where they ran.
+
+    Renewed: its current certificate is no longer the one it was due with (the new one, with the key
+    it carries); not deployed, if a target of it does not serve that one as last verified. Failed: a
+    renewal failure recorded since ``since`` (its step and reason, as ``record_failure`` stored them).
+    Neither: an outcome with no step whose reason says nothing was recorded (its batch run's end tells why)."""
+    rows = {}
+    names = [d.name for d in due]
+    for start in range(0, len(names), 500):
+        rows.update({r.name: r for r in session.exec(select(ManagedCertificate).where(
+            col(ManagedCertificate.name).in_(names[start:start + 500])))})
+    out = []
+    for item in due:
+        row = rows.get(item.name)
+        current = managed.current_certificate(session, row) if row is not None else None
+        if row is not None and current is not None and current.fingerprint_sha256 != item.current:
+            key = session.exec(select(PrivateKey.id).where(PrivateKey.spki_sha256 == current.spki_sha256)
+                               .limit(1)).first()
+            renewal = Renewal(item.name, row.issuer, current.fingerprint_sha256, current.serial_hex, current.not_after,
+                              current.replaces_fingerprint, str(KeyRef(key)) if key else "?")
+            outcome = RenewalOutcome(item.name, item.issuer, item.reason, renewal=renewal)
+            unverified = [t.name for t in session.exec(select(Target).where(Target.managed_certificate_id == row.id))
+                          if t.verified_fingerprint != current.fingerprint_sha256]
+            if item.has_targets and unverified:
+                outcome = outcome.not_deployed(f"target(s) {', '.join(sorted(unverified))} not verified serving it")
+            out.append(outcome)
+        elif row is not None and row.last_error and row.last_attempt_at is not None and row.last_attempt_at >= since:
+            step, _, reason = row.last_error.partition(": ")
+            out.append(RenewalOutcome(item.name, item.issuer, item.reason, reason=reason or row.last_error,
+                                      step=Step(step) if step in Step.__members__.values() else None,
+                                      kept=current.fingerprint_sha256 if current else None))
+        else:
+            out.append(RenewalOutcome(item.name, item.issuer, item.reason, kept=item.current,
+                                      reason="no renewal and no failure was recorded for it"))
+    return out

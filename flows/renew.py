@@ -6,13 +6,19 @@ the policy refuses fails there, before any CA is contacted), in a run named
 own run when the caller did not, as a run started from the UI or a deployment cannot know it); then
 the deploy-certificate flow, as a subflow, deploys it to its targets and verifies it there.
 
-renew-due renews every managed certificate that is due, in batches, on a bounded thread pool: one
-task run per certificate, named ``renew-<name>`` and tagged ``certificate:<name>``, not a flow run
-each; then each renewed certificate that has targets is deployed (a deploy-certificate subflow), and so
-is the current certificate of any whose targets an interrupted run left behind (killed after storing a
-renewal, or mid-deployment: certpilot.renewing.left_behind), which is not due any more. Each
-outcome is checked; after doing all it could, the run fails with a report naming every
-certificate that failed and at which step, and publishes the ``renewals`` artifact either way.
+renew-due renews every managed certificate that is due, in batches: one task run per certificate,
+named ``renew-<name>`` and tagged ``certificate:<name>``, not a flow run each; each renewed certificate
+that has targets is then deployed (a deploy-certificate subflow), and so is the current certificate of
+any whose targets an interrupted run left behind (killed after storing a renewal, or mid-deployment:
+certpilot.renewing.left_behind), which is not due any more. Run from a deployment beside a renew-batch
+deployment (a work pool, or certpilot serve), it hands each batch to a renew-batch run, a few at once,
+so the workers of the pool share them, and reads each outcome from the inventory; called directly, it
+renews the batches itself. Each outcome is checked; after doing all it could, the run fails with a
+report naming every certificate that failed and at which step, and publishes the ``renewals`` artifact
+either way.
+
+renew-batch renews those of the certificates it is given that are still due (one that another run
+renewed meanwhile is not due any more), each a task run on a bounded thread pool, then deploys them.
 
 On failure nothing in service changes: the old certificate stays active, the failure is recorded on
 the managed certificate and in the audit trail, and the run says so in an error log and its state.
@@ -25,14 +31,25 @@ only says what it would do (certpilot.dry_run).
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import time
 from typing import Annotated
+from uuid import UUID
 
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.runtime import deployment as deployment_context
+from prefect.states import Cancelled
 from prefect.futures import PrefectFuture
 from pydantic import Field
 
 from certpilot import renewing
-from certpilot.database import get_engine
+from certpilot.clock import utcnow
+from certpilot.database import get_engine, read_session
 from certpilot.dry_run import DuePreview, RenewalPreview
 from certpilot.errors import PermanentError, redact
 from certpilot.issuance import IssuedCertificate, Issuer
@@ -84,7 +101,12 @@ from tasks.renewal import (
     store_certificate,
 )
 
-RENEW_WORKERS = 8  # certificates renewed at once by one renew-due run (each issuer is throttled as well)
+RENEW_WORKERS = 8  # certificates renewed at once by one renew-due or renew-batch run (each issuer is throttled too)
+BATCH_DEPLOYMENT = "renew-batch/renew-batch"  # renew-due's batches, when deployed (prefect.yaml)
+BATCHES_AT_ONCE = 4  # renew-batch runs one renew-due run keeps in flight
+BATCH_POLL_SECONDS = 1.0
+CLOCK_MARGIN = dt.timedelta(seconds=60)  # how far apart the workers' clocks may be
+BATCH_START_SECONDS = 900.0  # a renew-batch run not started by then is cancelled, its certificates failed
 
 
 # ------------------------------------------------------------------------------- renew-certificate
@@ -220,31 +242,10 @@ def _issuers(names: set[str]) -> dict[str, Issuer | IssuerUnavailable]:
     return out
 
 
-@flow(name="renew-due", task_runner=thread_pool(RENEW_WORKERS), description=__doc__.split("\n\n")[2],
-      timeout_seconds=6 * 3600)
-def renew_due(within_days: Annotated[float, Field(ge=0)] = 0.0, limit: Annotated[int | None, Field(ge=1)] = None,
-              batch_size: Annotated[int, Field(ge=1)] = 200,
-              issuer_slots: Annotated[int, Field(ge=1)] = DEFAULT_ISSUER_SLOTS,
-              dry_run: bool = False) -> RenewDueSummary | DuePreview:
-    """Renew every managed certificate that is due, in batches, each with its own task run.
-
-    Args:
-        within_days: Also renew what falls due within this many days.
-        limit: Renew at most this many (the most overdue first); empty: all that are due.
-        batch_size: Certificates submitted at a time.
-        issuer_slots: Orders at once a newly created issuer concurrency limit allows.
-        dry_run: Only list what is due and would be renewed (renewal windows as last stored): nothing is renewed.
-    """
-    logger = get_run_logger()
-    if dry_run:
-        preview = preview_due(within_days, limit)
-        for line in preview.lines():
-            logger.info("%s", line)
-        return preview
-    head = audit_head()
-    refresh_renewal_info()
-    due = select_due(within_days, limit)
-    logger.info("%d managed certificate(s) due for renewal", len(due))
+def _renew_in_process(due: list[DueCertificate], batch_size: int, issuer_slots: int) -> list[RenewalOutcome]:
+    """Renew ``due`` in batches of task runs of this flow run (one per certificate, tagged with its name),
+    each batch holding its issuers' slots; then deploy what was renewed. renew-batch runs this on its
+    share; renew-due runs it when there is no renew-batch deployment to fan out to."""
     limits = ensure_issuer_limits(sorted({d.issuer for d in due}), issuer_slots) if due else {}
     issuers = _issuers({d.issuer for d in due})
     policy = policy_for_run() if due else None  # read once; the gate of each renewal applies it
@@ -259,30 +260,152 @@ def renew_due(within_days: Annotated[float, Field(ge=0)] = 0.0, limit: Annotated
             shared: dict[str, Issuer | IssuerUnavailable] = {
                 i: SharedSlotIssuer(issuer, slots[i]) if i in slots and not isinstance(issuer, IssuerUnavailable)
                 else issuer for i, issuer in issuers.items()}
-            futures: list[PrefectFuture[renewing.Renewal] | None] = []
+            futures: list[PrefectFuture[renewing.Renewal | renewing.Skipped] | None] = []
             for item in batch:
                 if item.issuer in paused:
                     futures.append(None)
                     continue
-                futures.append(renew_managed.submit(item.name, shared[item.issuer], policy))  # it tags its own run
+                futures.append(renew_managed.submit(item.name, shared[item.issuer], policy,  # it tags its own run
+                                                    selected_with=item.current))
             settled = [settle(f) if f is not None else None for f in futures]
         outcomes += [RenewalOutcome.of(item, s.value, s.error) if s is not None else
                      RenewalOutcome(item.name, item.issuer, item.reason, step=Step.ISSUE, kept=item.current,
                                     reason=f"issuer paused: its concurrency limit {limit_name(item.issuer)} has 0 slots")
                      for item, s in zip(batch, settled)]
-    outcomes = _deploy_renewed(due, outcomes)
-    redeploys = _redeploy(select_left_behind([o.name for o in outcomes]))
-    publish_renewal_report(outcomes + [r for r in redeploys if r is not None])
-    if outcomes:  # the failures first: they are the histories an operator looks for
-        history = publish_certificate_history([o.name for o in sorted(outcomes, key=lambda o: o.ok)], head,
-                                              return_state=True)
-        if not history.is_completed():
-            logger.warning("the certificates' history artifacts were not published: %s", history.message)
-    summary = RenewDueSummary.of(outcomes, redeploys)
+    return _deploy_renewed(due, outcomes)
+
+
+def _fail_on(outcomes: list[RenewalOutcome], redeploys: list[RenewalOutcome | None] | None = None) -> RenewDueSummary:
+    """The summary of ``outcomes`` (and ``redeploys``, see _redeploy); RenewDueFailed, after logging each
+    failure, when any failed."""
+    summary = RenewDueSummary.of(outcomes, redeploys or [])
     if summary.failures:
+        logger = get_run_logger()
         for o in summary.failures:
             logger.error("RENEWAL FAILED: %s at step %s (issuer %s): %s; %s", o.name, o.step or "?", o.issuer,
                          o.reason, f"certificate {o.kept[:16]} stays in service" if o.kept
                          else "it has no certificate in service")
         raise RenewDueFailed(summary)
     return summary
+
+
+@flow(name="renew-batch", task_runner=thread_pool(RENEW_WORKERS), description=__doc__.split("\n\n")[3],
+      timeout_seconds=6 * 3600)
+def renew_batch(names: list[str], within_days: Annotated[float, Field(ge=0)] = 0.0,
+                issuer_slots: Annotated[int, Field(ge=1)] = DEFAULT_ISSUER_SLOTS) -> RenewDueSummary:
+    """Renew those of the managed certificates named that are still due, each with its own task run
+    (renew-due starts these runs, a share of what is due each, for the workers of its pool to share).
+
+    Args:
+        names: The managed certificates of this batch.
+        within_days: Also renew what falls due within this many days.
+        issuer_slots: Orders at once a newly created issuer concurrency limit allows.
+    """
+    logger = get_run_logger()
+    due = select_due(within_days, names=names)
+    if len(due) < len(names):
+        logger.info("%d of the %d certificate(s) given are no longer due (renewed meanwhile, retired or gone)",
+                    len(names) - len(due), len(names))
+    logger.info("renewing %d certificate(s) in this batch", len(due))
+    return _fail_on(_renew_in_process(due, len(due) or 1, issuer_slots))
+
+
+def _fan_out(deployment: UUID, due: list[DueCertificate], within_days: float, batch_size: int, issuer_slots: int,
+             at_once: int) -> list[RenewalOutcome]:
+    """Renew ``due`` through renew-batch runs of ``deployment``, ``at_once`` at most in flight, for the
+    workers of its pool (or ``certpilot serve``) to share; then read each certificate's outcome from the
+    inventory, where whichever worker renewed it recorded it."""
+    logger = get_run_logger()
+    since = utcnow() - CLOCK_MARGIN  # failures recorded from here on, by the workers' clocks
+    batches = [due[start:start + batch_size] for start in range(0, len(due), batch_size)]
+    ended: dict[int, str] = {}  # batch index -> how its run ended, when it did not complete
+    running: dict[UUID, tuple[int, float]] = {}  # run -> (batch index, when it was created)
+    waiting = list(range(len(batches)))
+    logger.info("%d certificate(s) due: %d renew-batch run(s) of %d at most, %d at once", len(due), len(batches),
+                batch_size, at_once)
+    with get_client(sync_client=True) as client:
+        while waiting or running:
+            while waiting and len(running) < at_once:
+                index = waiting.pop(0)
+                batch = batches[index]
+                run = run_deployment(deployment, parameters={"names": [d.name for d in batch],
+                                                             "within_days": within_days, "issuer_slots": issuer_slots},
+                                     timeout=0, as_subflow=True,
+                                     flow_run_name=f"renew-batch-{index + 1}-of-{len(batches)}")
+                assert isinstance(run, FlowRun)  # called from sync code: the run, not a coroutine
+                running[run.id] = (index, time.monotonic())
+            time.sleep(BATCH_POLL_SECONDS)
+            for run_id, (index, created) in list(running.items()):
+                state = client.read_flow_run(run_id).state
+                if state is not None and state.is_final():
+                    del running[run_id]
+                    if not state.is_completed():
+                        ended[index] = f"its renew-batch run {index + 1} ended {state.name}: {state.message or ''}"
+                elif (state is None or state.is_scheduled() or state.is_pending()) \
+                        and time.monotonic() - created > BATCH_START_SECONDS:
+                    client.set_flow_run_state(run_id, Cancelled(message="not started in time"), force=True)
+                    del running[run_id]
+                    ended[index] = (f"its renew-batch run {index + 1} did not start within {BATCH_START_SECONDS:.0f} s "
+                                    "and was cancelled: is a worker polling the deployment's work pool (or is "
+                                    "certpilot serve running with --limit of at least 2)?")
+    with read_session(get_engine()) as session:
+        outcomes = renewing.recorded_outcomes(session, due, since)
+    index_of = {d.name: i for i, batch in enumerate(batches) for d in batch}
+    return [dataclasses.replace(o, reason=f"{o.reason}; {ended[index_of[o.name]]}")
+            if o.step is None and not o.ok and index_of[o.name] in ended else o for o in outcomes]
+
+
+def _batch_deployment() -> UUID | None:
+    """The renew-batch deployment to fan out to: when this run was started from a deployment (a work
+    pool's worker or certpilot serve) and renew-batch is deployed beside it; else None (a direct call,
+    the CLI: the batches run in this process)."""
+    if deployment_context.get_id() is None:
+        return None
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(BATCH_DEPLOYMENT).id
+        except ObjectNotFound:
+            get_run_logger().warning("no %s deployment: renewing every batch in this run's process", BATCH_DEPLOYMENT)
+            return None
+
+
+@flow(name="renew-due", task_runner=thread_pool(RENEW_WORKERS), description=__doc__.split("\n\n")[2],
+      timeout_seconds=6 * 3600)
+def renew_due(within_days: Annotated[float, Field(ge=0)] = 0.0, limit: Annotated[int | None, Field(ge=1)] = None,
+              batch_size: Annotated[int, Field(ge=1)] = 200,
+              issuer_slots: Annotated[int, Field(ge=1)] = DEFAULT_ISSUER_SLOTS,
+              batches_at_once: Annotated[int, Field(ge=1)] = BATCHES_AT_ONCE,
+              dry_run: bool = False) -> RenewDueSummary | DuePreview:
+    """Renew every managed certificate that is due, in batches, each with its own task run.
+
+    Args:
+        within_days: Also renew what falls due within this many days.
+        limit: Renew at most this many (the most overdue first); empty: all that are due.
+        batch_size: Certificates per batch (a renew-batch run each, when renew-batch is deployed).
+        issuer_slots: Orders at once a newly created issuer concurrency limit allows.
+        batches_at_once: renew-batch runs in flight at once, for the workers to share.
+        dry_run: Only list what is due and would be renewed (renewal windows as last stored): nothing is renewed.
+    """
+    logger = get_run_logger()
+    if dry_run:
+        preview = preview_due(within_days, limit)
+        for line in preview.lines():
+            logger.info("%s", line)
+        return preview
+    head = audit_head()
+    refresh_renewal_info()
+    due = select_due(within_days, limit)
+    logger.info("%d managed certificate(s) due for renewal", len(due))
+    deployment = _batch_deployment() if due else None
+    if deployment is not None:
+        outcomes = _fan_out(deployment, due, within_days, max(1, batch_size), issuer_slots, batches_at_once)
+    else:
+        outcomes = _renew_in_process(due, batch_size, issuer_slots)
+    redeploys = _redeploy(select_left_behind([o.name for o in outcomes]))
+    publish_renewal_report(outcomes + [o for o in redeploys if o is not None])
+    if outcomes:  # the failures first: they are the histories an operator looks for
+        history = publish_certificate_history([o.name for o in sorted(outcomes, key=lambda o: o.ok)], head,
+                                              return_state=True)
+        if not history.is_completed():
+            logger.warning("the certificates' history artifacts were not published: %s", history.message)
+    return _fail_on(outcomes, redeploys)

@@ -63,6 +63,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
+from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 import blocks.issuers  # noqa: F401  (registers the issuer block types, so load_block finds them)
@@ -302,11 +303,13 @@ def record_renewal_failure(failure: Failure) -> str | None:
 # ------------------------------------------------------------------------------------ renew-due
 
 @task(name="renew", task_run_name="renew-{name}", timeout_seconds=ORDER_TIMEOUT_SECONDS + 600, **_RETRY)
-def renew_managed(name: str, issuer: Issuer | IssuerUnavailable,
-                  policy: Policy | PolicyUnavailable | None = None) -> renewing.Renewal:
+def renew_managed(name: str, issuer: Issuer | IssuerUnavailable, policy: Policy | PolicyUnavailable | None = None,
+                  *, selected_with: str | None) -> renewing.Renewal | renewing.Skipped:
     """Every step of renewing ``name`` in one task run, with ``issuer`` (the flow built it from its
     block, throttled by the slots its batch holds) and the gate's ``policy`` (the flow read it once;
-    None: read here); failures are recorded, then raised (redacted).
+    None: read here); failures are recorded, then raised (redacted). Under the flow run's claim on
+    ``name`` and only while ``selected_with`` (the certificate it was found due with) is still in service
+    (certpilot.renewing.renew_claimed): else Skipped, as when two runs overlap.
     The run is named ``renew-<name>`` and tagged ``certificate:<name>``."""
 
     def resolve(block: str) -> Issuer:
@@ -319,7 +322,7 @@ def renew_managed(name: str, issuer: Issuer | IssuerUnavailable,
     steps = (_PolicyUnreadable(engine, resolve, ring, actor, reason=chosen.reason)
              if isinstance(chosen, PolicyUnavailable) else renewing.DirectSteps(engine, resolve, ring, actor,
                                                                                  policy=chosen))
-    return renewing.renew(steps, name)
+    return renewing.renew_claimed(steps, engine, name, f"flow-run:{flow_run.get_id()}", selected_with)
 
 
 @dataclass(frozen=True)
@@ -361,10 +364,12 @@ def refresh_renewal_info() -> dict[str, int]:
 
 
 @task(name="select-due", timeout_seconds=600)
-def select_due(within_days: float = 0.0, limit: int | None = None) -> list[renewing.DueCertificate]:
-    """The managed certificates due for renewal now (or within ``within_days``), most overdue first."""
+def select_due(within_days: float = 0.0, limit: int | None = None,
+               names: list[str] | None = None) -> list[renewing.DueCertificate]:
+    """The managed certificates due for renewal now (or within ``within_days``), most overdue first;
+    only those of ``names`` when given."""
     with read_session(get_engine()) as session:
-        return renewing.due_certificates(session, utcnow() + dt.timedelta(days=within_days), limit)
+        return renewing.due_certificates(session, utcnow() + dt.timedelta(days=within_days), limit, names)
 
 
 @task(name="select-left-behind", timeout_seconds=600)
@@ -419,9 +424,12 @@ def _cell(text: Any) -> str:
 def publish_renewal_report(outcomes: list[RenewalOutcome], max_rows: int = 500) -> str:
     """Publish the renewals as a markdown artifact (key: renewals), failures first. Returns its text."""
     failed = [o for o in outcomes if not o.ok]
-    renewed = [o for o in outcomes if o.ok]
+    renewed = [o for o in outcomes if o.ok and o.renewal is not None]
+    skipped = [o for o in outcomes if o.ok and o.skipped is not None]
     lines = ["# Renewals", "",
-             f"**{len(outcomes)}** due: **{len(renewed)}** renewed, **{len(failed)}** failed.", ""]
+             f"**{len(outcomes)}** due: **{len(renewed)}** renewed, **{len(failed)}** failed"
+             + (f", **{len(skipped)}** left to another run ({_cell(skipped[0].name)}: {_cell(skipped[0].skipped)})"
+                if skipped else "") + ".", ""]
     if failed:
         lines += ["## Failed: the certificate in service was kept", "",
                   "| certificate | issuer | failed at | reason | kept in service |", "|---|---|---|---|---|"]

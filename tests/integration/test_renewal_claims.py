@@ -1,0 +1,95 @@
+"""Renewal claims (certpilot.renewing.claim, renew_claimed): two runs that overlap, on threads of one
+process here as on workers of several machines, never renew the same certificate twice; on SQLite and
+on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+
+import sqlalchemy as sa
+from sqlmodel import select
+
+from certpilot import audit, keystore, managed, renewing
+from certpilot.database import read_session
+from certpilot.models import AuditEvent, Certificate, RenewalClaim
+from certpilot.settings import load_settings
+from connectors.private_ca import PrivateCAIssuer
+from lab.due_fleet import define_due, init_backdated_ca
+
+ACTOR = audit.Actor("test")
+CA = "claims"
+
+
+def _ring() -> keystore.KeyRing:
+    return keystore.load_key_ring(load_settings())
+
+
+def _fleet(engine: sa.Engine, count: int) -> list[str]:
+    init_backdated_ca(engine, _ring(), ACTOR, CA)
+    return define_due(engine, _ring(), ACTOR, CA, "claim", count)
+
+
+def _current(engine: sa.Engine, name: str) -> str | None:
+    with read_session(engine) as session:
+        row = managed.current_certificate(session, managed.get(session, name))
+        return row.fingerprint_sha256 if row else None
+
+
+def test_one_holder_at_a_time_until_released_or_expired(engine: sa.Engine) -> None:
+    [name] = _fleet(engine, 1)
+    now = dt.datetime.now(dt.timezone.utc)
+    assert renewing.claim(engine, name, "flow-run:a", now) is None
+    assert renewing.claim(engine, name, "flow-run:b", now) == "flow-run:a"
+    assert renewing.claim(engine, name, "flow-run:a", now) is None  # its own claim, renewed
+    renewing.release(engine, name, "flow-run:b")  # not b's to release
+    assert renewing.claim(engine, name, "flow-run:b", now) == "flow-run:a"
+    renewing.release(engine, name, "flow-run:a")
+    assert renewing.claim(engine, name, "flow-run:b", now) is None
+    # b dies holding it: its claim lapses at its until, and then c may take it.
+    later = now + renewing.CLAIM_LEASE + dt.timedelta(seconds=1)
+    assert renewing.claim(engine, name, "flow-run:c", now + dt.timedelta(minutes=5)) == "flow-run:b"
+    assert renewing.claim(engine, name, "flow-run:c", later) is None
+    with read_session(engine) as session:
+        [held] = session.exec(select(RenewalClaim)).all()
+    assert held.holder == "flow-run:c" and held.until == later + renewing.CLAIM_LEASE
+
+
+def test_overlapping_runs_renew_each_certificate_once(engine: sa.Engine) -> None:
+    names = _fleet(engine, 6)
+    selected = {name: _current(engine, name) for name in names}  # what both runs found due
+    issuer = PrivateCAIssuer(engine, CA, _ring)
+    steps = renewing.DirectSteps(engine, lambda _: issuer, _ring, ACTOR)
+    results: dict[str, list[renewing.Renewal | renewing.Skipped]] = {"a": [], "b": []}
+    started = dt.datetime.now(dt.timezone.utc)
+
+    def run(holder: str, order: list[str]) -> None:
+        for name in order:
+            results[holder].append(renewing.renew_claimed(steps, engine, name, f"flow-run:{holder}", selected[name]))
+
+    threads = [threading.Thread(target=run, args=("a", names)), threading.Thread(target=run, args=("b", names[::-1]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+
+    both = results["a"] + results["b"]
+    renewed = sorted(r.name for r in both if isinstance(r, renewing.Renewal))
+    skipped = [r for r in both if isinstance(r, renewing.Skipped)]
+    assert renewed == sorted(names) and len(skipped) == len(names), both
+    assert all("is renewing it" in s.why or "renewed by another run meanwhile" in s.why for s in skipped)
+    with read_session(engine) as session:
+        for name in names:  # one new certificate each: the one seeded superseded, one active
+            row = managed.get(session, name)
+            assert sorted(c.status for c in session.exec(select(Certificate).where(
+                Certificate.managed_certificate_id == row.id))) == ["active", "superseded"]
+        issued = session.exec(select(AuditEvent).where(AuditEvent.action == "certificate.issued",
+                                                       AuditEvent.at >= started)).all()
+        assert not session.exec(select(RenewalClaim)).all()  # every claim released
+    assert sorted(json.loads(e.details)["managed"] for e in issued) == sorted(names)
+
+    # A third run that found them due before the others renewed them leaves them alone.
+    late = renewing.renew_claimed(steps, engine, names[0], "flow-run:c", selected[names[0]])
+    assert isinstance(late, renewing.Skipped) and "renewed by another run meanwhile" in late.why
