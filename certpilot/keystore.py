@@ -478,6 +478,9 @@ def rotate_master_key(engine: sa.Engine, settings: Settings, actor: audit.Actor,
     from certpilot.database import write_session
 
     if settings.master_key_kms:
+        if new_key_file is not None:
+            raise MasterKeyError(f"the master key goes into KMS key {settings.master_key_kms}, its ciphertext into "
+                                 f"{kms_key_file(settings)}: a new key file is not used (leave out --new-key-file)")
         return _rotate_into_kms(engine, settings, actor, _required(settings, kms))
     ring = load_key_ring(settings)
     if settings.master_key:

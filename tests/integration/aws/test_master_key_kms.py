@@ -235,6 +235,8 @@ def test_rotation_from_a_file_key_into_kms_then_to_another_kms_key(
     # Naming a KMS key is not enough: the ring refuses until the key is moved into KMS.
     with pytest.raises(MasterKeyError, match="run `certpilot keys rotate-master`"):
         kms.load_key_ring(load_settings())
+    refused = CliRunner().invoke(app, ["keys", "rotate-master", "--new-key-file", str(key_file) + ".new"])
+    assert refused.exit_code == 1 and "leave out --new-key-file" in refused.output
     into = _cli("keys", "rotate-master", "--json")
     settings = load_settings()
     place = keystore.kms_key_file(settings)
