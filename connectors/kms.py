@@ -89,8 +89,14 @@ def key_ring_loader(settings: Settings, announce: Callable[[str], None] | None =
     """Loads the configured key ring each time it is called, its master key opened by AWS KMS when
     CERTPILOT_MASTER_KEY_KMS is set: one KMS client for every load (making a boto3 client costs about
     0.2 s, a Decrypt about 20 ms on loopback), and the master key never kept between loads."""
-    client = kms_from_settings(settings)
-    return lambda: keystore.load_key_ring(settings, announce, client)
+    clients: list[AwsKms | None] = []  # made on the first load, so a loader never used asks nothing of the settings
+
+    def load() -> keystore.KeyRing:
+        if not clients:
+            clients.append(kms_from_settings(settings))
+        return keystore.load_key_ring(settings, announce, clients[0])
+
+    return load
 
 
 def load_key_ring(settings: Settings, announce: Callable[[str], None] | None = None) -> keystore.KeyRing:
