@@ -93,13 +93,27 @@ _RETRY_BACKOFF = 0.1  # the first wait before a request that failed transiently 
 _MAX_RETRY_BACKOFF = 2.0
 
 
-def _garbled(exc: acme_errors.ClientError) -> bool:
-    """An answer that was not what the CA meant to send (cut short in its headers: no Replay-Nonce, no JSON
-    where JSON was due), as opposed to a refusal: worth asking again."""
+def _garbled(exc: acme_errors.ClientError, *, to_post: bool = False) -> bool:
+    """An answer that was not what the CA meant to send (cut short in its headers, so without its nonce or
+    its body), as opposed to a refusal: worth asking again. ``to_post``: the answer to a POST, where every
+    refusal of an ACME server is a problem document (RFC 8555 6.7): a 4xx without one is not the CA's word."""
     if isinstance(exc, acme_errors.ConflictError):
         return False
     status = _status_of(exc)
-    return status is None or 200 <= status < 300
+    if status is None or 200 <= status < 300:
+        return True
+    if not to_post:
+        return False
+    response = exc.args[0] if exc.args else None
+    if isinstance(response, tuple):
+        response = response[0] if response else None
+    if not isinstance(response, requests.Response):
+        return False
+    try:
+        response.json()
+    except ValueError:
+        return True
+    return False
 
 
 def _transient_transport(exc: requests.RequestException) -> bool:
@@ -318,7 +332,8 @@ class _Network(acme_client.ClientNetwork):
                 raise
             except acme_errors.ClientError as exc:  # not a problem document: a proxy's 502, an answer cut short
                 status = _status_of(exc)
-                if (_garbled(exc) or (status is not None and (status >= 500 or status == 429))) and self._retry_later(
+                if (_garbled(exc, to_post=True) or (status is not None and (status >= 500 or status == 429))) \
+                        and self._retry_later(
                         failures, None, what, f"HTTP {status}" if status else f"{type(exc).__name__}: {exc}"):
                     failures += 1
                     continue

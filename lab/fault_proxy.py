@@ -495,8 +495,9 @@ class FaultProxy:
             if upstream[0] is not None:
                 self._untrack(upstream[0])
                 upstream[0].close()
-            if client is not raw_client:
+            if client is not raw_client:  # wrapping took raw_client's descriptor: closing raw_client does nothing
                 self._untrack(client)
+                client.close()
 
     def _exchange(self, upstream: list[socket.socket | None], method: str,
                   request: bytes) -> tuple[bytes | None, bool]:
