@@ -55,7 +55,8 @@ turns it on with its defaults. ``tags-required``, ``allowed-issuers``, ``san-all
 - ``key-size`` (high): RSA at least ``rsa`` bits (2048), EC at least ``ec`` (256), DSA at least ``dsa`` (2048);
 - ``key-algorithm`` (high): the key's algorithm among ``allowed``: rsa, dsa, ec-p192, ec-p224, ec-p256, ec-p384,
   ec-p521 (other curves: ``ec-<curve name>``, e.g. ec-secp256k1), ed25519, ed448, ml-dsa-44, ml-dsa-65, ml-dsa-87;
-  default rsa, ec-p256, ec-p384, ec-p521, ed25519;
+  default rsa, ec-p256, ec-p384, ec-p521, ed25519, ml-dsa-44, ml-dsa-65, ml-dsa-87 (FIPS 204: certpilot's private
+  CAs issue them; no public CA does);
 - ``signature-algorithm`` (high): none of the ``denied`` hashes: md2, md4, md5, sha1, sha224 (default all but
   sha224); matched on the algorithm's name (sha1WithRSAEncryption, ecdsa-with-SHA1...); RSASSA-PSS, SHA-2, SHA-3,
   Ed25519 and Ed448 pass;
@@ -477,7 +478,8 @@ def _rs(rule: str, enabled: bool, severity: Severity, **options: Any) -> RuleSet
 
 _DEFAULT_RULES: dict[str, RuleSettings] = {s.rule: s for s in (
     _rs("key-size", True, Severity.HIGH, rsa=2048, ec=256, dsa=2048),
-    _rs("key-algorithm", True, Severity.HIGH, allowed=("rsa", "ec-p256", "ec-p384", "ec-p521", "ed25519")),
+    _rs("key-algorithm", True, Severity.HIGH, allowed=("rsa", "ec-p256", "ec-p384", "ec-p521", "ed25519",
+                                                        "ml-dsa-44", "ml-dsa-65", "ml-dsa-87")),
     _rs("signature-algorithm", True, Severity.HIGH, denied=("md2", "md4", "md5", "sha1")),
     _rs("max-validity", True, Severity.MEDIUM),
     _rs("expired", True, Severity.CRITICAL),

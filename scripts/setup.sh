@@ -26,7 +26,7 @@ fi
 
 if [ "${1:-}" = "--servers" ]; then
   # Debian packages of the real servers the tests use: pebble ships pebble and pebble-challtestsrv (ACME).
-  debs=(pebble openssl openssh-server nginx haproxy socat curl chromium prometheus)  # openssl: the private CA tests check CRLs, OCSP and chains; sshd, nginx and haproxy: the deployment targets; chromium: the console test loads the Prefect UI headless; prometheus: promtool checks the shipped alert rules and a real Prometheus scrapes /metrics
+  debs=(pebble openssl openssh-server nginx haproxy socat curl chromium prometheus softhsm2)  # openssl: the private CA tests check CRLs, OCSP and chains; sshd, nginx and haproxy: the deployment targets; chromium: the console test loads the Prefect UI headless; prometheus: promtool checks the shipped alert rules and a real Prometheus scrapes /metrics; softhsm2: a PKCS#11 token for the CA key custody tests
   missing=()
   for deb in "${debs[@]}"; do dpkg -s "$deb" >/dev/null 2>&1 || missing+=("$deb"); done
   if [ "${#missing[@]}" -gt 0 ]; then
