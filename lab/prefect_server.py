@@ -4,6 +4,8 @@ the scheduler, so cron deployments never get runs there. This one runs every ser
 
 About 11 s to healthy on a new database. ``scheduler_loop_seconds`` shortens the scheduler's main loop
 (60 s by default) so that a schedule added to an existing deployment gets its runs within seconds.
+``database_url`` puts the server's database elsewhere than SQLite in its home, e.g. on PostgreSQL
+(``postgresql+asyncpg://postgres@127.0.0.1:5432/NAME``; asyncpg comes with prefect), as a team runs it.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from lab.ports import free_port
 
 class PrefectServer:
     def __init__(self, home: Path, *, port: int | None = None, ui: bool = False,
-                 scheduler_loop_seconds: float | None = None) -> None:
+                 scheduler_loop_seconds: float | None = None, database_url: str | None = None) -> None:
         self.home = home
+        self.database_url = database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}"
         self.port = port or free_port()
         self.ui = ui
         self.scheduler_loop_seconds = scheduler_loop_seconds
@@ -46,7 +49,7 @@ class PrefectServer:
         """The server's environment: its own home and database, no telemetry, no UI unless asked."""
         env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
         env.update({"PREFECT_HOME": str(self.home),
-                    "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+                    "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.database_url,
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": str(self.ui).lower(),
                     "PREFECT_LOGGING_LEVEL": "WARNING"})
         if self.ui:  # the UI's own calls go to this server's API (by default it would call port 4200)
