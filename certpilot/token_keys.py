@@ -198,6 +198,7 @@ class TokenKeyListing:
     made_on_token: bool
     extractable: bool
     created_at: dt.datetime
+    spki_sha256: str
 
 
 def list_token_keys(session: Session) -> list[TokenKeyListing]:
@@ -206,4 +207,5 @@ def list_token_keys(session: Session) -> list[TokenKeyListing]:
                         .join(TokenKey, col(TokenKey.id) == col(CertificateAuthority.issuing_token_key_id))
                         .order_by(CertificateAuthority.name)).all()
     return [TokenKeyListing(name, "issuing", key.token_label, key.module, key.key_label, key.key_id, key.algorithm,
-                            key.made_on_token, key.extractable, key.created_at) for name, key in rows]
+                            key.made_on_token, key.extractable, key.created_at, key.spki_sha256)
+            for name, key in rows]

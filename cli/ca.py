@@ -447,7 +447,8 @@ def ca_distribute_command(name: CaName, as_json: JsonOption = False) -> None:
     trust-bundle --block ssh-host/HOST --set path=...`). Exit 1 when a target failed."""
     import logging
 
-    from certpilot import keystore, trust_bundle
+    from certpilot import trust_bundle
+    from connectors import kms
     from certpilot.settings import load_settings
     from tasks.deployment import deployer_for
 
@@ -456,7 +457,7 @@ def ca_distribute_command(name: CaName, as_json: JsonOption = False) -> None:
         bundle = trust_bundle.of_ca(session, name)
     settings = load_settings()
     done = trust_bundle.distribute(engine, name, lambda t: deployer_for(t.managed, t.target)[1],
-                                   lambda: keystore.load_key_ring(settings), actor(),
+                                   kms.key_ring_loader(settings), actor(),
                                    logging.getLogger("certpilot.cli"))
     failed = [d for d in done if not d.outcome.action.ok]
     if as_json:

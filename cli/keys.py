@@ -11,7 +11,8 @@ from sqlmodel import Session
 
 from certpilot import key_listing, keystore
 from certpilot.database import get_engine, read_session
-from certpilot.settings import Settings, load_settings
+from certpilot.settings import load_settings
+from certpilot.token_keys import list_token_keys
 from cli.console import JsonOption, line, note, out, print_json, usage_error
 from cli.options import actor
 from connectors import kms
@@ -46,12 +47,22 @@ def rotate_master_command(
         note(f"now set CERTPILOT_MASTER_KEY_FILE={rotation.key_file} (or CERTPILOT_MASTER_KEY to its contents)", out)
 
 
-def token_keys(session: Session, settings: Settings) -> list[key_listing.ListedKey]:
-    """TOKEN KEYS: the keys held in PKCS#11 tokens (the private CA's issuing key), as ListedKey(store="token").
-
-    Not wired yet: the token key records come with the key custody work (certpilot.token_keys); until the
-    lead adds them here, `keys list` shows keystore keys only."""
-    return []
+def token_keys(session: Session) -> list[key_listing.ListedKey]:
+    """The keys held in PKCS#11 tokens (a private CA's issuing key), as ListedKey(store="token"): the token
+    and the key's label, and the attributes the token reported when it made the key; never a PIN."""
+    held = list_token_keys(session)
+    uses = key_listing.uses_of(session, [k.spki_sha256 for k in held])
+    listed = []
+    for k in held:
+        size, curve = key_listing.size_and_curve(k.algorithm)
+        custody = ("made on the token" if k.made_on_token else "imported into the token") + (
+            ", extractable" if k.extractable else ", not extractable")
+        listed.append(key_listing.ListedKey(
+            ref=f"token:{k.token_label}/{k.key_label}", store=key_listing.TOKEN_STORE, algorithm=k.algorithm,
+            key_size=size, curve=curve, spki_sha256=k.spki_sha256, created_at=k.created_at, origin=custody,
+            used_by=(key_listing.KeyUse(f"ca-{k.role}", k.ca), *uses.get(k.spki_sha256, ())),
+            token=f"{k.token_label} key {k.key_label} (module {k.module})"))
+    return listed
 
 
 @app.command("list")
@@ -60,7 +71,7 @@ def keys_list_command(as_json: JsonOption = False) -> None:
     key that seals them and that key's source (file, environment, KMS key), and keys held in tokens."""
     settings = load_settings()
     with read_session(get_engine(settings)) as session:
-        keys = key_listing.keystore_keys(session, settings) + token_keys(session, settings)
+        keys = key_listing.keystore_keys(session, settings) + token_keys(session)
     if as_json:
         print_json([key.as_json() for key in keys])
         return

@@ -14,6 +14,7 @@ import typer
 from certpilot import audit, keystore
 from certpilot.settings import load_settings
 from certpilot.timespan import parse_timespan
+from connectors import kms
 from cli.console import note, usage_error
 
 PasswordFile = Annotated[Optional[Path], typer.Option(metavar="FILE", help="Read the password from this file.")]
@@ -76,7 +77,7 @@ def actor() -> audit.Actor:
 
 
 def ring() -> keystore.KeyRing:
-    return keystore.load_key_ring(load_settings(), announce=note)
+    return kms.load_key_ring(load_settings(), announce=note)
 
 
 def parse_tags(values: list[str] | None) -> dict[str, str]:

@@ -2,9 +2,13 @@
 
 The `acme` package signs and sends; this module drives the order itself so that it can poll briskly
 (50 ms growing to 1 s, never sooner than a Retry-After, always within a deadline), retry a rejected
-nonce more than once, wait out a short rate limit instead of hammering, and turn every problem
-document into a certpilot error that carries its type (certpilot.errors.AcmeProblemError and
-friends). Every HTTP request has a timeout.
+nonce more than once, wait out a short rate limit instead of hammering, send a request again after a
+transient failure (a reset, an answer cut short, a 5xx, a 429; bounded, with backoff; see _Network), and
+turn every problem document into a certpilot error that carries its type (certpilot.errors.AcmeProblemError
+and friends). Every HTTP request has a timeout. Once an order's finalize is sent, the CA may be issuing:
+from then on every transient failure is retried until the order's deadline, and a finalize sent again
+reads the order instead of failing, so that a lost answer does not leave a certificate issued for
+nothing (and a second one issued by the next attempt).
 
 The account is registered once per (directory URL, issuer name) and reused: its key is sealed in
 the keystore and its URL recorded in the AcmeAccount table (certpilot.acme_accounts). The key is
@@ -65,6 +69,7 @@ from certpilot.errors import (
     endpoint_label,
 )
 from certpilot.issuance import IssuedCertificate, OrderJournal
+from certpilot.keys import ml_dsa_algorithm
 from certpilot.keystore import KeyRing, load_private_key
 from certpilot.names import parse_ip_address
 from certpilot.renewal import RenewalWindow
@@ -414,6 +419,11 @@ class AcmeIssuer:
         if uris:  # refused here, before the CA is asked: an order cannot name them
             raise PermanentError(f"{self.name}: the CSR names URI {', '.join(uris)}; ACME has no URI identifiers "
                                  "(RFC 8555 orders DNS names and IP addresses): issue it from a private CA")
+        post_quantum = ml_dsa_algorithm(csr.public_key())
+        if post_quantum is not None:  # refused here, before the CA is asked
+            raise PermanentError(f"{self.name}: the CSR's key is {post_quantum}, which no ACME or public CA "
+                                 f"certifies; issue it from a certpilot private CA (certpilot ca init NAME "
+                                 f"--algorithm {post_quantum})")
         if profile != "tls-server":
             raise PermanentError(f"{self.name}: ACME CAs issue TLS server certificates; "
                                  f"profile {profile!r} is not offered")

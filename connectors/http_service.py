@@ -69,6 +69,8 @@ from certpilot import audit, ca, keystore, metrics as exposition, sli
 from certpilot.clock import utcnow
 from certpilot.database import read_session
 from certpilot.errors import CertpilotError, NotFoundError, redact
+from connectors import kms
+from connectors.private_ca import open_token
 
 __all__ = ["MAX_OCSP_REQUEST_BYTES", "Answer", "CAResponder", "HTTPService", "Limits", "build_app", "parse_listen"]
 
@@ -149,7 +151,7 @@ class CAResponder:
     def refresh_crls(self) -> list[str]:
         """Reissue every CRL that is due; errors are logged, not raised (the refresher must go on)."""
         try:
-            done = ca.refresh_crls(self.engine, self._key_ring(), self._actor, now=self._clock())
+            done = ca.refresh_crls(self.engine, self._key_ring(), self._actor, now=self._clock(), tokens=open_token)
         except Exception as exc:
             log.error("reissuing CRLs failed: %s", redact(exc))
             return []
@@ -172,7 +174,8 @@ class CAResponder:
             if method not in ("GET", "HEAD"):
                 return Answer.text(405, "use GET")
             if resource == "issuing.crl":
-                der = ca.current_crl(self.engine, self._key_ring, self._actor, name, now=self._clock())
+                der = ca.current_crl(self.engine, self._key_ring, self._actor, name, now=self._clock(),
+                                     tokens=open_token)
                 return Answer(200, "application/pkix-crl", der, {"Cache-Control": f"public, max-age={_CACHE_SECONDS}"})
             der = self._certificate(name, "root" if resource == "root.crt" else "issuing")
             return Answer(200, "application/pkix-cert", der, {"Cache-Control": "public, max-age=86400"})
@@ -187,7 +190,7 @@ class CAResponder:
             signer = self._signers.get(name)
             if signer is None:
                 with read_session(self.engine) as session:
-                    signer = self._signers[name] = ca.open_signer(session, self._key_ring(), name)
+                    signer = self._signers[name] = ca.open_signer(session, self._key_ring(), name, tokens=open_token)
             return signer
 
     def _certificate(self, name: str, which: str) -> bytes:
@@ -262,7 +265,7 @@ def build_app(engine: sa.Engine, *, ca: bool = True, metrics: bool = True,
     one). Each answer must be ready within ``request_seconds`` (503 otherwise)."""
     from certpilot.settings import load_settings
 
-    responder = CAResponder(engine, key_ring or (lambda: keystore.load_key_ring(load_settings())),
+    responder = CAResponder(engine, key_ring or kms.key_ring_loader(load_settings()),
                             actor=actor, clock=clock) if ca else None
 
     async def healthz(request: Request) -> Response:

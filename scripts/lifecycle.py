@@ -41,13 +41,14 @@ from blocks.issuers import PrivateCABlock
 from blocks.ssh import SshHostBlock
 from blocks.targets import DeploymentTargetBlock
 from blocks.tls_scan import TlsScanBlock
-from certpilot import alert_policy, audit, ca, keystore, managed, targets
+from certpilot import alert_policy, audit, ca, managed, targets
 from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import NotFoundError
 from certpilot.models import Certificate
 from certpilot.report import expiry_report
 from certpilot.settings import load_settings
+from connectors import kms
 from flows.deploy import deploy_certificate
 from flows.discover import discover
 from flows.monitor import monitor
@@ -121,7 +122,7 @@ def web_servers(stack: ExitStack, lab: Path) -> tuple[SshServer, list[tuple[str,
 def main() -> int:
     settings = load_settings()
     engine = get_engine(settings)
-    ring = keystore.load_key_ring(settings, announce=lambda m: out.print(f"[yellow]note:[/] {m}"))
+    ring = kms.load_key_ring(settings, announce=lambda m: out.print(f"[yellow]note:[/] {m}"))
     actor = audit.Actor("certpilot-demo")
     lab = Path(tempfile.mkdtemp(prefix="certpilot-lab-"))
     with ExitStack() as stack:

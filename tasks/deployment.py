@@ -28,7 +28,7 @@ import blocks.azure  # noqa: F401
 import blocks.ssh  # noqa: F401
 from blocks.loading import load_block
 from blocks.targets import build_deployer
-from certpilot import audit, keystore, rollout, targets
+from certpilot import audit, rollout, targets
 from certpilot.database import get_engine, read_session
 from certpilot.deployment import DeployBundle, Deployer, Receipt
 from certpilot.errors import NotFoundError, redact
@@ -36,6 +36,7 @@ from certpilot.history import artifact_key
 from certpilot.dry_run import DeploymentPreview, TargetPreview
 from certpilot.rollout import Action, DeploymentPlan, DeploymentReport, Log, Outcome
 from certpilot.settings import load_settings
+from connectors import kms
 from tasks.history import tag_with_certificate
 from tasks.inventory import retry_transient_only, run_actor
 
@@ -61,7 +62,7 @@ def deployer_for(name: str, target_name: str) -> tuple[Any, Deployer]:
     if not target.block:
         raise NotFoundError(f"target {target_name} of {name} names no block")
     block = load_block(target.block)  # a connection or deployment-target block
-    key_ring = lambda: keystore.load_key_ring(settings)  # noqa: E731
+    key_ring = kms.key_ring_loader(settings)
     return target, build_deployer(block, target.name, target.kind, dict(target.settings),
                                   lookup=targets.lookup(engine, name, key_ring))
 
@@ -80,7 +81,7 @@ def deploy_one(name: str, target_name: str, fingerprint: str, actor: audit.Actor
     target, deployer = deployer_for(name, target_name)
 
     def bundle() -> DeployBundle:
-        found = targets.bundle(engine, name, fingerprint, lambda: keystore.load_key_ring(settings))
+        found = targets.bundle(engine, name, fingerprint, kms.key_ring_loader(settings))
         if found is None:
             raise NotFoundError(f"the key of certificate {fingerprint[:16]} is not in the keystore: cannot deploy it")
         return found

@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 
 from blocks.loading import load_block
 from blocks.policy import policy_in_force
-from certpilot import audit, keystore
+from certpilot import audit
 from certpilot.database import get_engine, read_session
 from certpilot.errors import TransientError
 from certpilot.importer import ImportOptions, ImportSummary, import_paths
@@ -21,6 +21,7 @@ from certpilot.inventory import open_rules
 from certpilot.report import expiry_report
 from certpilot.settings import load_settings
 from certpilot.views import escape
+from connectors import kms
 
 
 def retry_transient_only(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
@@ -60,7 +61,7 @@ def import_files(paths: list[str], owner: str | None, tags: dict[str, str], impo
     policy = policy_in_force(settings)  # a policy that does not load fails the task before anything is imported
     options = ImportOptions(owner=owner, tags=tags, import_keys=import_keys, password=_password(password_secret))
     report = import_paths(get_engine(settings), paths, options, run_actor(),
-                          key_ring=lambda: keystore.load_key_ring(settings, announce=logger.warning), policy=policy)
+                          key_ring=kms.key_ring_loader(settings, announce=logger.warning), policy=policy)
     summary = report.summary()
     for failure in summary.failures:
         logger.error("import failed for %s: %s", failure.source, failure.error)

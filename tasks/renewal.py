@@ -69,7 +69,7 @@ from prefect.tasks import exponential_backoff
 import blocks.issuers  # noqa: F401  (registers the issuer block types, so load_block finds them)
 from blocks.loading import load_block
 from blocks.policy import policy_in_force
-from certpilot import audit, inventory, keystore, managed, renewing, targets
+from certpilot import audit, inventory, managed, renewing, targets
 from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.errors import NotFoundError, PermanentError, redact
@@ -80,6 +80,7 @@ from certpilot.policy import Policy
 from certpilot.renewal import RenewalWindow
 from certpilot.renewing import Failure, RenewalOutcome, RenewalPlan, SigningRequest, Step
 from certpilot.settings import load_settings
+from connectors import kms
 from tasks.history import tag_with_certificate
 from tasks.inventory import retry_transient_only, run_actor
 
@@ -106,7 +107,7 @@ def limit_name(issuer: str) -> str:
 def key_ring() -> managed.KeyRingSource:
     """The master key ring from the settings, read when a key is sealed or unsealed."""
     settings = load_settings()
-    return lambda: keystore.load_key_ring(settings)
+    return kms.key_ring_loader(settings)
 
 
 # ------------------------------------------------------------------------------------------ issuers

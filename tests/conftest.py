@@ -26,7 +26,8 @@ def certpilot_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     """Every test gets its own home, database and master key; nothing from the environment leaks in."""
     home = tmp_path / "certpilot-home"
     for name in ("CERTPILOT_DATABASE_URL", "CERTPILOT_MASTER_KEY", "CERTPILOT_MASTER_KEY_FILE", "CERTPILOT_ACTOR",
-                 "CERTPILOT_POLICY"):
+                 "CERTPILOT_POLICY", "CERTPILOT_MASTER_KEY_KMS", "CERTPILOT_MASTER_KEY_KMS_REGION",
+                 "CERTPILOT_MASTER_KEY_KMS_ENDPOINT_URL", "CERTPILOT_MASTER_KEY_KMS_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CERTPILOT_HOME", str(home))
     yield home

@@ -9,6 +9,7 @@ created after that: one token directory and one token serve this module, each te
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -37,6 +38,7 @@ from certpilot.models import AuditEvent, Certificate, CertificateAuthority, Priv
 from certpilot.settings import load_settings
 from cli.main import app
 from connectors import pkcs11_token
+from connectors.http_service import CAResponder
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -115,7 +117,7 @@ def test_the_issuing_key_is_on_the_token_and_signs_certificates_crls_and_ocsp(
         root, issuing = ca.ca_certificates(session, authority)
         row = session.get(TokenKey, authority.issuing_token_key_id)
         assert row is not None and authority.issuing_key_id is None
-        key_id = row.key_id
+        key_id, row_label = row.key_id, row.key_label
         assert (row.made_on_token, row.extractable, row.token_label) == (True, False, softhsm.label)
         stored = session.exec(select(PrivateKey.spki_sha256)).all()  # the root only: the issuing key is not here
         assert len(stored) == 1 and row.spki_sha256 not in stored
@@ -172,6 +174,27 @@ def test_the_issuing_key_is_on_the_token_and_signs_certificates_crls_and_ocsp(
     with pytest.raises(TypeError, match="cannot be extracted"):
         signer._key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,  # noqa: SLF001
                                   serialization.NoEncryption())
+
+    # certpilot serve's CA responder answers for it too: the CRL and OCSP, signed on the token.
+    responder = CAResponder(engine, lambda: keystore.load_key_ring(load_settings()))
+    try:
+        served = responder.answer("POST", "/hsm/ocsp", request.public_bytes(serialization.Encoding.DER))
+        assert served is not None and served.status == 200, served
+        assert ocsp.load_der_ocsp_response(served.body).certificate_status == ocsp.OCSPCertStatus.REVOKED
+        served_crl = responder.answer("GET", "/hsm/issuing.crl", None)
+        assert served_crl is not None and served_crl.status == 200, served_crl
+        assert x509.load_der_x509_crl(served_crl.body).is_signature_valid(public)
+    finally:
+        responder.close()
+
+    # keys list names the key on the token and what uses it; no PIN.
+    listed_keys = CliRunner().invoke(app, ["keys", "list", "--json"])
+    assert listed_keys.exit_code == 0, listed_keys.output
+    on_token = [k for k in json.loads(listed_keys.stdout) if k["store"] == "token"]
+    assert [(k["ref"], k["algorithm"], k["curve"]) for k in on_token] == [
+        (f"token:{softhsm.label}/{row_label}", "ec-p256", "secp256r1")]
+    assert {"kind": "ca-issuing", "id": "hsm", "label": ""} in on_token[0]["used_by"]
+    assert "not extractable" in on_token[0]["origin"] and softhsm.pin not in listed_keys.stdout
 
     # The PIN is stored nowhere: not in the inventory's file, not in the audit chain.
     engine.dispose()

@@ -6,6 +6,7 @@ no ML-DSA); the crypto inventory and the policy count them; ACME issuers are ref
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ from certpilot.models import Certificate, PrivateKey
 from certpilot.policy import facts_of_certificate, parse_policy
 from certpilot.settings import load_settings
 from cli.main import app
+from connectors.acme_issuer import AcmeIssuer
+from connectors.challenges import Http01Responder
 from connectors.private_ca import PrivateCAIssuer
 
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -148,3 +151,17 @@ def test_ml_dsa_keys_and_csrs() -> None:
         csr = build_csr(key, ["a.corp.example"])
         assert csr.is_signature_valid and csr.public_key() == key.public_key()
     assert key_algorithm(ec.generate_private_key(ec.SECP256R1())) == "ec-p256"
+
+
+def test_an_acme_issuer_refuses_an_ml_dsa_key_before_contacting_the_ca(engine: sa.Engine) -> None:
+    with socket.socket() as listener:  # the "CA": a socket that would see any connection
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        issuer = AcmeIssuer(engine, "le", f"http://127.0.0.1:{port}/dir",
+                            key_ring=keystore.load_key_ring(load_settings()), solver=Http01Responder(port=0), timeout=2)
+        with pytest.raises(PermanentError, match="ml-dsa-65, which no ACME or public CA certifies"):
+            issuer.issue(build_csr(mldsa.MLDSA65PrivateKey.generate(), ["a.example.com"]), "tls-server")
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
