@@ -50,7 +50,8 @@ def expiring_estate(engine: sa.Engine, ring: Callable[[], KeyRing], names: Seque
                                                            owner="fault-suite"), ACTOR, now)
             leaf, key = issue_leaf(previous_ca, [f"{name}.{domain}"], now + dt.timedelta(days=5), now=now)
             ref = store_private_key(session, key, ring(), ACTOR, origin="generated", now=now)
-            issued = IssuedCertificate((leaf.public_bytes(Encoding.DER), previous_ca.certificate.public_bytes(Encoding.DER)))
+            chain = (leaf.public_bytes(Encoding.DER), previous_ca.certificate.public_bytes(Encoding.DER))
+            issued = IssuedCertificate(chain)
             renewing.record_issued(session, row, issued, ref, ACTOR, now)
 
 

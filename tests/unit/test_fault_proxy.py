@@ -75,7 +75,8 @@ def upstream() -> Iterator[Upstream]:
 
 
 def _proxy(upstream: Upstream, faults: Faults, mode: str = "http", seed: int = 1) -> FaultProxy:
-    return FaultProxy(upstream=("127.0.0.1", upstream.port), faults=faults, seed=seed, mode=mode)  # type: ignore[arg-type]
+    return FaultProxy(upstream=("127.0.0.1", upstream.port), faults=faults, seed=seed,
+                      mode=mode)  # type: ignore[arg-type]
 
 
 def test_no_faults_forwards_requests_and_keeps_the_host_header(upstream: Upstream) -> None:
