@@ -195,7 +195,7 @@ def test_a_5xx_once_is_retried_and_the_order_completes(front_issuer: AcmeIssuer,
 def test_unreachable_ca_is_transient(sqlite_engine: sa.Engine, key_ring: Callable[[], KeyRing],
                                      http01_responder: Http01Responder) -> None:
     issuer = AcmeIssuer(sqlite_engine, "nowhere", f"https://127.0.0.1:{free_port()}/dir", key_ring=key_ring,
-                        solver=http01_responder, timeout=2.0)
+                        solver=http01_responder, timeout=2.0, retry_backoff=0.01)  # refused: sent again, briefly
     with pytest.raises(AcmeServerError) as failed:
         issuer.account()
     assert failed.value.code == "unreachable"
