@@ -255,6 +255,42 @@ def _json(status: int, data: dict[str, Any]) -> Response:
     return Response(json.dumps(data, sort_keys=True) + "\n", status, media_type="application/json")
 
 
+METRICS_REUSE_SECONDS = 1.0  # scrapes within this of a render share it
+
+
+class _SharedRender:
+    """One render of /metrics shared by every request that asks while it is made or within ``reuse`` seconds
+    after: a hundred scrapes at once (or clients pipelining them) cost one render and one copy in memory."""
+
+    def __init__(self, render: Callable[[], bytes], reuse: float) -> None:
+        self._render, self._reuse = render, reuse
+        self._pending: asyncio.Future[bytes] | None = None
+        self._done: tuple[float, bytes] | None = None
+
+    async def get(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        if self._done is not None and loop.time() - self._done[0] < self._reuse:
+            return self._done[1]
+        if self._pending is None:
+            self._pending = loop.create_future()
+            pending = self._pending
+            try:
+                body = await _in_thread(self._render)
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    pending.cancel()
+                else:
+                    pending.set_exception(exc)
+                    pending.exception()  # retrieved: the waiters (if any) raise it, never "never retrieved"
+                raise
+            finally:
+                self._pending = None
+            self._done = (loop.time(), body)
+            pending.set_result(body)
+            return body
+        return await asyncio.shield(self._pending)
+
+
 def build_app(engine: sa.Engine, *, ca: bool = True, metrics: bool = True,
               key_ring: Callable[[], keystore.KeyRing] | None = None, actor: audit.Actor | None = None,
               clock: Callable[[], dt.datetime] | None = None, request_seconds: float = Limits.request_seconds,
@@ -287,9 +323,10 @@ def build_app(engine: sa.Engine, *, ca: bool = True, metrics: bool = True,
         with read_session(engine) as session:
             slis[:] = [sli.compute(session, sli_window, (clock or utcnow)())]
 
+    rendering = _SharedRender(lambda: exposition.render(engine, sli=slis[0] if slis else None), METRICS_REUSE_SECONDS)
+
     async def metrics_endpoint(request: Request) -> Response:
-        body = await _in_thread(lambda: exposition.render(engine, sli=slis[0] if slis else None))
-        return Response(body, 200, media_type=exposition.CONTENT_TYPE)
+        return Response(await rendering.get(), 200, media_type=exposition.CONTENT_TYPE)
 
     async def ca_endpoint(request: Request) -> Response:
         assert responder is not None

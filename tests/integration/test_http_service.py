@@ -78,8 +78,8 @@ def _issue(engine: sa.Engine, name: str) -> x509.Certificate:
     issued = PrivateCAIssuer(engine, "corp", _ring).issue(build_csr(ec.generate_private_key(ec.SECP256R1()), [name]),
                                                           "tls-server")
     with write_session(engine) as session:
-        inventory.upsert(session, [inventory.Observation(describe_certificate(c), None, "issued") for c in issued.chain],
-                         audit.Actor("test"))
+        inventory.upsert(session, [inventory.Observation(describe_certificate(c), None, "issued")
+                                   for c in issued.chain], audit.Actor("test"))
     return issued.leaf
 
 
