@@ -6,6 +6,7 @@ secret: the trust bundle is public CA certificates (PEM) against which each pres
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from prefect.blocks.core import Block
@@ -49,6 +50,9 @@ for item in tls_scan_block.source().discover():
     trust_bundle_pem: str | None = Field(default=None, description="PEM CA certificates that chains are verified "
                                                                    "against (e.g. your private roots).")
     use_system_trust: bool = Field(default=False, description="Also verify against the system's CA certificates.")
+    chunk_addresses: int = Field(default=1024, ge=1, le=65536, description=(
+        "Addresses per chunk of a large scan: deployed on a work pool, discover scans each chunk in a "
+        "discover-chunk run of its own, which the workers share (a /16 in chunks of 1,024: 64 runs)."))
 
     @field_validator("trust_bundle_pem")
     @classmethod
@@ -64,11 +68,20 @@ for item in tls_scan_block.source().discover():
                 raise ValueError("trust_bundle_pem holds a private key: give CA certificates only")
         return value
 
-    def source(self) -> Source:
+    def chunks(self) -> list[list[str]]:
+        """The targets in chunks of at most ``chunk_addresses`` addresses (connectors.tls_scan.chunk_targets)."""
+        from connectors.tls_scan import chunk_targets
+
+        return chunk_targets(self.targets, self.chunk_addresses)
+
+    def source(self, targets: Sequence[str] | None = None) -> Source:
+        """The scan of every target, or of ``targets`` only (one of ``chunks()``), with this block's
+        ports, SNI names, limits and trust, under the block's source name either way."""
         from connectors.tls_scan import TlsScanSource
 
         trust = (load_bundle(self.trust_bundle_pem.encode(), source="trust_bundle_pem").certificates
                  if self.trust_bundle_pem and self.trust_bundle_pem.strip() else ())
-        return TlsScanSource(self._block_document_name or "unsaved", self.targets, ports=tuple(self.ports),
+        return TlsScanSource(self._block_document_name or "unsaved", self.targets if targets is None else targets,
+                             ports=tuple(self.ports),
                              sni=tuple(self.sni_names), concurrency=self.concurrency, timeout=self.timeout_seconds,
                              trust=trust, use_system_trust=self.use_system_trust)

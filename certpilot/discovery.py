@@ -110,6 +110,14 @@ class SourceSummary:
     violations_by_rule: Mapping[str, int] = field(default_factory=dict)
     policy_error: str | None = None  # why the policy was not applied to (part of) what was found
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SourceSummary:
+        """The summary ``as_dict`` wrote (a discover-chunk run's, read back by its discover run)."""
+        return cls(data["source"], data["run_id"], data["places"], data["certificates"], data["new_certificates"],
+                   data["new_locations"], data["keys_stored"], data["ghosts"],
+                   tuple(Problem(p["locator"], p["reason"]) for p in data["problems"]), data["owners_assigned"],
+                   data["violations"], dict(data["violations_by_rule"]), data["policy_error"])
+
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "run_id": self.run_id, "places": self.places,
                 "certificates": self.certificates, "new_certificates": self.new_certificates,
@@ -239,7 +247,7 @@ def observations(found: Found, source: str) -> list[Observation]:
 def record(engine: sa.Engine, source: Source, actor: audit.Actor, *,
            key_ring: Callable[[], KeyRing] | None = None, batch_size: int = BATCH,
            now: Callable[[], dt.datetime] | None = None, block: str | None = None,
-           policy: Policy | None = None, policy_error: str | None = None) -> DiscoveryReport:
+           policy: Policy | None = None, policy_error: str | None = None, part: bool = False) -> DiscoveryReport:
     """Run ``source`` and write what it finds, a batch per transaction; then flag as ghosts the
     source's locations this run did not see. Keys a source brought back are stored sealed when
     ``key_ring`` is given and dropped otherwise.
@@ -249,10 +257,18 @@ def record(engine: sa.Engine, source: Source, actor: audit.Actor, *,
     The source's SourceRun row (``block``: the block document that configures it) records when the
     run started, and when it completed or failed and why (redacted): a source that stops completing
     is seen as stale by the monitor.
+
+    ``part``: ``source`` is one chunk of a larger scan whose run is ``actor.flow_run_id``, recorded by
+    several runs at once: its places are marked seen by that run, and neither the source's run row nor
+    its ghosts are touched (``finish_parts`` does both once every chunk is recorded).
     """
     clock = now or utcnow
     run_id = actor.flow_run_id or f"scan-{uuid.uuid4().hex}"
     actor = audit.Actor(actor.name, run_id)
+    if part:
+        report = _record(engine, source, actor, run_id, key_ring, batch_size, clock, policy, flag=False)
+        report.policy_error = report.policy_error or policy_error
+        return report
     note_source_run(engine, source.name, block, actor.flow_run_id, clock(), started=True)
     try:
         report = _record(engine, source, actor, run_id, key_ring, batch_size, clock, policy)
@@ -262,6 +278,33 @@ def record(engine: sa.Engine, source: Source, actor: audit.Actor, *,
         raise
     note_source_run(engine, source.name, block, actor.flow_run_id, clock())
     return report
+
+
+def finish_parts(engine: sa.Engine, source: str, block: str | None, actor: audit.Actor, parts: Sequence[SourceSummary],
+                 failed: Sequence[str], now: dt.datetime | None = None) -> SourceSummary:
+    """End a scan recorded in chunks (``record(..., part=True)``) by run ``actor.flow_run_id``: when no
+    chunk ``failed`` (each a reason), flag the source's ghosts (its locations no chunk saw) and note the
+    run completed; else note it failed, naming the chunks, and flag nothing: ghosts are judged only by a
+    complete run. Returns the chunks' summaries added up, as one source's."""
+    now = now or utcnow()
+    run_id = actor.flow_run_id or f"scan-{uuid.uuid4().hex}"
+    ghosts = 0
+    if failed:
+        note_source_run(engine, source, block, run_id, now,
+                        error=f"{len(failed)} chunk(s) failed: {'; '.join(failed[:5])}"[:1000])
+    else:
+        with write_session(engine) as session:
+            ghosts = flag_ghosts(session, source, run_id, audit.Actor(actor.name, run_id), now)
+        note_source_run(engine, source, block, run_id, now)
+    by_rule: dict[str, int] = {}
+    for part in parts:
+        for rule, count in part.violations_by_rule.items():
+            by_rule[rule] = by_rule.get(rule, 0) + count
+    return SourceSummary(source, run_id, sum(p.places for p in parts), sum(p.certificates for p in parts),
+                         sum(p.new_certificates for p in parts), sum(p.new_locations for p in parts),
+                         sum(p.keys_stored for p in parts), ghosts, tuple(x for p in parts for x in p.problems),
+                         sum(p.owners_assigned for p in parts), sum(p.violations for p in parts),
+                         dict(sorted(by_rule.items())), next((p.policy_error for p in parts if p.policy_error), None))
 
 
 def note_source_run(engine: sa.Engine, source: str, block: str | None, flow_run_id: str | None, now: dt.datetime, *,
@@ -283,7 +326,7 @@ def note_source_run(engine: sa.Engine, source: str, block: str | None, flow_run_
 
 def _record(engine: sa.Engine, source: Source, actor: audit.Actor, run_id: str,
             key_ring: Callable[[], KeyRing] | None, batch_size: int,
-            clock: Callable[[], dt.datetime], policy: Policy | None) -> DiscoveryReport:
+            clock: Callable[[], dt.datetime], policy: Policy | None, flag: bool = True) -> DiscoveryReport:
     report = DiscoveryReport(source.name, run_id)
     seen: set[str] = set()
     evaluated: set[str] = set()  # certificates this run evaluated already (one may be seen in several batches)
@@ -330,8 +373,9 @@ def _record(engine: sa.Engine, source: Source, actor: audit.Actor, run_id: str,
             flush()
     flush()
     report.certificates = len(seen)
-    with write_session(engine) as session:
-        report.ghosts = flag_ghosts(session, source.name, run_id, actor, clock())
+    if flag:
+        with write_session(engine) as session:
+            report.ghosts = flag_ghosts(session, source.name, run_id, actor, clock())
     return report
 
 

@@ -10,8 +10,15 @@ Targets (``expand_targets``, a pure function):
 - a host name (``www.example.com``), an IPv4 or IPv6 address (``10.0.0.1``, ``::1``, ``[::1]``);
 - a CIDR range (``10.0.0.0/29``; its usable hosts: without the network and broadcast addresses of an IPv4
   range wider than /31), refused when the scan would exceed ``MAX_PROBES`` probes;
+- an address range, first and last included (``10.0.1.0-10.0.1.255``, ``[2001:db8::-2001:db8::ff]``), as
+  ``chunk_targets`` writes the pieces of a large range;
 - any of these with a port (``host:8443``, ``10.0.0.1:8443``, ``[::1]:8443``, ``10.0.0.0/30:8443``), which
   replaces ``ports`` for that target.
+
+Large scans in pieces (``chunk_targets``, a pure function): the targets split into chunks of at most
+``addresses`` addresses, a range wider than that cut into address ranges of that size (every address
+the whole range would scan, each in one chunk), the other targets grouped; the discover flow scans
+each chunk in a run of its own (discover-chunk), so a /16 is not bound to one process.
 Every address is probed on every port with every SNI name, and without SNI when no SNI name is given; a
 host-name target without SNI names is probed with its own name as SNI, as any client would.
 
@@ -60,9 +67,11 @@ from certpilot.names import is_ip_address, normalise_dns_name, parse_ip_address
 from connectors.tls_verify import (MAX_HANDSHAKE_BYTES, ClientHandshake, Presented, TlsProbeError, check_hostname,
                                    client_context)
 
-__all__ = ["MAX_CHAIN_CERTIFICATES", "MAX_PROBES", "Probe", "TargetError", "TlsScanSource", "expand_targets"]
+__all__ = ["MAX_CHAIN_CERTIFICATES", "MAX_CHUNKS", "MAX_PROBES", "Probe", "TargetError", "TlsScanSource",
+           "chunk_targets", "expand_targets"]
 
 MAX_PROBES = 65_536
+MAX_CHUNKS = 4096  # pieces of one scan (chunk_targets): 4,096 x 1,024 addresses is a /10
 MAX_CHAIN_CERTIFICATES = 16
 BATCH_SIZE, BATCH_SECONDS = 100, 0.05  # results go to the consumer in batches
 LOOPS = min(2, os.cpu_count() or 1)  # threads, each with its own asyncio loop
@@ -141,20 +150,15 @@ def expand_targets(targets: Iterable[str], ports: Sequence[int] = (443,), sni: S
         target_ports = [port] if port is not None else port_list
         hosts: Iterable[str]
         is_name = False
-        if "/" in host_part:
-            try:
-                network = ipaddress.ip_network(host_part, strict=False)
-            except ValueError:
-                raise TargetError(f"target {target!r} is not a valid CIDR range") from None
-            size = network.num_addresses
-            if network.version == 4 and network.prefixlen < 31:
-                size -= 2
+        if "/" in host_part or _is_range(host_part):
+            addresses = _addresses(host_part, target)
+            size = addresses.size
             total = len(probes) + size * len(target_ports) * max(len(sni_names), 1)
             if total > max_probes:
                 raise TargetError(f"target {target!r} expands to {size:,} addresses x {len(target_ports)} ports x "
                                   f"{max(len(sni_names), 1)} SNI names: more than the {max_probes:,} probes allowed; "
                                   "split the range or scan fewer ports")
-            hosts = (str(a) for a in (network.hosts() if network.version == 4 else network))
+            hosts = (str(a) for a in addresses)
         else:
             address = parse_ip_address(host_part)
             if address is not None:
@@ -170,6 +174,92 @@ def expand_targets(targets: Iterable[str], ports: Sequence[int] = (443,), sni: S
                     if len(probes) > max_probes:
                         raise TargetError(f"the targets expand to more than the {max_probes:,} probes allowed")
     return list(probes)
+
+
+def _is_range(host: str) -> bool:
+    first, sep, last = host.partition("-")
+    return bool(sep) and is_ip_address(first) and is_ip_address(last)
+
+
+def _addresses(host: str, target: str) -> _AddressRange:
+    """The addresses a CIDR range or an address range scans, as a lazy sequence."""
+    if "/" in host:
+        try:
+            network = ipaddress.ip_network(host, strict=False)
+        except ValueError:
+            raise TargetError(f"target {target!r} is not a valid CIDR range") from None
+        first, last = int(network.network_address), int(network.broadcast_address)
+        if network.version == 4 and network.prefixlen < 31:
+            first, last = first + 1, last - 1
+        return _AddressRange(network.version, first, last)
+    start, _, end = host.partition("-")
+    low, high = ipaddress.ip_address(start), ipaddress.ip_address(end)
+    if low.version != high.version or int(high) < int(low):
+        raise TargetError(f"target {target!r} is not a range of addresses from the first to the last")
+    return _AddressRange(low.version, int(low), int(high))
+
+
+@dataclass(frozen=True)
+class _AddressRange:
+    """Addresses ``first`` to ``last`` (integers) of one IP version, included, without listing them."""
+
+    version: int
+    first: int
+    last: int
+
+    @property
+    def size(self) -> int:  # not __len__: an IPv6 range may hold more than len() can say
+        return max(0, self.last - self.first + 1)
+
+    def __iter__(self) -> Iterator[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        kind = ipaddress.IPv4Address if self.version == 4 else ipaddress.IPv6Address
+        return (kind(n) for n in range(self.first, self.last + 1))
+
+    def text(self, first: int, last: int) -> str:
+        kind = ipaddress.IPv4Address if self.version == 4 else ipaddress.IPv6Address
+        return f"{kind(first)}" if first == last else f"{kind(first)}-{kind(last)}"
+
+
+def chunk_targets(targets: Sequence[str], addresses: int = 1024) -> list[list[str]]:
+    """``targets`` in chunks of at most ``addresses`` addresses each, to scan apart: a CIDR or address
+    range wider than that is cut into address ranges of ``addresses``, aligned on multiples of it (a /16
+    in chunks of 256: its /24s), each with the range's port, if it has one;
+    the other targets are grouped in order. Scanning every chunk probes exactly what scanning
+    ``targets`` would (an address in two targets of different chunks is probed twice). TargetError for a
+    target that does not parse or more than MAX_CHUNKS chunks."""
+    if addresses < 1:
+        raise TargetError(f"chunks must hold at least one address, not {addresses}")
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    weight = 0
+    for raw in targets:
+        target = raw.strip()
+        host, port = _split_port(target)
+        suffix = f":{port}" if port is not None else ""
+        if "/" in host or _is_range(host):
+            span = _addresses(host, target)
+            if span.size > addresses:
+                if current:  # in order: what came before goes first
+                    chunks.append(current)
+                    current, weight = [], 0
+                for base in range(span.first - span.first % addresses, span.last + 1, addresses):  # aligned
+                    piece = span.text(max(base, span.first), min(base + addresses - 1, span.last))
+                    chunks.append([f"[{piece}]{suffix}" if span.version == 6 and suffix else piece + suffix])
+                    if len(chunks) > MAX_CHUNKS:
+                        raise TargetError(f"the targets make more than {MAX_CHUNKS:,} chunks of {addresses:,} "
+                                          "addresses: scan fewer or larger chunks")
+                continue
+            size = span.size
+        else:
+            size = 1
+        if current and weight + size > addresses:
+            chunks.append(current)
+            current, weight = [], 0
+        current.append(target)
+        weight += size
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 # --- the scan ------------------------------------------------------------------------------------------------

@@ -33,17 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import time
 from typing import Annotated
 from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import FlowRun
-from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
-from prefect.runtime import deployment as deployment_context
-from prefect.states import Cancelled
 from prefect.futures import PrefectFuture
 from pydantic import Field
 
@@ -69,6 +62,7 @@ from certpilot.renewing import (
 )
 from certpilot.rollout import DeploymentReport
 from flows.deploy import deploy_certificate
+from flows.fan_out import deployment_beside, run_all
 from flows.runners import thread_pool
 from flows.settling import settle
 from flows.tagging import tag_flow_run
@@ -104,9 +98,7 @@ from tasks.renewal import (
 RENEW_WORKERS = 8  # certificates renewed at once by one renew-due or renew-batch run (each issuer is throttled too)
 BATCH_DEPLOYMENT = "renew-batch/renew-batch"  # renew-due's batches, when deployed (prefect.yaml)
 BATCHES_AT_ONCE = 4  # renew-batch runs one renew-due run keeps in flight
-BATCH_POLL_SECONDS = 1.0
 CLOCK_MARGIN = dt.timedelta(seconds=60)  # how far apart the workers' clocks may be
-BATCH_START_SECONDS = 900.0  # a renew-batch run not started by then is cancelled, its certificates failed
 
 
 # ------------------------------------------------------------------------------- renew-certificate
@@ -313,60 +305,20 @@ def renew_batch(names: list[str], within_days: Annotated[float, Field(ge=0)] = 0
 def _fan_out(deployment: UUID, due: list[DueCertificate], within_days: float, batch_size: int, issuer_slots: int,
              at_once: int) -> list[RenewalOutcome]:
     """Renew ``due`` through renew-batch runs of ``deployment``, ``at_once`` at most in flight, for the
-    workers of its pool (or ``certpilot serve``) to share; then read each certificate's outcome from the
-    inventory, where whichever worker renewed it recorded it."""
-    logger = get_run_logger()
+    workers of its pool (or ``certpilot serve``) to share (flows.fan_out); then read each certificate's
+    outcome from the inventory, where whichever worker renewed it recorded it."""
     since = utcnow() - CLOCK_MARGIN  # failures recorded from here on, by the workers' clocks
     batches = [due[start:start + batch_size] for start in range(0, len(due), batch_size)]
-    ended: dict[int, str] = {}  # batch index -> how its run ended, when it did not complete
-    running: dict[UUID, tuple[int, float]] = {}  # run -> (batch index, when it was created)
-    waiting = list(range(len(batches)))
-    logger.info("%d certificate(s) due: %d renew-batch run(s) of %d at most, %d at once", len(due), len(batches),
-                batch_size, at_once)
-    with get_client(sync_client=True) as client:
-        while waiting or running:
-            while waiting and len(running) < at_once:
-                index = waiting.pop(0)
-                batch = batches[index]
-                run = run_deployment(deployment, parameters={"names": [d.name for d in batch],
-                                                             "within_days": within_days, "issuer_slots": issuer_slots},
-                                     timeout=0, as_subflow=True,
-                                     flow_run_name=f"renew-batch-{index + 1}-of-{len(batches)}")
-                assert isinstance(run, FlowRun)  # called from sync code: the run, not a coroutine
-                running[run.id] = (index, time.monotonic())
-            time.sleep(BATCH_POLL_SECONDS)
-            for run_id, (index, created) in list(running.items()):
-                state = client.read_flow_run(run_id).state
-                if state is not None and state.is_final():
-                    del running[run_id]
-                    if not state.is_completed():
-                        ended[index] = f"its renew-batch run {index + 1} ended {state.name}: {state.message or ''}"
-                elif (state is None or state.is_scheduled() or state.is_pending()) \
-                        and time.monotonic() - created > BATCH_START_SECONDS:
-                    client.set_flow_run_state(run_id, Cancelled(message="not started in time"), force=True)
-                    del running[run_id]
-                    ended[index] = (f"its renew-batch run {index + 1} did not start within {BATCH_START_SECONDS:.0f} s "
-                                    "and was cancelled: is a worker polling the deployment's work pool (or is "
-                                    "certpilot serve running with --limit of at least 2)?")
+    get_run_logger().info("%d certificate(s) due: %d renew-batch run(s) of %d at most, %d at once", len(due),
+                          len(batches), batch_size, at_once)
+    ended = run_all(deployment, [(f"renew-batch-{index + 1}-of-{len(batches)}",
+                                  {"names": [d.name for d in batch], "within_days": within_days,
+                                   "issuer_slots": issuer_slots}) for index, batch in enumerate(batches)], at_once)
     with read_session(get_engine()) as session:
         outcomes = renewing.recorded_outcomes(session, due, since)
-    index_of = {d.name: i for i, batch in enumerate(batches) for d in batch}
-    return [dataclasses.replace(o, reason=f"{o.reason}; {ended[index_of[o.name]]}")
-            if o.step is None and not o.ok and index_of[o.name] in ended else o for o in outcomes]
-
-
-def _batch_deployment() -> UUID | None:
-    """The renew-batch deployment to fan out to: when this run was started from a deployment (a work
-    pool's worker or certpilot serve) and renew-batch is deployed beside it; else None (a direct call,
-    the CLI: the batches run in this process)."""
-    if deployment_context.get_id() is None:
-        return None
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_deployment_by_name(BATCH_DEPLOYMENT).id
-        except ObjectNotFound:
-            get_run_logger().warning("no %s deployment: renewing every batch in this run's process", BATCH_DEPLOYMENT)
-            return None
+    why = {d.name: end.why for batch, end in zip(batches, ended) for d in batch if not end.completed}
+    return [dataclasses.replace(o, reason=f"{o.reason}; {why[o.name]}") if o.step is None and not o.ok and o.name in why
+            else o for o in outcomes]
 
 
 @flow(name="renew-due", task_runner=thread_pool(RENEW_WORKERS), description=__doc__.split("\n\n")[2],
@@ -396,7 +348,7 @@ def renew_due(within_days: Annotated[float, Field(ge=0)] = 0.0, limit: Annotated
     refresh_renewal_info()
     due = select_due(within_days, limit)
     logger.info("%d managed certificate(s) due for renewal", len(due))
-    deployment = _batch_deployment() if due else None
+    deployment = deployment_beside(BATCH_DEPLOYMENT) if due else None
     if deployment is not None:
         outcomes = _fan_out(deployment, due, within_days, max(1, batch_size), issuer_slots, batches_at_once)
     else:

@@ -23,7 +23,14 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymen
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from sqlmodel import select
+
+from certpilot import audit, database, keystore, managed
+from certpilot.database import read_session
+from certpilot.models import Certificate
+from certpilot.settings import load_settings
 from deployments import DEPLOYMENTS, load_flow
+from lab.due_fleet import define_due, init_backdated_ca
 from lab.ports import free_port
 from lab.prefect_server import PrefectServer
 
@@ -159,6 +166,35 @@ def test_a_run_created_through_the_api_executes(served: Served, client: SyncPref
     finished = _wait_final(client, run.id, served, timeout=40)
     assert finished.state.is_completed(), finished.state
     assert finished.parameters == {"within_days": 1.0}
+
+
+def test_renew_due_hands_its_batches_to_served_renew_batch_runs(served: Served, serve_env: dict[str, str],
+                                                                 client: SyncPrefectClient,
+                                                                 scheduling_prefect_server: PrefectServer,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """One machine: the served renew-due fans out to the served renew-batch deployment as on a work pool."""
+    from blocks.issuers import PrivateCABlock
+
+    monkeypatch.setenv("CERTPILOT_HOME", serve_env["CERTPILOT_HOME"])  # the served runs' inventory and master key
+    engine = database.get_engine()
+    ring = keystore.load_key_ring(load_settings())
+    init_backdated_ca(engine, ring, audit.Actor("test"), "served")
+    names = define_due(engine, ring, audit.Actor("test"), "served", "served", 4)
+    with temporary_settings({PREFECT_API_URL: scheduling_prefect_server.api_url}):
+        PrivateCABlock.register_type_and_schema()
+        PrivateCABlock(ca_name="served").save("served", overwrite=True)
+    run = client.create_flow_run_from_deployment(_deployment_id(client, "renew-due"), parameters={"batch_size": 2})
+    finished = _wait_final(client, run.id, served, timeout=90)
+    assert finished.state.is_completed(), f"{finished.state}\n{served.output[-4000:]}"
+    batches = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(
+        any_=[_deployment_id(client, "renew-batch")]))) if r.start_time and r.start_time >= finished.start_time]
+    assert sorted(r.name for r in batches) == ["renew-batch-1-of-2", "renew-batch-2-of-2"]
+    assert all(r.state and r.state.is_completed() for r in batches)
+    with read_session(engine) as session:
+        for name in names:  # renewed once each: the one seeded superseded, one new active
+            row = managed.get(session, name)
+            assert sorted(c.status for c in session.exec(select(Certificate).where(
+                Certificate.managed_certificate_id == row.id))) == ["active", "superseded"], name
 
 
 def test_serve_needs_a_prefect_api_and_says_so(serve_env: dict[str, str], tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from connectors.tls_scan import MAX_PROBES, Probe, TargetError, expand_targets
+from connectors.tls_scan import MAX_PROBES, Probe, TargetError, chunk_targets, expand_targets
 
 
 def test_addresses_and_names_on_every_port() -> None:
@@ -80,3 +80,31 @@ def test_many_small_targets_are_capped_too() -> None:
     targets = [f"10.{i // 256}.{i % 256}.0/24" for i in range(MAX_PROBES // 254 + 1)]
     with pytest.raises(TargetError, match="probes allowed"):
         expand_targets(targets)
+
+
+def test_address_ranges_first_to_last() -> None:
+    assert [p.host for p in expand_targets(["10.0.0.254-10.0.1.1:443"])] == [
+        "10.0.0.254", "10.0.0.255", "10.0.1.0", "10.0.1.1"]
+    assert [p.host for p in expand_targets(["[2001:db8::fe-2001:db8::101]:8443"])] == [
+        "2001:db8::fe", "2001:db8::ff", "2001:db8::100", "2001:db8::101"]
+    with pytest.raises(TargetError, match="from the first to the last"):
+        expand_targets(["10.0.0.9-10.0.0.1"])
+
+
+def test_a_slash_16_in_chunks_of_its_slash_24s() -> None:
+    chunks = chunk_targets(["10.20.0.0/16:8443"], 256)
+    assert len(chunks) == 256
+    assert chunks[:2] == [["10.20.0.1-10.20.0.255:8443"], ["10.20.1.0-10.20.1.255:8443"]]
+    assert chunks[-1] == ["10.20.255.0-10.20.255.254:8443"]
+    assert sum(len(expand_targets(c)) for c in chunks) == 65_534  # a whole /16 is one probe too many for one scan
+
+
+def test_chunks_probe_what_the_whole_scan_would_in_order() -> None:
+    targets = ["10.0.0.0/22:443", "x.example", "10.9.0.1-10.9.1.7", "[2001:db8::/120]:443", "10.1.0.0/30",
+               "b.example:8443"]
+    chunks = chunk_targets(targets, 100)
+    assert [p for chunk in chunks for p in expand_targets(chunk)] == expand_targets(targets)
+    assert all(len(expand_targets(chunk)) <= 100 for chunk in chunks)
+    assert chunk_targets(["a.example", "10.0.0.0/30"], 100) == [["a.example", "10.0.0.0/30"]]  # small: one chunk
+    with pytest.raises(TargetError, match="more than 4,096 chunks"):
+        chunk_targets(["10.0.0.0/8"], 16)
