@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import httpx
 from rich.text import Text
 
-from certpilot.errors import CertpilotError, PermanentError
+from certpilot.errors import CertpilotError, PermanentError, ServiceUnavailableError, redact
 from cli.console import err
 
 ANALYTICS = "PREFECT_SERVER_ANALYTICS_ENABLED"
@@ -57,4 +58,11 @@ def flow_result(state: Any, error_type: type[CertpilotError] = CertpilotError) -
         error = raised
     if isinstance(error, error_type):
         raise error
+    if isinstance(error, (httpx.TransportError, httpx.HTTPStatusError)):  # the run lost its Prefect server
+        from prefect.settings import PREFECT_API_URL
+
+        where = f"the Prefect API at {PREFECT_API_URL.value()}"
+        raise ServiceUnavailableError("prefect", "flow run", type(error).__name__, redact(error), where=where,
+                                      message=f"{state.name}: {where} did not answer the run "
+                                              f"({redact(error)})")
     raise PermanentError(f"{state.name}: {state.message or 'the flow run ended without a result'}")

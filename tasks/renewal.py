@@ -49,10 +49,12 @@ import os
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
+import httpx
 import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -64,6 +66,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
 from prefect.tasks import exponential_backoff
 
 import blocks.issuers  # noqa: F401  (registers the issuer block types, so load_block finds them)
@@ -72,7 +75,7 @@ from blocks.policy import policy_in_force
 from certpilot import audit, inventory, managed, renewing, targets
 from certpilot.clock import utcnow
 from certpilot.database import get_engine, read_session, write_session
-from certpilot.errors import NotFoundError, PermanentError, redact
+from certpilot.errors import NotFoundError, PermanentError, ServiceUnavailableError, redact
 from certpilot.issuance import IssuedCertificate, Issuer, OrderJournal
 from certpilot.dry_run import DuePreview, RenewalPreview
 from certpilot.keystore import KeyRef
@@ -209,8 +212,43 @@ def hold_issuer_slots(counts: Mapping[str, int], lease_seconds: float | None = N
                              {"lease_duration": lease_seconds, "raise_on_lease_renewal_failure": False})
     with ExitStack() as stack:
         for issuer, count in sorted(counts.items()):
-            stack.enter_context(concurrency(limit_name(issuer), occupy=count, strict=True, **lease))
+            stack.enter_context(_holding(limit_name(issuer), count, lease, lease_seconds or DEFAULT_LEASE_SECONDS))
         yield {issuer: threading.BoundedSemaphore(count) for issuer, count in counts.items()}
+
+
+DEFAULT_LEASE_SECONDS = 300.0  # Prefect's, for the slots of a concurrency() that is not given one
+
+
+@contextmanager
+def _holding(limit: str, count: int, lease: Mapping[str, Any], lease_seconds: float) -> Iterator[None]:
+    """``count`` slots of ``limit`` held while the block runs. A Prefect API that does not answer (a server
+    restarting) is ServiceUnavailableError naming it when the slots are taken; when they are given back,
+    only a warning: what the block did is done (renewals stored), and the server frees the slots itself
+    when their lease ends."""
+    held = concurrency(limit, occupy=count, strict=True, **lease)
+    try:
+        held.__enter__()
+    except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+        where = f"the Prefect API at {PREFECT_API_URL.value()}"
+        raise ServiceUnavailableError("prefect", "acquire", type(exc).__name__, redact(exc), where=where,
+                                      message=f"{where} did not answer when taking {count} slot(s) of concurrency "
+                                              f"limit {limit} ({redact(exc)})") from None
+    try:
+        yield
+    except BaseException as exc:
+        _give_back(held, limit, lease_seconds, (type(exc), exc, exc.__traceback__))
+        raise
+    _give_back(held, limit, lease_seconds, (None, None, None))
+
+
+def _give_back(held: AbstractContextManager[object], limit: str, lease_seconds: float,
+               exc_info: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+    try:
+        held.__exit__(*exc_info)
+    except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+        get_run_logger().warning("could not give back the slots of concurrency limit %s: the Prefect API at %s "
+                                 "did not answer (%s); the server frees them when their lease ends (%.0f s)",
+                                 limit, PREFECT_API_URL.value(), redact(exc), lease_seconds)
 
 
 @task(name="ensure-issuer-limits", timeout_seconds=120)

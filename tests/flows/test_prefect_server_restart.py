@@ -1,0 +1,148 @@
+"""The Prefect server restarted in the middle of renew-due: the run finishes or fails loudly, a re-run
+converges, and every managed certificate is renewed exactly once.
+
+A Prefect server of the test's own (lab.prefect_server: its own port and SQLite database), an inventory
+of the test's own with 30 due certificates of a private CA (lab.due_fleet). `certpilot renew --due` runs
+the renew-due flow there in a child process (in-process batches: the run is not from a deployment);
+tests/renewal_pauser.py holds every renewal from the 10th stored one on (certpilot.checkpoints) while
+the server is stopped, lets them go on against the dead API, and the server is started again on the same
+port and database. Then `certpilot renew --due` once more. Checked:
+
+- the first run ends by itself within its deadline: it completed, or it failed with an error naming
+  the Prefect API;
+- the re-run completes and leaves nothing due;
+- each managed certificate has exactly one new certificate (one active, one superseded) and exactly one
+  `certificate.issued` audit event since the start; no renewal claim left held;
+- the audit chain verifies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from sqlmodel import col, select
+
+from blocks.issuers import PrivateCABlock
+from certpilot import audit, keystore, managed
+from certpilot.database import get_engine, read_session
+from certpilot.models import AuditEvent, Certificate, RenewalClaim
+from certpilot.settings import load_settings
+from lab.due_fleet import define_due, init_backdated_ca
+from lab.prefect_server import PrefectServer
+
+ROOT = Path(__file__).resolve().parents[2]
+CA = "restart-ca"
+FLEET = 30
+PAUSE_AT = 10  # the renewal stored 10th (and every one after it) waits while the server is stopped
+RUN_SECONDS = 150.0  # a run's deadline, the client's retries through the restart included
+
+
+def _env(server: PrefectServer, home: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update({"PREFECT_API_URL": server.api_url, "PREFECT_HOME": str(home),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    return env
+
+
+def _wait(child: subprocess.Popen[bytes], log: Path) -> tuple[int, str]:
+    try:
+        code = child.wait(timeout=RUN_SECONDS)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait(timeout=10)
+        raise AssertionError(f"renew-due hung: not ended {RUN_SECONDS:.0f} s after start:\n"
+                             f"{log.read_text(errors='replace')[-4000:]}") from None
+    return code, log.read_text(errors="replace")
+
+
+def _renew_due(env: dict[str, str], log: Path, *pause: str) -> subprocess.Popen[bytes]:
+    command = ["-m", "tests.renewal_pauser", *pause] if pause else ["-m", "cli"]
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, *command, "renew", "--due", "--json"], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def _summary(output: str) -> dict[str, object]:
+    start = output.index('{\n  "due"') if '{\n  "due"' in output else output.index('{"due"')
+    summary: dict[str, object] = json.JSONDecoder().raw_decode(output[start:])[0]
+    return summary
+
+
+def _issued_since(engine: sa.Engine, head: int) -> int:
+    with read_session(engine) as session:
+        return len(session.exec(select(AuditEvent.seq).where(AuditEvent.action == "certificate.issued",
+                                                             col(AuditEvent.seq) > head)).all())
+
+
+def test_prefect_server_restarted_in_the_middle_of_renew_due(tmp_path: Path) -> None:
+    engine: sa.Engine = get_engine()
+    ring = keystore.load_key_ring(load_settings())
+    actor = audit.Actor("test")
+    init_backdated_ca(engine, ring, actor, CA)
+    names = define_due(engine, ring, actor, CA, "restart", FLEET)
+    with read_session(engine) as session:
+        head = session.exec(select(sa.func.max(AuditEvent.seq))).one() or 0
+
+    with PrefectServer(tmp_path / "prefect-server") as server:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            PrivateCABlock.register_type_and_schema()
+            PrivateCABlock(ca_name=CA).save(CA, overwrite=True)
+        env = _env(server, tmp_path / "prefect-client")
+        hold = tmp_path / "hold"
+        hold.mkdir()
+        first_log = tmp_path / "first.log"
+        child = _renew_due(env, first_log, "stored", str(PAUSE_AT), str(hold))
+        try:
+            deadline = time.monotonic() + RUN_SECONDS
+            while not (hold / "paused").exists():
+                assert child.poll() is None, f"renew-due ended before its {PAUSE_AT}th renewal was stored:\n" \
+                                             f"{first_log.read_text(errors='replace')[-4000:]}"
+                assert time.monotonic() < deadline, first_log.read_text(errors="replace")[-4000:]
+                time.sleep(0.1)
+            server.stop()  # in the middle: renewals stored, the rest not yet, task runs open
+            assert PAUSE_AT <= _issued_since(engine, head) < FLEET
+            (hold / "go").touch()  # the held renewals go on against a server that is not there
+            server.start()  # the same port and database
+            code, said = _wait(child, first_log)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=10)
+
+        # The first run ended by itself: completed, or failed loudly naming the Prefect API.
+        if code != 0:
+            assert server.api_url in said or "Prefect API" in said, said[-4000:]
+        first = _summary(said) if code == 0 else None
+
+        second_log = tmp_path / "second.log"
+        code, again = _wait(_renew_due(env, second_log), second_log)
+        assert code == 0, again[-4000:]
+        rerun = _summary(again)
+        assert rerun["failed"] == 0, rerun
+        if first is not None:
+            assert (first["due"], first["renewed"], first["failed"]) == (FLEET, FLEET, 0), first
+            assert rerun["due"] == 0, rerun
+
+    # Exactly once each: one new certificate and one certificate.issued event per managed certificate.
+    with read_session(engine) as session:
+        for name in names:
+            row = managed.get(session, name)
+            statuses = sorted(c.status for c in session.exec(select(Certificate).where(
+                Certificate.managed_certificate_id == row.id)))
+            assert statuses == ["active", "superseded"], (name, statuses)
+        issued = session.exec(select(AuditEvent).where(AuditEvent.action == "certificate.issued",
+                                                       col(AuditEvent.seq) > head)).all()
+        assert sorted(json.loads(e.details)["managed"] for e in issued) == sorted(names)
+        assert not session.exec(select(RenewalClaim)).all()
+        assert audit.verify(session).events == session.exec(select(sa.func.max(AuditEvent.seq))).one()
+        due_now = managed.schedule(session, dt.datetime.now(dt.timezone.utc))
+    assert not [r.managed.name for r in due_now if r.decision.due]
