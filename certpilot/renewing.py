@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import os
+import socket
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -87,6 +89,8 @@ __all__ = [
     "claim",
     "release",
     "Skipped",
+    "process_alive",
+    "process_holder",
     "check_policy",
     "step_error",
     "store",
@@ -504,18 +508,51 @@ class Skipped:
     why: str
 
 
+HolderAlive = Callable[[str], bool]  # whether the holder of a claim may still be renewing (True when unsure)
+
+
+def process_holder() -> str:
+    """The holder name of this process (``process:<host>:<pid>``), for renewals outside a flow run (the CLI)."""
+    return f"process:{socket.gethostname()}:{os.getpid()}"
+
+
+def process_alive(holder: str) -> bool:
+    """False only for a ``process_holder`` of this host whose process is gone (killed); True otherwise."""
+    kind, _, rest = holder.partition(":")
+    host, _, pid = rest.rpartition(":")
+    if kind != "process" or host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process by that number: alive
+        return True
+    return True
+
+
 def claim(engine: sa.Engine, name: str, holder: str, now: dt.datetime | None = None,
-          lease: dt.timedelta = CLAIM_LEASE) -> str | None:
-    """Claim the renewal of managed certificate ``name`` for ``holder`` (a flow run) until ``now + lease``.
-    Returns None when claimed, else the holder whose claim is in force. One serialised write transaction
-    (certpilot.database.write_session): of two runs on any machines, one gets it. A claim left by a run
-    that died expires at its ``until``."""
+          lease: dt.timedelta = CLAIM_LEASE, alive: HolderAlive | None = None) -> str | None:
+    """Claim the renewal of managed certificate ``name`` for ``holder`` (a flow run, a process) until
+    ``now + lease``. Returns None when claimed, else the holder whose claim is in force. One serialised
+    write transaction (certpilot.database.write_session): of two runs on any machines, one gets it. A
+    claim left by a run that died lapses at its ``until``, or at once when ``alive`` says its holder is
+    gone (asked outside the write transaction; the claim is taken over only if that holder still has it)."""
     now = now or utcnow()
+    gone = None
+    with read_session(engine) as session:
+        row = managed.get(session, name)
+        held = session.get(RenewalClaim, row.id)
+        other = held.holder if held is not None and held.until > now and held.holder != holder else None
+    if other is not None:
+        if alive is None or alive(other):
+            return other
+        gone = other
     with write_session(engine) as session:
         row = managed.get(session, name)
         assert row.id is not None  # a stored row
         held = session.get(RenewalClaim, row.id)
-        if held is not None and held.until > now and held.holder != holder:
+        if held is not None and held.until > now and held.holder not in (holder, gone):
             return held.holder
         if held is None:
             session.add(RenewalClaim(managed_certificate_id=row.id, holder=holder, until=now + lease))
@@ -534,12 +571,12 @@ def release(engine: sa.Engine, name: str, holder: str) -> None:
 
 
 def renew_claimed(steps: Steps, engine: sa.Engine, name: str, holder: str, selected_with: str | None,
-                  ) -> Renewal | Skipped:
+                  alive: HolderAlive | None = None) -> Renewal | Skipped:
     """``renew`` for renew-due and renew-batch, so that no certificate is renewed twice however runs
     overlap: under ``holder``'s claim (``claim``), and only if the certificate in service is still
     ``selected_with``, the one it was found due with. Else Skipped, saying which run has it or what
-    replaced it; nothing is recorded then."""
-    other = claim(engine, name, holder)
+    replaced it; nothing is recorded then. ``alive``: as for ``claim``."""
+    other = claim(engine, name, holder, alive=alive)
     if other is not None:
         return Skipped(name, f"run {other} is renewing it")
     try:

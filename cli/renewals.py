@@ -11,6 +11,7 @@ record (``--json`` prints it) and a failure is a CertpilotError (exit 1, one err
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 from certpilot import managed, renewing, rollout
 from certpilot.database import get_engine, read_session
@@ -80,6 +81,18 @@ class _Direct:
 
         return fleet.retrying(renew, self.delays)(name)
 
+    def _claimed(self, holder: str, selected_with: str | None,
+                 ) -> Callable[[str], renewing.Renewal | renewing.Skipped]:
+        """Renew a due certificate under ``holder``'s claim, if ``selected_with`` is still in service (as
+        renew-due's batches do: renewing.renew_claimed), so a run elsewhere at the same time cannot
+        renew it too."""
+        from tasks.renewal import claim_holder_alive
+
+        def renew(name: str) -> renewing.Renewal | renewing.Skipped:
+            return renewing.renew_claimed(self.steps, self.engine, name, holder, selected_with, claim_holder_alive)
+
+        return renew
+
     def _deploy(self, renewal: renewing.Renewal) -> rollout.DeploymentReport:
         with read_session(self.engine) as session:
             plan = rollout.plan(session, renewal.name, renewal.fingerprint_sha256)
@@ -117,9 +130,11 @@ class _Direct:
         with read_session(self.engine) as session:
             due = renewing.due_certificates(session, utcnow() + ahead)
         outcomes = []
+        holder = renewing.process_holder()  # its claims (renewing.renew_claimed)
         for item in due:
             try:
-                outcome = RenewalOutcome.of(item, self._renewed(item.name), None)
+                outcome = RenewalOutcome.of(item, fleet.retrying(self._claimed(holder, item.current),
+                                                                 self.delays)(item.name), None)
             except renewing.RenewalError as exc:
                 outcome = RenewalOutcome.of(item, None, exc)
             if outcome.ok and outcome.renewal is not None and item.has_targets:

@@ -75,7 +75,8 @@ def test_renew_without_a_prefect_api_runs_directly_and_creates_no_flow_run(certp
     assert dry[0] == dry[1] and [r["name"] for r in dry[0]] == ["direct-2"]
     due = certpilot("renew", "--due", "--json")
     assert due.returncode == 0, due.stderr[-3000:]
-    assert json.loads(due.stdout) == {"due": 1, "renewed": 1, "failed": 0, "redeployed": 0, "failures": []}
+    assert json.loads(due.stdout) == {"due": 1, "renewed": 1, "failed": 0, "redeployed": 0, "skipped": 0,
+                                      "failures": []}
 
     with read_session(engine) as session:
         currents = {n: managed.current_certificate(session, managed.get(session, n)) for n in ("direct-1", "direct-2")}

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
+import subprocess
+import sys
 import threading
 
 import sqlalchemy as sa
@@ -93,3 +96,16 @@ def test_overlapping_runs_renew_each_certificate_once(engine: sa.Engine) -> None
     # A third run that found them due before the others renewed them leaves them alone.
     late = renewing.renew_claimed(steps, engine, names[0], "flow-run:c", selected[names[0]])
     assert isinstance(late, renewing.Skipped) and "renewed by another run meanwhile" in late.why
+
+
+def test_a_claim_whose_holder_is_gone_is_taken_over_at_once(engine: sa.Engine) -> None:
+    """A renewal killed mid-way (SIGKILL) leaves its claim; the next run takes it over at once when the holder
+    is known gone, here a process of this host that exited, instead of waiting an hour for it to lapse."""
+    [name] = _fleet(engine, 1)
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                            check=True, timeout=30)
+    dead = f"process:{socket.gethostname()}:{int(exited.stdout)}"
+    assert renewing.claim(engine, name, dead) is None
+    assert renewing.claim(engine, name, "flow-run:b") == dead  # not asked whether it is alive: it waits
+    assert renewing.claim(engine, name, renewing.process_holder(), alive=renewing.process_alive) is None
+    assert renewing.claim(engine, name, "flow-run:c", alive=renewing.process_alive) == renewing.process_holder()
