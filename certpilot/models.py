@@ -137,6 +137,13 @@ class ManagedCertificate(SQLModel, table=True):
     ari_checked_at: dt.datetime | None = _time(nullable=True)
     last_attempt_at: dt.datetime | None = _time(nullable=True)
     last_error: str | None = None  # the reason the last renewal attempt failed; None after a success
+    # The renewal journal (certpilot.renewing): a renewal in progress, from its key step until its certificate
+    # is stored or it fails permanently. A transient failure leaves it, so that the next attempt takes up the
+    # same key and resumes the same CA order (no second certificate issued). Ids and URLs only, never a key.
+    pending_key_id: str | None = Field(default=None, foreign_key="private_key.id")
+    pending_order_url: str | None = None  # the CA's order for the pending key's CSR (an OrderJournal)
+    pending_issuer: str | None = Field(default=None, max_length=128)  # the issuer block the order was placed with
+    pending_since: dt.datetime | None = _time(nullable=True)  # when the pending key was made
 
 
 class RenewalClaim(SQLModel, table=True):

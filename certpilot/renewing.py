@@ -15,6 +15,19 @@ way a failure is mapped once (``failure``): which step failed, transient or perm
 redacted (certpilot.errors.redact), recorded on the managed certificate and in the audit trail, the
 unused key destroyed, the certificate in service kept, and a RenewalError raised.
 
+The renewal journal, on the managed certificate (its ``pending_*`` columns): the key step records the
+key it made (and the issuer, and when), the issue step gives the issuer a ``RenewalJournal`` in which an
+ACME order's URL is recorded as soon as the CA has created it. A transient failure after the key step
+(a CA gone silent until the order's deadline, a database busy at the store) leaves the journal: the next
+attempt (a retry, the next renew-due or renew-certificate run) takes up the same key, and the issuer
+resumes the same order (downloading the certificate if the CA issued it meanwhile) instead of ordering
+again, so the CA never issues twice for one renewal. An order the CA no longer has (unknown, expired,
+invalid) is dropped from the journal and a new one placed with the pending key, saying so in the log. A
+journal for another issuer or key algorithm than the managed certificate now names, or whose key is gone,
+is dropped at the key step: its key destroyed and a new one made (logged). Storing the certificate clears
+the journal; a permanent failure clears it and destroys the key. The private CA signs at once and ignores
+the journal (its key is still kept across a transient failure). The journal holds ids and URLs, never a key.
+
 After each of the key, CSR, issue and store steps, ``certpilot.checkpoints.reached`` is called (a no-op:
 where tests kill the process). A renewal killed after its store step but before its deployment finished
 leaves targets behind; ``left_behind`` finds them for renew-due, which deploys them again.
@@ -28,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import logging
 import os
 import socket
 import time
@@ -66,6 +80,7 @@ __all__ = [
     "RenewDueSummary",
     "Renewal",
     "RenewalError",
+    "RenewalJournal",
     "RenewalOutcome",
     "RenewalPlan",
     "SigningRequest",
@@ -97,6 +112,7 @@ __all__ = [
 ]
 
 _MAX_ERROR = 632  # the longest last_error stored on a managed certificate ("<step>: <reason>")
+_log = logging.getLogger(__name__)
 
 
 class Step(enum.StrEnum):
@@ -164,14 +180,16 @@ class Renewal:
 
 @dataclass(frozen=True)
 class Failure:
-    """A renewal that failed at ``step``, to be recorded: ``reason`` is redacted already, and
-    ``unused_key`` (the key made for this attempt, if any) is destroyed when it is recorded."""
+    """A renewal that failed at ``step``, to be recorded: ``reason`` is redacted already. ``unused_key``
+    (the key of this attempt, if any) is destroyed when it is recorded, with the renewal journal cleared,
+    unless the failure is ``transient``: then both stay for the next attempt, which resumes its order."""
 
     name: str
     step: Step
     issuer: str
     reason: str
     unused_key: KeyRef | None = None
+    transient: bool = False
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -247,10 +265,96 @@ def check_policy(engine: sa.Engine, plan: RenewalPlan, policy: Policy, now: dt.d
 
 def new_key(engine: sa.Engine, plan: RenewalPlan, key_ring: KeyRingSource, actor: audit.Actor,
             now: dt.datetime | None = None) -> KeyRef:
-    """Step key: generate the next key and store it encrypted; only its reference leaves."""
+    """Step key: the key of this renewal, sealed in the keystore; only its reference leaves.
+
+    The pending key of an earlier attempt that failed transiently (the renewal journal) is taken up again,
+    so that its order is resumed. Else a new key is generated, stored and journalled in one transaction (a
+    pending key that cannot serve, being for another issuer or key algorithm, or gone, is destroyed then)."""
+    now = now or utcnow()
+    with read_session(engine) as session:
+        row = managed.get(session, plan.name)
+        pending, stale = _pending_key(session, row, plan)
+        since, order = row.pending_since, row.pending_order_url
+    if pending is not None:
+        _log.info("renewal of %r takes up its pending key %s (made %s by an attempt that did not finish)%s",
+                  plan.name, pending, since.isoformat() if since else "?", f", and its order {order}" if order else "")
+        return pending
     key = generate_private_key(plan.key_algorithm)  # outside the write transaction: an RSA key takes a while
     with write_session(engine) as session:
-        return store_private_key(session, key, key_ring(), actor, origin="generated", now=now)
+        ref = store_private_key(session, key, key_ring(), actor, origin="generated", now=now)
+        row = managed.get(session, plan.name)
+        if stale is not None and row.pending_key_id is not None:
+            _log.warning("renewal of %r drops its journal (key %s, order %s): %s; a new key is made",
+                         plan.name, KeyRef(row.pending_key_id), row.pending_order_url or "none", stale)
+            _destroy_unused(session, KeyRef(row.pending_key_id), actor, now)
+        row.pending_key_id, row.pending_issuer, row.pending_since = ref.id, plan.issuer, now
+        row.pending_order_url = None
+        session.add(row)
+    return ref
+
+
+def _pending_key(session: Session, row: ManagedCertificate, plan: RenewalPlan) -> tuple[KeyRef | None, str | None]:
+    """The journal's pending key if this renewal can take it up: (its KeyRef, None); else (None, why it
+    cannot), or (None, None) when there is no journal."""
+    if row.pending_key_id is None:
+        return None, None
+    key_row = session.get(PrivateKey, row.pending_key_id)
+    if key_row is None or key_row.destroyed_at is not None:
+        return None, "its key is destroyed"
+    if key_row.algorithm != plan.key_algorithm:
+        return None, f"its key is {key_row.algorithm}, the managed certificate now asks for {plan.key_algorithm}"
+    if row.pending_issuer != plan.issuer:
+        return None, f"it was for issuer {row.pending_issuer}, the managed certificate now names {plan.issuer}"
+    if _key_in_use(session, key_row):
+        return None, "a certificate carries its key already"
+    return KeyRef(key_row.id), None
+
+
+def _key_in_use(session: Session, key_row: PrivateKey) -> bool:
+    return session.exec(select(Certificate.fingerprint_sha256).where(
+        Certificate.spki_sha256 == key_row.spki_sha256).limit(1)).first() is not None
+
+
+def _destroy_unused(session: Session, ref: KeyRef, actor: audit.Actor, now: dt.datetime) -> None:
+    """Destroy ``ref`` unless it is destroyed already or a certificate carries it."""
+    key_row = session.get(PrivateKey, ref.id)
+    if key_row is not None and key_row.destroyed_at is None and not _key_in_use(session, key_row):
+        destroy_private_key(session, ref, actor, now)
+
+
+def _clear_journal(row: ManagedCertificate) -> None:
+    row.pending_key_id = row.pending_order_url = row.pending_issuer = None
+    row.pending_since = None
+
+
+class RenewalJournal:
+    """The OrderJournal (certpilot.issuance) of a managed certificate's renewal in progress: the
+    ``pending_order_url`` of its journal, read and written only while the journal's pending key is the
+    one whose public key (``spki_sha256``) the CSR being issued carries."""
+
+    def __init__(self, engine: sa.Engine, name: str, spki_sha256: str) -> None:
+        self.engine, self.name, self.spki_sha256 = engine, name, spki_sha256
+
+    def _ours(self, session: Session, row: ManagedCertificate) -> bool:
+        key_row = session.get(PrivateKey, row.pending_key_id) if row.pending_key_id is not None else None
+        return key_row is not None and key_row.spki_sha256 == self.spki_sha256
+
+    def order_url(self) -> str | None:
+        with read_session(self.engine) as session:
+            row = managed.get(session, self.name)
+            return row.pending_order_url if self._ours(session, row) else None
+
+    def record_order(self, url: str) -> None:
+        with write_session(self.engine) as session:
+            row = managed.get(session, self.name)
+            if not self._ours(session, row):
+                return
+            if row.pending_order_url and row.pending_order_url != url:
+                _log.warning("renewal of %r: the CA could not resume order %s (it no longer has it, or it expired "
+                             "or is invalid): dropped from the journal; order %s placed with the pending key %s",
+                             self.name, row.pending_order_url, url, KeyRef(row.pending_key_id or ""))
+            row.pending_order_url = url
+            session.add(row)
 
 
 def new_csr(engine: sa.Engine, plan: RenewalPlan, key_ref: KeyRef, key_ring: KeyRingSource) -> SigningRequest:
@@ -269,8 +373,10 @@ def issue(engine: sa.Engine, plan: RenewalPlan, request: SigningRequest, issuer:
         with read_session(engine) as session:
             row = session.get(Certificate, plan.current)
         replaces = x509.load_der_x509_certificate(row.der) if row is not None else None
+    csr = request.csr
+    journal = RenewalJournal(engine, plan.name, spki_sha256(csr.public_key()))
     started = time.monotonic()
-    issued = issuer.issue(request.csr, plan.profile, validity_days=plan.validity_days, replaces=replaces)
+    issued = issuer.issue(csr, plan.profile, validity_days=plan.validity_days, replaces=replaces, journal=journal)
     return dataclasses.replace(issued, issuance_seconds=round(time.monotonic() - started, 6))
 
 
@@ -315,6 +421,11 @@ def record_issued(session: Session, row: ManagedCertificate, issued: IssuedCerti
                              f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: refusing to store it")
     records = [describe_certificate(c) for c in issued.chain]
     fp = records[0].fingerprint_sha256
+    if row.pending_key_id is not None:  # the renewal in progress ends here: its journal is cleared
+        if row.pending_key_id != key_ref.id:
+            _destroy_unused(session, KeyRef(row.pending_key_id), actor, now)
+        _clear_journal(row)
+        session.add(row)
     existing = session.get(Certificate, fp)
     if existing is not None and existing.managed_certificate_id == row.id:  # recorded already (a retried store)
         return Renewal(row.name, row.issuer, fp, existing.serial_hex, existing.not_after,
@@ -351,8 +462,10 @@ def record_issued(session: Session, row: ManagedCertificate, issued: IssuedCerti
 def record_failure(session: Session, failure: Failure, actor: audit.Actor, now: dt.datetime | None = None) -> str | None:
     """Record a failed renewal on the row and in the audit trail; the current certificate stays active.
 
-    The failure's ``unused_key``, made for this attempt and carried by no certificate, is destroyed:
-    the next attempt makes its own. Returns the fingerprint of the certificate that stays in service.
+    A permanent failure's ``unused_key``, made for this attempt and carried by no certificate, is
+    destroyed and the renewal journal cleared: the next attempt makes its own. A transient failure keeps
+    both, for the next attempt to take up (``new_key``) with its order. Returns the fingerprint of the
+    certificate that stays in service.
     """
     now = now or utcnow()
     row = managed.get(session, failure.name)
@@ -364,12 +477,11 @@ def record_failure(session: Session, failure: Failure, actor: audit.Actor, now: 
     audit.append(session, actor, [audit.Change("renewal.failed", f"managed:{failure.name}", {
         "step": str(failure.step), "error": failure.reason, "issuer": row.issuer,
         "kept": kept.fingerprint_sha256 if kept else None})], now)
-    if failure.unused_key is not None:
-        key_row = session.get(PrivateKey, failure.unused_key.id)
-        in_use = key_row is not None and session.exec(select(Certificate.fingerprint_sha256).where(
-            Certificate.spki_sha256 == key_row.spki_sha256).limit(1)).first() is not None
-        if key_row is not None and key_row.destroyed_at is None and not in_use:
-            destroy_private_key(session, failure.unused_key, actor, now)
+    if failure.unused_key is not None and not failure.transient:
+        _destroy_unused(session, failure.unused_key, actor, now)
+        if row.pending_key_id == failure.unused_key.id:
+            _clear_journal(row)
+            session.add(row)
     return kept.fingerprint_sha256 if kept else None
 
 
@@ -451,13 +563,14 @@ def failure(steps: Steps, name: str, step: Step, exc: BaseException, plan: Renew
     certificate that stays in service."""
     reason = exc.reason if isinstance(exc, RenewalError) else redact(exc)
     issuer = plan.issuer if plan is not None else exc.issuer if isinstance(exc, RenewalError) else "?"
+    transient = is_transient(exc)
     try:
-        kept = steps.record_failure(Failure(name, step, issuer, reason, unused_key))
+        kept = steps.record_failure(Failure(name, step, issuer, reason, unused_key, transient))
     except Exception as record_exc:  # noqa: BLE001 - the renewal failed either way: say why it is not recorded
         kept = plan.current if plan is not None else None
         recorded = record_exc.reason if isinstance(record_exc, RenewalError) else redact(record_exc)
         reason += f" (recording this failure also failed: {recorded})"
-    kind = TransientRenewalError if is_transient(exc) else PermanentRenewalError
+    kind = TransientRenewalError if transient else PermanentRenewalError
     return kind(name, step, issuer, reason, kept)
 
 

@@ -6,10 +6,14 @@ TLS ends at the proxy (a certificate for 127.0.0.1 from the tests' CA) and the p
 - renew-due over 20 managed certificates with 30% of requests failing (resets, truncated answers, 5xx, 429
   with Retry-After): every renewal ends renewed or failed with a named error, the next run renews those that
   failed, and the CA issued exactly one certificate per renewal, each recorded in the inventory.
+- A CA that issues, then is gone until the order's deadline, then back: the renewal fails, keeping its key and
+  order in the renewal journal (certpilot.renewing), and the next run downloads the one certificate; a journal
+  naming an order the CA no longer has is dropped (said in the log) and a new order placed: one certificate.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -17,18 +21,18 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlmodel import select
+from sqlmodel import col, select
 
-from certpilot import managed
-from certpilot.database import read_session
+from certpilot import managed, renewing
+from certpilot.database import read_session, write_session
 from certpilot.issuance import build_csr
 from certpilot.keys import generate_private_key
 from certpilot.keystore import KeyRing
-from certpilot.models import AuditEvent
+from certpilot.models import AuditEvent, PrivateKey
 from connectors.acme_issuer import AcmeIssuer
 from connectors.challenges import Http01Responder
 from lab.fault_proxy import FaultProxy, Faults
-from tests.integration.acme_faults import BLOCK, expiring_estate, issuance_counts, renew_due_directly
+from tests.integration.acme_faults import ACTOR, BLOCK, expiring_estate, issuance_counts, renew_due_directly
 from tests.integration.acme_servers import ChallTestSrv, Pebble
 
 CERTIFICATES = 20
@@ -137,21 +141,79 @@ def test_renew_due_through_a_flaky_link_renews_each_once(sqlite_engine: sa.Engin
             assert current is not None and int(current.serial_hex, 16) in counts.ca_serials
 
 
-@pytest.mark.xfail(strict=True, reason="a renewal that fails after its order was finalized does not keep its key "
-                   "and order for the next attempt (no renewal journal yet), so the next run has another certificate "
-                   "issued; within one attempt certpilot retries until the order's deadline, which covers short faults")
+def _journal(engine: sa.Engine, name: str) -> tuple[str | None, str | None]:
+    """The renewal journal of ``name``: its pending key id and order URL."""
+    with read_session(engine) as session:
+        row = managed.get(session, name)
+        return row.pending_key_id, row.pending_order_url
+
+
+def _keys_made(engine: sa.Engine) -> list[PrivateKey]:
+    with read_session(engine) as session:
+        return list(session.exec(select(PrivateKey).where(PrivateKey.origin == "generated")
+                                 .order_by(col(PrivateKey.created_at))))
+
+
 def test_a_ca_gone_after_finalize_until_the_deadline_then_back(sqlite_engine: sa.Engine, faulty_pebble: Pebble,
                                                                proxy: FaultProxy, key_ring: Callable[[], KeyRing],
                                                                http01_responder: Http01Responder,
                                                                acme_tls: tuple[Path, Path, Path]) -> None:
+    """The CA issues, then its answers are lost until the order's deadline (3 s here): the renewal fails
+    (transient), keeping its key and order in the renewal journal; the next run takes them up and downloads
+    the certificate the CA issued: one certificate, carrying the first attempt's key."""
     expiring_estate(sqlite_engine, key_ring, ["gone"], "faults.certpilot.test")
     before = set(faulty_pebble.issued())
+    keys_before = len(_keys_made(sqlite_engine))
     issuer = _issuer(sqlite_engine, proxy, key_ring, http01_responder, acme_tls, retry_backoff=0.01,
                      order_timeout=3.0)
     issuer.timeout = 0.5
     proxy.set_faults(Faults(black_hole=1.0, only=lambda method, path: path.startswith("/certZ/")))
     first = renew_due_directly(sqlite_engine, issuer, key_ring)
     assert first.failed == 1 and "no answer within 0.5 s" in (first.failures[0].reason or "")
+    pending_key, order = _journal(sqlite_engine, "gone")
+    assert pending_key is not None and order is not None and f"{proxy.url}/my-order/" in order
+    assert len(set(faulty_pebble.issued()) - before) == 1  # the CA issued; certpilot never heard
+
     proxy.set_faults(Faults())
-    assert renew_due_directly(sqlite_engine, issuer, key_ring).renewed == 1
+    second = renew_due_directly(sqlite_engine, issuer, key_ring)
+    assert second.renewed == 1 and second.failed == 0, second.failures
     assert issuance_counts(sqlite_engine, faulty_pebble, before).duplicates == 0
+    assert _journal(sqlite_engine, "gone") == (None, None)  # cleared once the certificate is stored
+    made = _keys_made(sqlite_engine)[keys_before:]
+    assert [k.id for k in made] == [pending_key] and made[0].destroyed_at is None  # one key made, and kept
+    with read_session(sqlite_engine) as session:
+        current = managed.current_certificate(session, managed.get(session, "gone"))
+    assert current is not None and current.spki_sha256 == made[0].spki_sha256
+
+
+def test_a_journal_whose_order_the_ca_no_longer_has_places_a_new_order(
+        sqlite_engine: sa.Engine, faulty_pebble: Pebble, proxy: FaultProxy, key_ring: Callable[[], KeyRing],
+        http01_responder: Http01Responder, acme_tls: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """A renewal journal naming an order the CA does not know (forgotten, expired): the next run drops it,
+    says so in the log, orders anew with the pending key and gets one certificate."""
+    expiring_estate(sqlite_engine, key_ring, ["forgotten"], "faults.certpilot.test")
+    before = set(faulty_pebble.issued())
+    issuer = _issuer(sqlite_engine, proxy, key_ring, http01_responder, acme_tls, retry_backoff=0.01)
+    plan = renewing.plan(sqlite_engine, "forgotten")
+    pending = renewing.new_key(sqlite_engine, plan, key_ring, ACTOR)  # the key step of an attempt that then died
+    unknown = f"{proxy.url}/my-order/forgotten-by-the-ca"
+    with write_session(sqlite_engine) as session:
+        row = managed.get(session, "forgotten")
+        assert row.pending_key_id == pending.id
+        row.pending_order_url = unknown
+        session.add(row)
+
+    with caplog.at_level(logging.INFO, logger="certpilot.renewing"):
+        summary = renew_due_directly(sqlite_engine, issuer, key_ring)
+
+    assert summary.renewed == 1 and summary.failed == 0, summary.failures
+    said = caplog.text
+    assert f"takes up its pending key {pending}" in said and f"its order {unknown}" in said
+    assert f"the CA could not resume order {unknown}" in said and "dropped from the journal" in said
+    counts = issuance_counts(sqlite_engine, faulty_pebble, before)
+    assert counts.duplicates == 0 and counts.per_managed == {"forgotten": 1}
+    assert _journal(sqlite_engine, "forgotten") == (None, None)
+    with read_session(sqlite_engine) as session:
+        current = managed.current_certificate(session, managed.get(session, "forgotten"))
+        key = session.get(PrivateKey, pending.id)
+    assert current is not None and key is not None and current.spki_sha256 == key.spki_sha256

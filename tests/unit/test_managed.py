@@ -224,8 +224,8 @@ def test_record_issued_refuses_a_certificate_missing_a_name(engine: sa.Engine, a
 
 # --------------------------------------------------------------------------------- failures, renew_one
 
-def test_transient_failure_is_recorded_keeps_the_old_certificate_and_shreds_the_new_key(engine: sa.Engine,
-                                                                                        authority: Authority) -> None:
+def test_transient_failure_is_recorded_keeps_the_old_certificate_and_the_new_key_for_the_next_attempt(
+        engine: sa.Engine, authority: Authority) -> None:
     add(engine, "web")
     kept = renewing.renew_one(engine, "web", SampleIssuer(authority), ring, ACTOR)
     busy = SampleIssuer(authority, error=TransientError("CA answered 503, try later"))
@@ -241,14 +241,60 @@ def test_transient_failure_is_recorded_keeps_the_old_certificate_and_shreds_the_
         row = managed.get(session, "web")
         keys = session.exec(select(PrivateKey).order_by(PrivateKey.created_at)).all()
     assert row.last_error == "issue: CA answered 503, try later" and row.last_attempt_at is not None
-    assert [k.destroyed_at is not None for k in keys] == [False, True]  # the key made for the failed order is gone
+    assert [k.destroyed_at is not None for k in keys] == [False, False]  # the failed attempt's key is kept...
+    assert (row.pending_key_id, row.pending_issuer) == (keys[1].id, "sample/ca")  # ...in the renewal journal
+    assert row.pending_since is not None and row.pending_order_url is None  # the sample CA places no orders
     [failed] = events(engine, "renewal.failed")
     assert json.loads(failed.details) == {"step": "issue", "error": "CA answered 503, try later",
                                           "issuer": "sample/ca", "kept": kept.fingerprint_sha256}
-    # The next success clears the error.
-    renewing.renew_one(engine, "web", SampleIssuer(authority), ring, ACTOR)
+    # The next success takes up that key, clears the error and the journal.
+    renewed = renewing.renew_one(engine, "web", SampleIssuer(authority), ring, ACTOR)
+    assert renewed.key_ref == str(keystore.KeyRef(keys[1].id))
     with read_session(engine) as session:
-        assert managed.get(session, "web").last_error is None
+        row = managed.get(session, "web")
+        assert row.last_error is None and row.pending_key_id is None and row.pending_since is None
+        assert len(session.exec(select(PrivateKey)).all()) == 2  # no other key made
+
+
+def test_permanent_failure_after_a_transient_one_shreds_the_pending_key(engine: sa.Engine,
+                                                                        authority: Authority) -> None:
+    add(engine, "web")
+    busy = SampleIssuer(authority, error=TransientError("CA answered 503, try later"))
+    with pytest.raises(renewing.TransientRenewalError):
+        renewing.renew_one(engine, "web", busy, ring, ACTOR)
+    with read_session(engine) as session:
+        pending = managed.get(session, "web").pending_key_id
+    refusing = SampleIssuer(authority, error=PermanentError("the CA refuses these names"))
+    with pytest.raises(renewing.PermanentRenewalError):
+        renewing.renew_one(engine, "web", refusing, ring, ACTOR)
+    with read_session(engine) as session:
+        row = managed.get(session, "web")
+        key = session.get(PrivateKey, pending)
+        assert row.pending_key_id is None and row.pending_issuer is None
+        assert key is not None and key.destroyed_at is not None and key.ciphertext is None
+        assert len(session.exec(select(PrivateKey)).all()) == 1  # the refused attempt took up the pending key
+    assert [json.loads(e.details)["spki_sha256"] for e in events(engine, "key.destroyed")] == [key.spki_sha256]
+
+
+def test_a_pending_key_for_another_issuer_or_algorithm_is_destroyed_and_a_new_one_made(
+        engine: sa.Engine, authority: Authority, caplog: pytest.LogCaptureFixture) -> None:
+    add(engine, "web")
+    with pytest.raises(renewing.TransientRenewalError):
+        renewing.renew_one(engine, "web", SampleIssuer(authority, error=TransientError("503")), ring, ACTOR)
+    with write_session(engine) as session:
+        row = managed.get(session, "web")
+        pending = row.pending_key_id
+        row.key_algorithm = "ec-p384"  # the managed certificate was changed meanwhile
+        session.add(row)
+    with caplog.at_level("WARNING", logger="certpilot.renewing"):
+        renewed = renewing.renew_one(engine, "web", SampleIssuer(authority), ring, ACTOR)
+    assert f"drops its journal (key key:{pending}" in caplog.text
+    assert "its key is ec-p256, the managed certificate now asks for ec-p384" in caplog.text
+    with read_session(engine) as session:
+        old = session.get(PrivateKey, pending)
+        new = session.get(PrivateKey, renewed.key_ref.removeprefix("key:"))
+    assert old is not None and old.destroyed_at is not None
+    assert new is not None and new.algorithm == "ec-p384" and new.destroyed_at is None
 
 
 def test_unexpected_errors_are_permanent_and_sanitised(engine: sa.Engine, authority: Authority) -> None:
