@@ -527,12 +527,14 @@ def _revoke_all(engine: sa.Engine, name: str, reason: str, revoker: Revoke | Non
 
 
 def keys_of(session: Session, name: str) -> list[tuple[str, str]]:
-    """(key id, SPKI SHA-256) of every live key of a certificate managed certificate ``name`` has had."""
+    """(key id, SPKI SHA-256) of every live key of a certificate managed certificate ``name`` has had, and
+    of the pending key of its renewal journal (certpilot.renewing: made for a renewal not finished)."""
     row = managed.get(session, name)
     spkis = sa.select(col(Certificate.spki_sha256)).where(col(Certificate.managed_certificate_id) == row.id)
     return [(key_id, spki) for key_id, spki in session.execute(
         sa.select(col(PrivateKey.id), col(PrivateKey.spki_sha256))
-        .where(col(PrivateKey.spki_sha256).in_(spkis), col(PrivateKey.destroyed_at).is_(None))
+        .where(sa.or_(col(PrivateKey.spki_sha256).in_(spkis), col(PrivateKey.id) == row.pending_key_id),
+               col(PrivateKey.destroyed_at).is_(None))
         .order_by(col(PrivateKey.created_at)))]
 
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlmodel import select
 
-from certpilot import audit, ca, keystore, managed, renewing
+from certpilot import audit, ca, keystore, managed, renewing, retiring
 from certpilot.database import read_session, write_session
 from certpilot.errors import NotFoundError, PermanentError, TransientError, redact
 from certpilot.keys import key_matches_certificate
@@ -274,6 +274,18 @@ def test_permanent_failure_after_a_transient_one_shreds_the_pending_key(engine: 
         assert key is not None and key.destroyed_at is not None and key.ciphertext is None
         assert len(session.exec(select(PrivateKey)).all()) == 1  # the refused attempt took up the pending key
     assert [json.loads(e.details)["spki_sha256"] for e in events(engine, "key.destroyed")] == [key.spki_sha256]
+
+
+def test_the_pending_key_is_a_key_of_the_managed_certificate_for_retirement(engine: sa.Engine,
+                                                                          authority: Authority) -> None:
+    add(engine, "web")
+    renewed = renewing.renew_one(engine, "web", SampleIssuer(authority), ring, ACTOR)
+    with pytest.raises(renewing.TransientRenewalError):
+        renewing.renew_one(engine, "web", SampleIssuer(authority, error=TransientError("503")), ring, ACTOR)
+    with read_session(engine) as session:
+        pending = managed.get(session, "web").pending_key_id
+        found = [key_id for key_id, _ in retiring.keys_of(session, "web")]
+    assert pending is not None and found == [renewed.key_ref.removeprefix("key:"), pending]
 
 
 def test_a_pending_key_for_another_issuer_or_algorithm_is_destroyed_and_a_new_one_made(
