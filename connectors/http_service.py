@@ -255,7 +255,7 @@ def _json(status: int, data: dict[str, Any]) -> Response:
     return Response(json.dumps(data, sort_keys=True) + "\n", status, media_type="application/json")
 
 
-METRICS_REUSE_SECONDS = 1.0  # scrapes within this of a render share it
+METRICS_REUSE_SECONDS = 0.0  # scrapes share a render in progress; a later one sees the inventory as it is then
 
 
 class _SharedRender:

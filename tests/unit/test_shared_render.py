@@ -1,5 +1,5 @@
-"""/metrics renders once for every scrape that asks while a render is made or within a second after
-(connectors.http_service._SharedRender): a hundred clients pipelining scrapes cost one render and one copy."""
+"""/metrics renders once for every scrape that asks while a render is made, or within ``reuse`` seconds after
+(connectors.http_service._SharedRender; certpilot serves with no reuse: a later scrape sees the inventory as it is)."""
 
 from __future__ import annotations
 
