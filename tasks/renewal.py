@@ -53,7 +53,6 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from uuid import UUID
 
 import httpx
 import sqlalchemy as sa
@@ -218,6 +217,7 @@ def hold_issuer_slots(counts: Mapping[str, int], lease_seconds: float | None = N
 
 
 DEFAULT_LEASE_SECONDS = 300.0  # Prefect's, for the slots of a concurrency() that is not given one
+_API_ERRORS = (httpx.TransportError, httpx.HTTPStatusError)  # the Prefect API not reached, or failing
 
 
 @contextmanager
@@ -229,11 +229,14 @@ def _holding(limit: str, count: int, lease: Mapping[str, Any], lease_seconds: fl
     held = concurrency(limit, occupy=count, strict=True, **lease)
     try:
         held.__enter__()
-    except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+    except Exception as exc:  # Prefect wraps what the API did in ConcurrencySlotAcquisitionError (raise ... from)
+        cause = exc if isinstance(exc, _API_ERRORS) else exc.__cause__
+        if not isinstance(cause, _API_ERRORS):
+            raise
         where = f"the Prefect API at {PREFECT_API_URL.value()}"
-        raise ServiceUnavailableError("prefect", "acquire", type(exc).__name__, redact(exc), where=where,
+        raise ServiceUnavailableError("prefect", "acquire", type(cause).__name__, redact(cause), where=where,
                                       message=f"{where} did not answer when taking {count} slot(s) of concurrency "
-                                              f"limit {limit} ({redact(exc)})") from None
+                                              f"limit {limit} ({redact(cause)})") from None
     try:
         yield
     except BaseException as exc:
@@ -246,7 +249,7 @@ def _give_back(held: AbstractContextManager[object], limit: str, lease_seconds: 
                exc_info: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
     try:
         held.__exit__(*exc_info)
-    except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+    except _API_ERRORS as exc:
         get_run_logger().warning("could not give back the slots of concurrency limit %s: the Prefect API at %s "
                                  "did not answer (%s); the server frees them when their lease ends (%.0f s)",
                                  limit, PREFECT_API_URL.value(), redact(exc), lease_seconds)
@@ -362,25 +365,7 @@ def renew_managed(name: str, issuer: Issuer | IssuerUnavailable, policy: Policy 
     steps = (_PolicyUnreadable(engine, resolve, ring, actor, reason=chosen.reason)
              if isinstance(chosen, PolicyUnavailable) else renewing.DirectSteps(engine, resolve, ring, actor,
                                                                                  policy=chosen))
-    return renewing.renew_claimed(steps, engine, name, f"flow-run:{flow_run.get_id()}", selected_with,
-                                  alive=claim_holder_alive)
-
-
-def claim_holder_alive(holder: str) -> bool:
-    """Whether the holder of a renewal claim may still be renewing: a flow run not yet in a final state
-    (Crashed, Failed, Cancelled, Completed) per the Prefect API, a process of this host still there
-    (certpilot.renewing.process_alive); True when it cannot be told (no API, another host)."""
-    kind, _, ident = holder.partition(":")
-    if kind != "flow-run":
-        return renewing.process_alive(holder)
-    if not PREFECT_API_URL.value():  # no API to ask (and no temporary server started to ask one)
-        return True
-    try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(UUID(ident)).state
-    except Exception:  # noqa: BLE001 - cannot tell: the claim is left to lapse at its until
-        return True
-    return state is None or not state.is_final()
+    return renewing.renew_claimed(steps, engine, name, f"flow-run:{flow_run.get_id()}", selected_with)
 
 
 @dataclass(frozen=True)

@@ -146,3 +146,30 @@ def test_prefect_server_restarted_in_the_middle_of_renew_due(tmp_path: Path) -> 
         assert audit.verify(session).events == session.exec(select(sa.func.max(AuditEvent.seq))).one()
         due_now = managed.schedule(session, dt.datetime.now(dt.timezone.utc))
     assert not [r.managed.name for r in due_now if r.decision.due]
+
+
+
+def test_issuer_slots_given_back_to_an_api_that_does_not_answer_only_warn(capfd: pytest.CaptureFixture[str]) -> None:
+    """Slots taken while the Prefect API answers and given back when it does not (the restart above, at the
+    end of a batch): a warning naming the API and the limit, and the block's work stands."""
+    from prefect import flow
+
+    from lab.ports import free_port
+    from tasks.renewal import ensure_issuer_limits, hold_issuer_slots
+
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    issuer = "private-ca/slots-restart"
+
+    @flow(name="slots-given-back-without-api")
+    def given_back_without_api() -> str:
+        ensure_issuer_limits([issuer], 2)
+        held = hold_issuer_slots({issuer: 2})
+        held.__enter__()
+        with temporary_settings({PREFECT_API_URL: dead}):
+            held.__exit__(None, None, None)
+        return "done"
+
+    assert given_back_without_api() == "done"
+    warned = [line for line in capfd.readouterr().err.splitlines() if "could not give back" in line]
+    assert len(warned) == 1 and f"the Prefect API at {dead} did not answer" in warned[0], warned
+    assert "issuer-private-ca-slots-restart" in warned[0] and "lease ends (300 s)" in warned[0]
