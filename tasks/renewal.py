@@ -53,6 +53,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from uuid import UUID
 
 import httpx
 import sqlalchemy as sa
@@ -365,7 +366,25 @@ def renew_managed(name: str, issuer: Issuer | IssuerUnavailable, policy: Policy 
     steps = (_PolicyUnreadable(engine, resolve, ring, actor, reason=chosen.reason)
              if isinstance(chosen, PolicyUnavailable) else renewing.DirectSteps(engine, resolve, ring, actor,
                                                                                  policy=chosen))
-    return renewing.renew_claimed(steps, engine, name, f"flow-run:{flow_run.get_id()}", selected_with)
+    return renewing.renew_claimed(steps, engine, name, f"flow-run:{flow_run.get_id()}", selected_with,
+                                  alive=claim_holder_alive)
+
+
+def claim_holder_alive(holder: str) -> bool:
+    """Whether the holder of a renewal claim may still be renewing: a flow run not yet in a final state
+    (Crashed, Failed, Cancelled, Completed) per the Prefect API, a process of this host still there
+    (certpilot.renewing.process_alive); True when it cannot be told (no API, another host)."""
+    kind, _, ident = holder.partition(":")
+    if kind != "flow-run":
+        return renewing.process_alive(holder)
+    if not PREFECT_API_URL.value():  # no API to ask (and no temporary server started to ask one)
+        return True
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(ident)).state
+    except Exception:  # noqa: BLE001 - cannot tell: the claim is left to lapse at its until
+        return True
+    return state is None or not state.is_final()
 
 
 @dataclass(frozen=True)
