@@ -24,7 +24,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlmodel import Session
 
-from certpilot.errors import TransientError
+from certpilot.errors import PermanentError, TransientError
 from certpilot.settings import Settings, load_settings
 
 __all__ = ["InventoryBusyError", "InventoryUnavailableError", "SQLITE_BUSY_SECONDS", "checkpoint", "create_engine",
@@ -50,6 +50,10 @@ class InventoryBusyError(TransientError):
 
 class InventoryUnavailableError(TransientError):
     """The inventory database did not answer, or the connection to it was lost (a restart, say)."""
+
+
+class MigrationError(PermanentError):
+    """The inventory's schema could not be upgraded; nothing was changed."""
 
 
 _busy_seconds: weakref.WeakKeyDictionary[sa.Engine, float] = weakref.WeakKeyDictionary()
@@ -160,11 +164,28 @@ def upgrade(engine: sa.Engine) -> None:
         # BEGIN IMMEDIATE first, then re-check and migrate on that connection: concurrent first uses
         # of a new file queue for the write lock instead of failing with "database is locked".
         with engine.execution_options(certpilot_write=True).connect() as conn:
-            if MigrationContext.configure(conn).get_current_revision() != head:
-                config = _alembic_config(engine)
-                config.attributes["connection"] = conn
-                command.upgrade(config, "head")
-            conn.commit()
+            # A migration that changes a table SQLite cannot ALTER rebuilds it (batch mode: copy, drop the old
+            # one, rename): with foreign keys enforced, dropping a table other rows refer to fails, so every
+            # inventory in use could not be upgraded. They are off for the migration (set outside the
+            # transaction: SQLite ignores the pragma inside one) and every reference is checked before commit.
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            raw.execute("PRAGMA foreign_keys=OFF")
+            try:
+                if MigrationContext.configure(conn).get_current_revision() != head:
+                    config = _alembic_config(engine)
+                    config.attributes["connection"] = conn
+                    command.upgrade(config, "head")
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        conn.rollback()
+                        table, rowid, parent, _ = broken[0]
+                        raise MigrationError(f"{where(engine)}: upgrading the schema would leave {len(broken)} "
+                                             f"row(s) referring to rows that do not exist (first: {table} row "
+                                             f"{rowid} -> {parent}); nothing was changed")
+                conn.commit()
+            finally:
+                raw.execute("PRAGMA foreign_keys=ON")
         return
     with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
