@@ -149,7 +149,7 @@ def test_prefect_server_restarted_in_the_middle_of_renew_due(tmp_path: Path) -> 
 
 
 
-def test_issuer_slots_given_back_to_an_api_that_does_not_answer_only_warn(capfd: pytest.CaptureFixture[str]) -> None:
+def test_issuer_slots_given_back_to_an_api_that_does_not_answer_only_warn(caplog: pytest.LogCaptureFixture) -> None:
     """Slots taken while the Prefect API answers and given back when it does not (the restart above, at the
     end of a batch): a warning naming the API and the limit, and the block's work stands."""
     from prefect import flow
@@ -170,6 +170,6 @@ def test_issuer_slots_given_back_to_an_api_that_does_not_answer_only_warn(capfd:
         return "done"
 
     assert given_back_without_api() == "done"
-    warned = [line for line in capfd.readouterr().err.splitlines() if "could not give back" in line]
+    warned = [r.getMessage() for r in caplog.records if "could not give back" in r.getMessage()]
     assert len(warned) == 1 and f"the Prefect API at {dead} did not answer" in warned[0], warned
     assert "issuer-private-ca-slots-restart" in warned[0] and "lease ends (300 s)" in warned[0]
