@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,18 @@ def _task_runs(run_id: UUID) -> list[Any]:
     return _api(lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
                                            task_run_filter=TaskRunFilter(), sort=TaskRunSort.EXPECTED_START_TIME_DESC,
                                            limit=200))
+
+
+def _settled_task_runs(run_id: UUID, names: set[str], seconds: float = 20.0) -> dict[str, Any]:
+    """The flow run's task runs by name, once those ``names`` show a final state (the API records task runs
+    from events, a moment behind the run), or whatever it shows after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        runs = {t.name: t for t in _task_runs(run_id)}
+        if time.monotonic() > deadline or all(n in runs and runs[n].state and runs[n].state.is_final()
+                                              for n in names):
+            return runs
+        time.sleep(0.2)
 
 
 def _logs(run_id: UUID) -> str:
@@ -255,7 +268,7 @@ def test_the_policy_gate_fails_a_renewal_before_its_issuer_is_asked(pki: sa.Engi
     assert "renewal of 'gated' failed at step 'policy' (issuer private-ca/test-ca): policy refuses managed " \
            "certificate 'gated': san-denied: denied name gated.denied.example.test" in (state.message or "")
     assert f"certificate {kept[:16]} stays in service" in (state.message or "")
-    runs = {t.name: t for t in _task_runs(state.state_details.flow_run_id)}
+    runs = _settled_task_runs(state.state_details.flow_run_id, {"check-policy-gated"})
     assert runs["check-policy-gated"].state.is_failed() and runs["check-policy-gated"].run_count == 1
     assert "generate-key-gated" not in runs and "issue-gated" not in runs
     assert _row(pki, "gated").last_error.startswith("policy: policy refuses")  # type: ignore[union-attr]
