@@ -28,8 +28,8 @@ is dropped at the key step: its key destroyed and a new one made (logged). Stori
 the journal; a permanent failure clears it and destroys the key. The private CA signs at once and ignores
 the journal (its key is still kept across a transient failure). The journal holds ids and URLs, never a key.
 
-After each of the key, CSR, issue and store steps, ``certpilot.checkpoints.reached`` is called (a no-op:
-where tests kill the process). A renewal killed after its store step but before its deployment finished
+After each of the key, CSR, issue and store steps, and once an ACME order is journalled,
+``certpilot.checkpoints.reached`` is called (a no-op: where tests kill the process). A renewal killed after its store step but before its deployment finished
 leaves targets behind; ``left_behind`` finds them for renew-due, which deploys them again.
 
 The issuer only signs; ``store`` is the one place that records an issued certificate, with one
@@ -355,6 +355,7 @@ class RenewalJournal:
                              self.name, row.pending_order_url, url, KeyRef(row.pending_key_id or ""))
             row.pending_order_url = url
             session.add(row)
+        checkpoints.reached(checkpoints.Point.ORDERED, self.name)
 
 
 def new_csr(engine: sa.Engine, plan: RenewalPlan, key_ref: KeyRef, key_ring: KeyRingSource) -> SigningRequest:
