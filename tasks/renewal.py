@@ -48,6 +48,7 @@ import datetime as dt
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ class ThrottledIssuer:
 
     def issue(self, csr: x509.CertificateSigningRequest, profile: str, *, validity_days: int | None = None,
               replaces: x509.Certificate | None = None, journal: OrderJournal | None = None) -> IssuedCertificate:
-        with concurrency(self.limit, occupy=1, strict=True):
+        with _holding(self.limit, 1, {}, DEFAULT_LEASE_SECONDS):
             return self.inner.issue(csr, profile, validity_days=validity_days, replaces=replaces, journal=journal)
 
     def revoke(self, certificate: x509.Certificate, reason: x509.ReasonFlags, *,
@@ -202,48 +203,81 @@ class SharedSlotIssuer:
 
 @contextmanager
 def hold_issuer_slots(counts: Mapping[str, int], lease_seconds: float | None = None,
-                      ) -> Iterator[dict[str, threading.BoundedSemaphore]]:
+                      api_wait: float | None = None) -> Iterator[dict[str, threading.BoundedSemaphore]]:
     """Hold ``counts[issuer]`` slots of each issuer's concurrency limit (strict) while the block runs;
     yields one semaphore of as many slots per issuer, for the batch's task runs to share.
 
     ``lease_seconds``: how long the server keeps the slots of a process that died holding them (renewed
     every three quarters of it meanwhile; a renewal that fails then only logs). Default: Prefect's 300 s,
-    and a failed renewal ends the run."""
+    and a failed renewal ends the run. ``api_wait``: how long each request for slots waits for the Prefect
+    API to answer (default API_WAIT_SECONDS); a wait for slots that other runs hold is not bounded."""
     lease: dict[str, Any] = ({} if lease_seconds is None else
                              {"lease_duration": lease_seconds, "raise_on_lease_renewal_failure": False})
     with ExitStack() as stack:
         for issuer, count in sorted(counts.items()):
-            stack.enter_context(_holding(limit_name(issuer), count, lease, lease_seconds or DEFAULT_LEASE_SECONDS))
+            stack.enter_context(_holding(limit_name(issuer), count, lease, lease_seconds or DEFAULT_LEASE_SECONDS,
+                                         api_wait or API_WAIT_SECONDS))
         yield {issuer: threading.BoundedSemaphore(count) for issuer, count in counts.items()}
 
 
 DEFAULT_LEASE_SECONDS = 300.0  # Prefect's, for the slots of a concurrency() that is not given one
+# How long a request for slots waits for the Prefect API's answer, its client's own retries included (they
+# alone take minutes against a server that accepts connections and does not answer).
+API_WAIT_SECONDS = 60.0
 _API_ERRORS = (httpx.TransportError, httpx.HTTPStatusError)  # the Prefect API not reached, or failing
 
 
 @contextmanager
-def _holding(limit: str, count: int, lease: Mapping[str, Any], lease_seconds: float) -> Iterator[None]:
+def _holding(limit: str, count: int, lease: Mapping[str, Any], lease_seconds: float,
+             api_wait: float = API_WAIT_SECONDS) -> Iterator[None]:
     """``count`` slots of ``limit`` held while the block runs. A Prefect API that does not answer (a server
-    restarting) is ServiceUnavailableError naming it when the slots are taken; when they are given back,
-    only a warning: what the block did is done (renewals stored), and the server frees the slots itself
-    when their lease ends."""
-    held = concurrency(limit, occupy=count, strict=True, **lease)
-    try:
-        held.__enter__()
-    except Exception as exc:  # Prefect wraps what the API did in ConcurrencySlotAcquisitionError (raise ... from)
-        cause = exc if isinstance(exc, _API_ERRORS) else exc.__cause__
-        if not isinstance(cause, _API_ERRORS):
-            raise
-        where = f"the Prefect API at {PREFECT_API_URL.value()}"
-        raise ServiceUnavailableError("prefect", "acquire", type(cause).__name__, redact(cause), where=where,
-                                      message=f"{where} did not answer when taking {count} slot(s) of concurrency "
-                                              f"limit {limit} ({redact(cause)})") from None
+    restarting or hung) is ServiceUnavailableError naming it when the slots are taken, within ``api_wait``
+    per request; when they are given back, only a warning: what the block did is done (renewals stored),
+    and the server frees the slots itself when their lease ends."""
+    held = _take(limit, count, lease, lease_seconds, api_wait)
     try:
         yield
     except BaseException as exc:
         _give_back(held, limit, lease_seconds, (type(exc), exc, exc.__traceback__))
         raise
     _give_back(held, limit, lease_seconds, (None, None, None))
+
+
+def _take(limit: str, count: int, lease: Mapping[str, Any], lease_seconds: float,
+          api_wait: float) -> AbstractContextManager[object]:
+    """``count`` slots of ``limit``, entered: asked for again after each answer that they are taken (423,
+    after its Retry-After), each request given ``api_wait`` to be answered."""
+    where = f"the Prefect API at {PREFECT_API_URL.value()}"
+    while True:
+        held = concurrency(limit, occupy=count, strict=True, timeout_seconds=api_wait, max_retries=0, **lease)
+        try:
+            held.__enter__()
+            return held
+        except TimeoutError:
+            raise ServiceUnavailableError(
+                "prefect", "acquire", "Timeout", f"no answer within {api_wait:g} s", where=where,
+                message=f"{where} did not answer within {api_wait:g} s when taking {count} slot(s) of concurrency "
+                        f"limit {limit} (any it granted are freed when their lease ends, {lease_seconds:.0f} s)",
+            ) from None
+        except Exception as exc:  # Prefect wraps what the API did in ConcurrencySlotAcquisitionError (raise ... from)
+            cause = exc if isinstance(exc, _API_ERRORS) else exc.__cause__
+            if isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423:
+                time.sleep(_retry_after(cause.response))  # other runs hold the slots: wait for them
+                continue
+            if not isinstance(cause, _API_ERRORS):
+                raise
+            raise ServiceUnavailableError("prefect", "acquire", type(cause).__name__, redact(cause), where=where,
+                                          message=f"{where} did not answer when taking {count} slot(s) of "
+                                                  f"concurrency limit {limit} ({redact(cause)})") from None
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The seconds a 423 from the Prefect API asks to wait (its Retry-After), kept within 0.1-30 s."""
+    try:
+        seconds = float(response.headers.get("Retry-After", "1"))
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 0.1), 30.0)
 
 
 def _give_back(held: AbstractContextManager[object], limit: str, lease_seconds: float,

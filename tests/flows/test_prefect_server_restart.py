@@ -23,20 +23,27 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import httpx
 
 import pytest
 import sqlalchemy as sa
+from prefect import flow  # at import: Prefect sets up logging (the root's handlers, caplog's too) when first imported
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from sqlmodel import col, select
 
 from blocks.issuers import PrivateCABlock
 from certpilot import audit, keystore, managed
 from certpilot.database import get_engine, read_session
-from certpilot.models import AuditEvent, Certificate, RenewalClaim
+from certpilot.errors import ServiceUnavailableError, TransientError
+from certpilot.models import AuditEvent
 from certpilot.settings import load_settings
-from lab.due_fleet import define_due, init_backdated_ca
+from lab.due_fleet import define_due, init_backdated_ca, not_renewed_once
+from lab.fault_proxy import FaultProxy, Faults
 from lab.prefect_server import PrefectServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,27 +140,16 @@ def test_prefect_server_restarted_in_the_middle_of_renew_due(tmp_path: Path) -> 
             assert rerun["due"] == 0, rerun
 
     # Exactly once each: one new certificate and one certificate.issued event per managed certificate.
+    assert not_renewed_once(engine, names, head) == []
     with read_session(engine) as session:
-        for name in names:
-            row = managed.get(session, name)
-            statuses = sorted(c.status for c in session.exec(select(Certificate).where(
-                Certificate.managed_certificate_id == row.id)))
-            assert statuses == ["active", "superseded"], (name, statuses)
-        issued = session.exec(select(AuditEvent).where(AuditEvent.action == "certificate.issued",
-                                                       col(AuditEvent.seq) > head)).all()
-        assert sorted(json.loads(e.details)["managed"] for e in issued) == sorted(names)
-        assert not session.exec(select(RenewalClaim)).all()
         assert audit.verify(session).events == session.exec(select(sa.func.max(AuditEvent.seq))).one()
         due_now = managed.schedule(session, dt.datetime.now(dt.timezone.utc))
     assert not [r.managed.name for r in due_now if r.decision.due]
 
 
-
 def test_issuer_slots_given_back_to_an_api_that_does_not_answer_only_warn(caplog: pytest.LogCaptureFixture) -> None:
     """Slots taken while the Prefect API answers and given back when it does not (the restart above, at the
     end of a batch): a warning naming the API and the limit, and the block's work stands."""
-    from prefect import flow
-
     from lab.ports import free_port
     from tasks.renewal import ensure_issuer_limits, hold_issuer_slots
 
@@ -173,3 +169,63 @@ def test_issuer_slots_given_back_to_an_api_that_does_not_answer_only_warn(caplog
     warned = [r.getMessage() for r in caplog.records if "could not give back" in r.getMessage()]
     assert len(warned) == 1 and f"the Prefect API at {dead} did not answer" in warned[0], warned
     assert "issuer-private-ca-slots-restart" in warned[0] and "lease ends (300 s)" in warned[0]
+
+
+def _through_proxy(issuer: str) -> Iterator[FaultProxy]:
+    """A fault proxy (HTTP mode, per request) before the session's Prefect server, made the API of this
+    thread; ``issuer``'s concurrency limit created through it (the client has reached the API once)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from tasks.renewal import limit_name
+
+    upstream = httpx.URL(str(PREFECT_API_URL.value()))
+    with FaultProxy(upstream=(upstream.host, upstream.port or 80), mode="http", seed=3, timeout=60) as proxy:
+        with temporary_settings({PREFECT_API_URL: f"{proxy.url}/api"}):
+            with get_client(sync_client=True) as client:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit_name(issuer), limit=1))
+            yield proxy
+
+
+def test_issuer_slots_asked_of_an_api_that_stopped_answering_fail_within_the_wait() -> None:
+    """The Prefect API stops answering (it accepts and is silent) just as a batch takes its issuer slots: the
+    batch fails after the wait, with a transient error naming the API and the limit (Prefect's own client
+    retries alone took about 7 minutes)."""
+    from tasks.renewal import hold_issuer_slots
+
+    issuer = "private-ca/slots-black-hole"
+    for proxy in _through_proxy(issuer):
+        api = f"{proxy.url}/api"
+        proxy.set_faults(Faults(black_hole=1.0))
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailableError) as failed:
+            with hold_issuer_slots({issuer: 1}, api_wait=3):
+                pytest.fail("slots taken from an API that does not answer")
+        waited = time.monotonic() - started
+    assert 2.5 <= waited < 15, waited
+    assert isinstance(failed.value, TransientError)
+    assert str(failed.value).startswith(f"the Prefect API at {api} did not answer within 3 s when taking 1 slot(s) "
+                                        "of concurrency limit issuer-private-ca-slots-black-hole"), str(failed.value)
+    assert proxy.stats.injected["black_hole"] >= 1
+
+
+def test_issuer_slots_held_by_another_run_are_waited_for_beyond_the_api_wait() -> None:
+    """Slots another run holds are not an API that does not answer: the second batch waits for them (the
+    API answers 423 at once), past its API wait, and takes them when they are given back."""
+    from tasks.renewal import hold_issuer_slots
+
+    issuer = "private-ca/slots-held"
+    for _proxy in _through_proxy(issuer):
+        first = hold_issuer_slots({issuer: 1}, api_wait=1)
+        first.__enter__()
+        timer = threading.Timer(3.0, first.__exit__, (None, None, None))
+        timer.start()
+        started = time.monotonic()
+        try:
+            with hold_issuer_slots({issuer: 1}, api_wait=1) as slots:
+                waited = time.monotonic() - started
+                assert not timer.is_alive()  # taken only once the first run gave them back
+                assert slots[issuer].acquire(blocking=False)
+        finally:
+            timer.join()
+    assert waited >= 2.5, waited
