@@ -80,6 +80,7 @@ __all__ = [
     "RenewDueSummary",
     "Renewal",
     "RenewalError",
+    "RenewalInProgressError",
     "RenewalJournal",
     "RenewalOutcome",
     "RenewalPlan",
@@ -101,6 +102,7 @@ __all__ = [
     "renew",
     "renew_one",
     "renew_claimed",
+    "renew_held",
     "claim",
     "release",
     "Skipped",
@@ -684,6 +686,39 @@ def release(engine: sa.Engine, name: str, holder: str) -> None:
                                                       col(RenewalClaim.holder) == holder))
 
 
+class RenewalInProgressError(PermanentError):
+    """An ad hoc renewal of ``name`` refused because ``holder`` (another run) holds its renewal claim."""
+
+    def __init__(self, name: str, holder: str) -> None:
+        self.name, self.holder = name, holder
+        super().__init__(f"{name} is being renewed by {holder} now: not renewed again by this run (wait for that "
+                         "run to end, or cancel it, and then renew it if it still needs it)")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.holder))
+
+
+def renew_held(steps: Steps, engine: sa.Engine, name: str, holder: str, alive: HolderAlive | None = None,
+               lease: dt.timedelta = CLAIM_LEASE) -> Renewal:
+    """``renew`` for an ad hoc renewal of one certificate (renew-certificate, `certpilot renew NAME`), due or
+    not: under ``holder``'s claim for ``lease`` (``claim``), so that it cannot overlap a renew-due batch or
+    another ad hoc run. RenewalInProgressError when another run's claim is in force; nothing recorded then."""
+    other = claim(engine, name, holder, alive=alive, lease=lease)
+    if other is not None:
+        raise RenewalInProgressError(name, other)
+    try:
+        return renew(steps, name)
+    finally:
+        _release_quietly(engine, name, holder)
+
+
+def _release_quietly(engine: sa.Engine, name: str, holder: str) -> None:
+    try:
+        release(engine, name, holder)
+    except Exception:  # noqa: BLE001 - the claim then lapses at its until; the renewal's end stands
+        pass
+
+
 def renew_claimed(steps: Steps, engine: sa.Engine, name: str, holder: str, selected_with: str | None,
                   alive: HolderAlive | None = None) -> Renewal | Skipped:
     """``renew`` for renew-due and renew-batch, so that no certificate is renewed twice however runs
@@ -701,10 +736,7 @@ def renew_claimed(steps: Steps, engine: sa.Engine, name: str, holder: str, selec
             return Skipped(name, f"renewed by another run meanwhile (now {(now_serving or 'none')[:16]})")
         return renew(steps, name)
     finally:
-        try:
-            release(engine, name, holder)
-        except Exception:  # noqa: BLE001 - the claim then lapses at its until; the renewal's end stands
-            pass
+        _release_quietly(engine, name, holder)
 
 
 def renew_one(engine: sa.Engine, name: str, issuer: Issuer, key_ring: KeyRingSource, actor: audit.Actor,

@@ -75,9 +75,14 @@ class _Direct:
         return self.issuers[block]
 
     def _renewed(self, name: str) -> renewing.Renewal:
-        """Renew ``name``; a transient failure is tried again after the renew task's delays."""
+        """Renew ``name`` under this process's claim (renewing.renew_held: not while another run renews it);
+        a transient failure is tried again after the renew task's delays."""
+        from tasks.renewal import claim_holder_alive
+
+        holder = renewing.process_holder()
+
         def renew(n: str) -> renewing.Renewal:
-            return renewing.renew(self.steps, n)
+            return renewing.renew_held(self.steps, self.engine, n, holder, alive=claim_holder_alive)
 
         return fleet.retrying(renew, self.delays)(name)
 

@@ -1,7 +1,8 @@
 """Renewal flows.
 
-renew-certificate renews one managed certificate, one task per step (the policy gate first: a request
-the policy refuses fails there, before any CA is contacted), in a run named
+renew-certificate renews one managed certificate, due or not, one task per step (the policy gate first: a
+request the policy refuses fails there, before any CA is contacted), under the run's renewal claim on it
+(certpilot.renewing.renew_held: while another run renews it, this one fails at once saying which), in a run named
 ``renew-<name>`` and tagged ``certificate:<name>`` (whoever started it: the flow adds the tag to its
 own run when the caller did not, as a run started from the UI or a deployment cannot know it); then
 the deploy-certificate flow, as a subflow, deploys it to its targets and verifies it there.
@@ -38,6 +39,7 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 from pydantic import Field
 
 from certpilot import renewing
@@ -75,6 +77,7 @@ from tasks.renewal import (
     ThrottledIssuer,
     build_csr,
     check_policy,
+    claim_holder_alive,
     ensure_issuer_limits,
     generate_key,
     hold_issuer_slots,
@@ -140,8 +143,11 @@ class TaskSteps:
         return record_renewal_failure(failure)
 
 
+RENEW_CERTIFICATE_TIMEOUT = dt.timedelta(hours=3)  # renew-certificate's whole run (and its renewal claim)
+
+
 @flow(name="renew-certificate", flow_run_name="renew-{name}", description=__doc__.split("\n\n")[1],
-      timeout_seconds=3 * 3600)
+      timeout_seconds=RENEW_CERTIFICATE_TIMEOUT.total_seconds())
 def renew_certificate(name: str, issuer_slots: Annotated[int, Field(ge=1)] = DEFAULT_ISSUER_SLOTS,
                       deploy: bool = True, dry_run: bool = False) -> CertificateRenewal | RenewalPreview:
     """Renew a managed certificate now: new key, CSR, issue, store (the old one is superseded), then
@@ -174,7 +180,8 @@ def _renew_and_deploy(name: str, issuer_slots: int, deploy: bool) -> Certificate
     logger = get_run_logger()
     steps = TaskSteps(issuer_slots)
     try:
-        renewal = renewing.renew(steps, name)
+        renewal = renewing.renew_held(steps, get_engine(), name, f"flow-run:{flow_run.get_id()}",
+                                      alive=claim_holder_alive, lease=RENEW_CERTIFICATE_TIMEOUT)
     except RenewalError as error:
         logger.error("RENEWAL FAILED: %s", error)
         raise error from None

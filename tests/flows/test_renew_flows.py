@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +40,7 @@ from blocks.issuers import AcmeIssuerBlock, PrivateCABlock
 from certpilot import audit, ca, inventory, keystore, managed, renewing
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.keys import key_matches_certificate
-from certpilot.models import AuditEvent, Certificate, ManagedCertificate, PrivateKey
+from certpilot.models import AuditEvent, Certificate, ManagedCertificate, PrivateKey, RenewalClaim
 from certpilot.settings import load_settings
 from flows.renew import renew_certificate, renew_due
 from tasks.renewal import configure_retries, limit_name
@@ -250,6 +253,37 @@ def test_renew_certificate_refused_keeps_the_old_certificate_and_says_so(pki: sa
 def _issued_by_ca(engine: sa.Engine) -> int:
     with read_session(engine) as session:
         return int(next(i for i in ca.list_cas(session) if i["name"] == CA_NAME)["issued"])
+
+
+def test_renew_certificate_while_another_run_renews_it_fails_at_once_and_issues_nothing(pki: sa.Engine) -> None:
+    """renew-certificate takes the renewal claim renew-due's batches take: while another run (here a live
+    process of this host) holds it, the run fails naming that run and nothing is asked of the CA; once
+    that holder is gone, the next run takes the claim over, renews, and gives it back."""
+    _add(pki, "api-held")
+    kept = _seed(pki, "api-held", age_days=25)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    holder = f"process:{socket.gethostname()}:{other.pid}"
+    try:
+        assert renewing.claim(pki, "api-held", holder) is None
+        issued = _issued_by_ca(pki)
+        state = renew_certificate(name="api-held", return_state=True)
+
+        assert state.is_failed()
+        assert f"api-held is being renewed by {holder} now: not renewed again by this run" in state.message
+        assert _issued_by_ca(pki) == issued and _current(pki, "api-held").fingerprint_sha256 == kept  # type: ignore[union-attr]
+        assert _row(pki, "api-held").last_error is None  # nothing failed about the certificate itself
+        with read_session(pki) as session:
+            assert [c.holder for c in session.exec(select(RenewalClaim))] == [holder]  # not taken, not released
+    finally:
+        other.kill()
+        other.wait()
+
+    state = renew_certificate(name="api-held", return_state=True)
+
+    assert state.is_completed(), state.message
+    assert _issued_by_ca(pki) == issued + 1 and _current(pki, "api-held").fingerprint_sha256 != kept  # type: ignore[union-attr]
+    with read_session(pki) as session:
+        assert session.exec(select(RenewalClaim)).all() == []
 
 
 def test_the_policy_gate_fails_a_renewal_before_its_issuer_is_asked(pki: sa.Engine, certpilot_home: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from sqlmodel import select
 
-from certpilot import audit, keystore, managed
+from certpilot import audit, keystore, managed, renewing
 from certpilot import ca as ca_module
 from certpilot.database import get_engine, read_session, write_session
 from certpilot.models import AuditEvent
@@ -61,6 +62,20 @@ def test_renew_without_a_prefect_api_runs_directly_and_creates_no_flow_run(certp
         with sqlite3.connect(prefect_home / "prefect.db") as conn:
             assert conn.execute("SELECT count(*) FROM block_document WHERE name = ?", (CA_NAME,)).fetchone() == (1,)
             return int(conn.execute("SELECT count(*) FROM flow_run").fetchone()[0])
+
+    # Another run renewing direct-1 now (a live process of this host holds its renewal claim): refused at once.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    holder = f"process:{socket.gethostname()}:{other.pid}"
+    try:
+        assert renewing.claim(engine, "direct-1", holder) is None
+        held = certpilot("renew", "direct-1", "--json")
+        assert held.returncode == 1 and "Traceback" not in held.stderr
+        assert json.loads(held.stdout)["error"].startswith(f"direct-1 is being renewed by {holder} now")
+    finally:
+        other.kill()
+        other.wait()
+    with read_session(engine) as session:
+        assert managed.current_certificate(session, managed.get(session, "direct-1")) is None
 
     one = certpilot("renew", "direct-1", "--json")
     assert one.returncode == 0, one.stderr[-3000:]
