@@ -1,20 +1,24 @@
 """A fleet of managed certificates due for renewal, issued by certpilot's private CA, for the renewal
 benchmarks and the work-pool tests: each gets a 30-day certificate issued 25 days ago (past two thirds
-of its lifetime, so due), recorded as any issuance is (certpilot.renewing.record_issued)."""
+of its lifetime, so due), recorded as any issuance is (certpilot.renewing.record_issued). ``not_renewed_once``
+says which of them a run renewed other than exactly once."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.serialization import Encoding
+from sqlmodel import col, select
 
 from certpilot import audit, ca, keystore, managed, renewing
-from certpilot.database import write_session
+from certpilot.database import read_session, write_session
 from certpilot.issuance import IssuedCertificate, build_csr
 from certpilot.keys import generate_private_key
+from certpilot.models import AuditEvent, Certificate, RenewalClaim
 
-__all__ = ["define_due", "init_backdated_ca"]
+__all__ = ["define_due", "init_backdated_ca", "not_renewed_once"]
 
 
 def init_backdated_ca(engine: sa.Engine, ring: keystore.KeyRing, actor: audit.Actor, name: str) -> None:
@@ -45,3 +49,25 @@ def define_due(engine: sa.Engine, ring: keystore.KeyRing, actor: audit.Actor, ca
                                             signer.certificate.public_bytes(Encoding.DER)))
                 renewing.record_issued(session, row, issued, ref, actor)
     return names
+
+
+def not_renewed_once(engine: sa.Engine, names: list[str], after_seq: int) -> list[str]:
+    """What shows that the certificates ``names`` (each with one certificate before) were not renewed exactly
+    once since audit event ``after_seq``: a certificate without exactly one active and one superseded
+    certificate, a ``certificate.issued`` event count other than one each, a renewal claim still held.
+    Empty when each was renewed once."""
+    wrong = []
+    with read_session(engine) as session:
+        for name in names:
+            row = managed.get(session, name)
+            statuses = sorted(session.exec(select(Certificate.status).where(
+                col(Certificate.managed_certificate_id) == row.id)))
+            if statuses != ["active", "superseded"]:
+                wrong.append(f"{name}: certificates {statuses}")
+        issued = [json.loads(e.details).get("managed") for e in session.exec(select(AuditEvent).where(
+            AuditEvent.action == "certificate.issued", col(AuditEvent.seq) > after_seq))]
+        if sorted(issued) != sorted(names):
+            wrong.append(f"certificate.issued events for {sorted(issued)}, not once for each of {sorted(names)}")
+        wrong += [f"claim still held on managed certificate {c.managed_certificate_id} by {c.holder}"
+                  for c in session.exec(select(RenewalClaim))]
+    return wrong
