@@ -29,8 +29,9 @@ the journal; a permanent failure clears it and destroys the key. The private CA 
 the journal (its key is still kept across a transient failure). The journal holds ids and URLs, never a key.
 
 After each of the key, CSR, issue and store steps, and once an ACME order is journalled,
-``certpilot.checkpoints.reached`` is called (a no-op: where tests kill the process). A renewal killed after its store step but before its deployment finished
-leaves targets behind; ``left_behind`` finds them for renew-due, which deploys them again.
+``certpilot.checkpoints.reached`` is called (a no-op: where tests kill the process). A renewal killed
+after its store step but before its deployment finished leaves targets behind; ``left_behind`` finds
+them for renew-due, which deploys them again.
 
 The issuer only signs; ``store`` is the one place that records an issued certificate, with one
 ``certificate.issued`` audit event per issuance. No Prefect and no network here.

@@ -2,8 +2,8 @@
 
 renew-certificate renews one managed certificate, due or not, one task per step (the policy gate first: a
 request the policy refuses fails there, before any CA is contacted), under the run's renewal claim on it
-(certpilot.renewing.renew_held: while another run renews it, this one fails at once saying which), in a run named
-``renew-<name>`` and tagged ``certificate:<name>`` (whoever started it: the flow adds the tag to its
+(certpilot.renewing.renew_held: while another run renews it, this one fails at once saying which), in a
+run named ``renew-<name>`` and tagged ``certificate:<name>`` (whoever started it: the flow adds the tag to its
 own run when the caller did not, as a run started from the UI or a deployment cannot know it); then
 the deploy-certificate flow, as a subflow, deploys it to its targets and verifies it there.
 
