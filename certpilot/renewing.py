@@ -105,7 +105,9 @@ __all__ = [
     "renew_claimed",
     "renew_held",
     "claim",
+    "claim_waiting",
     "release",
+    "release_quietly",
     "Skipped",
     "process_alive",
     "process_holder",
@@ -710,10 +712,22 @@ def renew_held(steps: Steps, engine: sa.Engine, name: str, holder: str, alive: H
     try:
         return renew(steps, name)
     finally:
-        _release_quietly(engine, name, holder)
+        release_quietly(engine, name, holder)
 
 
-def _release_quietly(engine: sa.Engine, name: str, holder: str) -> None:
+def claim_waiting(engine: sa.Engine, name: str, holder: str, alive: HolderAlive | None, wait: float,
+                  lease: dt.timedelta = CLAIM_LEASE, poll: float = 1.0) -> None:
+    """Claim ``name`` for ``holder`` (``claim``), waiting up to ``wait`` seconds while another run holds it
+    (a renewal in progress ends within minutes); RenewalInProgressError naming that run after that."""
+    deadline = time.monotonic() + wait
+    while (other := claim(engine, name, holder, alive=alive, lease=lease)) is not None:
+        if time.monotonic() >= deadline:
+            raise RenewalInProgressError(name, other)
+        time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+
+
+def release_quietly(engine: sa.Engine, name: str, holder: str) -> None:
+    """``release``, for a run ending: a claim that cannot be released now lapses at its until."""
     try:
         release(engine, name, holder)
     except Exception:  # noqa: BLE001 - the claim then lapses at its until; the renewal's end stands
@@ -737,7 +751,7 @@ def renew_claimed(steps: Steps, engine: sa.Engine, name: str, holder: str, selec
             return Skipped(name, f"renewed by another run meanwhile (now {(now_serving or 'none')[:16]})")
         return renew(steps, name)
     finally:
-        _release_quietly(engine, name, holder)
+        release_quietly(engine, name, holder)
 
 
 def renew_one(engine: sa.Engine, name: str, issuer: Issuer, key_ring: KeyRingSource, actor: audit.Actor,

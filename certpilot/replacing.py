@@ -33,6 +33,11 @@ certpilot.renewing.check_policy). A request the policy refuses fails the item at
 naming the rules, before any CA is contacted; with revoke_first it fails before the old certificate
 is revoked, unless that was done already.
 
+A replacement holds its managed certificate's renewal claim (certpilot.renewing.claim, for
+``Replacer.holder``) from before its key is made until its certificate is stored, so that no renew-due
+batch or ad hoc renewal issues for that certificate meanwhile; a renewal in progress is waited for
+(``Replacer.claim_wait``), then the step fails as transient.
+
 A step that fails for a transient reason leaves the item where it was (its error noted) and raises, so
 the caller may retry; any other failure marks it ``failed`` with its error, redacted. A failed
 replacement is never revoked (unless revoke_first revoked it already): its targets keep the certificate
@@ -368,6 +373,9 @@ class Log(Protocol):
     def error(self, msg: str, *args: Any) -> None: ...
 
 
+CLAIM_WAIT_SECONDS = 600.0  # a replacement waits this long for a renewal of the same certificate to end
+
+
 @dataclass(frozen=True)
 class Replacer:
     """What advancing an item needs, built once per run: the inventory, the issuer connectors by block
@@ -387,6 +395,12 @@ class Replacer:
     # long that took); its failure is logged, never the item's.
     on_revoked: Callable[[revoking.RevocationOutcome], Any] | None = None
     policy: Policy | None = None
+    # Whose renewal claim (certpilot.renewing.claim) a replacement holds while it makes its key and
+    # certificate, so that no renewal issues for the same managed certificate meanwhile; whether another
+    # claim's holder may still be renewing; how long to wait for a renewal in progress to end.
+    holder: str = dataclasses.field(default_factory=renewing.process_holder)
+    alive: renewing.HolderAlive | None = renewing.process_alive
+    claim_wait: float = CLAIM_WAIT_SECONDS
 
 
 def _set(r: Replacer, item_id: int, state: State, **values: Any) -> None:
@@ -415,6 +429,17 @@ def _check_policy(r: Replacer, row: ReplacementItem) -> None:
     assert row.managed is not None
     policy = r.policy if r.policy is not None else load_policy(load_settings())
     renewing.check_policy(r.engine, renewing.plan(r.engine, row.managed), policy, r.clock())
+
+
+def _claim(r: Replacer, row: ReplacementItem) -> None:
+    """The managed certificate's renewal claim, for ``r.holder``: TransientError (retried) when a renewal
+    of it by another run has not ended within ``r.claim_wait``."""
+    assert row.managed is not None
+    try:
+        renewing.claim_waiting(r.engine, row.managed, r.holder, r.alive, r.claim_wait)
+    except renewing.RenewalInProgressError as busy:
+        raise TransientError(f"{row.managed} is being renewed by {busy.holder}: that renewal did not end within "
+                             f"{r.claim_wait:g} s") from None
 
 
 def _make_key(r: Replacer, row: ReplacementItem) -> None:
@@ -515,10 +540,14 @@ def advance(r: Replacer, item_id: int) -> Item:
         order = sequence(row.action, run.revoke_first)
         target = order[order.index(state) + 1]
         step = _STEPS[target]
+        claimed = False
         try:
             if target in (State.KEY, State.ISSUED) and row.action == Action.REPLACE:
                 step = "policy"  # the gate: before a key is made and before anything is sent to a CA
                 _check_policy(r, row)
+                step = "claim"  # no renewal of the same certificate meanwhile (held from key to issued)
+                _claim(r, row)
+                claimed = True
                 step = _STEPS[target]
             if target is State.KEY:
                 _make_key(r, row)
@@ -530,7 +559,11 @@ def advance(r: Replacer, item_id: int) -> Item:
                 _revoke(r, row, run)
             else:
                 _done(r, row, run)
+            if claimed and target is State.ISSUED:
+                renewing.release_quietly(r.engine, row.managed or "", r.holder)
         except Exception as exc:  # noqa: BLE001 - recorded on the item, then raised as what it is
+            if claimed:
+                renewing.release_quietly(r.engine, row.managed or "", r.holder)
             reason = redact(exc)
             if isinstance(exc, TransientError):
                 _note(r, item_id, f"{step}: {reason} (will be retried)")

@@ -39,7 +39,6 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
-from prefect.runtime import flow_run
 from pydantic import Field
 
 from certpilot import renewing
@@ -93,6 +92,7 @@ from tasks.renewal import (
     record_renewal_failure,
     refresh_renewal_info,
     renew_managed,
+    run_holder,
     select_due,
     select_left_behind,
     store_certificate,
@@ -180,8 +180,8 @@ def _renew_and_deploy(name: str, issuer_slots: int, deploy: bool) -> Certificate
     logger = get_run_logger()
     steps = TaskSteps(issuer_slots)
     try:
-        renewal = renewing.renew_held(steps, get_engine(), name, f"flow-run:{flow_run.get_id()}",
-                                      alive=claim_holder_alive, lease=RENEW_CERTIFICATE_TIMEOUT)
+        renewal = renewing.renew_held(steps, get_engine(), name, run_holder(), alive=claim_holder_alive,
+                                      lease=RENEW_CERTIFICATE_TIMEOUT)
     except RenewalError as error:
         logger.error("RENEWAL FAILED: %s", error)
         raise error from None

@@ -400,17 +400,29 @@ def renew_managed(name: str, issuer: Issuer | IssuerUnavailable, policy: Policy 
     steps = (_PolicyUnreadable(engine, resolve, ring, actor, reason=chosen.reason)
              if isinstance(chosen, PolicyUnavailable) else renewing.DirectSteps(engine, resolve, ring, actor,
                                                                                  policy=chosen))
-    return renewing.renew_claimed(steps, engine, name, f"flow-run:{flow_run.get_id()}", selected_with,
+    return renewing.renew_claimed(steps, engine, name, run_holder(), selected_with,
                                   alive=claim_holder_alive)
 
 
+def run_holder() -> str:
+    """Who holds the renewal claims this code takes: ``flow-run:<id>@<host>:<pid>`` inside a flow run (the
+    process it runs in), else this process (certpilot.renewing.process_holder: the CLI)."""
+    run_id = flow_run.get_id()
+    process = renewing.process_holder()
+    return f"flow-run:{run_id}@{process.removeprefix('process:')}" if run_id else process
+
+
 def claim_holder_alive(holder: str) -> bool:
-    """Whether the holder of a renewal claim may still be renewing: a flow run not yet in a final state
-    (Crashed, Failed, Cancelled, Completed) per the Prefect API, a process of this host still there
+    """Whether the holder of a renewal claim may still be renewing: a flow run whose process, when on this
+    host, is still there and that is not yet in a final state (Crashed, Failed, Cancelled, Completed) per
+    the Prefect API (a run killed outside a worker stays Running there); a process of this host still there
     (certpilot.renewing.process_alive); True when it cannot be told (no API, another host)."""
     kind, _, ident = holder.partition(":")
     if kind != "flow-run":
         return renewing.process_alive(holder)
+    ident, _, where = ident.partition("@")
+    if where and not renewing.process_alive(f"process:{where}"):
+        return False
     if not PREFECT_API_URL.value():  # no API to ask (and no temporary server started to ask one)
         return True
     try:

@@ -57,7 +57,15 @@ from connectors.revocation import SharedTransport
 from tasks.deployment import RETRY_DELAYS, close
 from tasks.history import tag_with_certificate
 from tasks.inventory import retry_transient_only, run_actor
-from tasks.renewal import IssuerUnavailable, SharedSlotIssuer, issuer_block, key_ring, load_issuer
+from tasks.renewal import (
+    IssuerUnavailable,
+    SharedSlotIssuer,
+    claim_holder_alive,
+    issuer_block,
+    key_ring,
+    load_issuer,
+    run_holder,
+)
 from tasks.revocation import watch_and_record
 
 REPLACE_RETRY_DELAYS: list[float] = [2, 10]  # before the first and the second retry of one certificate
@@ -280,11 +288,12 @@ class PropagationWatch:
 def replacer(issuers: Callable[[str], Any], deployers: Deployers, target_concurrency: int, actor: audit.Actor,
              log: Any, watch: PropagationWatch | None = None) -> Replacer:
     """What the run's certificates share: the inventory, the issuers, the deployers, who acts, the log,
-    the watch that measures each revocation's propagation, and the policy in force (read here, once:
-    the issuance gate of each replacement applies it; a policy that cannot be read stops the run)."""
+    the watch that measures each revocation's propagation, the policy in force (read here, once:
+    the issuance gate of each replacement applies it; a policy that cannot be read stops the run), and
+    the run's holder of renewal claims (the flow run, or the CLI's process)."""
     return Replacer(get_engine(), issuers, deployers.ring, actor, target_steps(deployers, actor, log),
                     target_concurrency, log, on_revoked=watch.submit if watch is not None else None,
-                    policy=policy_in_force())
+                    policy=policy_in_force(), holder=run_holder(), alive=claim_holder_alive)
 
 
 def _certificate_run_name() -> str:

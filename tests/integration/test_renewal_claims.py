@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -109,3 +110,17 @@ def test_a_claim_whose_holder_is_gone_is_taken_over_at_once(engine: sa.Engine) -
     assert renewing.claim(engine, name, "flow-run:b") == dead  # not asked whether it is alive: it waits
     assert renewing.claim(engine, name, renewing.process_holder(), alive=renewing.process_alive) is None
     assert renewing.claim(engine, name, "flow-run:c", alive=renewing.process_alive) == renewing.process_holder()
+
+
+def test_a_flow_run_holder_whose_process_on_this_host_is_gone_is_not_alive(no_prefect_api: None) -> None:
+    """A flow run killed outside a worker stays Running in Prefect: its claim names the run's process too
+    (tasks.renewal.run_holder), and a process of this host that is gone means the run is gone."""
+    from tasks.renewal import claim_holder_alive
+
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                            check=True, timeout=30)
+    here = socket.gethostname()
+    run = "flow-run:6f0e2c1a-3b7d-4e59-9a41-0c8d2f6b7e13"
+    assert claim_holder_alive(f"{run}@{here}:{int(exited.stdout)}") is False
+    assert claim_holder_alive(f"{run}@{here}:{os.getpid()}") is True  # alive; no API to ask about the run
+    assert claim_holder_alive(f"{run}@another-host:{int(exited.stdout)}") is True  # cannot tell

@@ -6,7 +6,11 @@ counts as deployed); the flow tests deploy to real nginx and haproxy."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import Sequence
 
 import pytest
@@ -17,9 +21,9 @@ from sqlmodel import select
 
 from certpilot import audit, ca, keystore, managed, renewing, replacing
 from certpilot.database import read_session, write_session
-from certpilot.errors import PermanentError
+from certpilot.errors import PermanentError, TransientError
 from certpilot.issuance import IssuedCertificate, Issuer, OrderJournal, build_csr
-from certpilot.models import AuditEvent, Certificate, PrivateKey, ReplacementItem
+from certpilot.models import AuditEvent, Certificate, PrivateKey, RenewalClaim, ReplacementItem
 from certpilot.replacing import Item, Replacer, State
 from certpilot.rollout import Outcome, Step
 from certpilot.scope import Scope
@@ -256,3 +260,43 @@ def test_a_failed_canary_stops_the_run_before_the_others_start(engine: sa.Engine
                                                                       False, ACTOR), _one_by_one(_replacer(engine)), 4, ACTOR)
     assert finished.status == "done"
     assert all(_row(engine, fp).status == "revoked" for fp in (estate["alpha"], estate["beta"], estate["beta-old"]))
+
+
+def test_a_replacement_holds_the_renewal_claim_from_its_key_to_its_certificate(engine: sa.Engine,
+                                                                               estate: dict[str, str],
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another run renews alpha (a live process holds its claim), its replacement waits, then fails as
+    transient with nothing made; once that run is gone the replacement takes the claim, and a renew-due
+    batch meeting alpha between its key and its certificate leaves it alone; the claim is given back after."""
+    campaign = replacing.open_campaign(engine, Scope(names=("alpha",)), "key-compromise", False, ACTOR)
+    [item] = campaign.items
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    renewer = f"process:{socket.gethostname()}:{other.pid}"
+    try:
+        assert renewing.claim(engine, "alpha", renewer) is None
+        with pytest.raises(TransientError, match=f"alpha is being renewed by {renewer}: .* within 1 s"):
+            replacing.advance(dataclasses.replace(_replacer(engine), claim_wait=1.0), item.id)
+        waited = replacing.load_item(engine, item.id)
+        assert (waited.state, waited.key_id) == (State.PENDING, None)
+        assert waited.error and waited.error.startswith("claim: alpha is being renewed by")
+    finally:
+        other.kill()
+        other.wait()
+
+    def stop_after_key(item_id: int, state: str) -> None:
+        if state == State.KEY:
+            raise Stopped()
+
+    replacer = _replacer(engine)
+    with monkeypatch.context() as patched, pytest.raises(Stopped):
+        patched.setattr(replacing, "checkpoint", stop_after_key)
+        replacing.advance(replacer, item.id)  # the renewer is gone: its claim is taken over
+    steps = renewing.DirectSteps(engine, lambda block: PrivateCAIssuer(engine, CA_NAME, _ring), _ring, ACTOR)
+    batch = renewing.renew_claimed(steps, engine, "alpha", "flow-run:renew-due", estate["alpha"])
+    assert batch == renewing.Skipped("alpha", f"run {replacer.holder} is renewing it")
+
+    done = replacing.advance(replacer, item.id)
+
+    assert done.state is State.DONE and _replacing(engine, estate["alpha"]) == [done.new_fingerprint]
+    with read_session(engine) as session:
+        assert session.exec(select(RenewalClaim)).all() == []
