@@ -49,6 +49,7 @@ from certpilot.models import Certificate
 from certpilot.report import expiry_report
 from certpilot.settings import load_settings
 from connectors import kms
+from connectors.http_service import HTTPService, build_app
 from flows.deploy import deploy_certificate
 from flows.discover import discover
 from flows.monitor import monitor
@@ -87,6 +88,20 @@ def ensure_pki(engine, ring, actor) -> str:  # noqa: ANN001
     from cryptography import x509
 
     return pem(x509.load_der_x509_certificate(root.der))  # type: ignore[union-attr]
+
+
+def serve_lab_ca(stack: ExitStack, engine, ring, actor) -> None:  # noqa: ANN001
+    """The lab CA's CRL and OCSP on 127.0.0.1:8888, where its certificates say they are, for the drill: the
+    revocation is then seen by both (the revoke-and-replace run measures it). When the port is taken (the
+    `certpilot serve` an earlier main job left running on this inventory), that listener answers."""
+    try:
+        service = HTTPService(build_app(engine, ca=True, metrics=False, key_ring=lambda: ring, actor=actor),
+                              ("127.0.0.1", 8888))
+    except OSError:
+        out.print("the lab CA's CRL and OCSP: 127.0.0.1:8888 is taken (certpilot serve of an earlier run answers)")
+        return
+    stack.enter_context(service)
+    out.print(f"the lab CA's CRL and OCSP served on {service.url} for the drill")
 
 
 def ensure_managed(engine, actor) -> None:  # noqa: ANN001
@@ -200,6 +215,7 @@ def main() -> int:
 
         if web:
             step(f"emergency drill: {MANAGED}'s key is compromised; revoke-and-replace, the blast radius first")
+            serve_lab_ca(stack, engine, ring, actor)
             radius = revoke_and_replace(names=[MANAGED], return_state=True)
             out.print(radius.message or "", markup=False)
             state = revoke_and_replace(names=[MANAGED], dry_run=False, return_state=True)
