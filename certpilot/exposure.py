@@ -5,8 +5,10 @@ certificates they belong to (``target:<managed>/<target>``) and every location w
 them and that is not a ghost. Each is a ``PlaceToProbe`` saying how to look: a TLS endpoint
 (``tls://host:port?sni=name``, the monitor's own places: certpilot.monitoring.location_place) is probed on
 the wire; a target is probed at the address its deployer verifies, or read back through its deployer (a
-store) by the task layer; any other location (a file over SSH, a cloud store seen by discovery) cannot be
-probed from here and is listed as unverified, with the source whose next run will tell.
+store) by the task layer; a file found over SSH by an ssh-host block is read again through that block
+(``reader``; ``file_observed`` judges what it holds); any other location (a cloud store seen by discovery,
+a file whose source has no block) cannot be probed from here and is listed as unverified, with the source
+whose next run will tell.
 
 ``report`` judges what was observed: a place that serves any of the old fingerprints is an exposure; a
 place that could not be probed is unverified, never clean. ``ExposureReport.markdown`` is the artifact.
@@ -17,7 +19,7 @@ No Prefect, no network here.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,11 +27,11 @@ import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from certpilot.inventory import iso
-from certpilot.models import Certificate, Location, ManagedCertificate, Target
-from certpilot.monitoring import Observed, Place, location_place
+from certpilot.models import Certificate, Location, ManagedCertificate, SourceRun, Target
+from certpilot.monitoring import Observed, Place, ServedCertificate, location_place
 from certpilot.views import escape
 
-__all__ = ["Exposure", "ExposureReport", "PlaceToProbe", "places_of", "report", "targets_of"]
+__all__ = ["Exposure", "ExposureReport", "PlaceToProbe", "file_observed", "places_of", "report", "targets_of"]
 
 _CHUNK = 500
 SHOWN = 500  # places listed in the artifact
@@ -49,10 +51,17 @@ class PlaceToProbe:
     source: str | None = None
     probe: Place | None = None
     why_not: str | None = None
+    reader: str | None = None  # a file's: the ssh-host block (its discovery source's) to read it again through
 
     @property
     def is_target(self) -> bool:
         return self.kind == "target"
+
+    @property
+    def path(self) -> str:
+        """The file's path on its host (an ``ssh://user@host:port/path`` locator)."""
+        rest = self.place.removeprefix("ssh://")
+        return rest[rest.index("/"):] if "/" in rest else ""
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,9 @@ def places_of(session: Session, fingerprints: Sequence[str]) -> list[PlaceToProb
             out.append(PlaceToProbe(place, "target", tuple(old_of_managed[target.managed_certificate_id]), name,
                                     probe=Place(place, managed=name, target=target.name, block=target.block)))
     by_locator: dict[str, PlaceToProbe] = {}
+    readers = {source: block for source, block in session.execute(sa.select(col(SourceRun.source),
+                                                                            col(SourceRun.block)))
+               if block and block.startswith("ssh-host/")}
     for chunk in _chunks(fps):
         for fp, locator, source in session.execute(
                 sa.select(col(loc.certificate_fingerprint), col(loc.locator), col(loc.source))
@@ -190,15 +202,23 @@ def places_of(session: Session, fingerprints: Sequence[str]) -> list[PlaceToProb
                 by_locator[locator] = replace(held, old=tuple(sorted({*held.old, fp})),
                                               managed=held.managed or managed_name.get(fp))
                 continue
+            reader = readers.get(source) if locator.startswith("ssh://") else None
             try:
                 probe: Place | None = location_place(locator)
                 why_not = None
             except ValueError:
                 probe, why_not = None, (f"not a TLS endpoint: what it holds now is known only when {source} "
-                                        "discovers again")
+                                        "discovers again") if reader is None else None
             by_locator[locator] = PlaceToProbe(locator, "location", (fp,), managed_name.get(fp), source, probe,
-                                               why_not)
+                                               why_not, reader)
     return out + [by_locator[k] for k in sorted(by_locator)]
+
+
+def file_observed(place: str, held: Sequence[str], old: Collection[str]) -> Observed:
+    """What a certificate file that holds ``held`` (fingerprints, in its order) shows: an old certificate
+    it still holds (anywhere in it), else its first (the leaf)."""
+    stale = next((fingerprint for fingerprint in held if fingerprint in old), None)
+    return Observed(place, served=ServedCertificate(stale or held[0]), method="ssh")
 
 
 def targets_of(session: Session, places: Sequence[PlaceToProbe]) -> dict[str, Target]:

@@ -164,6 +164,27 @@ class SshSource:
             return None
         return attrs.st_size or 0
 
+    def certificates_at(self, path: str) -> tuple[str, ...]:
+        """The SHA-256 fingerprints of the certificates file ``path`` holds now, in its order (read as
+        discovery reads it; any key in it is dropped). ParseError when it holds none or cannot be read,
+        naming the locator."""
+        try:
+            attrs = self.ssh.stat(path)
+        except RemotePathError as exc:
+            raise ParseError(exc.reason, self.locator(path)) from None
+        if attrs is None:
+            raise ParseError("the file is gone", self.locator(path))
+        outcome = self._read(path, attrs.st_size or 0)
+        if isinstance(outcome, Problem):
+            raise ParseError(outcome.reason, self.locator(path))
+        if isinstance(outcome, list):
+            raise ParseError("a server configuration now, not a certificate file", self.locator(path))
+        bundle = outcome[0]
+        if not bundle.certificates:
+            raise ParseError("holds no certificate now", self.locator(path))
+        return tuple(hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).hexdigest()
+                     for c in bundle.certificates)
+
     def _read(self, path: str, size: int) -> Problem | list[Served] | tuple[Bundle, int, int | None]:
         where = self.locator(path)
         if size > self.max_file_bytes:
