@@ -51,7 +51,13 @@ from connectors.acme_issuer import AcmeIssuer  # noqa: E402
 from connectors.challenges import Http01Responder  # noqa: E402
 from lab.fault_proxy import FaultProxy, Faults  # noqa: E402
 from lab.ports import free_port  # noqa: E402
-from tests.integration.acme_faults import BLOCK, expiring_estate, issuance_counts, renew_due_directly  # noqa: E402
+from tests.integration.acme_faults import (  # noqa: E402
+    BLOCK,
+    Issuances,
+    expiring_estate,
+    issuance_counts,
+    renew_due_directly,
+)
 from tests.integration.acme_servers import ChallTestSrv, Pebble, make_tls_identity  # noqa: E402
 
 FAULTS = Faults(reset=0.08, truncate=0.08, status_5xx=0.10, status_429=0.04, retry_after=1)  # 30% in all
@@ -136,16 +142,15 @@ def run(count: int, shards: int, max_runs: int, seed: int) -> int:
     for shard in parts:
         for line in shard.log:
             say(line)
-    recorded = frozenset().union(*(c.recorded_serials for c in counts))
-    per_managed = {name: n for c in counts for name, n in c.per_managed.items()}
-    renewed = sum(1 for n in per_managed.values() if n >= 1)
-    duplicates = len(ca_serials - recorded) + sum(n - 1 for n in per_managed.values() if n > 1)
+    every = Issuances(ca_serials, frozenset().union(*(c.recorded_serials for c in counts)),
+                      {name: n for c in counts for name, n in c.per_managed.items()})  # the shards together
+    renewed = sum(1 for n in every.per_managed.values() if n >= 1)
     say(f"proxy: {stats.connections} connections, {stats.requests} requests, "
         f"{stats.total_injected} faults injected {stats.injected}")
-    say(f"pebble issued {len(ca_serials)} certificates; {len(ca_serials - recorded)} not in the inventories; "
+    say(f"pebble issued {len(ca_serials)} certificates; {len(every.not_recorded)} not in the inventories; "
         f"{renewed} of {count} managed certificates renewed")
     say(f"figure renewal_success_percent: {100.0 * renewed / count:.2f} %")
-    say(f"figure duplicate_issuances: {duplicates}")
+    say(f"figure duplicate_issuances: {every.duplicates}")
     say(f"figure renew_under_faults_seconds: {elapsed:.1f} s")
     return 0
 

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -171,6 +172,7 @@ def test_issuer_slots_given_back_to_an_api_that_does_not_answer_only_warn(caplog
     assert "issuer-private-ca-slots-restart" in warned[0] and "lease ends (300 s)" in warned[0]
 
 
+@contextmanager
 def _through_proxy(issuer: str) -> Iterator[FaultProxy]:
     """A fault proxy (HTTP mode, per request) before the session's Prefect server, made the API of this
     thread; ``issuer``'s concurrency limit created through it (the client has reached the API once)."""
@@ -194,7 +196,7 @@ def test_issuer_slots_asked_of_an_api_that_stopped_answering_fail_within_the_wai
     from tasks.renewal import hold_issuer_slots
 
     issuer = "private-ca/slots-black-hole"
-    for proxy in _through_proxy(issuer):
+    with _through_proxy(issuer) as proxy:
         api = f"{proxy.url}/api"
         proxy.set_faults(Faults(black_hole=1.0))
         started = time.monotonic()
@@ -215,7 +217,7 @@ def test_issuer_slots_held_by_another_run_are_waited_for_beyond_the_api_wait() -
     from tasks.renewal import hold_issuer_slots
 
     issuer = "private-ca/slots-held"
-    for _proxy in _through_proxy(issuer):
+    with _through_proxy(issuer):
         first = hold_issuer_slots({issuer: 1}, api_wait=1)
         first.__enter__()
         timer = threading.Timer(3.0, first.__exit__, (None, None, None))
